@@ -1,0 +1,3 @@
+from cema_deploy.cli import main
+
+main()

@@ -1,0 +1,184 @@
+"""The refit blob: a safetensors file of refittable tensors bound to one model fingerprint.
+
+Layout: a standard safetensors file (8-byte little-endian header length, JSON header, raw data) whose
+``__metadata__`` carries:
+
+=============  =====================================================================
+``format``     ``cema-refit-blob/1``
+``fingerprint``the manifest fingerprint of the one model export this blob is for
+``version``    monotonically increasing integer (0 is the export's own parameters)
+``created``    creation time, seconds since the epoch (float, as text)
+``producer``   who made it (``cema-deploy export``, ``cema-deploy cloud <host>``)
+``signature``  detached signature over :func:`blob_digest` (empty when unsigned)
+``key_id``     which key made ``signature`` (empty when unsigned)
+=============  =====================================================================
+
+Tensors are named as in the PyTorch state dict (see :mod:`cema_deploy.contract.names`). Reading is done by
+a strict parser of our own (bounded header, no overlapping or out-of-range offsets, no duplicate names), so
+hostile bytes end as :class:`~cema_deploy.exceptions.BlobFormatError`, never as a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from cema_deploy.contract.manifest import Manifest
+from cema_deploy.contract.names import is_variance_name
+from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
+from cema_deploy.exceptions import (
+    BlobFormatError,
+    BlobSchemaError,
+    BlobValueError,
+    FingerprintMismatchError,
+    StaleBlobError,
+)
+
+BLOB_FORMAT = "cema-refit-blob/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefitBlob:
+    """Refittable tensors plus the metadata that binds them to one model export.
+
+    Example:
+        >>> blob = RefitBlob(tensors={"bn.weight": np.ones(4, np.float32)}, fingerprint="ab12", version=1)
+        >>> blob_from_bytes(blob_to_bytes(blob)).version
+        1
+    """
+
+    tensors: Mapping[str, np.ndarray]
+    fingerprint: str
+    version: int
+    created: float = field(default_factory=time.time)
+    producer: str = ""
+    signature: str = ""
+    key_id: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for t in self.tensors.values())
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": BLOB_FORMAT,
+            "fingerprint": self.fingerprint,
+            "version": str(self.version),
+            "created": repr(float(self.created)),
+            "producer": self.producer,
+            "signature": self.signature,
+            "key_id": self.key_id,
+        }
+
+    def with_signature(self, signature: str, key_id: str) -> RefitBlob:
+        return replace(self, signature=signature, key_id=key_id)
+
+
+def blob_digest(blob: RefitBlob) -> bytes:
+    """SHA-256 over the blob's canonical content: metadata (less the signature fields) and every tensor's
+    name, dtype, shape and bytes in name order. This is what a detached signature signs."""
+    h = hashlib.sha256()
+    meta = {k: v for k, v in blob.metadata().items() if k not in ("signature", "key_id")}
+    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(blob.tensors):
+        t = np.ascontiguousarray(blob.tensors[name])
+        h.update(json.dumps([name, t.dtype.str, list(t.shape)]).encode())
+        h.update(t.tobytes())
+    return h.digest()
+
+
+def blob_to_bytes(blob: RefitBlob) -> bytes:
+    """Serialize to safetensors bytes (readable by any safetensors reader)."""
+    return tensors_to_bytes(blob.tensors, blob.metadata(), error=BlobSchemaError)
+
+
+def save_blob(blob: RefitBlob, path: str | os.PathLike[str]) -> Path:
+    """Write atomically (temp file + rename): a reader never sees half a blob."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob_to_bytes(blob))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def blob_from_path(path: str | os.PathLike[str]) -> RefitBlob:
+    """Read a refit blob file; unreadable files raise :class:`BlobFormatError`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BlobFormatError(f"Cannot read refit blob {path}: {exc}.") from exc
+    return blob_from_bytes(data, source=str(path))
+
+
+def blob_from_bytes(data: bytes, *, source: str = "blob") -> RefitBlob:
+    """Parse safetensors bytes strictly into a :class:`RefitBlob` (no tensor is shared with ``data``)."""
+    tensors, meta = tensors_from_bytes(data, source=source, error=BlobFormatError)
+    if meta.get("format") != BLOB_FORMAT:
+        raise BlobFormatError(
+            f"{source}: format {meta.get('format')!r} is not {BLOB_FORMAT!r}; not a refit blob of this version."
+        )
+    try:
+        version = int(meta["version"])
+        created = float(meta.get("created", "0"))
+        fingerprint = meta["fingerprint"]
+    except (KeyError, ValueError) as exc:
+        raise BlobFormatError(f"{source}: metadata field missing or malformed ({exc!r}).") from exc
+    if version < 0 or not math.isfinite(created):
+        raise BlobFormatError(f"{source}: version {version} / created {created} out of range.")
+    return RefitBlob(
+        tensors=tensors,
+        fingerprint=fingerprint,
+        version=version,
+        created=created,
+        producer=meta.get("producer", ""),
+        signature=meta.get("signature", ""),
+        key_id=meta.get("key_id", ""),
+    )
+
+
+def validate_blob(blob: RefitBlob, manifest: Manifest, *, newer_than: int | None = None) -> None:
+    """Raise a :class:`~cema_deploy.exceptions.BlobError` unless ``blob`` can be applied to ``manifest``'s model.
+
+    Checks, in order: fingerprint, version (``> newer_than`` when given), the exact set of names, every shape
+    and dtype, finiteness, non-negative BatchNorm variances.
+    """
+    if blob.fingerprint != manifest.fingerprint:
+        raise FingerprintMismatchError(
+            f"Blob fingerprint {blob.fingerprint[:16]!r}… does not match model fingerprint "
+            f"{manifest.fingerprint[:16]!r}… of {manifest.model_name!r}; request a blob made for this export "
+            "(or export again from the same weights)."
+        )
+    if newer_than is not None and blob.version <= newer_than:
+        raise StaleBlobError(
+            f"Blob version {blob.version} is not newer than the serving version {newer_than}; refusing a replay."
+        )
+    expected = manifest.refittable_by_name
+    missing = sorted(set(expected) - set(blob.tensors))
+    unexpected = sorted(set(blob.tensors) - set(expected))
+    if missing or unexpected:
+        raise BlobSchemaError(
+            f"Blob tensor names differ from the manifest: {len(missing)} missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}. A blob must carry exactly the manifest's "
+            f"{len(expected)} refittable tensors."
+        )
+    for name, spec in expected.items():
+        t = blob.tensors[name]
+        if tuple(t.shape) != spec.shape or t.dtype.name != spec.dtype:
+            raise BlobSchemaError(
+                f"Blob tensor {name!r} is {t.dtype.name}{list(t.shape)}, expected {spec.dtype}{list(spec.shape)}."
+            )
+        if t.dtype.kind == "f" and not np.isfinite(t).all():
+            raise BlobValueError(f"Blob tensor {name!r} holds NaN or Inf; refusing to apply it.")
+        if is_variance_name(name) and (t < 0).any():
+            raise BlobValueError(f"Blob tensor {name!r} holds a negative variance; refusing to apply it.")

@@ -1,0 +1,218 @@
+"""The model manifest (``manifest.json``): what an exported model is and which tensors are refittable."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cema_deploy.contract.names import NORM_KINDS
+from cema_deploy.exceptions import ManifestError
+
+#: Manifest format identifier; bumped on incompatible changes.
+MANIFEST_FORMAT = "cema-manifest/1"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+PARAMS_FILE = "params.safetensors"
+
+_DTYPES = ("float32", "float16", "bfloat16", "uint8", "int64")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefittableParam:
+    """One refittable tensor: state-dict name, shape, dtype and the kind of layer it belongs to."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layer_type: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """The model input: name, shape (``-1`` marks the dynamic batch axis) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    """How a uint8 RGB image becomes the model input: resize, scale to [0, 1], normalize, NCHW."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, int]
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything that joins an exported model, the edge runtime and the cloud.
+
+    Example:
+        >>> m = manifest_from_dir("out/r50")  # doctest: +SKIP
+        >>> m.fingerprint[:12], len(m.refittable)  # doctest: +SKIP
+    """
+
+    model_name: str
+    fingerprint: str
+    input: InputSpec
+    output_name: str
+    num_classes: int
+    preprocess: Preprocess
+    refittable: tuple[RefittableParam, ...]
+    opset: int
+    model_file: str = MODEL_FILE
+    params_file: str = PARAMS_FILE
+    model_bytes: int = 0
+    producer: str = ""
+    format: str = MANIFEST_FORMAT
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ManifestError("Invalid manifest: " + "; ".join(problems) + ". Export the model again.")
+
+    # ---- derived ------------------------------------------------------------------------------------
+    @property
+    def refittable_by_name(self) -> dict[str, RefittableParam]:
+        return {p.name: p for p in self.refittable}
+
+    @property
+    def refittable_bytes(self) -> int:
+        """Size of the refittable tensors' payload (what one refit blob carries, headers aside)."""
+        return sum(p.numel * _itemsize(p.dtype) for p in self.refittable)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, 3): the uint8 image an edge uploads for one sample."""
+        h, w = self.preprocess.size
+        return (h, w, 3)
+
+    # ---- (de)serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["extra"] = dict(self.extra)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        if not isinstance(data, Mapping):
+            raise ManifestError(f"Manifest must be a JSON object, got {type(data).__name__}.")
+        fmt = data.get("format")
+        if fmt != MANIFEST_FORMAT:
+            raise ManifestError(
+                f"Manifest format {fmt!r} is not supported (expected {MANIFEST_FORMAT!r}); "
+                "export the model again with this version of cema-deploy."
+            )
+        try:
+            inp = data["input"]
+            pre = data["preprocess"]
+            return cls(
+                model_name=str(data["model_name"]),
+                fingerprint=str(data["fingerprint"]),
+                input=InputSpec(name=str(inp["name"]), shape=_ints(inp["shape"]), dtype=str(inp["dtype"])),
+                output_name=str(data["output_name"]),
+                num_classes=int(data["num_classes"]),
+                preprocess=Preprocess(
+                    mean=tuple(float(v) for v in pre["mean"]),
+                    std=tuple(float(v) for v in pre["std"]),
+                    size=_pair(pre["size"]),
+                    interpolation=str(pre.get("interpolation", "bilinear")),
+                    crop_pct=float(pre.get("crop_pct", 1.0)),
+                ),
+                refittable=tuple(
+                    RefittableParam(
+                        name=str(p["name"]),
+                        shape=_ints(p["shape"]),
+                        dtype=str(p["dtype"]),
+                        layer_type=str(p["layer_type"]),
+                    )
+                    for p in data["refittable"]
+                ),
+                opset=int(data["opset"]),
+                model_file=str(data.get("model_file", MODEL_FILE)),
+                params_file=str(data.get("params_file", PARAMS_FILE)),
+                model_bytes=int(data.get("model_bytes", 0)),
+                producer=str(data.get("producer", "")),
+                format=MANIFEST_FORMAT,
+                extra=dict(data.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"Manifest is missing or has a malformed field ({exc!r}); export again.") from exc
+
+
+def manifest_from_dir(directory: str | os.PathLike[str]) -> Manifest:
+    """Read ``DIR/manifest.json`` written by ``cema-deploy export``.
+
+    Example:
+        >>> manifest_from_dir("out/r50").num_classes  # doctest: +SKIP
+        1000
+    """
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"No {MANIFEST_FILE} in {directory}; expected a folder written by `cema-deploy export`.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"Cannot read {path}: {exc}. Export the model again.") from exc
+    return Manifest.from_dict(data)
+
+
+def _problems(m: Manifest) -> list[str]:
+    out: list[str] = []
+    if not m.fingerprint or not all(c in "0123456789abcdef" for c in m.fingerprint):
+        out.append(f"fingerprint {m.fingerprint!r} is not a lowercase hex digest")
+    if m.num_classes < 1:
+        out.append(f"num_classes {m.num_classes} < 1")
+    if len(m.input.shape) != 4 or any(d == 0 or d < -1 for d in m.input.shape):
+        out.append(f"input shape {m.input.shape} is not (batch, C, H, W) with batch -1 for dynamic")
+    if len(m.preprocess.mean) != len(m.preprocess.std) or any(s <= 0 for s in m.preprocess.std):
+        out.append("preprocess mean/std lengths differ or a std is not positive")
+    seen: set[str] = set()
+    for p in m.refittable:
+        if p.name in seen:
+            out.append(f"refittable name {p.name!r} appears twice")
+        seen.add(p.name)
+        if p.dtype not in _DTYPES:
+            out.append(f"refittable {p.name!r} has unsupported dtype {p.dtype!r}")
+        if p.layer_type not in NORM_KINDS:
+            out.append(f"refittable {p.name!r} has layer type {p.layer_type!r}, expected one of {NORM_KINDS}")
+        if any(d < 1 for d in p.shape):
+            out.append(f"refittable {p.name!r} has shape {p.shape}")
+    return out
+
+
+def _ints(v: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(x) for x in v)
+
+
+def _pair(v: Sequence[Any]) -> tuple[int, int]:
+    a, b = _ints(v)
+    return (a, b)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int64": 8}[dtype]

@@ -1,0 +1,150 @@
+"""The upload wire format: a batch of selected samples from an edge, as safetensors bytes.
+
+An edge uploads the uint8 RGB image that its preprocessing fed to the model (already resized to the
+manifest's ``preprocess.size``), never float32 tensors: the cloud re-applies mean/std from the manifest and
+so sees exactly the edge's input. Images travel raw (``encoding=raw``: one ``images`` tensor ``[N, H, W, 3]``)
+or compressed one by one (``encoding=png`` lossless / ``jpeg`` lossy: an ``encoded`` byte tensor and an
+``offsets`` tensor of N+1 int64). Metadata: format, fingerprint, edge_version, device_id, encoding, shape.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from cema_deploy._lazy import lazy_import
+from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
+from cema_deploy.exceptions import ContractError
+
+SAMPLES_FORMAT = "cema-samples/1"
+ENCODINGS = ("raw", "png", "jpeg")
+#: Most samples one upload may carry (the cloud can set a lower limit).
+MAX_SAMPLES = 4096
+
+
+class SampleFormatError(ContractError):
+    """Bytes that are not a valid sample batch for the expected model."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleBatch:
+    """Samples an edge selected for upload.
+
+    Example:
+        >>> b = SampleBatch(images=np.zeros((2, 8, 8, 3), np.uint8), fingerprint="ab", edge_version=0)
+        >>> samples_from_bytes(samples_to_bytes(b, encoding="png")).images.shape
+        (2, 8, 8, 3)
+    """
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    fingerprint: str
+    edge_version: int
+    device_id: str = ""
+    entropy: np.ndarray | None = None  # float32 [N]: the edge's entropy of each sample (for metrics only)
+
+    def __post_init__(self) -> None:
+        im = self.images
+        if im.dtype != np.uint8 or im.ndim != 4 or im.shape[-1] != 3:
+            raise SampleFormatError(f"Sample images must be uint8 [N, H, W, 3], got {im.dtype}{list(im.shape)}.")
+        if self.entropy is not None and self.entropy.shape != (im.shape[0],):
+            raise SampleFormatError(f"entropy must have shape [{im.shape[0]}], got {list(self.entropy.shape)}.")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def samples_to_bytes(batch: SampleBatch, *, encoding: str = "png", jpeg_quality: int = 90) -> bytes:
+    """Serialize a batch for upload; ``png`` is lossless and typically 2-4x smaller than ``raw``."""
+    if encoding not in ENCODINGS:
+        raise SampleFormatError(f"Unknown sample encoding {encoding!r}; expected one of {ENCODINGS}.")
+    tensors: dict[str, np.ndarray] = {}
+    if encoding == "raw":
+        tensors["images"] = batch.images
+    else:
+        image_mod = lazy_import("PIL.Image", extra="edge", purpose=f"{encoding} sample compression")
+        parts: list[bytes] = []
+        for img in batch.images:
+            buf = io.BytesIO()
+            pil = image_mod.fromarray(img)
+            if encoding == "png":
+                pil.save(buf, format="PNG", compress_level=1)
+            else:
+                pil.save(buf, format="JPEG", quality=int(jpeg_quality))
+            parts.append(buf.getvalue())
+        offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+        tensors["encoded"] = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        tensors["offsets"] = offsets
+    if batch.entropy is not None:
+        tensors["entropy"] = batch.entropy.astype(np.float32)
+    n, h, w, _ = batch.images.shape
+    meta = {
+        "format": SAMPLES_FORMAT,
+        "fingerprint": batch.fingerprint,
+        "edge_version": str(int(batch.edge_version)),
+        "device_id": batch.device_id,
+        "encoding": encoding,
+        "shape": f"{n},{h},{w},3",
+    }
+    return tensors_to_bytes(tensors, meta, error=SampleFormatError)
+
+
+def samples_from_bytes(
+    data: bytes, *, image_hw: tuple[int, int] | None = None, max_samples: int = MAX_SAMPLES
+) -> SampleBatch:
+    """Parse and check an upload; ``image_hw`` is the manifest's input size, when known."""
+    tensors, meta = tensors_from_bytes(data, source="sample upload", error=SampleFormatError)
+    if meta.get("format") != SAMPLES_FORMAT:
+        raise SampleFormatError(f"Upload format {meta.get('format')!r} is not {SAMPLES_FORMAT!r}.")
+    try:
+        n, h, w, c = (int(v) for v in meta["shape"].split(","))
+        edge_version = int(meta.get("edge_version", "0"))
+        encoding = meta["encoding"]
+        fingerprint = meta["fingerprint"]
+    except (KeyError, ValueError) as exc:
+        raise SampleFormatError(f"Upload metadata missing or malformed ({exc!r}).") from exc
+    if not 1 <= n <= max_samples or c != 3 or h < 1 or w < 1:
+        raise SampleFormatError(f"Upload shape {[n, h, w, c]} is not 1..{max_samples} RGB images.")
+    if image_hw is not None and (h, w) != tuple(image_hw):
+        raise SampleFormatError(f"Upload images are {h}x{w}, the model expects {image_hw[0]}x{image_hw[1]}.")
+    if encoding == "raw":
+        images = tensors.get("images")
+        if images is None or images.dtype != np.uint8 or images.shape != (n, h, w, 3):
+            raise SampleFormatError(f"Raw upload must carry uint8 images of shape {[n, h, w, 3]}.")
+    elif encoding in ("png", "jpeg"):
+        images = _decode_images(tensors, n, h, w)
+    else:
+        raise SampleFormatError(f"Unknown sample encoding {encoding!r}; expected one of {ENCODINGS}.")
+    entropy = tensors.get("entropy")
+    if entropy is not None and (entropy.shape != (n,) or entropy.dtype != np.float32):
+        raise SampleFormatError(f"Upload entropy must be float32 [{n}].")
+    return SampleBatch(
+        images=images,
+        fingerprint=fingerprint,
+        edge_version=edge_version,
+        device_id=meta.get("device_id", ""),
+        entropy=entropy,
+    )
+
+
+def _decode_images(tensors: dict[str, np.ndarray], n: int, h: int, w: int) -> np.ndarray:
+    image_mod = lazy_import("PIL.Image", extra="cloud", purpose="decoding compressed samples")
+    encoded, offsets = tensors.get("encoded"), tensors.get("offsets")
+    if encoded is None or offsets is None or encoded.dtype != np.uint8 or offsets.shape != (n + 1,):
+        raise SampleFormatError("Compressed upload must carry 'encoded' (uint8) and 'offsets' (N+1 int64).")
+    if offsets[0] != 0 or offsets[-1] != encoded.size or (np.diff(offsets) <= 0).any():
+        raise SampleFormatError("Compressed upload offsets are not increasing from 0 to the payload size.")
+    out = np.empty((n, h, w, 3), np.uint8)
+    raw = encoded.tobytes()
+    for i in range(n):
+        try:
+            with image_mod.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])) as im:
+                if im.size != (w, h):
+                    raise SampleFormatError(f"Sample {i} decodes to {im.size[1]}x{im.size[0]}, expected {h}x{w}.")
+                out[i] = np.asarray(im.convert("RGB"))
+        except SampleFormatError:
+            raise
+        except Exception as exc:  # PIL raises many types on hostile bytes
+            raise SampleFormatError(f"Sample {i} is not a decodable image ({exc}).") from exc
+    return out

@@ -1,0 +1,106 @@
+"""The one exception tree of cema-deploy.
+
+Every error the toolkit raises on purpose is a :class:`CemaError`; errors of ONNX Runtime, TensorRT,
+safetensors, torch or httpx are re-raised as one of these with ``raise ... from exc``. The CLI prints a
+``CemaError`` as one message without a traceback and exits with status 1.
+
+::
+
+    CemaError
+    ├── MissingExtraError          an optional dependency (extra) is not installed
+    ├── ContractError              the manifest / refit-blob contract between edge and cloud
+    │   ├── ManifestError          manifest.json missing, unreadable or inconsistent
+    │   └── BlobError              a refit blob that must not be applied
+    │       ├── BlobFormatError        not a readable safetensors refit blob (truncated, bad header, ...)
+    │       ├── FingerprintMismatchError  made for another model or another export
+    │       ├── BlobSchemaError        names, shapes or dtypes differ from the manifest
+    │       ├── BlobValueError         NaN/Inf, negative variance
+    │       ├── StaleBlobError         version not newer than the one serving (replay)
+    │       └── SignatureError         unsigned, wrongly signed or altered blob
+    ├── ModelError                 unknown model name, unreadable checkpoint
+    ├── ExportError                the ONNX export failed
+    │   └── VerificationError      the exported model failed a check (checker, ORT, parity, names)
+    ├── BackendError               an inference backend failed
+    │   ├── BackendUnavailableError   the backend's package or device is missing
+    │   └── RefitError             new parameters could not be built; the old ones keep serving
+    ├── UplinkError                talking to the cloud failed
+    └── CloudError                 the adaptation service refused or failed a request
+"""
+
+from __future__ import annotations
+
+
+class CemaError(Exception):
+    """Root of every error cema-deploy raises on purpose."""
+
+
+class MissingExtraError(CemaError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class ContractError(CemaError):
+    """The manifest / refit-blob contract between the edge and the cloud was broken."""
+
+
+class ManifestError(ContractError):
+    """A manifest is missing, unreadable or inconsistent with its model."""
+
+
+class BlobError(ContractError):
+    """A refit blob that must not be applied. Nothing was changed."""
+
+
+class BlobFormatError(BlobError):
+    """The bytes are not a readable refit blob (truncated, bad header, wrong format version)."""
+
+
+class FingerprintMismatchError(BlobError):
+    """The blob was made for another model or another export of it."""
+
+
+class BlobSchemaError(BlobError):
+    """The blob's tensor names, shapes or dtypes differ from the manifest's refittable parameters."""
+
+
+class BlobValueError(BlobError):
+    """The blob holds values that must not reach an engine (NaN, Inf, negative variance)."""
+
+
+class StaleBlobError(BlobError):
+    """The blob's version is not newer than the version already serving (a replay)."""
+
+
+class SignatureError(BlobError):
+    """The blob is unsigned, signed by another key, or altered after signing."""
+
+
+class ModelError(CemaError):
+    """A model name, checkpoint or model directory could not be used."""
+
+
+class ExportError(CemaError):
+    """Exporting a model to ONNX failed."""
+
+
+class VerificationError(ExportError):
+    """An exported model failed a check (ONNX checker, ORT session, parity, refittable names)."""
+
+
+class BackendError(CemaError):
+    """An inference backend failed."""
+
+
+class BackendUnavailableError(BackendError):
+    """The requested backend's package or device is not available here."""
+
+
+class RefitError(BackendError):
+    """New parameters could not be built into the engine; the previous parameters keep serving."""
+
+
+class UplinkError(CemaError):
+    """Talking to the cloud service failed."""
+
+
+class CloudError(CemaError):
+    """The adaptation service refused or failed a request."""
