@@ -121,7 +121,12 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     if not isinstance(state, dict):
         raise ModelError(f"Weights {p} hold a {type(state).__name__}, expected a state dict.")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        raise ModelError(
+            f"Weights {p} do not fit the model: {str(exc).splitlines()[1:3]}. Check the model name and --num-classes."
+        ) from exc
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
         raise ModelError(

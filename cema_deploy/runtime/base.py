@@ -25,7 +25,7 @@ import numpy as np
 
 from cema_deploy.contract.blob import RefitBlob, blob_from_path, validate_blob
 from cema_deploy.contract.manifest import Manifest, manifest_from_dir
-from cema_deploy.exceptions import BackendError, BlobError, CemaError, RefitError
+from cema_deploy.exceptions import BlobError, CemaError, RefitError
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Backend(ABC):
         self._executor: ThreadPoolExecutor | None = None
         blob = blob_from_path(self.model_dir / self.manifest.params_file)
         validate_blob(blob, self.manifest)
-        self._state = EngineState(self._build_checked(blob.tensors), blob.version, blob.tensors)
+        self._state = EngineState(self._build(blob.tensors), blob.version, blob.tensors)
         self._previous: EngineState | None = None
 
     # ---- subclass hooks -------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class Backend(ABC):
     def _build_checked(self, tensors: Mapping[str, np.ndarray]) -> Any:
         try:
             return self._build(tensors)
-        except (BlobError, BackendError):
+        except BlobError:
             raise
         except CemaError as exc:
             raise RefitError(f"Building the engine with new parameters failed: {exc}") from exc

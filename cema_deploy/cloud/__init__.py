@@ -1,0 +1,1 @@
+"""The cloud side: the CEMA adaptation method and its HTTP service (torch, timm, fastapi)."""

@@ -1,0 +1,176 @@
+"""The ONNX Runtime backend: parity, hot refit under concurrent load, bad blobs, rollback."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+
+from cema_deploy.contract import RefitBlob, blob_from_path, blob_to_bytes, blob_from_bytes, manifest_from_dir
+from cema_deploy.exceptions import (
+    BackendUnavailableError,
+    BlobSchemaError,
+    BlobValueError,
+    FingerprintMismatchError,
+    RefitError,
+    StaleBlobError,
+)
+from cema_deploy.runtime import get_backend, list_backends
+from tests.conftest import needs_torch
+
+pytestmark = needs_torch
+
+
+def _perturbed(model, manifest, seed):
+    """A deep copy of ``model`` with every refittable tensor changed, and the blob tensors for it."""
+    import torch
+
+    m = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    sd = m.state_dict()
+    new = {}
+    with torch.no_grad():
+        for p in manifest.refittable:
+            t = sd[p.name]
+            if p.name.endswith("running_var"):
+                t.mul_(torch.rand(t.shape, generator=gen) + 0.5)
+            else:
+                t.add_(torch.randn(t.shape, generator=gen) * 0.3)
+            new[p.name] = t.numpy().copy()
+    return m, new
+
+
+def _ref(model, x):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture
+def setup(exported):
+    out, model = exported("bn")
+    manifest = manifest_from_dir(out)
+    x = np.random.default_rng(0).standard_normal((4, *manifest.input.shape[1:])).astype(np.float32)
+    return out, model, manifest, x
+
+
+def test_registry_and_errors(setup):
+    out, *_ = setup
+    assert set(list_backends()) == {"ort-cpu", "ort-cuda", "ort-trt", "trt"}
+    with pytest.raises(BackendUnavailableError, match="Unknown backend 'nope'; expected one of: ort-cpu"):
+        get_backend("nope", out)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailableError, match=r"pip install 'cema-deploy\[gpu\]'"):
+            get_backend("ort-cuda", out)
+
+
+def test_parity_and_refit_and_rollback(setup):
+    out, model, manifest, x = setup
+    with get_backend("ort-cpu", out) as be:
+        assert be.version == 0 and be.providers == ["CPUExecutionProvider"]
+        old = _ref(model, x)
+        np.testing.assert_allclose(be.infer(x), old, atol=1e-4, rtol=0)
+        new_model, tensors = _perturbed(model, manifest, 1)
+        new = _ref(new_model, x)
+        report = be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
+        assert report.new_version == 1 and be.version == 1
+        np.testing.assert_allclose(be.infer(x), new, atol=1e-4, rtol=0)
+        assert np.abs(new - old).max() > 1e-2
+        assert be.rollback() == 0
+        np.testing.assert_allclose(be.infer(x), old, atol=1e-4, rtol=0)
+        with pytest.raises(RefitError, match="Nothing to roll back"):
+            be.rollback()
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda t, fp: RefitBlob(tensors=t, fingerprint="0" * 64, version=5), FingerprintMismatchError),
+        (lambda t, fp: RefitBlob(tensors=t, fingerprint=fp, version=0), StaleBlobError),
+        (lambda t, fp: RefitBlob(tensors=dict(list(t.items())[1:]), fingerprint=fp, version=5), BlobSchemaError),
+        (
+            lambda t, fp: RefitBlob(tensors={k: v[..., :1] if i == 0 else v for i, (k, v) in enumerate(t.items())},
+                                    fingerprint=fp, version=5),
+            BlobSchemaError,
+        ),
+        (lambda t, fp: RefitBlob(tensors={k: v * np.nan for k, v in t.items()}, fingerprint=fp, version=5), BlobValueError),
+    ],
+)
+def test_bad_blob_leaves_old_outputs(setup, change, error):
+    out, model, manifest, x = setup
+    _, tensors = _perturbed(model, manifest, 2)
+    with get_backend("ort-cpu", out) as be:
+        before = be.infer(x)
+        with pytest.raises(error):
+            be.refit(change(tensors, manifest.fingerprint))
+        assert be.version == 0
+        np.testing.assert_array_equal(be.infer(x), before)
+
+
+def test_build_failure_is_refit_error_and_changes_nothing(setup, tmp_path):
+    """A blob that validates but cannot be built (engine file gone) raises RefitError; old params serve."""
+    import shutil
+
+    out, model, manifest, x = setup
+    copy_dir = tmp_path / "m"
+    shutil.copytree(out, copy_dir)
+    _, tensors = _perturbed(model, manifest, 3)
+    with get_backend("ort-cpu", copy_dir) as be:
+        before = be.infer(x)
+        (copy_dir / "model.onnx").write_bytes(b"not an onnx file")
+        with pytest.raises(RefitError, match="previous parameters keep serving|failed"):
+            be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
+        assert be.version == 0
+        np.testing.assert_array_equal(be.infer(x), before)
+
+
+def test_refit_under_concurrent_load(setup):
+    """Four threads infer while refits swap parameters: every response equals either the old or the new
+    reference (never a mix), none fails, and the new parameters serve once the refit returns."""
+    out, model, manifest, x = setup
+    models = [model]
+    blobs = []
+    for v in (1, 2, 3):
+        m, t = _perturbed(models[-1], manifest, 10 + v)
+        models.append(m)
+        blobs.append(RefitBlob(tensors=t, fingerprint=manifest.fingerprint, version=v))
+    refs = {v: _ref(m, x) for v, m in enumerate(models)}
+    errors: list[BaseException] = []
+    seen: dict[int, int] = {}
+    stop = threading.Event()
+    with get_backend("ort-cpu", out) as be:
+
+        def worker() -> None:
+            try:
+                while not stop.is_set():
+                    logits, version = be.infer_versioned(x)
+                    np.testing.assert_allclose(logits, refs[version], atol=1e-4, rtol=0)
+                    others = [v for v in refs if v != version]
+                    assert all(np.abs(logits - refs[o]).max() > 1e-3 for o in others)
+                    seen[version] = seen.get(version, 0) + 1
+            except BaseException as exc:  # noqa: BLE001 - collected and re-raised in the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for b in blobs:
+            blob = blob_from_bytes(blob_to_bytes(b))  # as received over the wire
+            be.refit_async(blob).result(timeout=30)
+            assert be.version == b.version
+            np.testing.assert_allclose(be.infer(x), refs[b.version], atol=1e-4, rtol=0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert not errors, errors[0]
+    assert seen.get(0, 0) > 0 and sum(seen.values()) > 8
+
+
+def test_version_zero_comes_from_params_file(setup):
+    out, *_ = setup
+    assert blob_from_path(out / "params.safetensors").version == 0
