@@ -24,6 +24,12 @@ def export_cmd(
     img_size: Annotated[int | None, typer.Option(help="Input height and width (default: the model's).")] = None,
     batch: Annotated[int | None, typer.Option(help="Fixed batch size (default: dynamic batch axis).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    folded_reference: Annotated[
+        bool,
+        typer.Option(
+            help="Also write reference_folded.onnx (BN folded, as a plain deployment) for `cema-deploy bench`."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Export MODEL to OUT/model.onnx with refittable normalization parameters.
@@ -45,6 +51,7 @@ def export_cmd(
             img_size=img_size,
             batch=batch,
             opset=opset,
+            folded_reference=folded_reference,
             on_step=on_step,
         )
     m = result.manifest

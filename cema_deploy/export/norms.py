@@ -49,7 +49,9 @@ def collect_norm_params(model: Any) -> list[NormParam]:
         affine = bool(getattr(module, "affine", getattr(module, "elementwise_affine", False)))
         if kind == "LayerNorm" and module.weight is None:
             affine = False
-        track = bool(getattr(module, "track_running_stats", False)) and getattr(module, "running_mean", None) is not None
+        track = (
+            bool(getattr(module, "track_running_stats", False)) and getattr(module, "running_mean", None) is not None
+        )
         for attr in norm_stat_suffixes(kind, affine=affine, track_running_stats=track):
             if getattr(module, attr, None) is None:  # e.g. LayerNorm(bias=False)
                 continue

@@ -12,7 +12,7 @@ import io
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from cema_deploy.contract.manifest import (
     Preprocess,
     RefittableParam,
 )
+from cema_deploy.contract.norms_file import norms_layout, write_norms_file
 from cema_deploy.exceptions import ExportError, ModelError
 from cema_deploy.export.fingerprint import fingerprint_from_model
 from cema_deploy.export.norms import collect_norm_params
@@ -43,6 +44,8 @@ DEFAULT_OPSET = 17
 #: The refittable initializers live in this side file, referenced as ONNX external data: ONNX Runtime's
 #: ``SessionOptions.add_external_initializers`` replaces only initializers stored that way (FACTS.md).
 NORMS_FILE = "model.norms.bin"
+#: The optional BN-folded export of the same weights (a plain deployment's engine), for benchmarks.
+FOLDED_FILE = "reference_folded.onnx"
 #: Above this many bytes of weights, the model is written with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 
@@ -148,12 +151,15 @@ def export_timm(
     opset: int = DEFAULT_OPSET,
     model: Any = None,
     atol: float = 1e-4,
+    folded_reference: bool = False,
     on_step: StepCallback | None = None,
 ) -> ExportResult:
     """Export a timm model (by name, or ``model`` if given) into ``out_dir`` and verify it.
 
     Writes ``model.onnx``, ``manifest.json`` and ``params.safetensors`` (the version-0 refit blob), then checks
     the ONNX checker, an ONNX Runtime CPU session and logits parity against PyTorch (max abs diff <= atol).
+    ``folded_reference`` also writes ``reference_folded.onnx``: the same weights exported the way a plain
+    deployment would (BatchNorm folded into Conv, not refittable), which ``cema-deploy bench`` compares against.
 
     Example:
         >>> result = export_timm("resnet18", "out/r18")  # doctest: +SKIP
@@ -195,14 +201,8 @@ def export_timm(
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     fingerprint = fingerprint_from_model(proto, refit_names)
-    _externalize(proto, refit_names, out / NORMS_FILE)
-    total_bytes = sum(int(v.numel() * v.element_size()) for v in state.values())
-    if total_bytes > EXTERNAL_DATA_BYTES:
-        onnx.save_model(proto, str(model_path), save_as_external_data=True, location=MODEL_FILE + ".data")
-    else:
-        onnx.save_model(proto, str(model_path))
 
-    step("Writing manifest.json and params.safetensors (refit blob version 0)")
+    step("Writing model.onnx, manifest.json and params.safetensors (refit blob version 0)")
     num_out = int(model.num_classes) if hasattr(model, "num_classes") else _num_outputs(torch, model, height, width)
     manifest = Manifest(
         model_name=model_name,
@@ -227,9 +227,15 @@ def export_timm(
             for p in norm_params
         ),
         opset=opset,
-        model_bytes=_size_on_disk(out),
         producer=f"cema-deploy {__version__}, torch {torch.__version__}, onnx {onnx.__version__}",
     )
+    _externalize(proto, manifest, out / NORMS_FILE)
+    total_bytes = sum(int(v.numel() * v.element_size()) for v in state.values())
+    if total_bytes > EXTERNAL_DATA_BYTES:
+        onnx.save_model(proto, str(model_path), save_as_external_data=True, location=MODEL_FILE + ".data")
+    else:
+        onnx.save_model(proto, str(model_path))
+    manifest = replace(manifest, model_bytes=_size_on_disk(out))
     manifest.save(out)
     blob = RefitBlob(
         tensors={n: state[n].detach().cpu().numpy().copy() for n in refit_names},
@@ -238,6 +244,10 @@ def export_timm(
         producer=f"cema-deploy export {__version__}",
     )
     save_blob(blob, out / PARAMS_FILE)
+
+    if folded_reference:
+        step("Exporting the BN-folded reference (reference_folded.onnx)")
+        _export_folded(torch, model, out / FOLDED_FILE, batch=batch, height=height, width=width, opset=opset)
 
     step("Verifying: ONNX checker, ONNX Runtime session, parity against PyTorch")
     t0 = time.perf_counter()
@@ -300,25 +310,36 @@ def _export_proto(
     return proto
 
 
-def _externalize(proto: Any, names: list[str], path: Path) -> None:
-    """Move the initializers ``names`` into ``path`` as ONNX external data (64-byte aligned)."""
+def _export_folded(
+    torch: Any, model: Any, path: Path, *, batch: int | None, height: int, width: int, opset: int
+) -> None:
+    """The plain-deployment export: default constant folding, so BatchNorm is folded into Conv."""
+    try:
+        torch.onnx.export(
+            model,
+            (torch.randn(batch or 2, 3, height, width),),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=None if batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    except Exception as exc:
+        raise ExportError(f"Exporting the BN-folded reference failed: {exc}") from exc
+
+
+def _externalize(proto: Any, manifest: Manifest, path: Path) -> None:
+    """Point the refittable initializers at ``path`` (ONNX external data, layout of ``norms_layout``)."""
     from onnx import numpy_helper
     from onnx.external_data_helper import set_external_data
 
-    wanted = set(names)
-    offset = 0
-    with open(path, "wb") as f:
-        for init in proto.graph.initializer:
-            if init.name not in wanted:
-                continue
-            data = numpy_helper.to_array(init).tobytes()
-            pad = -offset % 64
-            f.write(b"\0" * pad)
-            offset += pad
-            f.write(data)
-            set_external_data(init, location=path.name, offset=offset, length=len(data))
-            init.ClearField("raw_data")
-            offset += len(data)
+    inits = {i.name: i for i in proto.graph.initializer}
+    tensors = {p.name: numpy_helper.to_array(inits[p.name]) for p in manifest.refittable}
+    write_norms_file(manifest, tensors, path)
+    for name, offset, nbytes in norms_layout(manifest):
+        set_external_data(inits[name], location=path.name, offset=offset, length=nbytes)
+        inits[name].ClearField("raw_data")
 
 
 def _data_config(model: Any, img_size: int | None) -> dict[str, Any]:

@@ -120,7 +120,9 @@ class OnnxrtBackend(Backend):
         intra_op_threads: int | None = None,
     ) -> None:
         if provider not in PROVIDERS:
-            raise BackendUnavailableError(f"Unknown ONNX Runtime backend {provider!r}; expected one of {list(PROVIDERS)}.")
+            raise BackendUnavailableError(
+                f"Unknown ONNX Runtime backend {provider!r}; expected one of {list(PROVIDERS)}."
+            )
         self.name = provider
         self._providers = PROVIDERS[provider]
         self._threads = intra_op_threads

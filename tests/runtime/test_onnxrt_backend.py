@@ -174,3 +174,15 @@ def test_refit_under_concurrent_load(setup):
 def test_version_zero_comes_from_params_file(setup):
     out, *_ = setup
     assert blob_from_path(out / "params.safetensors").version == 0
+
+
+def test_trt_backend_missing_names_the_extra(setup):
+    import importlib.util
+
+    from cema_deploy.exceptions import MissingExtraError
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    out, *_ = setup
+    with pytest.raises(MissingExtraError, match=r"pip install 'cema-deploy\[trt\]'"):
+        get_backend("trt", out)

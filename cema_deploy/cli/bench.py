@@ -1,0 +1,106 @@
+"""``cema-deploy bench DIR``: FPS and latency per backend and batch size, ratios, and hot-refit cost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cema_deploy.cli._console import console, step_progress
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers such as 1,8,32, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
+def bench_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A directory written by `cema-deploy export`.")],
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    backend: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated backends: ort-cpu, ort-cuda, ort-trt, trt (default: all available here)."),
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Interleaved measurement rounds per engine.")] = 3,
+    seconds: Annotated[float, typer.Option(help="Seconds per engine per round (warm-up excluded).")] = 1.0,
+    refit: Annotated[bool, typer.Option(help="Also time a hot refit under load.")] = True,
+    torch_eager: Annotated[
+        bool, typer.Option("--torch/--no-torch", help="Compare with PyTorch eager if installed.")
+    ] = True,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")
+    ] = None,
+) -> None:
+    """Measure throughput (images/s) and latency p50/p90/p99 of an export per backend and batch size.
+
+    In the same run, as ratios: the refittable engine against the BN-folded reference export (export with
+    --folded-reference to get it), the full edge step (inference + entropy + selection) against bare
+    inference, and PyTorch eager when torch is installed. Then a hot refit is timed from blob received to new
+    parameters serving while inference keeps running, counting failed requests.
+    """
+    from cema_deploy.bench import run_bench
+
+    with step_progress() as on_step:
+        report = run_bench(
+            model_dir,
+            backends=backend.split(",") if backend else None,
+            batches=_ints(batch),
+            rounds=rounds,
+            seconds_per_round=seconds,
+            refit=refit,
+            torch_eager=torch_eager,
+            progress=on_step,
+        )
+    print_report(report)
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {json_file}")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{report['model']} — throughput (img/s) and latency (ms)")
+    for col in ("backend", "engine", "batch", "img/s", "p50", "p90", "p99"):
+        t.add_column(col, justify="right" if col not in ("backend", "engine") else "left")
+    for r in report["rows"]:
+        t.add_row(
+            r["backend"],
+            r["engine"],
+            str(r["batch"]),
+            f"{r['throughput']:.1f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p90_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+        )
+    console.print(t)
+    rt = Table(title="Ratios (throughput, same run)")
+    for col in ("backend", "batch", "refittable / folded", "edge step / bare", "torch eager / refittable"):
+        rt.add_column(col, justify="right" if col != "backend" else "left")
+    for r in report["ratios"]:
+        rt.add_row(
+            r["backend"],
+            str(r["batch"]),
+            *(
+                f"{r[k]:.3f}" if r[k] is not None else "n/a"
+                for k in ("refittable_vs_folded", "edge_step_vs_bare", "torch_eager_vs_refittable")
+            ),
+        )
+    console.print(rt)
+    for r in report["refit"]:
+        console.print(
+            f"[bold]refit[/] {r['backend']}: blob {r['blob_bytes']:,} B, received->serving "
+            f"{r['received_to_serving_ms']:.0f} ms (parse {r['parse_ms']:.1f}, validate {r['validate_ms']:.1f}, "
+            f"build {r['build_ms']:.0f}); {r['requests_during_refit']} requests during it, "
+            f"{r['failed_requests']} failed; throughput {r['throughput_during_refit']} vs steady "
+            f"{r['steady_throughput']} img/s; max latency {r['max_latency_during_refit_ms']:.1f} ms vs steady p99 "
+            f"{r['steady_p99_ms']:.1f} ms"
+        )
