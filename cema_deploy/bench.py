@@ -14,6 +14,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +82,12 @@ def run_bench(
             folded = _folded_engine(be, model_dir)
             for batch in batches:
                 x = _input(manifest.input.shape, batch)
-                engines: dict[str, Callable[[], Any]] = {"refittable": lambda x=x: be.infer(x)}
+                engines: dict[str, Callable[[], Any]] = {"refittable": partial(be.infer, x)}
                 if folded is not None:
-                    engines["folded"] = lambda x=x, f=folded: f(x)
+                    engines["folded"] = partial(folded, x)
                 engines["edge_step"] = _edge_step(be, x, manifest.num_classes)
                 if eager is not None and name == "ort-cpu":
-                    engines["torch_eager"] = lambda x=x: eager(x)
+                    engines["torch_eager"] = partial(eager, x)
                 say(f"{name} batch {batch}: {', '.join(engines)}")
                 timings = measure_interleaved(engines, batch=batch, rounds=rounds, seconds_per_round=seconds_per_round)
                 for engine, t in timings.items():
@@ -238,7 +239,7 @@ def _input(shape: tuple[int, ...], batch: int) -> np.ndarray:
 def _ratio(value: float | None, base: Any) -> float | None:
     if value is None or base is None or base.throughput <= 0:
         return None
-    return round(value / base.throughput, 4)
+    return round(float(value) / float(base.throughput), 4)
 
 
 def _machine() -> dict[str, Any]:

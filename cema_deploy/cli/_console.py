@@ -17,10 +17,10 @@ def step_progress(*, quiet: bool = False) -> Iterator[Callable[[str], None]]:
     if quiet:
         yield lambda _msg: None
         return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console) as p:
-        current: list[int] = []
+        current: list[TaskID] = []
 
         def on_step(msg: str) -> None:
             if current:

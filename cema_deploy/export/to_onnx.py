@@ -109,6 +109,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"Weights file {p} does not exist; pass a local .safetensors or .pt/.pth state dict.")
+    state: Any
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
