@@ -24,7 +24,10 @@ def _edge_modules() -> list[str]:
 def _imports_in_subprocess(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", code + "\nimport sys; print('@@MODULES@@'); print('\\n'.join(sys.modules))"],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout
     return set(out.split("@@MODULES@@")[1].split())
 

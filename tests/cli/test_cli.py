@@ -20,7 +20,9 @@ def test_help_lists_commands():
 
 def test_export_then_inspect_json(tmp_path):
     out = tmp_path / "m"
-    r = runner.invoke(app, ["export", "test_resnet", "--num-classes", "10", "--img-size", "64", "--out", str(out), "--json"])
+    r = runner.invoke(
+        app, ["export", "test_resnet", "--num-classes", "10", "--img-size", "64", "--out", str(out), "--json"]
+    )
     assert r.exit_code == 0, r.output
     exported = json.loads(r.output)
     assert exported["parity_max_abs_diff"] <= 1e-4
@@ -41,6 +43,7 @@ def test_installed_script_reports_errors_without_traceback(tmp_path):
     )
     assert r.returncode == 1
     assert "No manifest.json" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(["cema-deploy", "export", "resnet5", "--out", str(tmp_path)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        ["cema-deploy", "export", "resnet5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 1 and "Did you mean: resnet50" in r.stderr and "Traceback" not in r.stderr

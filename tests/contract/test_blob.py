@@ -97,11 +97,27 @@ def test_digest_changes_with_any_byte_of_payload_or_header():
         (lambda b: blob(version=2), StaleBlobError, "not newer"),
         (lambda b: blob(tensors={k: v for k, v in tensors().items() if k != "bn.bias"}), BlobSchemaError, "1 missing"),
         (lambda b: blob(tensors={**tensors(), "fc.weight": np.ones(2, np.float32)}), BlobSchemaError, "1 unexpected"),
-        (lambda b: blob(tensors={**tensors(), "bn.bias": np.ones(5, np.float32)}), BlobSchemaError, r"expected float32\[4\]"),
+        (
+            lambda b: blob(tensors={**tensors(), "bn.bias": np.ones(5, np.float32)}),
+            BlobSchemaError,
+            r"expected float32\[4\]",
+        ),
         (lambda b: blob(tensors={**tensors(), "bn.bias": np.ones(4, np.float64)}), BlobSchemaError, "float64"),
-        (lambda b: blob(tensors={**tensors(), "bn.bias": np.array([1, np.nan, 0, 0], np.float32)}), BlobValueError, "NaN"),
-        (lambda b: blob(tensors={**tensors(), "bn.weight": np.array([1, np.inf, 0, 0], np.float32)}), BlobValueError, "Inf"),
-        (lambda b: blob(tensors={**tensors(), "bn.running_var": -np.ones(4, np.float32)}), BlobValueError, "negative variance"),
+        (
+            lambda b: blob(tensors={**tensors(), "bn.bias": np.array([1, np.nan, 0, 0], np.float32)}),
+            BlobValueError,
+            "NaN",
+        ),
+        (
+            lambda b: blob(tensors={**tensors(), "bn.weight": np.array([1, np.inf, 0, 0], np.float32)}),
+            BlobValueError,
+            "Inf",
+        ),
+        (
+            lambda b: blob(tensors={**tensors(), "bn.running_var": -np.ones(4, np.float32)}),
+            BlobValueError,
+            "negative variance",
+        ),
     ],
 )
 def test_validate_rejects(mutate, error, match):
@@ -131,9 +147,18 @@ META = {"format": "cema-refit-blob/1", "fingerprint": FP, "version": "1"}
         (_raw({"__metadata__": {"format": "other"}}), "not 'cema-refit-blob/1'"),
         (_raw({"__metadata__": {**META, "version": "x"}}), "malformed"),
         (_raw({"__metadata__": {**META, "version": "-1"}}), "out of range"),
-        (_raw({"__metadata__": META, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "out of range"),
-        (_raw({"__metadata__": META, "a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16), "expected 12"),
-        (_raw({"__metadata__": META, "a": {"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16), "unsupported"),
+        (
+            _raw({"__metadata__": META, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+            "out of range",
+        ),
+        (
+            _raw({"__metadata__": META, "a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16),
+            "expected 12",
+        ),
+        (
+            _raw({"__metadata__": META, "a": {"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16),
+            "unsupported",
+        ),
         (
             _raw(
                 {
@@ -154,9 +179,9 @@ def test_parser_rejects_hostile_bytes(data, match):
 
 def test_parser_rejects_duplicate_names():
     head = (
-        '{"__metadata__":{"format":"cema-refit-blob/1","fingerprint":"ab","version":"1"},'
-        '"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
-    ).encode()
+        b'{"__metadata__":{"format":"cema-refit-blob/1","fingerprint":"ab","version":"1"},'
+        b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    )
     with pytest.raises(BlobFormatError, match="duplicate key"):
         blob_from_bytes(struct.pack("<Q", len(head)) + head + b"\0" * 4)
 
@@ -174,7 +199,7 @@ def test_manifest_round_trip_and_errors(tmp_path):
     from cema_deploy.contract import manifest_from_dir
 
     assert manifest_from_dir(tmp_path) == m
-    with pytest.raises(ManifestError, match="No manifest.json"):
+    with pytest.raises(ManifestError, match=r"No manifest\.json"):
         manifest_from_dir(tmp_path / "nope")
     (tmp_path / "manifest.json").write_text('{"format": "cema-manifest/0"}')
     with pytest.raises(ManifestError, match="not supported"):

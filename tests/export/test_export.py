@@ -121,8 +121,10 @@ def test_fingerprint_binds_weights_and_graph(tmp_path):
     c = tiny_model("bn", seed=0)
     with torch.no_grad():
         c.bn1.weight.add_(0.5)  # only a refittable tensor differs
-    fps = [export_timm("test_resnet", tmp_path / n, model=m, img_size=64).manifest.fingerprint for n, m in
-           (("a", a), ("b", b), ("c", c))]
+    fps = [
+        export_timm("test_resnet", tmp_path / n, model=m, img_size=64).manifest.fingerprint
+        for n, m in (("a", a), ("b", b), ("c", c))
+    ]
     assert fps[0] != fps[1]
     assert fps[0] == fps[2]
 

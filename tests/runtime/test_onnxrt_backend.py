@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from cema_deploy.contract import RefitBlob, blob_from_path, blob_to_bytes, blob_from_bytes, manifest_from_dir
+from cema_deploy.contract import RefitBlob, blob_from_bytes, blob_from_path, blob_to_bytes, manifest_from_dir
 from cema_deploy.exceptions import (
     BackendUnavailableError,
     BlobSchemaError,
@@ -94,11 +94,17 @@ def test_parity_and_refit_and_rollback(setup):
         (lambda t, fp: RefitBlob(tensors=t, fingerprint=fp, version=0), StaleBlobError),
         (lambda t, fp: RefitBlob(tensors=dict(list(t.items())[1:]), fingerprint=fp, version=5), BlobSchemaError),
         (
-            lambda t, fp: RefitBlob(tensors={k: v[..., :1] if i == 0 else v for i, (k, v) in enumerate(t.items())},
-                                    fingerprint=fp, version=5),
+            lambda t, fp: RefitBlob(
+                tensors={k: v[..., :1] if i == 0 else v for i, (k, v) in enumerate(t.items())},
+                fingerprint=fp,
+                version=5,
+            ),
             BlobSchemaError,
         ),
-        (lambda t, fp: RefitBlob(tensors={k: v * np.nan for k, v in t.items()}, fingerprint=fp, version=5), BlobValueError),
+        (
+            lambda t, fp: RefitBlob(tensors={k: v * np.nan for k, v in t.items()}, fingerprint=fp, version=5),
+            BlobValueError,
+        ),
     ],
 )
 def test_bad_blob_leaves_old_outputs(setup, change, error):
@@ -123,7 +129,7 @@ def test_build_failure_is_refit_error_and_changes_nothing(setup, tmp_path):
     with get_backend("ort-cpu", copy_dir) as be:
         before = be.infer(x)
         (copy_dir / "model.onnx").write_bytes(b"not an onnx file")
-        with pytest.raises(RefitError, match="previous parameters keep serving|failed"):
+        with pytest.raises(RefitError, match=r"previous parameters keep serving|failed"):
             be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
         assert be.version == 0
         np.testing.assert_array_equal(be.infer(x), before)
@@ -153,7 +159,7 @@ def test_refit_under_concurrent_load(setup):
                     others = [v for v in refs if v != version]
                     assert all(np.abs(logits - refs[o]).max() > 1e-3 for o in others)
                     seen[version] = seen.get(version, 0) + 1
-            except BaseException as exc:  # noqa: BLE001 - collected and re-raised in the main thread
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=worker) for _ in range(4)]
