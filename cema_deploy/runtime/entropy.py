@@ -17,12 +17,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     if z.ndim != 2:
         raise ValueError(f"logits must be [N, C], got shape {list(z.shape)}")
     shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax probabilities ``[N, C]`` in float64."""
-    return np.exp(log_softmax(logits))
+    out: np.ndarray = np.exp(log_softmax(logits))
+    return out
 
 
 def softmax_entropy(logits: np.ndarray) -> np.ndarray:
@@ -36,4 +38,5 @@ def softmax_entropy(logits: np.ndarray) -> np.ndarray:
     # p * log p with p == 0 (log p == -inf after underflow) contributes 0, not NaN.
     p = np.exp(logp)
     terms = np.where(p > 0.0, p * logp, 0.0)
-    return np.maximum(-terms.sum(axis=1), 0.0)
+    out: np.ndarray = np.maximum(-terms.sum(axis=1), 0.0)
+    return out
