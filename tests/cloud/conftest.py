@@ -1,0 +1,84 @@
+"""A real ``cema-deploy cloud serve`` process on 127.0.0.1 for the service tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@dataclass
+class Cloud:
+    url: str
+    state: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_cloud(edge: Path, teacher: Path, state: Path, *extra: str, timeout: float = 120.0) -> Cloud:
+    port_file = state.parent / f"{state.name}.port"
+    port_file.unlink(missing_ok=True)
+    log = state.parent / f"{state.name}.log"
+    cmd = [sys.executable, "-m", "cema_deploy", "cloud", "serve", "--edge", str(edge), "--teacher", "test_resnet",
+           "--teacher-weights", str(teacher), "--state", str(state), "--port", "0", "--port-file", str(port_file),
+           "--batch-size", "8", "--threads", "1", "--log-level", "warning", *extra]
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    t0 = time.time()
+    while not port_file.exists() or not port_file.read_text():
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            proc.kill()
+            raise RuntimeError(f"cloud did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    return Cloud(f"http://127.0.0.1:{port_file.read_text()}", state, proc, log)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from safetensors.torch import save_file
+
+    from tests.conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    model = tiny_model("bn", seed=7)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def cloud_factory(tmp_path: Path, exported, teacher_ckpt: Path) -> Iterator[Callable[..., Cloud]]:  # type: ignore[no-untyped-def]
+    edge, _ = exported("bn")
+    started: list[Cloud] = []
+
+    def make(*extra: str, state: Path | None = None) -> Cloud:
+        cloud = start_cloud(edge, teacher_ckpt, state or tmp_path / "state", *extra)
+        started.append(cloud)
+        return cloud
+
+    yield make
+    for c in started:
+        c.stop()
+
+
+def images(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
