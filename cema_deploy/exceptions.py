@@ -99,7 +99,12 @@ class RefitError(BackendError):
 
 
 class UplinkError(CemaError):
-    """Talking to the cloud service failed."""
+    """Talking to the cloud service failed. ``retryable`` is False when the cloud refused the request (4xx)."""
+
+    def __init__(self, message: str, *, retryable: bool = True, status: int | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
 
 
 class CloudError(CemaError):

@@ -35,12 +35,12 @@ class Cloud:
                 self.proc.kill()
 
 
-def start_cloud(edge: Path, teacher: Path, state: Path, *extra: str, timeout: float = 120.0) -> Cloud:
+def start_cloud(edge: Path, teacher: Path, state: Path, *extra: str, port: int = 0, timeout: float = 120.0) -> Cloud:
     port_file = state.parent / f"{state.name}.port"
     port_file.unlink(missing_ok=True)
     log = state.parent / f"{state.name}.log"
     cmd = [sys.executable, "-m", "cema_deploy", "cloud", "serve", "--edge", str(edge), "--teacher", "test_resnet",
-           "--teacher-weights", str(teacher), "--state", str(state), "--port", "0", "--port-file", str(port_file),
+           "--teacher-weights", str(teacher), "--state", str(state), "--port", str(port), "--port-file", str(port_file),
            "--batch-size", "8", "--threads", "1", "--log-level", "warning", *extra]
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -70,8 +70,8 @@ def cloud_factory(tmp_path: Path, exported, teacher_ckpt: Path) -> Iterator[Call
     edge, _ = exported("bn")
     started: list[Cloud] = []
 
-    def make(*extra: str, state: Path | None = None) -> Cloud:
-        cloud = start_cloud(edge, teacher_ckpt, state or tmp_path / "state", *extra)
+    def make(*extra: str, state: Path | None = None, port: int = 0) -> Cloud:
+        cloud = start_cloud(edge, teacher_ckpt, state or tmp_path / "state", *extra, port=port)
         started.append(cloud)
         return cloud
 
