@@ -101,6 +101,7 @@ class EdgeRuntime:
         self.refused: collections.Counter[str] = collections.Counter()
         self.rollbacks = 0
         self.poll_errors = 0
+        self.bytes_received = 0
         self.refused_upto = 0  # versions <= this are never applied again (rolled back)
         self._lock = threading.Lock()
         self._recent: collections.deque[float] = collections.deque(maxlen=self.rollback_cfg.window)
@@ -188,6 +189,7 @@ class EdgeRuntime:
                 continue
             if found is not None:
                 version, data = found
+                self.bytes_received += len(data)
                 if not self.apply_blob_bytes(data, source=f"blob v{version}"):
                     self.refused_upto = max(self.refused_upto, version)  # do not fetch the same bad blob again
 
@@ -238,6 +240,7 @@ class EdgeRuntime:
             "uploaded_pct": 100.0 * up.get("uploaded", 0) / c.seen if c.seen else 0.0,
             "uplink": up, "blobs_applied": self.blobs_applied, "refused": dict(self.refused),
             "rollbacks": self.rollbacks, "refused_upto": self.refused_upto, "poll_errors": self.poll_errors,
+            "bytes_received": self.bytes_received,
             "mean_entropy": c.mean_entropy,
         }
 

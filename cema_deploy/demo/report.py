@@ -1,0 +1,120 @@
+"""The demo's results: a table per corruption and overall (JSON, Markdown, rich) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cema_deploy._lazy import lazy_import
+
+METHODS = {
+    "no_adapt": "no adaptation",
+    "bn_adapt": "BN statistics adaptation",
+    "tent": "Tent (backprop at the edge)",
+    "eata_style": "EATA-style selection + cloud",
+    "cema": "CEMA",
+}
+
+
+@dataclass
+class MethodRun:
+    """Per-sample outcome of one method on one stream."""
+
+    correct: np.ndarray  # bool [N]
+    uploaded: np.ndarray  # bool [N]
+    extra: dict[str, Any] = field(default_factory=dict)  # bytes up/down, blobs applied, fps, ...
+
+
+def summarize(runs: dict[str, MethodRun], segment_of: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """Accuracy and uploaded share per corruption and overall for every method (percentages)."""
+    out: dict[str, Any] = {}
+    for method, r in runs.items():
+        per = {n: {"accuracy": 100 * float(r.correct[segment_of == i].mean()),
+                   "uploaded": 100 * float(r.uploaded[segment_of == i].mean())} for i, n in enumerate(names)}
+        out[method] = {"per_corruption": per, "accuracy": 100 * float(r.correct.mean()),
+                       "uploaded": 100 * float(r.uploaded.mean()), "uploaded_samples": int(r.uploaded.sum()),
+                       "samples": len(r.correct), **r.extra}
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """One table per severity: rows = corruptions + overall, columns = methods (accuracy % / uploaded %)."""
+    lines = []
+    for sev, res in results["severities"].items():
+        methods = list(res["methods"])
+        names = list(next(iter(res["methods"].values()))["per_corruption"])
+        lines.append(f"### Severity {sev}\n")
+        lines.append("| corruption | " + " | ".join(METHODS.get(m, m) for m in methods) + " |")
+        lines.append("|---|" + "---:|" * len(methods))
+        for n in [*names, "overall"]:
+            cells = []
+            for m in methods:
+                r = res["methods"][m]
+                c = r if n == "overall" else r["per_corruption"][n]
+                cells.append(f"{c['accuracy']:.1f}" + (f" / {c['uploaded']:.1f}% up" if m in ("eata_style", "cema")
+                                                       else ""))
+            lines.append(f"| {'**overall**' if n == 'overall' else n} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for m in ("eata_style", "cema"):
+            r = res["methods"].get(m)
+            if r:
+                lines.append(f"- {METHODS[m]}: uploaded {r['uploaded_samples']} of {r['samples']} "
+                             f"({r['uploaded']:.1f} %), {r.get('bytes_up', 0) / 1e6:.2f} MB up, "
+                             f"{r.get('bytes_down', 0) / 1e6:.2f} MB down, {r.get('blobs_applied', 0)} blobs applied, "
+                             f"edge {r.get('edge_fps', 0):.0f} frames/s")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict[str, Any], runs: dict[int, dict[str, MethodRun]], out_dir: Path) -> list[Path]:
+    """results.json, results.md, and per severity accuracy-over-stream and cumulative-uploads PNGs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(markdown(results))
+    paths = [out_dir / "results.json", out_dir / "results.md"]
+    matplotlib = lazy_import("matplotlib", extra="demo", purpose="the demo's plots")
+    matplotlib.use("Agg")
+    plt = lazy_import("matplotlib.pyplot", extra="demo")
+    for sev, method_runs in runs.items():
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for m, r in method_runs.items():
+            w = max(1, min(500, len(r.correct) // 20))
+            ma = np.convolve(r.correct.astype(float), np.ones(w) / w, mode="valid") * 100
+            ax1.plot(np.arange(len(ma)) + w, ma, label=METHODS.get(m, m))
+            ax2.plot(np.cumsum(r.uploaded), label=METHODS.get(m, m))
+        ax1.set(title=f"accuracy over the stream (moving average), severity {sev}", xlabel="samples seen",
+                ylabel="accuracy %")
+        ax2.set(title=f"cumulative uploads, severity {sev}", xlabel="samples seen", ylabel="samples uploaded")
+        for ax in (ax1, ax2):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"stream_severity{sev}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def print_table(results: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    for sev, res in results["severities"].items():
+        methods = list(res["methods"])
+        t = Table(title=f"severity {sev}: accuracy % (uploaded %)")
+        t.add_column("corruption")
+        for m in methods:
+            t.add_column(METHODS.get(m, m), justify="right")
+        names = list(next(iter(res["methods"].values()))["per_corruption"])
+        for n in [*names, "overall"]:
+            row = []
+            for m in methods:
+                r = res["methods"][m]
+                c = r if n == "overall" else r["per_corruption"][n]
+                row.append(f"{c['accuracy']:.1f}" + (f" ({c['uploaded']:.0f}%)" if m in ("eata_style", "cema") else ""))
+            t.add_row("[b]overall[/]" if n == "overall" else n, *row)
+        console.print(t)

@@ -1,0 +1,183 @@
+"""The demo's orchestration: data, models, export, baselines, then the cloud-backed methods over real HTTP.
+
+For each severity and each cloud-backed method (EATA-style selection, CEMA) a fresh ``cema-deploy cloud serve``
+process starts on 127.0.0.1 and a separate ``cema-deploy edge run`` process (torch-free: it never imports torch
+and never runs a backward pass) streams the corrupted images through ONNX Runtime, uploads what its rule selects
+and hot-refits from the blobs. ``--sync`` makes each edge batch wait for the blob that includes its uploads, as the
+paper's simulation does, so runs are reproducible on a slow machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cema_deploy.demo import baselines
+from cema_deploy.demo.models import EDGE_DEFAULT, TEACHER_DEFAULT, TrainedModel, load_model, trained
+from cema_deploy.demo.report import MethodRun, summarize
+from cema_deploy.demo.stream import CORRUPTIONS, Stream, corrupted_stream, digits_splits
+from cema_deploy.exceptions import CemaError
+
+QUICK_CORRUPTIONS = ("gaussian_noise", "motion_blur", "contrast", "jpeg_compression")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    severities: tuple[int, ...] = (3, 5)
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    per_corruption: int | None = None  # samples per corruption (None: the whole test split)
+    methods: tuple[str, ...] = ("no_adapt", "bn_adapt", "tent", "eata_style", "cema")
+    edge_batch: int = 64  # official edge batch
+    cloud_batch: int = 32  # official cloud batch B
+    warmup: int = 512  # W for CEMA's dynamic E_max
+    d_margin: str = "off"  # redundancy rule in both selection methods
+    seed: int = 0
+    sync: bool = True
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        return cls(corruptions=QUICK_CORRUPTIONS, per_corruption=300, warmup=256)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cema_deploy", *args]
+
+
+class _Cloud:
+    def __init__(self, edge_dir: Path, teacher: TrainedModel, state: Path, batch: int, seed: int) -> None:
+        port_file = state.parent / f"{state.name}.port"
+        self.log = state.parent / f"{state.name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(
+                _cli("cloud", "serve", "--edge", str(edge_dir), "--teacher", teacher.name, "--teacher-weights",
+                     str(teacher.checkpoint), "--state", str(state), "--port", "0", "--port-file", str(port_file),
+                     "--batch-size", str(batch), "--seed", str(seed), "--log-level", "warning"),
+                stdout=f, stderr=subprocess.STDOUT, env=env)
+        t0 = time.time()
+        while not (port_file.exists() and port_file.read_text()):
+            if self.proc.poll() is not None or time.time() - t0 > 180:
+                self.stop()
+                raise CemaError(f"The demo's cloud did not start; its log:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        self.url = f"http://127.0.0.1:{port_file.read_text()}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_cloud_method(method: str, stream: Stream, edge_dir: Path, teacher: TrainedModel, work: Path,
+                     cfg: DemoConfig) -> MethodRun:
+    """One cloud-backed method on one stream: a fresh cloud process and a torch-free edge process."""
+    from cema_deploy.cloud.state import StateStore
+
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "stream.npy", stream.images)
+    np.save(work / "labels.npy", stream.labels)
+    state = work / "cloud-state"
+    (work / "token").write_text(StateStore(state).add_token(f"demo-{method}"))
+    cloud = _Cloud(edge_dir, teacher, state, cfg.cloud_batch, cfg.seed)
+    try:
+        cmd = _cli("edge", "run", str(edge_dir), "--source", str(work / "stream.npy"), "--labels",
+                   str(work / "labels.npy"), "--cloud", cloud.url, "--token-file", str(work / "token"),
+                   "--selection", "eata" if method == "eata_style" else "cema", "--batch", str(cfg.edge_batch),
+                   "--warmup", str(cfg.warmup), "--d-margin", cfg.d_margin, "--predictions",
+                   str(work / "pred.npz"), "--json", str(work / "metrics.json"), "--quiet", "--threads", "1",
+                   "--device-id", f"demo-{method}")
+        if cfg.sync:
+            cmd.append("--sync")
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise CemaError(f"The demo's edge process failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    finally:
+        cloud.stop()
+    pred = np.load(work / "pred.npz")
+    m = json.loads((work / "metrics.json").read_text())
+    uploaded = pred["selected"].astype(bool)
+    if m["uplink"]["uploaded"] != int(uploaded.sum()):
+        raise CemaError(f"{method}: the edge selected {int(uploaded.sum())} samples but uploaded "
+                        f"{m['uplink']['uploaded']}; see {work}.")
+    s = m["selection"]
+    return MethodRun(
+        correct=pred["predictions"] == stream.labels, uploaded=uploaded,
+        extra={"bytes_up": m["uplink"]["bytes_sent"], "bytes_down": m["bytes_received"],
+               "blobs_applied": m["blobs_applied"], "edge_fps": m["fps"], "final_version": m["version"],
+               "seen": s["seen"], "excluded_unreliable": s["unreliable"], "excluded_low_info": s["low_info"],
+               "excluded_redundant": s["redundant"], "selected": s["selected"], "rollbacks": m["rollbacks"],
+               "refused": m["refused"], "selection_config": m["selection_config"]})
+
+
+def run_demo(
+    out_dir: Path, cfg: DemoConfig, *, edge: str | None = None, teacher: str | None = None,
+    on_step: Callable[[str], None] = lambda _m: None,
+) -> tuple[dict[str, Any], dict[int, dict[str, MethodRun]]]:
+    """The whole comparison; returns the results dict and the per-sample runs (for plots)."""
+    import torch
+
+    from cema_deploy.export.to_onnx import export_timm
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    t_start = time.perf_counter()
+    on_step("digits: train/test split, 32x32 RGB")
+    splits = digits_splits(cfg.seed)
+    on_step("edge and teacher models (trained once, cached)")
+    edge_tm = _model_arg(edge, EDGE_DEFAULT, splits, cfg.seed, "edge")
+    teacher_tm = _model_arg(teacher, TEACHER_DEFAULT, splits, cfg.seed, "teacher")
+    edge_model = load_model(edge_tm.name, edge_tm.checkpoint)
+    on_step(f"export {edge_tm.name} to a refittable ONNX model")
+    edge_dir = out_dir / "edge-model"
+    export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
+    results: dict[str, Any] = {"config": {**cfg.__dict__}, "models": {
+        "edge": {"name": edge_tm.name, "clean_accuracy": 100 * edge_tm.clean_accuracy},
+        "teacher": {"name": teacher_tm.name, "clean_accuracy": 100 * teacher_tm.clean_accuracy}},
+        "severities": {}}
+    all_runs: dict[int, dict[str, MethodRun]] = {}
+    for sev in cfg.severities:
+        on_step(f"severity {sev}: corrupt the test stream ({len(cfg.corruptions)} corruptions)")
+        x_te, y_te = splits[2], splits[3]
+        if cfg.per_corruption is not None:
+            x_te, y_te = x_te[: cfg.per_corruption], y_te[: cfg.per_corruption]
+        stream = corrupted_stream(x_te, y_te, severity=sev, corruptions=cfg.corruptions, seed=cfg.seed)
+        images, labels = stream.images, stream.labels
+        runs: dict[str, MethodRun] = {}
+        none = np.zeros(len(labels), bool)
+        for method in cfg.methods:
+            on_step(f"severity {sev}: {method}")
+            t0 = time.perf_counter()
+            if method in ("no_adapt", "bn_adapt", "tent"):
+                pred = getattr(baselines, method)(edge_model, images, batch=cfg.edge_batch)
+                runs[method] = MethodRun(pred == labels, none, {})
+            else:
+                runs[method] = run_cloud_method(method, stream, edge_dir, teacher_tm, out_dir / f"s{sev}-{method}",
+                                               cfg)
+            runs[method].extra["seconds"] = round(time.perf_counter() - t0, 1)
+        all_runs[sev] = runs
+        results["severities"][str(sev)] = {
+            "methods": summarize(runs, stream.segment_of, [s.name for s in stream.segments])}
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    return results, all_runs
+
+
+def _model_arg(arg: str | None, default: tuple[str, dict[str, Any], int, bool], splits: tuple[np.ndarray, ...],
+               seed: int, role: str) -> TrainedModel:
+    """``None``: train the default; ``name``: train that timm model; ``name=path``: a checkpoint."""
+    if arg is None:
+        return trained(default, splits, seed=seed, role=role)
+    if "=" in arg:
+        name, path = arg.split("=", 1)
+        return TrainedModel(name, Path(path), float("nan"), 0.0)
+    return trained((arg, {"num_classes": 10}, default[2], default[3]), splits, seed=seed, role=role)
