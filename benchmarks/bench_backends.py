@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from cema_deploy.bench import available_backends, run_bench
@@ -33,7 +36,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             model_dir = Path(tmp) / name
+            t0 = time.perf_counter()
             export_timm(name, model_dir, folded_reference=True)
+            print(f"exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
             report = run_bench(
                 model_dir,
                 backends=backends,
@@ -41,6 +46,7 @@ def main() -> None:
                 rounds=args.rounds,
                 seconds_per_round=args.seconds,
             )
+            report["command"] = shlex.join(["python", *sys.argv])
             print_report(report)
             path = args.out / f"{name}.json"
             path.write_text(json.dumps(report, indent=2) + "\n")

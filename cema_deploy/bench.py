@@ -25,9 +25,11 @@ from cema_deploy.contract.manifest import manifest_from_dir
 from cema_deploy.exceptions import BackendUnavailableError, CemaError
 from cema_deploy.runtime.base import Backend
 from cema_deploy.runtime.registry import get_backend, list_backends
-from cema_deploy.runtime.timing import measure_interleaved, timing_from_latencies
+from cema_deploy.runtime.timing import Timing, measure_interleaved, timing_from_latencies
 
 FOLDED_FILE = "reference_folded.onnx"
+#: Pause before each engine's turn in the interleaved measurement (seconds).
+SETTLE_S = 0.05
 Progress = Callable[[str], None]
 
 
@@ -89,22 +91,26 @@ def run_bench(
                 if eager is not None and name == "ort-cpu":
                     engines["torch_eager"] = partial(eager, x)
                 say(f"{name} batch {batch}: {', '.join(engines)}")
-                timings = measure_interleaved(engines, batch=batch, rounds=rounds, seconds_per_round=seconds_per_round)
+                timings = measure_interleaved(
+                    engines,
+                    batch=batch,
+                    rounds=rounds,
+                    seconds_per_round=seconds_per_round,
+                    on_round=partial(_settle, engines),
+                )
                 for engine, t in timings.items():
                     rows.append({"backend": name, "providers": be.providers, "engine": engine, **t.to_dict()})
-                base = timings["refittable"].throughput
-                ratios.append(
-                    {
-                        "backend": name,
-                        "batch": batch,
-                        "refittable_vs_folded": _ratio(base, timings.get("folded")),
-                        "edge_step_vs_bare": _ratio(timings["edge_step"].throughput, timings["refittable"]),
-                        "torch_eager_vs_refittable": _ratio(
-                            timings["torch_eager"].throughput if "torch_eager" in timings else None,
-                            timings["refittable"],
-                        ),
-                    }
-                )
+                pairs = {
+                    "refittable_vs_folded": ("refittable", "folded"),
+                    "edge_step_vs_bare": ("edge_step", "refittable"),
+                    "torch_eager_vs_refittable": ("torch_eager", "refittable"),
+                }
+                ratio_row: dict[str, Any] = {"backend": name, "batch": batch}
+                for key, (num, den) in pairs.items():
+                    ratio_row[key] = _ratio(timings.get(num), timings.get(den))
+                for key, (num, den) in pairs.items():  # the same from median latency: robust to bursts of noise
+                    ratio_row[key + "_p50"] = _ratio(timings.get(num), timings.get(den), median=True)
+                ratios.append(ratio_row)
             if refit:
                 say(f"{name}: hot refit under load")
                 refits.append({"backend": name, **measure_refit(be, _input(manifest.input.shape, 1))})
@@ -144,8 +150,8 @@ def measure_refit(backend: Backend, x: np.ndarray, *, steady_s: float = 1.5, aft
             blob = blob_from_bytes(data)
             report = backend.refit(blob)
             result.update(parse_s=time.perf_counter() - t0 - report.validate_s - report.build_s, report=report)
-        except CemaError as exc:
-            result["error"] = str(exc)
+        except Exception as exc:  # reported below, on the measuring thread
+            result["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             result["serving_at"] = time.perf_counter()
             done.set()
@@ -153,27 +159,39 @@ def measure_refit(backend: Backend, x: np.ndarray, *, steady_s: float = 1.5, aft
     during: list[float] = []
     failed = 0
     old_version = backend.version
+    first_new: float | None = None
     received = time.perf_counter()
-    threading.Thread(target=apply, name="bench-refit").start()
+    worker = threading.Thread(target=apply, name="bench-refit")
+    worker.start()
     while not done.is_set():
         t0 = time.perf_counter()
         try:
-            backend.infer(x)
+            _, served = backend.infer_versioned(x)
         except Exception:  # counted, not raised: a failed request is what this measures
             failed += 1
+        else:
+            if served != old_version and first_new is None:
+                first_new = time.perf_counter()
         during.append(time.perf_counter() - t0)
+    worker.join()
     window = result["serving_at"] - received
     after_end = time.perf_counter() + after_s
-    while time.perf_counter() < after_end:
-        backend.infer(x)
+    while time.perf_counter() < after_end or first_new is None:
+        _, served = backend.infer_versioned(x)
+        if served != old_version and first_new is None:
+            first_new = time.perf_counter()
+        if "error" in result:
+            break
     if "error" in result:
         raise CemaError(f"The benchmark's refit failed: {result['error']}")
+    assert first_new is not None
     rep = result["report"]
     st = timing_from_latencies(steady, batch=int(x.shape[0]))
     dur = timing_from_latencies(during or [0.0], batch=int(x.shape[0]))
     return {
         "blob_bytes": len(data),
         "received_to_serving_ms": round(window * 1e3, 2),
+        "received_to_first_new_response_ms": round((first_new - received) * 1e3, 2),
         "parse_ms": round(result["parse_s"] * 1e3, 2),
         "validate_ms": round(rep.validate_s * 1e3, 2),
         "build_ms": round(rep.build_s * 1e3, 2),
@@ -187,16 +205,24 @@ def measure_refit(backend: Backend, x: np.ndarray, *, steady_s: float = 1.5, aft
     }
 
 
+def _settle(engines: dict[str, Callable[[], Any]], name: str, _round: int) -> None:
+    """Before an engine's turn: let the previous engine's worker threads stop spinning, then one untimed call.
+
+    Without it the first calls of each turn share the 2 cores with the previous session's spinning thread pool
+    (ORT and OpenMP spin-wait after a run), which penalises whichever engine comes second in the round order.
+    """
+    time.sleep(SETTLE_S)
+    engines[name]()
+
+
 def _edge_step(be: Backend, x: np.ndarray, num_classes: int) -> Callable[[], Any]:
-    from cema_deploy.runtime.entropy import softmax_entropy
     from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
 
     selector = SampleSelector(SelectionConfig.for_classes(num_classes))
 
     def step() -> Any:
-        logits = be.infer(x)
-        softmax_entropy(logits)
-        return selector.select(logits)
+        # The edge's whole per-batch work: inference, then the CEMA gate (select() computes the entropy).
+        return selector.select(be.infer(x))
 
     return step
 
@@ -236,10 +262,13 @@ def _input(shape: tuple[int, ...], batch: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
 
 
-def _ratio(value: float | None, base: Any) -> float | None:
-    if value is None or base is None or base.throughput <= 0:
+def _ratio(num: Timing | None, den: Timing | None, *, median: bool = False) -> float | None:
+    """Throughput of ``num`` over that of ``den``: mean throughput, or ``median`` (p50 latency of den / num)."""
+    if num is None or den is None:
         return None
-    return round(float(value) / float(base.throughput), 4)
+    if median:
+        return round(den.p50_ms / num.p50_ms, 4) if num.p50_ms > 0 else None
+    return round(num.throughput / den.throughput, 4) if den.throughput > 0 else None
 
 
 def _machine() -> dict[str, Any]:

@@ -82,24 +82,27 @@ def print_report(report: dict[str, Any]) -> None:
             f"{r['p99_ms']:.2f}",
         )
     console.print(t)
-    rt = Table(title="Ratios (throughput, same run)")
+    rt = Table(title="Ratios, same run: mean throughput (median-latency throughput)")
     for col in ("backend", "batch", "refittable / folded", "edge step / bare", "torch eager / refittable"):
         rt.add_column(col, justify="right" if col != "backend" else "left")
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        mean, p50 = r.get(key), r.get(key + "_p50")
+        return "n/a" if mean is None else f"{mean:.3f} ({p50:.3f})" if p50 is not None else f"{mean:.3f}"
+
     for r in report["ratios"]:
         rt.add_row(
             r["backend"],
             str(r["batch"]),
-            *(
-                f"{r[k]:.3f}" if r[k] is not None else "n/a"
-                for k in ("refittable_vs_folded", "edge_step_vs_bare", "torch_eager_vs_refittable")
-            ),
+            *(cell(r, k) for k in ("refittable_vs_folded", "edge_step_vs_bare", "torch_eager_vs_refittable")),
         )
     console.print(rt)
     for r in report["refit"]:
         console.print(
-            f"[bold]refit[/] {r['backend']}: blob {r['blob_bytes']:,} B, received->serving "
-            f"{r['received_to_serving_ms']:.0f} ms (parse {r['parse_ms']:.1f}, validate {r['validate_ms']:.1f}, "
-            f"build {r['build_ms']:.0f}); {r['requests_during_refit']} requests during it, "
+            f"[bold]refit[/] {r['backend']}: blob {r['blob_bytes']:,} B, version {r['version'][0]} -> "
+            f"{r['version'][1]}, received->serving {r['received_to_serving_ms']:.0f} ms (parse {r['parse_ms']:.1f}, "
+            f"validate {r['validate_ms']:.1f}, build {r['build_ms']:.0f}), first response with the new version "
+            f"{r['received_to_first_new_response_ms']:.0f} ms; {r['requests_during_refit']} requests during it, "
             f"{r['failed_requests']} failed; throughput {r['throughput_during_refit']} vs steady "
             f"{r['steady_throughput']} img/s; max latency {r['max_latency_during_refit_ms']:.1f} ms vs steady p99 "
             f"{r['steady_p99_ms']:.1f} ms"

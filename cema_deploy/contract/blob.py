@@ -21,19 +21,20 @@ hostile bytes end as :class:`~cema_deploy.exceptions.BlobFormatError`, never as 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
+import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.names import is_variance_name
-from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
+from cema_deploy.contract.safetensors_io import header_and_chunks, header_json, tensors_from_bytes, tensors_to_bytes
 from cema_deploy.exceptions import (
     BlobFormatError,
     BlobSchemaError,
@@ -43,6 +44,10 @@ from cema_deploy.exceptions import (
 )
 
 BLOB_FORMAT = "cema-refit-blob/1"
+#: Metadata fields a signature does not cover (it cannot cover itself).
+SIGNATURE_FIELDS = ("signature", "key_id")
+#: Prefix of the signed digest, so a signature over a blob means nothing in any other protocol.
+DIGEST_DOMAIN = b"cema-refit-blob/1 signed content\n"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,15 +88,27 @@ class RefitBlob:
 
 
 def blob_digest(blob: RefitBlob) -> bytes:
-    """SHA-256 over the blob's canonical content: metadata (less the signature fields) and every tensor's
-    name, dtype, shape and bytes in name order. This is what a detached signature signs."""
-    h = hashlib.sha256()
-    meta = {k: v for k, v in blob.metadata().items() if k not in ("signature", "key_id")}
-    h.update(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-    for name in sorted(blob.tensors):
-        t = np.ascontiguousarray(blob.tensors[name])
-        h.update(json.dumps([name, t.dtype.str, list(t.shape)]).encode())
-        h.update(t.tobytes())
+    """SHA-256 of what a detached signature signs: the canonical safetensors header that :func:`blob_to_bytes`
+    writes, with ``signature`` and ``key_id`` left empty (so every other metadata field and every tensor's name,
+    dtype, shape and offsets), followed by the raw data bytes.
+
+    Defined over the serialized form so that a verifier can recompute it from a blob file's raw bytes without
+    building any array (:func:`digest_from_header`, used by :mod:`cema_deploy.contract.signing`).
+    """
+    header, chunks = header_and_chunks(blob.tensors, blob.metadata(), error=BlobSchemaError)
+    return digest_from_header(header, chunks)
+
+
+def digest_from_header(header: Mapping[str, Any], body: Iterable[bytes | memoryview]) -> bytes:
+    """:func:`blob_digest` from a parsed safetensors header (key order as written) and the data region."""
+    meta = header.get("__metadata__", {})
+    unsigned = {k: ("" if k in SIGNATURE_FIELDS else v) for k, v in meta.items()}
+    head = header_json({**header, "__metadata__": unsigned})
+    h = hashlib.sha256(DIGEST_DOMAIN)
+    h.update(struct.pack("<Q", len(head)))
+    h.update(head)
+    for chunk in body:
+        h.update(chunk)
     return h.digest()
 
 

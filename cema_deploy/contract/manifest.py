@@ -18,6 +18,8 @@ MANIFEST_FORMAT = "cema-manifest/1"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 PARAMS_FILE = "params.safetensors"
+#: Largest manifest.json read (a ResNet-50 manifest is ~60 KB).
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 _DTYPES = ("float32", "float16", "bfloat16", "uint8", "int64")
 
@@ -160,8 +162,8 @@ class Manifest:
                 format=MANIFEST_FORMAT,
                 extra=dict(data.get("extra", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"Manifest is missing or has a malformed field ({exc!r}); export again.") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ManifestError(f"Manifest is missing or has a malformed field ({exc!r:.300}); export again.") from exc
 
 
 def manifest_from_dir(directory: str | os.PathLike[str]) -> Manifest:
@@ -175,9 +177,14 @@ def manifest_from_dir(directory: str | os.PathLike[str]) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"No {MANIFEST_FILE} in {directory}; expected a folder written by `cema-deploy export`.")
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"{path} is {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have; export again."
+            )
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"Cannot read {path}: {exc}. Export the model again.") from exc
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"Cannot read {path}: {exc!s:.300}. Export the model again.") from exc
     return Manifest.from_dict(data)
 
 
@@ -189,8 +196,13 @@ def _problems(m: Manifest) -> list[str]:
         out.append(f"num_classes {m.num_classes} < 1")
     if len(m.input.shape) != 4 or any(d == 0 or d < -1 for d in m.input.shape):
         out.append(f"input shape {m.input.shape} is not (batch, C, H, W) with batch -1 for dynamic")
-    if len(m.preprocess.mean) != len(m.preprocess.std) or any(s <= 0 for s in m.preprocess.std):
-        out.append("preprocess mean/std lengths differ or a std is not positive")
+    pre = m.preprocess
+    if len(pre.mean) != len(pre.std) or not all(math.isfinite(v) for v in (*pre.mean, *pre.std, pre.crop_pct)):
+        out.append("preprocess mean/std lengths differ or a mean, std or crop_pct is not finite")
+    elif any(s <= 0 for s in pre.std) or pre.crop_pct <= 0:
+        out.append("preprocess std and crop_pct must be positive")
+    if any(d < 1 for d in pre.size):
+        out.append(f"preprocess size {pre.size} is not positive")
     seen: set[str] = set()
     for p in m.refittable:
         if p.name in seen:

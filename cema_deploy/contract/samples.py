@@ -22,6 +22,10 @@ SAMPLES_FORMAT = "cema-samples/1"
 ENCODINGS = ("raw", "png", "jpeg")
 #: Most samples one upload may carry (the cloud can set a lower limit).
 MAX_SAMPLES = 4096
+#: Largest image side an upload may declare (uploads are at the model's input size).
+MAX_IMAGE_SIDE = 4096
+#: Most bytes one upload may decode to (4096 images of 224x224 RGB are 617 MB).
+MAX_DECODED_BYTES = 1 << 30
 
 
 class SampleFormatError(ContractError):
@@ -104,8 +108,16 @@ def samples_from_bytes(
         fingerprint = meta["fingerprint"]
     except (KeyError, ValueError) as exc:
         raise SampleFormatError(f"Upload metadata missing or malformed ({exc!r}).") from exc
-    if not 1 <= n <= max_samples or c != 3 or h < 1 or w < 1:
-        raise SampleFormatError(f"Upload shape {[n, h, w, c]} is not 1..{max_samples} RGB images.")
+    if not 1 <= n <= max_samples or c != 3 or not 1 <= h <= MAX_IMAGE_SIDE or not 1 <= w <= MAX_IMAGE_SIDE:
+        raise SampleFormatError(
+            f"Upload shape {[n, h, w, c]!s:.200} is not 1..{max_samples} RGB images of at most "
+            f"{MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels."
+        )
+    if n * h * w * 3 > MAX_DECODED_BYTES:
+        raise SampleFormatError(
+            f"Upload of {n} images of {h}x{w} would decode to {n * h * w * 3} bytes, more than the "
+            f"{MAX_DECODED_BYTES} one upload may have; send smaller batches."
+        )
     if image_hw is not None and (h, w) != tuple(image_hw):
         raise SampleFormatError(f"Upload images are {h}x{w}, the model expects {image_hw[0]}x{image_hw[1]}.")
     if encoding == "raw":
@@ -135,16 +147,17 @@ def _decode_images(tensors: dict[str, np.ndarray], n: int, h: int, w: int) -> np
         raise SampleFormatError("Compressed upload must carry 'encoded' (uint8) and 'offsets' (N+1 int64).")
     if offsets[0] != 0 or offsets[-1] != encoded.size or (np.diff(offsets) <= 0).any():
         raise SampleFormatError("Compressed upload offsets are not increasing from 0 to the payload size.")
-    out = np.empty((n, h, w, 3), np.uint8)
+    # Decode one by one and stack at the end: memory follows the images that really decode, not the claim.
+    decoded: list[np.ndarray] = []
     raw = encoded.tobytes()
     for i in range(n):
         try:
             with image_mod.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])) as im:
                 if im.size != (w, h):
                     raise SampleFormatError(f"Sample {i} decodes to {im.size[1]}x{im.size[0]}, expected {h}x{w}.")
-                out[i] = np.asarray(im.convert("RGB"))
+                decoded.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
         except SampleFormatError:
             raise
         except Exception as exc:  # PIL raises many types on hostile bytes
             raise SampleFormatError(f"Sample {i} is not a decodable image ({exc}).") from exc
-    return out
+    return np.stack(decoded)

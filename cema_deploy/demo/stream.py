@@ -127,18 +127,18 @@ def corrupt_images(images: np.ndarray, name: str, severity: int, *, seed: int = 
     sk_util = lazy_import("skimage.util", extra="demo", purpose="ImageNet-C corruptions")
     state = np.random.get_state()
     np.random.seed(seed)
-    original = sk_util.random_noise
+    original = getattr(sk_util, "random_noise")  # noqa: B009
 
     def seeded_noise(*args: object, **kwargs: object) -> object:
         # impulse_noise calls skimage's random_noise, which has its own unseeded generator
         return original(*args, rng=np.random.randint(2**31), **kwargs)
 
-    sk_util.random_noise = seeded_noise
+    setattr(sk_util, "random_noise", seeded_noise)  # noqa: B010
     try:
         out = np.stack([np.asarray(ic.corrupt(im, corruption_name=name, severity=severity), dtype=np.float64)
                         for im in images])
     finally:
-        sk_util.random_noise = original
+        setattr(sk_util, "random_noise", original)  # noqa: B010
         np.random.set_state(state)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(images.shape)
 
