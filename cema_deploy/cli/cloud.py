@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -44,7 +45,7 @@ def serve_cmd(
     signing_key: Annotated[
         Path | None, typer.Option(help="Ed25519 private key (`cema-deploy keys new`) to sign blobs.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of replay sampling and torch.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of replay sampling (drawn per step, so restarts repeat it).")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -81,28 +82,43 @@ def serve_cmd(
         config=CemaConfig(batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed),
         signer=signer,
     )
-    service.start()
     app = create_app(service, max_upload_bytes=max_upload_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM / SIGINT
+            service.closing = True  # long polls answer 204 at once; the worker stops after its current step
+            super().handle_exit(sig, frame)
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                    timeout_graceful_shutdown=5))
 
     def announce() -> None:
         while not server.started and not server.should_exit:
             threading.Event().wait(0.05)
         if server.started:
             bound = server.servers[0].sockets[0].getsockname()[1]
-            if port_file is not None:
-                port_file.write_text(str(bound))
+            if port_file is not None:  # written whole (tmp + rename): a reader never sees half a number
+                tmp = port_file.with_name(port_file.name + ".tmp")
+                tmp.write_text(str(bound))
+                tmp.replace(port_file)
             console.print(
                 f"cema-deploy cloud serving {manifest.model_name} ({manifest.fingerprint[:16]}) at "
-                f"http://{host}:{bound} — state {state}, blob version {service.version}"
+                f"http://{host}:{bound} (state {state}, blob version {service.version})",
+                soft_wrap=True,
             )
 
-    threading.Thread(target=announce, daemon=True).start()
     logging.basicConfig(level=log_level.upper())
+    service.start()
+    threading.Thread(target=announce, daemon=True).start()
+    # uvicorn handles SIGINT/SIGTERM while serving and re-raises them to the previous handlers once it has shut
+    # down; with these no-op handlers the re-raise returns, the worker saves its step and the command exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _sig, _frame: None)
     try:
         server.run()
     finally:
         service.stop()
+    err_console.print(f"cema-deploy cloud stopped at blob version {service.version}; state kept in {state}")
 
 
 @token_app.command("add")

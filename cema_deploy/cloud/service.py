@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from cema_deploy import __version__
@@ -49,6 +50,13 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
         service.count(f"refused:{exc.status}")
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        service.count("refused:400")
+        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+        return JSONResponse({"detail": f"Malformed request ({where[:300]}); see /docs for the expected form."},
+                            status_code=400)
+
     def _wake() -> None:
         old, versions["event"] = versions["event"], asyncio.Event()
         if old is not None:
@@ -82,7 +90,9 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
     async def upload(fingerprint: str, request: Request) -> JSONResponse:
         device = _auth(request, fingerprint)
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_upload_bytes):
+        if length is not None and not length.isdigit():
+            raise _Refused(400, f"Malformed Content-Length {length[:40]!r}; expected a byte count.")
+        if length is not None and int(length) > max_upload_bytes:
             raise _Refused(413, f"Upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes; "
                                 "send fewer samples per request.")
         body = bytearray()
@@ -116,7 +126,7 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
         while (found := service.latest(after)) is None:
             remaining = deadline - asyncio.get_running_loop().time()
             event = versions["event"]
-            if remaining <= 0 or event is None:
+            if remaining <= 0 or event is None or service.closing:
                 return Response(status_code=204)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))

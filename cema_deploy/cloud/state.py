@@ -6,8 +6,9 @@ where it was and never re-issues a version number.
     STATE/
       state.json          version counter, sample cursor, step and request counters
       blobs/v00000001.safetensors ...   every published refit blob
-      adapt_state.pt      teacher + replica parameters, BN statistics, optimizer states
-      replay/             acknowledged uploads (see replay.py)
+      adapt_state.pt      teacher + replica normalization tensors, BN statistics, optimizer states, and the
+                          cursor/steps/version they belong to (written before state.json, so it wins on restart)
+      replay/             acknowledged uploads, pending ones included (see replay.py)
       tokens.json         per-device bearer tokens, as SHA-256 hashes only
       reports.jsonl       rollback / refusal reports from edges
 """
@@ -91,13 +92,21 @@ class StateStore:
         path = self.directory / "adapt_state.pt"
         if not path.exists():
             return None
-        loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged or foreign file
+            raise CloudError(f"{path} is unreadable ({exc!s:.200}); restore it or use a new --state.") from exc
         return loaded
 
     # ---- tokens ---------------------------------------------------------------------------------------
     def _tokens(self) -> dict[str, dict[str, Any]]:
         path = self.directory / "tokens.json"
-        return dict(json.loads(path.read_text())) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            return dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CloudError(f"{path} is unreadable ({exc}); fix it or add the device tokens again.") from exc
 
     def add_token(self, device_id: str) -> str:
         """Create a bearer token for ``device_id``; only its SHA-256 is stored, the token is returned once."""

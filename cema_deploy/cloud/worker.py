@@ -12,17 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cema_deploy import __version__
 from cema_deploy.cloud.config import CemaConfig
-from cema_deploy.cloud.replay import ReplayStore
+from cema_deploy.cloud.replay import ReplayStore, ReplayWindow
 from cema_deploy.cloud.state import StateStore
 from cema_deploy.contract.blob import RefitBlob
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CloudError
-from cema_deploy.runtime.preprocess import normalize
 
 log = logging.getLogger("cema_deploy.cloud")
 
@@ -47,8 +44,6 @@ class AdaptationService:
         config: CemaConfig | None = None,
         signer: Signer | None = None,
     ) -> None:
-        import torch
-
         from cema_deploy.cloud.cema import Cema
 
         self.config = config or CemaConfig()
@@ -56,27 +51,39 @@ class AdaptationService:
         self.signer = signer
         self.store = StateStore(state_dir)
         self.replay = ReplayStore(self.store.directory / "replay", capacity=self.config.replay_size)
-        torch.manual_seed(self.config.seed)
-        self.cema = Cema(teacher, student, num_classes=manifest.num_classes, config=self.config)
+        self._window = ReplayWindow(self.replay)
+        self.cema = Cema(teacher, student, manifest=manifest, config=self.config, replay=self._window)
+        st = self.store.load_state()
         adapt = self.store.load_adapt()
         if adapt is not None:
-            self.cema.load_state_dict(adapt)
-        st = self.store.load_state()
-        self.version: int = st["version"]
-        self.cursor: int = min(int(st["cursor"]), self.replay.total)
+            try:
+                self.cema.load_state_dict(adapt["cema"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CloudError(f"{self.store.directory / 'adapt_state.pt'} does not fit these models ({exc!s:.200}); "
+                                 "serve them from a new --state directory.") from exc
+            # adapt_state.pt is written before state.json: when a crash fell between the two, it is the newer.
+            st["cursor"], st["steps"] = adapt["cursor"], adapt["steps"]
+            st["version"] = max(int(st["version"]), int(adapt["version"]))
+        self.version: int = int(st["version"])
+        self.cursor: int = int(st["cursor"])
         self.steps: int = int(st["steps"])
+        self.cema.steps = self.steps
+        if not self.replay.first <= self.cursor <= self.replay.total:
+            raise CloudError(f"The state in {self.store.directory} consumed {self.cursor} samples but its replay log "
+                             f"holds [{self.replay.first}, {self.replay.total}); it was altered. Use a new --state.")
         self.counters: Counter[str] = Counter({k: int(v) for k, v in st.get("counters", {}).items()})
-        self._rng = np.random.default_rng(self.config.seed + self.steps)
         self._latest: tuple[int, bytes] | None = (
             (self.version, self.store.blob_bytes(self.version)) if self.version > 0 else None
         )
         self._cond = threading.Condition()
         self._listeners: list[Callable[[int], None]] = []
         self._stop = False
+        #: Set (without a lock: safe from a signal handler) when the server shuts down; long polls then end.
+        self.closing = False
         self._thread: threading.Thread | None = None
         self._last_upload = time.monotonic()
         self._idle_steps = 0
-        self.step_seconds: list[float] = []
+        self._seconds = [0.0, 0]  # sum, count of adaptation step times
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,6 +92,8 @@ class AdaptationService:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Let the current step finish (its result is saved), then end the worker thread."""
+        self.closing = True
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -109,9 +118,8 @@ class AdaptationService:
             self._last_upload = time.monotonic()
             self._idle_steps = 0
             pending = self.replay.total - self.cursor
-            steps_ahead = pending // self.config.batch_size
-            k = self.config.publish_every
-            target = self.version + (self.steps % k + steps_ahead) // k
+            k = self.config.publish_every  # the step that takes the last full batch of these samples publishes:
+            target = self.version + (self.steps + pending // self.config.batch_size) // k - self.steps // k
             self._cond.notify_all()
             return {"accepted": len(batch), "pending": pending, "buffered": len(self.replay),
                     "version": self.version, "target_version": target}
@@ -144,9 +152,9 @@ class AdaptationService:
         b = self.config.batch_size
         while True:
             with self._cond:
-                while not self._stop and self.replay.total - self.cursor < b and not self._idle_due():
+                while not (self._stop or self.closing) and self.replay.total - self.cursor < b and not self._idle_due():
                     self._cond.wait(timeout=self._wait_s())
-                if self._stop:
+                if self._stop or self.closing:
                     return
                 do_step = self.replay.total - self.cursor >= b
             try:
@@ -165,70 +173,53 @@ class AdaptationService:
 
     def _idle_due(self) -> bool:
         c = self.config
-        return (c.idle_after_s > 0 and self._idle_steps < c.idle_max_steps and len(self.replay) > c.replay_min
+        return (c.idle_after_s > 0 and self._idle_steps < c.idle_max_steps
+                and len(ReplayWindow(self.replay, self.cursor)) > c.replay_min
                 and time.monotonic() - self._last_upload >= c.idle_after_s * (self._idle_steps + 1))
 
-    def _tensor(self, images: np.ndarray) -> Any:
-        import torch
-
-        return torch.from_numpy(normalize(images, self.manifest.preprocess))
-
     def _step(self) -> None:
-        c = self.config
-        new = self.replay.read(self.cursor, self.cursor + c.batch_size)
-        replay = None
-        if len(self.replay) > c.replay_min and c.replay_factor > 0:
-            replay = self._tensor(self.replay.sample(c.replay_factor * c.batch_size, self._rng))
-        report = self.cema.adapt(self._tensor(new), replay)
-        self.step_seconds.append(report.seconds)
-        with self._cond:
-            self.cursor += c.batch_size
-            self.steps += 1
-            self.counters["steps"] += 1
-        self._after_step()
+        b = self.config.batch_size
+        new = self.replay.read(self.cursor, self.cursor + b)
+        self._window.end = self.cursor + b  # replay draws from what has arrived up to and including this batch
+        report = self.cema.adapt(new)
+        self._commit(cursor=self.cursor + b, counter="steps", seconds=report.seconds)
         self.replay.trim(keep_from=self.cursor)
 
     def _idle_step(self) -> None:
-        c = self.config
-        batch = self.replay.sample(c.idle_factor * c.batch_size, self._rng)
-        t0 = time.perf_counter()
-        self.cema.distill(self._tensor(batch))
-        self.step_seconds.append(time.perf_counter() - t0)
+        self._window.end = self.cursor
+        report = self.cema.idle_step()
         with self._cond:
             self._idle_steps += 1
-            self.steps += 1
-            self.counters["idle_steps"] += 1
-        self._after_step()
+        if report is None:
+            return
+        self._commit(cursor=self.cursor, counter="idle_steps", seconds=report.seconds)
 
-    def _after_step(self) -> None:
-        if self.steps % self.config.publish_every == 0:
-            self._publish()
-        else:
-            self._save()
-
-    def _publish(self) -> None:
-        version = self.version + 1
-        names = [p.name for p in self.manifest.refittable]
-        blob = RefitBlob(tensors=self.cema.blob_tensors(names), fingerprint=self.manifest.fingerprint,
-                         version=version, producer=f"cema-deploy {__version__} cloud step {self.steps}")
-        if self.signer is not None:
-            blob = self.signer(blob)
-        data = self.store.save_blob(blob)  # the version is taken from here on, even if we crash next
+    def _commit(self, *, cursor: int, counter: str, seconds: float) -> None:
+        """Publish (every K steps) and persist; counters and version change together, under the lock."""
+        steps = self.cema.steps
+        version = self.version
+        data = None
+        if steps % self.config.publish_every == 0:
+            version += 1
+            blob = RefitBlob(tensors=self.cema.blob_tensors(), fingerprint=self.manifest.fingerprint,
+                             version=version, producer=f"cema-deploy {__version__} cloud step {steps}")
+            if self.signer is not None:
+                blob = self.signer(blob)
+            data = self.store.save_blob(blob)  # the version is taken from here on, even if we crash next
+        self.store.save_adapt({"cema": self.cema.state_dict(), "cursor": cursor, "steps": steps, "version": version})
         with self._cond:
-            self.version = version
-            self._latest = (version, data)
-            self.counters["blobs"] += 1
+            self.cursor, self.steps, self.version = cursor, steps, version
+            self.counters[counter] += 1
+            self._seconds = [self._seconds[0] + seconds, self._seconds[1] + 1]
+            if data is not None:
+                self._latest = (version, data)
+                self.counters["blobs"] += 1
+            state = {"version": version, "cursor": cursor, "steps": steps, "counters": dict(self.counters)}
             self._cond.notify_all()
-        self._save()
-        for fn in list(self._listeners):
-            fn(version)
-
-    def _save(self) -> None:
-        self.store.save_adapt(self.cema.state_dict())
-        with self._cond:
-            state = {"version": self.version, "cursor": self.cursor, "steps": self.steps,
-                     "counters": dict(self.counters)}
         self.store.save_state(state)
+        if data is not None:
+            for fn in list(self._listeners):
+                fn(version)
 
     # ---- metrics --------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
@@ -237,5 +228,5 @@ class AdaptationService:
             return {
                 "fingerprint": self.manifest.fingerprint, "version": self.version, "steps": self.steps,
                 "pending": self.replay.total - self.cursor, "buffered": len(self.replay), "counters": counters,
-                "step_seconds_sum": float(sum(self.step_seconds)), "step_seconds_count": len(self.step_seconds),
+                "step_seconds_sum": float(self._seconds[0]), "step_seconds_count": int(self._seconds[1]),
             }

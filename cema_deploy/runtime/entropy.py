@@ -1,7 +1,9 @@
 """Softmax entropy from logits, in numpy: the edge's only per-sample statistic.
 
 ``E(x) = -sum_c softmax(z)_c * log softmax(z)_c`` (natural log), computed through a stable log-softmax so that
-logits of any magnitude give finite values in ``[0, ln C]``.
+finite logits of any magnitude give finite values in ``[0, ln C]``. A row with a NaN or ``+inf`` logit (or only
+``-inf`` logits) has no defined softmax and gets entropy NaN, never a plausible number; ``-inf`` entries in an
+otherwise finite row are masked classes and are fine.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2:
         raise ValueError(f"logits must be [N, C], got shape {list(z.shape)}")
-    shifted = z - z.max(axis=1, keepdims=True)
-    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf -> NaN is the documented result
+        shifted = z - z.max(axis=1, keepdims=True)
+        out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return out
 
 
@@ -37,6 +40,8 @@ def softmax_entropy(logits: np.ndarray) -> np.ndarray:
     logp = log_softmax(logits)
     # p * log p with p == 0 (log p == -inf after underflow) contributes 0, not NaN.
     p = np.exp(logp)
-    terms = np.where(p > 0.0, p * logp, 0.0)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0.0, p * logp, 0.0)
     out: np.ndarray = np.maximum(-terms.sum(axis=1), 0.0)
+    out[np.isnan(logp).any(axis=1)] = np.nan  # NaN/+inf logits: undefined, and must not look confident
     return out

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cema_deploy.exceptions import CemaError
 from cema_deploy.runtime.entropy import softmax, softmax_entropy
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "UNRELIABLE",
     "SampleSelector",
     "SelectionConfig",
+    "SelectionConfigError",
     "SelectionCounters",
     "SelectionResult",
     "auto_d_margin",
@@ -51,6 +53,10 @@ EMIN_RATIO = 0.02  # E_min = 0.02 ln C (Eqn. 5; official config ent_low_margin=0
 D_MARGIN_1000 = 0.05  # d_margin at C = 1000 (EATA Eqn. 6)
 MOMENTUM = 0.9  # m <- 0.9 m + 0.1 mean(p) (EATA update_model_probs)
 DEFAULT_WARMUP = 1000  # W, samples before E_max starts to move
+
+
+class SelectionConfigError(CemaError, ValueError):
+    """A selection threshold out of range."""
 
 
 def auto_d_margin(num_classes: int) -> float:
@@ -78,13 +84,17 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
-        if self.e0 <= 0 or self.lam <= 0 or self.warmup < 1:
-            raise ValueError(f"e0 and lam must be > 0 and warmup >= 1, got {self.e0}, {self.lam}, {self.warmup}")
+            raise SelectionConfigError(f"num_classes must be >= 2, got {self.num_classes}.")
+        if not (self.e0 > 0 and self.lam > 0 and self.warmup >= 1):
+            raise SelectionConfigError(
+                f"E_0 and lambda must be > 0 and the warm-up W >= 1, got {self.e0}, {self.lam}, {self.warmup}."
+            )
         if self.e_min is not None and not 0 <= self.e_min < self.e0:
-            raise ValueError(f"e_min must be in [0, e0={self.e0:.4g}), got {self.e_min}")
+            raise SelectionConfigError(
+                f"E_min must be in [0, E_0={self.e0:.4g}), got {self.e_min}; lower --e-min-ratio or raise --e0-ratio."
+            )
         if self.d_margin is not None and not 0 < self.d_margin <= 1:
-            raise ValueError(f"d_margin must be in (0, 1] or None, got {self.d_margin}")
+            raise SelectionConfigError(f"d_margin must be in (0, 1] or off, got {self.d_margin}.")
 
     @classmethod
     def for_classes(
@@ -143,7 +153,11 @@ class SelectionResult:
 
 @dataclass
 class SelectionCounters:
-    """Running totals; ``seen == selected + unreliable + low_info + redundant`` always holds."""
+    """Running totals; ``seen == selected + unreliable + low_info + redundant`` always holds.
+
+    ``nonfinite`` counts samples whose logits gave no finite entropy (NaN/Inf logits): they are charged to
+    ``unreliable`` and left out of ``entropy_sum`` and ``mean_entropy``, so one bad output cannot poison E_max(t).
+    """
 
     seen: int = 0
     selected: int = 0
@@ -151,10 +165,12 @@ class SelectionCounters:
     low_info: int = 0
     redundant: int = 0
     entropy_sum: float = 0.0
+    nonfinite: int = 0
 
     @property
     def mean_entropy(self) -> float:
-        return self.entropy_sum / self.seen if self.seen else 0.0
+        n = self.seen - self.nonfinite
+        return self.entropy_sum / n if n > 0 else 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "mean_entropy": self.mean_entropy}
@@ -195,17 +211,20 @@ class SampleSelector:
 
     def select(self, logits: np.ndarray) -> SelectionResult:
         """Judge one batch of logits ``[N, C]`` and update the running state."""
-        ent = softmax_entropy(logits)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits: handled below, not warned about
+            ent = softmax_entropy(logits)
         n = ent.shape[0]
+        finite = np.isfinite(ent)
         c = self._s.counters
         # Running mean first, then the threshold (official EntropyCriterion.filter_out).
         c.seen += n
-        c.entropy_sum += float(ent.sum())
+        c.nonfinite += int(n - finite.sum())
+        c.entropy_sum += float(ent[finite].sum())
         if self._s.warmup_mean is None and c.seen >= self.config.warmup:
             self._s.warmup_mean = c.mean_entropy
         e_max = self.e_max
         reason = np.zeros(n, dtype=np.int8)
-        reason[ent >= e_max] = UNRELIABLE
+        reason[(ent >= e_max) | ~finite] = UNRELIABLE
         if self.config.e_min is not None:
             reason[(reason == KEPT) & (ent <= self.config.e_min)] = LOW_INFO
         passed = np.flatnonzero(reason == KEPT)

@@ -1,8 +1,13 @@
 """The edge's link to the cloud: a small HTTP client and a background uploader with a bounded queue.
 
-Nothing here runs on the inference path: :meth:`Uplink.put` appends to an in-memory queue (O(1)) and returns.
-A worker thread batches queued samples into uploads, retries with jittered exponential back-off while the cloud
-is unreachable, and, when the queue is full (samples or bytes), drops the oldest samples and counts them.
+Nothing here runs on the inference path: :meth:`Uplink.put` appends to an in-memory queue and returns (O(1) per
+sample, no network, no encoding). A worker thread batches queued samples into uploads of at most ``upload_batch``
+samples (or whatever is queued once ``flush_interval_s`` has passed), encodes them, and retries with jittered
+exponential back-off while the cloud is unreachable or failing (5xx, 408, 429, transport errors). A request the
+cloud refuses (any other 4xx) is not retried: its samples are counted as ``rejected``. When the queue is full
+(``max_queue_samples`` samples or ``max_queue_bytes`` bytes) the oldest samples are dropped and counted.
+
+Routes, headers and limits are those of :mod:`cema_deploy.contract.protocol`.
 """
 
 from __future__ import annotations
@@ -13,22 +18,33 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from cema_deploy._lazy import lazy_import
 from cema_deploy.contract import protocol
-from cema_deploy.contract.samples import SampleBatch, samples_to_bytes
-from cema_deploy.exceptions import UplinkError
+from cema_deploy.contract.samples import ENCODINGS, SampleBatch, samples_to_bytes
+from cema_deploy.exceptions import CemaError, UplinkError
 
 log = logging.getLogger("cema_deploy.edge")
+
+#: Statuses worth retrying besides 5xx: request timeout and rate limiting.
+_RETRYABLE_4XX = (408, 429)
+
+
+class EdgeConfigError(CemaError, ValueError):
+    """An edge runtime or uplink option out of range."""
 
 
 @dataclass(frozen=True)
 class UploadAck:
-    """The cloud's answer to an upload (see ``contract/protocol.py``)."""
+    """The cloud's 202 answer to an upload (``POST .../samples``).
+
+    ``target_version`` is the blob version whose cloud step will include these samples: an edge that waits for
+    that version to serve has adapted on them (see :meth:`cema_deploy.runtime.edge.EdgeRuntime.sync`).
+    """
 
     accepted: int
     pending: int
@@ -38,186 +54,335 @@ class UploadAck:
 
 
 class CloudClient:
-    """Blocking HTTP calls to one cloud for one model. Transport errors and 5xx raise :class:`UplinkError` with
-    ``retryable=True``; 4xx raise it with the server's message and ``retryable=False``.
+    """Blocking HTTP calls to one cloud for one model (one exported fingerprint).
+
+    Transport errors, 5xx, 408 and 429 raise :class:`UplinkError` with ``retryable=True``; every other non-2xx
+    answer raises it with the server's message, ``retryable=False`` and ``status`` set. Thread-safe (one
+    ``httpx.Client``), so the uploader and the blob poller share one client.
 
     Example:
         >>> client = CloudClient("http://127.0.0.1:8750", token, manifest.fingerprint)  # doctest: +SKIP
-        >>> client.fetch_blob(after=0, wait=10.0)  # raw bytes or None  # doctest: +SKIP
+        >>> client.fetch_blob(after=0, wait=10.0)  # (version, raw bytes) or None  # doctest: +SKIP
     """
 
-    def __init__(self, base_url: str, token: str, fingerprint: str, *, device_id: str = "",
-                 timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        fingerprint: str,
+        *,
+        device_id: str = "",
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
         httpx = lazy_import("httpx", extra="edge", purpose="talking to the CEMA cloud")
+        if not base_url.startswith(("http://", "https://")):
+            raise UplinkError(f"Cloud URL {base_url!r} must start with http:// or https://.", retryable=False)
         self.base_url, self.fingerprint, self.device_id = base_url.rstrip("/"), fingerprint, device_id
+        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self._httpx = httpx
-        self._http = httpx.Client(timeout=timeout_s, headers={
-            "Authorization": f"Bearer {token}", protocol.DEVICE_HEADER: device_id})
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            headers={"Authorization": f"Bearer {token}", protocol.DEVICE_HEADER: device_id},
+        )
 
-    def _request(self, method: str, url: str, **kw: Any) -> Any:
+    def _request(self, method: str, url: str, *, ok: tuple[int, ...], **kw: Any) -> Any:
         try:
             r = self._http.request(method, url, **kw)
         except self._httpx.HTTPError as exc:
-            raise UplinkError(f"Cannot reach the cloud at {self.base_url} ({type(exc).__name__}: {exc}).",
-                              retryable=True) from exc
-        if r.status_code >= 500:
-            raise UplinkError(f"The cloud failed ({r.status_code}) on {method} {url}.", retryable=True)
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise UplinkError(f"The cloud refused {method} {url} ({r.status_code}): {detail}", retryable=False,
-                              status=r.status_code)
-        return r
+            raise UplinkError(
+                f"Cannot reach the cloud at {self.base_url} ({type(exc).__name__}: {exc}); will retry.", retryable=True
+            ) from exc
+        if r.status_code in ok:
+            return r
+        retryable = r.status_code >= 500 or r.status_code in _RETRYABLE_4XX
+        try:
+            detail = r.json().get("detail", r.text)
+        except (ValueError, AttributeError):
+            detail = r.text
+        what = "failed" if retryable else "refused"
+        raise UplinkError(
+            f"The cloud {what} {method} {url} ({r.status_code}): {str(detail)[:500]}",
+            retryable=retryable,
+            status=r.status_code,
+        )
 
     def upload_bytes(self, body: bytes) -> UploadAck:
-        r = self._request("POST", protocol.samples_url(self.base_url, self.fingerprint), content=body,
-                          headers={"Content-Type": protocol.SAMPLES_MEDIA_TYPE})
-        d = r.json()
-        return UploadAck(int(d["accepted"]), int(d["pending"]), int(d["buffered"]), int(d["version"]),
-                         int(d["target_version"]))
+        """POST an already-encoded sample batch; returns the cloud's acknowledgement."""
+        r = self._request(
+            "POST",
+            protocol.samples_url(self.base_url, self.fingerprint),
+            ok=(200, 201, 202),
+            content=body,
+            headers={"Content-Type": protocol.SAMPLES_MEDIA_TYPE},
+        )
+        try:
+            d = r.json()
+            return UploadAck(
+                int(d["accepted"]), int(d["pending"]), int(d["buffered"]), int(d["version"]), int(d["target_version"])
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UplinkError(
+                f"The cloud accepted an upload but its answer is not an upload acknowledgement "
+                f"({exc!r:.200}); expected JSON with accepted, pending, buffered, version, target_version.",
+                retryable=False,
+                status=r.status_code,
+            ) from exc
 
     def upload(self, batch: SampleBatch, *, encoding: str = "png") -> UploadAck:
+        """Encode ``batch`` (``raw``, ``png`` or ``jpeg``) and upload it."""
         return self.upload_bytes(samples_to_bytes(batch, encoding=encoding))
 
     def fetch_blob(self, after: int, wait: float = 0.0) -> tuple[int, bytes] | None:
-        """``(version, raw bytes)`` of the newest blob newer than ``after``, or ``None``. Bytes are not parsed:
-        the caller verifies a signature first."""
-        r = self._request("GET", protocol.blob_url(self.base_url, self.fingerprint),
-                          params={"after": after, "wait": wait}, timeout=wait + 30.0)
+        """Long-poll for the newest blob with a version above ``after``, waiting up to ``wait`` seconds (capped at
+        :data:`~cema_deploy.contract.protocol.MAX_WAIT_S`).
+
+        Returns ``(version announced in the X-Cema-Version header, raw body bytes)`` or ``None`` (204). The bytes
+        are not parsed here: the caller verifies a signature first and takes the version from the parsed blob;
+        the header only tells it which version to stop asking for when the blob is refused.
+        """
+        wait = min(max(0.0, float(wait)), protocol.MAX_WAIT_S)
+        r = self._request(
+            "GET",
+            protocol.blob_url(self.base_url, self.fingerprint),
+            ok=(200, 204),
+            params={"after": int(after), "wait": wait},
+            timeout=self._httpx.Timeout(wait + self.timeout_s, connect=self.connect_timeout_s),
+        )
         if r.status_code == 204:
             return None
-        return int(r.headers.get(protocol.VERSION_HEADER, "0")), bytes(r.content)
+        header = r.headers.get(protocol.VERSION_HEADER)
+        try:
+            version = int(header)
+        except (TypeError, ValueError) as exc:
+            raise UplinkError(
+                f"The cloud sent a blob without a valid {protocol.VERSION_HEADER} header (got {header!r:.40}).",
+                retryable=False,
+                status=r.status_code,
+            ) from exc
+        return version, bytes(r.content)
 
     def report(self, kind: str, version: int, reason: str) -> None:
-        self._request("POST", protocol.reports_url(self.base_url, self.fingerprint),
-                      content=json.dumps({"kind": kind, "version": version, "reason": reason}),
-                      headers={"Content-Type": "application/json"})
+        """Tell the cloud this edge refused or rolled back ``version`` (``kind``: ``rollback`` or ``refused``)."""
+        self._request(
+            "POST",
+            protocol.reports_url(self.base_url, self.fingerprint),
+            ok=(200, 202, 204),
+            content=json.dumps({"kind": kind, "version": int(version), "reason": reason}),
+            headers={"Content-Type": "application/json"},
+        )
 
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> CloudClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @dataclass
 class UplinkCounters:
-    queued: int = 0
-    uploaded: int = 0
-    bytes_sent: int = 0
-    dropped_queue: int = 0
-    rejected: int = 0
-    upload_errors: int = 0
-    retries: int = 0
+    """Totals since the uplink started (samples unless named ``bytes``/``errors``/``retries``)."""
+
+    queued: int = 0  # samples put in the queue
+    uploaded: int = 0  # samples the cloud acknowledged
+    bytes_sent: int = 0  # bodies of acknowledged uploads
+    dropped_queue: int = 0  # oldest samples dropped because the queue was full
+    rejected: int = 0  # samples in uploads the cloud refused (4xx, not retried)
+    upload_errors: int = 0  # failed upload attempts, retried or not
+    retries: int = 0  # upload attempts repeated after a retryable failure
 
 
 class Uplink:
-    """Background uploader: bounded queue (drop-oldest), batching, jittered exponential back-off."""
+    """Background uploader: bounded queue (drop-oldest), batching, jittered exponential back-off.
 
-    def __init__(self, client: CloudClient, *, fingerprint: str, device_id: str = "", encoding: str = "png",
-                 upload_batch: int = 32, flush_interval_s: float = 0.5, max_queue_samples: int = 4096,
-                 max_queue_bytes: int = 64 * 2**20, backoff_base_s: float = 0.5, backoff_cap_s: float = 30.0) -> None:
-        self.client, self.fingerprint, self.device_id, self.encoding = client, fingerprint, device_id, encoding
+    Ownership: :meth:`put` keeps references to the rows of ``images``; pass arrays the caller will not modify
+    afterwards (boolean-mask indexing, as :class:`~cema_deploy.runtime.edge.EdgeRuntime` does, makes a copy).
+
+    Example:
+        >>> up = Uplink(client, fingerprint=manifest.fingerprint, upload_batch=32)  # doctest: +SKIP
+        >>> up.put(images[mask], entropy[mask], version=backend.version)  # returns at once  # doctest: +SKIP
+        >>> up.flush(timeout=30.0); up.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        client: CloudClient,
+        *,
+        fingerprint: str,
+        device_id: str | None = None,
+        encoding: str = "png",
+        upload_batch: int = 32,
+        flush_interval_s: float = 0.5,
+        max_queue_samples: int = 4096,
+        max_queue_bytes: int = 64 * 2**20,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        seed: int | None = None,
+    ) -> None:
+        if encoding not in ENCODINGS:
+            raise EdgeConfigError(f"Upload encoding {encoding!r} is not one of {ENCODINGS}.")
+        if upload_batch < 1 or max_queue_samples < 1 or max_queue_bytes < 1:
+            raise EdgeConfigError(
+                f"upload_batch, max_queue_samples and max_queue_bytes must be >= 1, got {upload_batch}, "
+                f"{max_queue_samples}, {max_queue_bytes}."
+            )
+        if flush_interval_s < 0 or backoff_base_s <= 0 or backoff_cap_s < backoff_base_s:
+            raise EdgeConfigError(
+                f"Need flush_interval_s >= 0 and 0 < backoff_base_s <= backoff_cap_s, got {flush_interval_s}, "
+                f"{backoff_base_s}, {backoff_cap_s}."
+            )
+        self.client, self.fingerprint, self.encoding = client, fingerprint, encoding
+        self.device_id = client.device_id if device_id is None else device_id
         self.upload_batch, self.flush_interval_s = upload_batch, flush_interval_s
         self.max_queue_samples, self.max_queue_bytes = max_queue_samples, max_queue_bytes
         self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
-        self.counters = UplinkCounters()
         self.last_ack: UploadAck | None = None
+        #: Version stamped on samples put without one (kept for callers that set it instead of passing it).
         self.edge_version = 0
-        self._q: collections.deque[tuple[np.ndarray, float]] = collections.deque()
+        self._counters = UplinkCounters()
+        self._q: collections.deque[tuple[np.ndarray, float, int]] = collections.deque()
         self._q_bytes = 0
         self._inflight = 0
         self._cond = threading.Condition()
         self._stop = False
-        self._flush_now = False
-        self._rng = random.Random()
+        self._flush_waiters = 0
+        self._rng = random.Random(seed)
         self._thread = threading.Thread(target=self._loop, name="cema-uplink", daemon=True)
         self._thread.start()
 
-    def put(self, images: np.ndarray, entropy: np.ndarray) -> None:
-        """Queue selected uint8 images ``[N, H, W, 3]`` with their entropies; never blocks on the network."""
+    # ---- caller side (never touches the network) -------------------------------------------------------------
+    def put(self, images: np.ndarray, entropy: np.ndarray, *, version: int | None = None) -> None:
+        """Queue selected uint8 images ``[N, H, W, 3]`` with their entropies, made with parameter ``version``.
+
+        Returns at once; drops the oldest queued samples (counted in ``dropped_queue``) when a cap is exceeded.
+        """
+        v = self.edge_version if version is None else int(version)
         with self._cond:
             for img, e in zip(images, entropy, strict=True):
-                self._q.append((img, float(e)))
+                self._q.append((img, float(e), v))
                 self._q_bytes += img.nbytes
-                self.counters.queued += 1
+            self._counters.queued += len(images)
             while self._q and (len(self._q) > self.max_queue_samples or self._q_bytes > self.max_queue_bytes):
-                old, _ = self._q.popleft()
-                self._q_bytes -= old.nbytes
-                self.counters.dropped_queue += 1
+                old = self._q.popleft()
+                self._q_bytes -= old[0].nbytes
+                self._counters.dropped_queue += 1
             if len(self._q) >= self.upload_batch:
                 self._cond.notify_all()
 
     @property
+    def counters(self) -> UplinkCounters:
+        """A consistent snapshot of the counters."""
+        with self._cond:
+            return replace(self._counters)
+
+    @property
     def queued_now(self) -> int:
+        """Samples waiting in the queue or in the upload being sent."""
         with self._cond:
             return len(self._q) + self._inflight
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Upload everything queued now; True when the queue drained within ``timeout``."""
+        """Upload everything queued now without waiting for a full batch; True when it was all acknowledged (or
+        refused by the cloud) within ``timeout``, False on timeout or when the uplink was closed first."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            self._flush_now = True
+            self._flush_waiters += 1
             self._cond.notify_all()
-            while (self._q or self._inflight) and not self._stop:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.1))
-            self._flush_now = False
-            return True
+            try:
+                while self._q or self._inflight:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop:
+                        return False
+                    self._cond.wait(min(left, 0.1))
+                return True
+            finally:
+                self._flush_waiters -= 1
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker (samples still queued are discarded; call :meth:`flush` first to send them)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    def _take(self) -> list[tuple[np.ndarray, float]] | None:
+    def backoff_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry ``attempt`` (0-based): ``min(cap, base * 2**attempt)`` times a uniform
+        jitter in [0.5, 1] (so edges that lost the cloud together do not come back in step)."""
+        return min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** min(attempt, 32)) * self._rng.uniform(0.5, 1.0)
+
+    # ---- worker ------------------------------------------------------------------------------------------------
+    def _take(self) -> list[tuple[np.ndarray, float, int]] | None:
+        """Wait for a full batch, the flush interval, a flush or stop; pop up to ``upload_batch`` samples of one
+        parameter version (so every upload's ``edge_version`` is exact)."""
         with self._cond:
             t_first = time.monotonic()
             while not self._stop:
-                if len(self._q) >= self.upload_batch or (self._q and (
-                        self._flush_now or time.monotonic() - t_first >= self.flush_interval_s)):
-                    break
                 if not self._q:
                     t_first = time.monotonic()
+                elif (
+                    len(self._q) >= self.upload_batch
+                    or self._flush_waiters
+                    or time.monotonic() - t_first >= self.flush_interval_s
+                ):
+                    break
                 self._cond.wait(0.05)
             if self._stop:
                 return None
-            items = [self._q.popleft() for _ in range(min(self.upload_batch, len(self._q)))]
-            self._q_bytes -= sum(img.nbytes for img, _ in items)
+            version = self._q[0][2]
+            items: list[tuple[np.ndarray, float, int]] = []
+            while self._q and len(items) < self.upload_batch and self._q[0][2] == version:
+                items.append(self._q.popleft())
+            self._q_bytes -= sum(img.nbytes for img, _, _ in items)
             self._inflight = len(items)
             return items
 
     def _loop(self) -> None:
         while (items := self._take()) is not None:
-            batch = SampleBatch(images=np.stack([i for i, _ in items]), fingerprint=self.fingerprint,
-                                edge_version=self.edge_version, device_id=self.device_id,
-                                entropy=np.asarray([e for _, e in items], np.float32))
-            body = samples_to_bytes(batch, encoding=self.encoding)
-            attempt = 0
-            while True:
-                try:
-                    ack = self.client.upload_bytes(body)
-                except UplinkError as exc:
-                    self.counters.upload_errors += 1
-                    if not exc.retryable:  # the cloud refused these samples: retrying cannot help
-                        log.warning("upload refused, %d samples dropped: %s", len(items), exc)
-                        self.counters.rejected += len(items)
-                        break
-                    delay = min(self.backoff_cap_s, self.backoff_base_s * 2**attempt) * self._rng.uniform(0.5, 1.0)
-                    attempt += 1
-                    self.counters.retries += 1
-                    with self._cond:
-                        if self._cond.wait_for(lambda: self._stop, delay):
-                            self._inflight = 0
-                            return
-                    continue
+            try:
+                self._send(items)
+            except Exception as exc:  # never let the worker die: log, count, drop this batch
+                log.error("upload of %d samples failed unexpectedly and was dropped: %r", len(items), exc)
                 with self._cond:
-                    self.counters.uploaded += len(items)
-                    self.counters.bytes_sent += len(body)
-                    self.last_ack = ack
-                break
+                    self._counters.upload_errors += 1
+                    self._counters.rejected += len(items)
             with self._cond:
                 self._inflight = 0
                 self._cond.notify_all()
+
+    def _send(self, items: list[tuple[np.ndarray, float, int]]) -> None:
+        batch = SampleBatch(
+            images=np.stack([img for img, _, _ in items]),
+            fingerprint=self.fingerprint,
+            edge_version=items[0][2],
+            device_id=self.device_id,
+            entropy=np.asarray([e for _, e, _ in items], np.float32),
+        )
+        body = samples_to_bytes(batch, encoding=self.encoding)
+        attempt = 0
+        while True:
+            try:
+                ack = self.client.upload_bytes(body)
+            except UplinkError as exc:
+                with self._cond:
+                    self._counters.upload_errors += 1
+                    if not exc.retryable:  # the cloud refused these samples: retrying cannot help
+                        self._counters.rejected += len(items)
+                if not exc.retryable:
+                    log.warning("upload refused, %d samples dropped: %s", len(items), exc)
+                    return
+                delay = self.backoff_delay(attempt)
+                attempt += 1
+                log.debug("upload failed (%s); retry %d in %.2f s", exc, attempt, delay)
+                with self._cond:
+                    if self._cond.wait_for(lambda: self._stop, delay):
+                        return
+                    self._counters.retries += 1
+                continue
+            with self._cond:
+                self._counters.uploaded += len(items)
+                self._counters.bytes_sent += len(body)
+                self.last_ack = ack
+            return

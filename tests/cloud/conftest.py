@@ -1,18 +1,69 @@
-"""A real ``cema-deploy cloud serve`` process on 127.0.0.1 for the service tests."""
+"""The service on 127.0.0.1 for the tests: a real ``cema-deploy cloud serve`` process (``cloud_factory``), or the
+same app under ``uvicorn.Server`` in a thread of the test process (``serve_in_thread``, no start-up cost)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+
+
+@dataclass
+class InThread:
+    url: str
+    state: Path
+    service: Any
+    server: Any
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.service.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(edge: Path, teacher: Path, state: Path, *, max_upload_bytes: int = 16 << 20,
+                    **config: Any) -> Iterator[InThread]:
+    """``create_app(AdaptationService(...))`` served by uvicorn on a free port of 127.0.0.1 in a thread."""
+    import uvicorn
+
+    from cema_deploy.cloud.config import CemaConfig
+    from cema_deploy.cloud.models import replica_from_export, teacher_from_name
+    from cema_deploy.cloud.service import create_app
+    from cema_deploy.cloud.worker import AdaptationService
+    from cema_deploy.contract.manifest import manifest_from_dir
+
+    manifest = manifest_from_dir(edge)
+    service = AdaptationService(state, manifest, teacher_from_name("test_resnet", num_classes=10, weights=teacher),
+                                replica_from_export(edge, manifest), config=CemaConfig(**config))
+    service.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(service, max_upload_bytes=max_upload_bytes), host="127.0.0.1",
+                                           port=0, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    running = InThread(f"http://127.0.0.1:{port}", state, service, server, thread)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @dataclass

@@ -31,6 +31,16 @@ TEACHER = [[3.0, -1.0, 0.0], [-0.5, 1.5, 0.2]]
 E0 = 0.4 * math.log(3)
 
 
+def test_e0_comes_from_the_class_count_and_bad_settings_are_refused() -> None:
+    from cema_deploy.cloud.config import CemaConfig
+    from cema_deploy.exceptions import CloudError
+
+    assert CemaConfig().e0(10) == pytest.approx(0.4 * math.log(10))
+    assert CemaConfig().e0(1000) == pytest.approx(0.4 * math.log(1000))
+    with pytest.raises(CloudError, match="batch_size = 0 must be >= 1"):
+        CemaConfig(batch_size=0)
+
+
 def test_weighted_entropy_matches_hand_computation() -> None:
     import torch
 
@@ -57,11 +67,11 @@ def test_distill_loss_matches_hand_computation() -> None:
         ce += w_t * -math.log(ps[max(range(3), key=lambda c: te[c])])
     expected = (alpha * ent + beta * kl + gamma * ce) / 2
     got = float(distill_loss(torch.tensor(STUDENT), torch.tensor(TEACHER), e0=E0, alpha=alpha, beta=beta,
-                             gamma=gamma, t=t))
+                             gamma=gamma, temperature=t))
     assert got == pytest.approx(expected, rel=1e-6)
     # the weights are constants: gradients flow through the student only, not through 1/exp(E - E0)
     s = torch.tensor(STUDENT, requires_grad=True)
-    distill_loss(s, torch.tensor(TEACHER), e0=E0, alpha=0, beta=0, gamma=1, t=1).backward()
+    distill_loss(s, torch.tensor(TEACHER), e0=E0, alpha=0, beta=0, gamma=1, temperature=1).backward()
     w_t = torch.tensor([math.exp(-(_entropy(te) - E0)) for te in TEACHER])
     onehot = torch.nn.functional.one_hot(torch.tensor(TEACHER).argmax(1), 3).float()
     expected_grad = (torch.softmax(torch.tensor(STUDENT), 1) - onehot) * w_t[:, None] / 2
@@ -86,14 +96,13 @@ def test_tbr_forward_value_uses_running_stats_and_first_batch_replaces_them() ->
     x1 = torch.randn(8, 4, 3, 3) * 2 + 3
     set_bn_training(model, True)
     y1 = model(x1)
-    mu, var = x1.mean((0, 2, 3)), x1.var((0, 2, 3), unbiased=False)
+    mu, var = x1.mean((0, 2, 3)), x1.var((0, 2, 3), unbiased=True)  # official torch.var_mean: unbiased
     # first adapted batch: stats replaced by the batch's, so the output is batch-normalised
     ref = (x1 - mu[None, :, None, None]) / torch.sqrt(var + bn.eps)[None, :, None, None]
     ref = ref * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
     assert torch.allclose(y1, ref, atol=1e-5)
-    n = x1.numel() / 4
     assert torch.allclose(bn.running_mean, mu, atol=1e-5)
-    assert torch.allclose(bn.running_var, 0.9 * var + 0.1 * var * n / (n - 1), atol=1e-5)
+    assert torch.allclose(bn.running_var, var, atol=1e-5)
     # second batch: the forward value equals eval mode with the current running stats ...
     x2 = torch.randn(8, 4, 3, 3)
     rm, rv = bn.running_mean.clone(), bn.running_var.clone()
@@ -112,7 +121,48 @@ def test_tbr_forward_value_uses_running_stats_and_first_batch_replaces_them() ->
     assert x3.grad is not None and float(x3.grad.abs().max()) < 1e-4
 
 
-def test_step_then_blob_reproduces_the_replica_eval_output(exported) -> None:  # type: ignore[no-untyped-def]
+def test_teacher_step_changes_only_normalization_affine_parameters() -> None:
+    import torch
+
+    from cema_deploy.cloud.cema import collect_params, configure_model, teacher_step
+    from tests.conftest import tiny_model
+
+    model = configure_model(tiny_model("bn", seed=3))
+    params, names = collect_params(model)
+    assert names and all(n.endswith((".weight", ".bias")) for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    loss = teacher_step(model, opt, torch.randn(8, 3, 64, 64), e0=0.4 * math.log(10))
+    assert math.isfinite(loss) and not any(m.training for m in model.modules())  # back in eval mode
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    stat_names = {k for k in before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert changed and changed <= set(names) | stat_names
+    assert changed & set(names)  # affine parameters moved
+
+
+def test_adapt_replays_once_the_buffer_is_full_and_idle_steps_replay_4b(exported) -> None:  # type: ignore[no-untyped-def]
+    from cema_deploy.cloud.cema import Cema
+    from cema_deploy.cloud.config import CemaConfig
+    from cema_deploy.cloud.models import replica_from_export
+    from cema_deploy.contract.manifest import manifest_from_dir
+    from tests.cloud.conftest import images
+    from tests.conftest import tiny_model
+
+    out, _ = exported("bn")
+    manifest = manifest_from_dir(out)
+    cfg = CemaConfig(batch_size=4, replay_min=8)
+    cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=cfg)
+    assert cema.idle_step() is None  # nothing stored yet
+    reports = [cema.adapt(images(4, seed=i)) for i in range(3)]
+    assert [r.replayed for r in reports] == [0, 0, 12]  # 3B once more than replay_min (8) are stored
+    assert [r.step for r in reports] == [1, 2, 3] and cema.steps == 3
+    idle = cema.idle_step()
+    assert idle is not None and idle.replayed == 12 and idle.new_samples == 0  # min(4B, 12 stored)
+    assert math.isnan(idle.teacher_loss) and math.isfinite(idle.student_loss) and cema.steps == 4
+
+
+def test_blob_tensors_reproduce_the_replica_eval_output(exported) -> None:  # type: ignore[no-untyped-def]
     import copy
 
     import torch
@@ -122,26 +172,35 @@ def test_step_then_blob_reproduces_the_replica_eval_output(exported) -> None:  #
     from cema_deploy.cloud.models import replica_from_export
     from cema_deploy.contract.blob import RefitBlob, validate_blob
     from cema_deploy.contract.manifest import manifest_from_dir
+    from cema_deploy.runtime.preprocess import normalize
     from cema_deploy.runtime.registry import get_backend
+    from tests.cloud.conftest import images
     from tests.conftest import tiny_model
 
     out, _ = exported("bn")
     manifest = manifest_from_dir(out)
-    student = replica_from_export(out, manifest)
-    before = copy.deepcopy(student)
-    cema = Cema(tiny_model("bn", seed=7), student, num_classes=10, config=CemaConfig())
-    x = torch.randn(16, 3, 64, 64)
-    for _ in range(2):
-        cema.adapt(x[:8], replay=x[8:])
-    tensors = cema.blob_tensors([p.name for p in manifest.refittable])
+    fresh = replica_from_export(out, manifest)
+    before = copy.deepcopy(fresh)
+    cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest,
+                config=CemaConfig(batch_size=8))
+    for i in range(2):
+        cema.adapt(images(8, seed=i))
+    tensors = cema.blob_tensors()
+    assert list(tensors) == [p.name for p in manifest.refittable]
+    assert all(tensors[p.name].shape == p.shape and tensors[p.name].dtype.name == p.dtype for p in manifest.refittable)
     blob = RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1)
     validate_blob(blob, manifest)
-    probe = torch.randn(4, 3, 64, 64)
+    # the blob alone turns a fresh eval-mode copy of the export into the replica
+    state = fresh.state_dict()
+    state.update({k: torch.from_numpy(v) for k, v in tensors.items()})
+    fresh.load_state_dict(state)
+    probe = torch.from_numpy(normalize(images(4, seed=99), manifest.preprocess))
     with torch.no_grad():
         want = cema.student.eval()(probe).numpy()
+        got = fresh.eval()(probe).numpy()
         old = before(probe).numpy()
+    assert np.abs(got - want).max() <= 1e-5
     assert np.abs(want - old).max() > 1e-3  # adaptation changed the replica
-    with get_backend("ort-cpu", out) as be:
+    with get_backend("ort-cpu", out) as be:  # and so does the exported ONNX graph, refitted
         be.refit(blob)
-        got = be.infer(probe.numpy())
-    assert np.abs(got - want).max() <= 1e-4
+        assert np.abs(be.infer(probe.numpy()) - want).max() <= 1e-4

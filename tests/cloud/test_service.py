@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -35,7 +37,7 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
     import httpx
 
     from cema_deploy.contract.blob import blob_from_bytes, validate_blob
-    from cema_deploy.contract.protocol import SAMPLES_MEDIA_TYPE, blob_url, samples_url
+    from cema_deploy.contract.protocol import SAMPLES_MEDIA_TYPE, blob_url, reports_url, samples_url
 
     cloud, manifest, auth = _setup(cloud_factory, exported)
     fp = manifest.fingerprint
@@ -54,42 +56,68 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
         assert blob.version == 1 and blob.fingerprint == fp
         v0 = blob_from_bytes((exported("bn")[0] / "params.safetensors").read_bytes())
         assert any(np.abs(blob.tensors[k] - v0.tensors[k]).max() > 0 for k in blob.tensors)
+        r = http.post(samples_url(cloud.url, fp), content=_body(manifest, 5, seed=2), headers=auth)
+        assert r.json() == {"accepted": 5, "pending": 8, "buffered": 16, "version": 1, "target_version": 2}
+        r = http.get(blob_url(cloud.url, fp), params={"after": 1, "wait": 30}, headers=auth)
+        blob2 = blob_from_bytes(r.content)
+        validate_blob(blob2, manifest, newer_than=1)
+        assert r.headers["X-Cema-Version"] == "2" and blob2.version == 2
+        assert http.get(blob_url(cloud.url, fp), params={"after": 2}, headers=auth).status_code == 204
+        r = http.post(reports_url(cloud.url, fp), json={"kind": "rollback", "version": 2, "reason": "entropy"},
+                      headers=auth)
+        assert r.status_code == 202
         metrics = http.get(cloud.url + "/metrics").text
-        assert 'cema_blob_version{model="' in metrics and "cema_samples_total" in metrics
-        assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 1}
+        assert f'cema_blob_version{{model="{fp[:16]}"}} 2' in metrics and "cema_samples_total" in metrics
+        assert 'kind="rollback"} 1' in metrics
+        assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 2}
         assert "/v1/models/{fingerprint}/samples" in http.get(cloud.url + "/openapi.json").json()["paths"]
 
 
-def test_refused_requests_change_nothing(cloud_factory, exported) -> None:  # type: ignore[no-untyped-def]
+def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
+    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.contract.manifest import manifest_from_dir
     from cema_deploy.contract.protocol import blob_url, reports_url, samples_url
+    from tests.cloud.conftest import serve_in_thread
 
-    cloud, manifest, auth = _setup(cloud_factory, exported, "--max-upload-bytes", "200000")
+    edge, _ = exported("bn")
+    manifest = manifest_from_dir(edge)
     fp = manifest.fingerprint
-    url = samples_url(cloud.url, fp)
-    good = _body(manifest, 2)
-    cases = [
-        ({}, good, url, 401, "Missing bearer token"),
-        ({"Authorization": "Bearer not-a-token"}, good, url, 401, "Unknown bearer token"),
-        (auth, good, samples_url(cloud.url, "ab" * 32), 404, "No model with fingerprint"),
-        (auth, b"\x00" * 100, url, 400, "Malformed sample upload"),
-        (auth, good[:-10], url, 400, "Malformed sample upload"),
-        (auth, _body(manifest, 2, fingerprint="cd" * 32), url, 400, "bound to fingerprint"),
-        (auth, _body(manifest, 40, encoding="raw"), url, 413, "exceeds the limit"),
-    ]
-    with httpx.Client(timeout=60) as http:
-        for headers, body, target, status, message in cases:
-            r = http.post(target, content=body, headers=headers)
-            assert r.status_code == status, (status, r.text)
-            assert message in r.json()["detail"]
-        r = http.post(reports_url(cloud.url, fp), content=b"{not json", headers=auth)
-        assert r.status_code == 400
-        assert http.get(blob_url(cloud.url, fp), params={"after": -1}, headers=auth).status_code == 400
-        assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 0}
-    assert not list((cloud.state / "replay").glob("*.npy"))
-    state = json.loads((cloud.state / "state.json").read_text()) if (cloud.state / "state.json").exists() else {}
-    assert state.get("version", 0) == 0
+    auth = {"Authorization": f"Bearer {StateStore(tmp_path / 'state').add_token('cam-01')}"}
+    with serve_in_thread(edge, teacher_ckpt, tmp_path / "state", max_upload_bytes=200_000, batch_size=2) as cloud:
+        url = samples_url(cloud.url, fp)
+        good = _body(manifest, 2)
+        big = _body(manifest, 40, encoding="raw")
+        cases = [
+            ({}, good, url, 401, "Missing bearer token"),
+            ({"Authorization": "Bearer not-a-token"}, good, url, 401, "Unknown bearer token"),
+            (auth, good, samples_url(cloud.url, "ab" * 32), 404, "No model with fingerprint"),
+            (auth, b"\x00" * 100, url, 400, "Malformed sample upload"),
+            (auth, good[:-10], url, 400, "Malformed sample upload"),
+            (auth, _body(manifest, 2, fingerprint="cd" * 32), url, 400, "bound to fingerprint"),
+            (auth, big, url, 413, "exceeds the limit of 200000 bytes"),  # Content-Length says so
+            (auth, (big[i : i + 65536] for i in range(0, len(big), 65536)), url, 413, "exceeds the limit"),  # chunked
+        ]
+        with httpx.Client(timeout=60) as http:
+            for headers, body, target, status, message in cases:
+                r = http.post(target, content=body, headers=headers)
+                assert r.status_code == status, (status, r.text)
+                assert message in r.json()["detail"]
+            r = http.post(reports_url(cloud.url, fp), content=b"{not json", headers=auth)
+            assert r.status_code == 400 and "Malformed report" in r.json()["detail"]
+            for params in ({"after": -1}, {"after": "abc"}, {"wait": 99}):
+                r = http.get(blob_url(cloud.url, fp), params=params, headers=auth)
+                assert r.status_code == 400 and r.json()["detail"], params
+            assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 0}
+            assert not list((cloud.state / "replay").glob("*.npy"))
+            assert cloud.service.version == 0 and cloud.service.replay.total == 0
+            # the first accepted upload finds nothing left behind by the refusals
+            r = http.post(url, content=_body(manifest, 1), headers=auth)
+            assert r.status_code == 202 and r.json() == {"accepted": 1, "pending": 1, "buffered": 1, "version": 0,
+                                                         "target_version": 0}
+            metrics = http.get(cloud.url + "/metrics").text
+            assert 'status="413"} 2' in metrics and 'status="401"} 2' in metrics
 
 
 def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_factory, exported) -> None:  # type: ignore[no-untyped-def]
@@ -131,3 +159,38 @@ def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_f
     after_names = sorted(p.name for p in (cloud.state / "blobs").glob("v*.safetensors"))
     assert set(before) <= set(after_names)  # nothing overwritten; new versions continue past the old newest
     assert int(after_names[-1][1:9]) >= newest_before + 3
+    # SIGTERM with a long poll in flight: the poll ends at once (204) and the process exits 0 within seconds
+    poll: list[int] = []
+
+    def long_poll() -> None:
+        with httpx.Client(timeout=60) as http:
+            poll.append(http.get(blob_url(cloud2.url, fp), params={"after": 10**6, "wait": 30}, headers=auth,
+                                 ).status_code)
+
+    t = threading.Thread(target=long_poll)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    cloud2.proc.send_signal(signal.SIGTERM)
+    assert cloud2.proc.wait(timeout=20) == 0 and time.monotonic() - t0 < 10
+    t.join(30)
+    assert poll == [204]
+
+
+def test_token_cli_prints_the_token_once_and_stores_only_its_hash(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from cema_deploy.cli import app
+
+    state = tmp_path / "state"
+    r = CliRunner().invoke(app, ["cloud", "token", "add", "cam-07", "--state", str(state)])
+    assert r.exit_code == 0, r.output
+    token = r.output.strip().splitlines()[-1]
+    stored = (state / "tokens.json").read_text()
+    assert len(token) >= 40 and token not in stored and hashlib.sha256(token.encode()).hexdigest() in stored
+    r = CliRunner().invoke(app, ["cloud", "token", "list", "--state", str(state)])
+    assert r.exit_code == 0 and r.output.split() == ["cam-07"]
+    r = CliRunner().invoke(app, ["cloud", "token", "add", "bad id!", "--state", str(state)])
+    assert r.exit_code == 1 and "must be 1-128 letters" in str(r.exception)  # main() prints it as one line
