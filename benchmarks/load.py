@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--upload-every", type=float, default=2.0, help="seconds between one edge's uploads")
     ap.add_argument("--poll-every", type=float, default=0.5, help="seconds between one edge's blob polls")
     ap.add_argument("--samples", type=int, default=8, help="samples per upload")
+    ap.add_argument("--cloud-batch", type=int, default=32, help="B of the cloud (a huge B means no training)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/load.json"))
     args = ap.parse_args()
@@ -224,7 +225,8 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
             _cli("cloud", "serve", "--edge", str(export_dir), "--teacher", "test_resnet", "--teacher-weights",
-                 str(teacher), "--state", str(state), "--port", str(port), "--log-level", "warning"),
+                 str(teacher), "--state", str(state), "--port", str(port), "--log-level", "warning", "--threads", "1",
+                 "--batch-size", str(args.cloud_batch)),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         rows = []

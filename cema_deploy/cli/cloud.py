@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,6 +84,9 @@ def serve_cmd(
         signer=signer,
     )
     app = create_app(service, max_upload_bytes=max_upload_bytes)
+    # The adaptation thread runs many short torch ops that hold the GIL; a shorter switch interval (default 5 ms)
+    # lets the event loop answer blob polls between them (benchmarks/load.py: poll p99 under load).
+    sys.setswitchinterval(0.0005)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM / SIGINT

@@ -101,7 +101,8 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
             if len(body) > max_upload_bytes:
                 raise _Refused(413, f"Upload exceeds the limit of {max_upload_bytes} bytes; send fewer samples.")
         try:
-            batch = samples_from_bytes(bytes(body), image_hw=service.manifest.preprocess.size)
+            # decoding (PNG/JPEG) runs off the event loop, so blob polls never queue behind it
+            batch = await asyncio.to_thread(samples_from_bytes, bytes(body), image_hw=service.manifest.preprocess.size)
         except CemaError as exc:
             raise _Refused(400, f"Malformed sample upload: {exc}") from exc
         if batch.fingerprint != fp:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy._lazy import lazy_import
+from cema_deploy.exceptions import CemaError
 
 METHODS = {
     "no_adapt": "no adaptation",
@@ -29,21 +30,36 @@ class MethodRun:
     extra: dict[str, Any] = field(default_factory=dict)  # bytes up/down, blobs applied, fps, ...
 
 
+#: Methods whose edge uploads samples to the cloud (their rows show uploaded shares and traffic).
+CLOUD_METHODS = ("eata_style", "cema")
+
+
+def _pct(mask: np.ndarray) -> float:
+    return 100 * float(mask.mean()) if len(mask) else float("nan")
+
+
 def summarize(runs: dict[str, MethodRun], segment_of: np.ndarray, names: list[str]) -> dict[str, Any]:
     """Accuracy and uploaded share per corruption and overall for every method (percentages)."""
     out: dict[str, Any] = {}
     for method, r in runs.items():
-        per = {n: {"accuracy": 100 * float(r.correct[segment_of == i].mean()),
-                   "uploaded": 100 * float(r.uploaded[segment_of == i].mean())} for i, n in enumerate(names)}
-        out[method] = {"per_corruption": per, "accuracy": 100 * float(r.correct.mean()),
-                       "uploaded": 100 * float(r.uploaded.mean()), "uploaded_samples": int(r.uploaded.sum()),
-                       "samples": len(r.correct), **r.extra}
+        if r.correct.shape != segment_of.shape or r.uploaded.shape != segment_of.shape:
+            raise CemaError(f"{method}: {r.correct.shape[0]} correctness and {r.uploaded.shape[0]} upload flags for "
+                            f"a stream of {segment_of.shape[0]} samples; every method must cover the whole stream.")
+        per = {n: {"accuracy": _pct(r.correct[segment_of == i]), "uploaded": _pct(r.uploaded[segment_of == i])}
+               for i, n in enumerate(names)}
+        out[method] = {"per_corruption": per, "accuracy": _pct(r.correct), "uploaded": _pct(r.uploaded),
+                       "uploaded_samples": int(r.uploaded.sum()), "samples": len(r.correct), **r.extra}
     return out
 
 
 def markdown(results: dict[str, Any]) -> str:
     """One table per severity: rows = corruptions + overall, columns = methods (accuracy % / uploaded %)."""
     lines = []
+    models = results.get("models", {})
+    if models:
+        lines.append("| model | timm name | clean accuracy % |\n|---|---|---:|")
+        lines += [f"| {role} | {m['name']} | {m['clean_accuracy']:.1f} |" for role, m in models.items()]
+        lines.append("")
     for sev, res in results["severities"].items():
         methods = list(res["methods"])
         names = list(next(iter(res["methods"].values()))["per_corruption"])
@@ -55,25 +71,39 @@ def markdown(results: dict[str, Any]) -> str:
             for m in methods:
                 r = res["methods"][m]
                 c = r if n == "overall" else r["per_corruption"][n]
-                cells.append(f"{c['accuracy']:.1f}" + (f" / {c['uploaded']:.1f}% up" if m in ("eata_style", "cema")
-                                                       else ""))
+                cells.append(f"{c['accuracy']:.1f}" + (f" / {c['uploaded']:.1f}% up" if m in CLOUD_METHODS else ""))
             lines.append(f"| {'**overall**' if n == 'overall' else n} | " + " | ".join(cells) + " |")
         lines.append("")
-        for m in ("eata_style", "cema"):
-            r = res["methods"].get(m)
-            if r:
-                lines.append(f"- {METHODS[m]}: uploaded {r['uploaded_samples']} of {r['samples']} "
-                             f"({r['uploaded']:.1f} %), {r.get('bytes_up', 0) / 1e6:.2f} MB up, "
-                             f"{r.get('bytes_down', 0) / 1e6:.2f} MB down, {r.get('blobs_applied', 0)} blobs applied, "
-                             f"edge {r.get('edge_fps', 0):.0f} frames/s")
-        lines.append("")
+        cloud = [m for m in CLOUD_METHODS if m in res["methods"]]
+        if cloud:
+            lines.append("| method | uploaded | MB up | MB down | blobs applied | edge frames/s |")
+            lines.append("|---|---:|---:|---:|---:|---:|")
+            for m in cloud:
+                r = res["methods"][m]
+                lines.append(f"| {METHODS[m]} | {r['uploaded_samples']} of {r['samples']} ({r['uploaded']:.1f} %) | "
+                             f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | "
+                             f"{r.get('blobs_applied', 0)} | {r.get('edge_fps', 0):.0f} |")
+            lines.append("")
     return "\n".join(lines)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/Inf floats as ``None`` and numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def write_outputs(results: dict[str, Any], runs: dict[int, dict[str, MethodRun]], out_dir: Path) -> list[Path]:
     """results.json, results.md, and per severity accuracy-over-stream and cumulative-uploads PNGs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
     (out_dir / "results.md").write_text(markdown(results))
     paths = [out_dir / "results.json", out_dir / "results.md"]
     matplotlib = lazy_import("matplotlib", extra="demo", purpose="the demo's plots")
@@ -115,6 +145,6 @@ def print_table(results: dict[str, Any], console: Any) -> None:
             for m in methods:
                 r = res["methods"][m]
                 c = r if n == "overall" else r["per_corruption"][n]
-                row.append(f"{c['accuracy']:.1f}" + (f" ({c['uploaded']:.0f}%)" if m in ("eata_style", "cema") else ""))
+                row.append(f"{c['accuracy']:.1f}" + (f" ({c['uploaded']:.0f}%)" if m in CLOUD_METHODS else ""))
             t.add_row("[b]overall[/]" if n == "overall" else n, *row)
         console.print(t)

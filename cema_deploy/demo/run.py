@@ -22,12 +22,10 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.demo import baselines
-from cema_deploy.demo.models import EDGE_DEFAULT, TEACHER_DEFAULT, TrainedModel, load_model, trained
+from cema_deploy.demo.models import TrainedModel, load_model, resolve_models
 from cema_deploy.demo.report import MethodRun, summarize
-from cema_deploy.demo.stream import CORRUPTIONS, Stream, corrupted_stream, digits_splits
+from cema_deploy.demo.stream import CORRUPTIONS, QUICK_CORRUPTIONS, Stream, corrupted_stream, digits_splits
 from cema_deploy.exceptions import CemaError
-
-QUICK_CORRUPTIONS = ("gaussian_noise", "motion_blur", "contrast", "jpeg_compression")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,15 +133,16 @@ def run_demo(
     on_step("digits: train/test split, 32x32 RGB")
     splits = digits_splits(cfg.seed)
     on_step("edge and teacher models (trained once, cached)")
-    edge_tm = _model_arg(edge, EDGE_DEFAULT, splits, cfg.seed, "edge")
-    teacher_tm = _model_arg(teacher, TEACHER_DEFAULT, splits, cfg.seed, "teacher")
+    models = resolve_models(edge, teacher, splits, seed=cfg.seed)
+    edge_tm, teacher_tm = models.edge, models.teacher
     edge_model = load_model(edge_tm.name, edge_tm.checkpoint)
     on_step(f"export {edge_tm.name} to a refittable ONNX model")
     edge_dir = out_dir / "edge-model"
     export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
     results: dict[str, Any] = {"config": {**cfg.__dict__}, "models": {
-        "edge": {"name": edge_tm.name, "clean_accuracy": 100 * edge_tm.clean_accuracy},
-        "teacher": {"name": teacher_tm.name, "clean_accuracy": 100 * teacher_tm.clean_accuracy}},
+        role: {"name": tm.name, "clean_accuracy": 100 * tm.clean_accuracy, "train_seconds": round(tm.train_seconds, 1),
+               "cached": tm.cached, "checkpoint": str(tm.checkpoint)}
+        for role, tm in (("edge", edge_tm), ("teacher", teacher_tm))},
         "severities": {}}
     all_runs: dict[int, dict[str, MethodRun]] = {}
     for sev in cfg.severities:
@@ -152,15 +151,15 @@ def run_demo(
         if cfg.per_corruption is not None:
             x_te, y_te = x_te[: cfg.per_corruption], y_te[: cfg.per_corruption]
         stream = corrupted_stream(x_te, y_te, severity=sev, corruptions=cfg.corruptions, seed=cfg.seed)
-        images, labels = stream.images, stream.labels
+        labels = stream.labels
         runs: dict[str, MethodRun] = {}
         none = np.zeros(len(labels), bool)
         for method in cfg.methods:
             on_step(f"severity {sev}: {method}")
             t0 = time.perf_counter()
             if method in ("no_adapt", "bn_adapt", "tent"):
-                pred = getattr(baselines, method)(edge_model, images, batch=cfg.edge_batch)
-                runs[method] = MethodRun(pred == labels, none, {})
+                res = baselines.run_baseline(method, edge_model, stream, batch=cfg.edge_batch)
+                runs[method] = MethodRun(res.correct, none, {"edge_fps": round(res.frames_per_second, 1)})
             else:
                 runs[method] = run_cloud_method(method, stream, edge_dir, teacher_tm, out_dir / f"s{sev}-{method}",
                                                cfg)
@@ -170,14 +169,3 @@ def run_demo(
             "methods": summarize(runs, stream.segment_of, [s.name for s in stream.segments])}
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     return results, all_runs
-
-
-def _model_arg(arg: str | None, default: tuple[str, dict[str, Any], int, bool], splits: tuple[np.ndarray, ...],
-               seed: int, role: str) -> TrainedModel:
-    """``None``: train the default; ``name``: train that timm model; ``name=path``: a checkpoint."""
-    if arg is None:
-        return trained(default, splits, seed=seed, role=role)
-    if "=" in arg:
-        name, path = arg.split("=", 1)
-        return TrainedModel(name, Path(path), float("nan"), 0.0)
-    return trained((arg, {"num_classes": 10}, default[2], default[3]), splits, seed=seed, role=role)

@@ -1,4 +1,4 @@
-"""The demo's data and the whole loop in quick mode, end to end through the real service."""
+"""The whole demo loop in quick mode, end to end through the real service (slow, network)."""
 
 from __future__ import annotations
 
@@ -7,53 +7,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from tests.conftest import needs_torch
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("CEMA_DEPLOY_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def test_digits_and_the_13_corruptions(cache) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.demo.stream import BROKEN_ON_NUMPY2, CORRUPTIONS, corrupted_stream, digits_splits
-
-    x_tr, y_tr, x_te, y_te = digits_splits(0)
-    assert x_tr.shape[1:] == (32, 32, 3) and x_tr.dtype == np.uint8 and len(x_tr) + len(x_te) == 1797
-    assert sorted(np.bincount(y_te)) == sorted(np.bincount(y_tr)) or abs(len(x_tr) - len(x_te)) <= 1
-    assert len(CORRUPTIONS) == 13 and not set(BROKEN_ON_NUMPY2) & set(CORRUPTIONS)
-    s = corrupted_stream(x_te[:20], y_te[:20], severity=5)
-    assert [seg.name for seg in s] == list(CORRUPTIONS) and len(s.labels) == 13 * 20
-    for seg in s:
-        assert seg.images.shape == (20, 32, 32, 3) and not np.array_equal(seg.images, x_te[:20]), seg.name
-    files = sorted((cache / "streams").glob("*.npz"))
-    assert len(files) == 13
-    again = corrupted_stream(x_te[:20], y_te[:20], severity=5)  # from the cache, identical
-    assert np.array_equal(again.images, s.images)
-    fresh = corrupted_stream(x_te[:20], y_te[:20], severity=5, cache=False)  # recomputed: deterministic
-    assert np.array_equal(fresh.images, s.images)
-    assert not np.array_equal(corrupted_stream(x_te[:20], y_te[:20], severity=3).images, s.images)
-
-
-def test_imagenet_c_folder_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from PIL import Image
-
-    from cema_deploy.demo.stream import DataError, imagenet_c_stream
-
-    rng = np.random.default_rng(0)
-    for wnid in ("n01440764", "n01443537"):
-        d = tmp_path / "gaussian_noise" / "5" / wnid
-        d.mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
-    s = imagenet_c_stream(tmp_path, severity=5, corruptions=("gaussian_noise",), size=32)
-    assert s.images.shape == (6, 32, 32, 3) and list(s.labels) == [0, 0, 0, 1, 1, 1]
-    with pytest.raises(DataError, match="does not exist"):
-        imagenet_c_stream(tmp_path, severity=3, corruptions=("gaussian_noise",))
 
 
 @needs_torch
