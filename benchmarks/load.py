@@ -64,7 +64,9 @@ def _add_tokens(state: Path, n: int) -> list[str]:
     for i in range(n):
         out = subprocess.run(
             _cli("cloud", "token", "add", f"edge-{i:03d}", "--state", str(state)),
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         tokens.append(out.strip().splitlines()[-1].split()[-1])
     return tokens
@@ -116,59 +118,115 @@ class _ResourceSampler(threading.Thread):
         }
 
 
-async def _edge(
-    client: Any, base: str, fp: str, token: str, body: bytes, seconds: float, upload_every: float,
-    poll_every: float, stats: dict[str, Any], rng: np.random.Generator,
-) -> None:
-    from cema_deploy.contract.protocol import SAMPLES_MEDIA_TYPE, blob_url, samples_url
+class _Http:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one connection per simulated edge.
 
-    headers = {"Authorization": f"Bearer {token}"}
+    httpx costs about a millisecond of Python per request; 128 edges on 2 cores would then measure the load
+    generator's own event loop rather than the cloud. This client does the least a device would."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.writer.write(head.encode() + body)
+        await self.writer.drain()
+        status = int((await self.reader.readline()).split()[1])
+        resp: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            resp[k.strip().lower()] = v.strip()
+        n = int(resp.get("content-length", "0"))
+        return status, resp, (await self.reader.readexactly(n)) if n else b""
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+async def _edge(
+    base: str,
+    fp: str,
+    token: str,
+    body: bytes,
+    seconds: float,
+    upload_every: float,
+    poll_every: float,
+    stats: dict[str, Any],
+    rng: np.random.Generator,
+) -> None:
+    from urllib.parse import urlsplit
+
+    from cema_deploy.contract.protocol import BLOB_PATH, SAMPLES_MEDIA_TYPE, SAMPLES_PATH
+
+    url = urlsplit(base)
+    http = _Http(url.hostname or "127.0.0.1", url.port or 80)
+    auth = {"Authorization": f"Bearer {token}"}
+    samples_path, blob_path = SAMPLES_PATH.format(fingerprint=fp), BLOB_PATH.format(fingerprint=fp)
     version = 0
     t_end = time.perf_counter() + seconds
     next_upload = time.perf_counter() + rng.uniform(0, upload_every)
     await asyncio.sleep(rng.uniform(0, poll_every))
-    while (now := time.perf_counter()) < t_end:
-        if now >= next_upload:
-            next_upload += upload_every
+    try:
+        while (now := time.perf_counter()) < t_end:
+            if now >= next_upload:
+                next_upload += upload_every
+                try:
+                    status, _, _ = await http.request(
+                        "POST", samples_path, {**auth, "Content-Type": SAMPLES_MEDIA_TYPE}, body
+                    )
+                    if status == 202:
+                        stats["uploads"] += 1
+                    else:
+                        stats["errors"][f"upload {status}"] += 1
+                except Exception as exc:  # a transport error is an error of the run, counted by kind
+                    stats["errors"][f"upload {type(exc).__name__}"] += 1
+                    http = _Http(http.host, http.port)
+            t0 = time.perf_counter()
             try:
-                r = await client.post(
-                    samples_url(base, fp), content=body, headers={**headers, "Content-Type": SAMPLES_MEDIA_TYPE}
-                )
-                if r.status_code == 202:
-                    stats["uploads"] += 1
-                else:
-                    stats["errors"][f"upload {r.status_code}"] += 1
-            except Exception as exc:  # a transport error is an error of the run, counted by kind
-                stats["errors"][f"upload {type(exc).__name__}"] += 1
-        t0 = time.perf_counter()
-        try:
-            r = await client.get(blob_url(base, fp), params={"after": version, "wait": 0}, headers=headers)
-            stats["poll_ms"].append((time.perf_counter() - t0) * 1e3)
-            if r.status_code == 200:
-                version = int(r.headers["X-Cema-Version"])
-                stats["blobs"] += 1
-            elif r.status_code != 204:
-                stats["errors"][f"poll {r.status_code}"] += 1
-        except Exception as exc:
-            stats["errors"][f"poll {type(exc).__name__}"] += 1
-        await asyncio.sleep(poll_every)
+                status, headers, _ = await http.request("GET", f"{blob_path}?after={version}&wait=0", auth)
+                stats["poll_ms"].append((time.perf_counter() - t0) * 1e3)
+                if status == 200:
+                    version = int(headers["x-cema-version"])
+                    stats["blobs"] += 1
+                elif status != 204:
+                    stats["errors"][f"poll {status}"] += 1
+            except Exception as exc:
+                stats["errors"][f"poll {type(exc).__name__}"] += 1
+                http = _Http(http.host, http.port)
+            await asyncio.sleep(poll_every)
+    finally:
+        await http.close()
 
 
 async def _run_fleet(
-    base: str, fp: str, tokens: list[str], body: bytes, seconds: float, upload_every: float, poll_every: float,
+    base: str,
+    fp: str,
+    tokens: list[str],
+    body: bytes,
+    seconds: float,
+    upload_every: float,
+    poll_every: float,
     samples_per_upload: int,
 ) -> dict[str, Any]:
-    import httpx
-
     stats: dict[str, Any] = {"uploads": 0, "blobs": 0, "poll_ms": [], "errors": Counter()}
-    limits = httpx.Limits(max_connections=len(tokens) + 8, max_keepalive_connections=len(tokens) + 8)
-    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(
-            _edge(client, base, fp, tok, body, seconds, upload_every, poll_every, stats, np.random.default_rng(i))
+    t0 = time.perf_counter()
+    await asyncio.gather(
+        *(
+            _edge(base, fp, tok, body, seconds, upload_every, poll_every, stats, np.random.default_rng(i))
             for i, tok in enumerate(tokens)
-        ))
-        wall = time.perf_counter() - t0
+        )
+    )
+    wall = time.perf_counter() - t0
     polls = np.asarray(stats["poll_ms"]) if stats["poll_ms"] else np.zeros(1)
     return {
         "edges": len(tokens),
@@ -216,7 +274,8 @@ def main() -> None:
         rng = np.random.default_rng(args.seed)
         batch = SampleBatch(
             images=rng.integers(0, 256, (args.samples, h, w, 3), dtype=np.uint8),
-            fingerprint=manifest.fingerprint, edge_version=0,
+            fingerprint=manifest.fingerprint,
+            edge_version=0,
         )
         body = samples_to_bytes(batch, encoding="png")
         state = work / "state"
@@ -224,10 +283,28 @@ def main() -> None:
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
-            _cli("cloud", "serve", "--edge", str(export_dir), "--teacher", "test_resnet", "--teacher-weights",
-                 str(teacher), "--state", str(state), "--port", str(port), "--log-level", "warning", "--threads", "1",
-                 "--batch-size", str(args.cloud_batch)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            _cli(
+                "cloud",
+                "serve",
+                "--edge",
+                str(export_dir),
+                "--teacher",
+                "test_resnet",
+                "--teacher-weights",
+                str(teacher),
+                "--state",
+                str(state),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--threads",
+                "1",
+                "--batch-size",
+                str(args.cloud_batch),
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         rows = []
         try:
@@ -236,8 +313,18 @@ def main() -> None:
                 console.print(f"fleet of {n} edges for {args.seconds:.0f} s ...")
                 sampler = _ResourceSampler(proc.pid)
                 sampler.start()
-                row = asyncio.run(_run_fleet(base, manifest.fingerprint, tokens[:n], body, args.seconds,
-                                             args.upload_every, args.poll_every, args.samples))
+                row = asyncio.run(
+                    _run_fleet(
+                        base,
+                        manifest.fingerprint,
+                        tokens[:n],
+                        body,
+                        args.seconds,
+                        args.upload_every,
+                        args.poll_every,
+                        args.samples,
+                    )
+                )
                 row.update(sampler.stop())
                 rows.append(row)
         finally:
@@ -247,13 +334,28 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     table = Table(title="cloud under a fleet of simulated edges (127.0.0.1)")
-    for col in ("edges", "uploads/s", "samples/s", "poll p50 ms", "poll p99 ms", "errors", "cloud CPU % (mean)",
-                "cloud RSS MB (max)"):
+    for col in (
+        "edges",
+        "uploads/s",
+        "samples/s",
+        "poll p50 ms",
+        "poll p99 ms",
+        "errors",
+        "cloud CPU % (mean)",
+        "cloud RSS MB (max)",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["edges"]), f"{r['uploads_per_s']:.1f}", f"{r['samples_per_s']:.0f}",
-                      f"{r['poll_p50_ms']:.1f}", f"{r['poll_p99_ms']:.1f}", str(r["errors"]),
-                      f"{r['cpu_percent_mean']:.0f}", f"{r['rss_mb_max']:.0f}")
+        table.add_row(
+            str(r["edges"]),
+            f"{r['uploads_per_s']:.1f}",
+            f"{r['samples_per_s']:.0f}",
+            f"{r['poll_p50_ms']:.1f}",
+            f"{r['poll_p99_ms']:.1f}",
+            str(r["errors"]),
+            f"{r['cpu_percent_mean']:.0f}",
+            f"{r['rss_mb_max']:.0f}",
+        )
     console.print(table)
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
