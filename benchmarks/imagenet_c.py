@@ -44,7 +44,7 @@ def main() -> None:
     from cema_deploy.export import export_timm
 
     console = Console()
-    cfg = DemoConfig(warmup=1000, d_margin="auto")  # 1,000 classes: the paper's d_margin = 0.05 applies as is
+    cfg = DemoConfig(warmup=1000, d_margin="auto", replay_size=10_000)  # ImageNet-C: the paper's defaults
     edge = load_model(args.edge, args.edge_weights, num_classes=1000)
     teacher = TrainedModel(args.teacher, args.teacher_weights, float("nan"), 0.0)
     edge_dir = args.out / "edge-model"

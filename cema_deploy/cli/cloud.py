@@ -39,6 +39,7 @@ def serve_cmd(
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once the service is ready.")] = None,
     batch_size: Annotated[int, typer.Option(help="B: uploaded samples per adaptation step.")] = 32,
     publish_every: Annotated[int, typer.Option(help="K: publish a refit blob after every K steps.")] = 1,
+    replay_size: Annotated[int, typer.Option(help="Replay buffer size in samples (paper: 10,000).")] = 10_000,
     idle_after: Annotated[
         float, typer.Option(help="Seconds without uploads before an idle replay step (0 = off).")
     ] = 0.0,
@@ -80,7 +81,8 @@ def serve_cmd(
         manifest,
         teacher_from_name(teacher, num_classes=manifest.num_classes, weights=teacher_weights),
         replica_from_export(edge, manifest),
-        config=CemaConfig(batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed),
+        config=CemaConfig(batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed,
+                          replay_size=replay_size),
         signer=signer,
     )
     app = create_app(service, max_upload_bytes=max_upload_bytes)

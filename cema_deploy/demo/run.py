@@ -38,6 +38,8 @@ class DemoConfig:
     cloud_batch: int = 32  # official cloud batch B
     warmup: int = 512  # W for CEMA's dynamic E_max
     d_margin: str = "off"  # redundancy rule in both selection methods
+    replay_size: int = 10_000  # the paper's buffer (a 512-sample buffer, scaled to this short stream, was tried:
+    # EATA-style 64.2 % / CEMA 55.7 % at severity 5 against 62.9 / 56.3 with 10,000; see the notes)
     seed: int = 0
     sync: bool = True
 
@@ -51,7 +53,8 @@ def _cli(*args: str) -> list[str]:
 
 
 class _Cloud:
-    def __init__(self, edge_dir: Path, teacher: TrainedModel, state: Path, batch: int, seed: int) -> None:
+    def __init__(self, edge_dir: Path, teacher: TrainedModel, state: Path, batch: int, seed: int,
+                 replay_size: int) -> None:
         port_file = state.parent / f"{state.name}.port"
         self.log = state.parent / f"{state.name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -59,7 +62,8 @@ class _Cloud:
             self.proc = subprocess.Popen(
                 _cli("cloud", "serve", "--edge", str(edge_dir), "--teacher", teacher.name, "--teacher-weights",
                      str(teacher.checkpoint), "--state", str(state), "--port", "0", "--port-file", str(port_file),
-                     "--batch-size", str(batch), "--seed", str(seed), "--log-level", "warning"),
+                     "--batch-size", str(batch), "--seed", str(seed), "--replay-size", str(replay_size),
+                     "--log-level", "warning"),
                 stdout=f, stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
         while not (port_file.exists() and port_file.read_text()):
@@ -88,7 +92,7 @@ def run_cloud_method(method: str, stream: Stream, edge_dir: Path, teacher: Train
     np.save(work / "labels.npy", stream.labels)
     state = work / "cloud-state"
     (work / "token").write_text(StateStore(state).add_token(f"demo-{method}"))
-    cloud = _Cloud(edge_dir, teacher, state, cfg.cloud_batch, cfg.seed)
+    cloud = _Cloud(edge_dir, teacher, state, cfg.cloud_batch, cfg.seed, cfg.replay_size)
     try:
         cmd = _cli("edge", "run", str(edge_dir), "--source", str(work / "stream.npy"), "--labels",
                    str(work / "labels.npy"), "--cloud", cloud.url, "--token-file", str(work / "token"),

@@ -39,7 +39,8 @@ CORRUPTIONS = (
 #: Fail on NumPy 2 inside imagecorruptions 1.1.2.
 BROKEN_ON_NUMPY2 = ("glass_blur", "fog")
 #: Quick mode: one noise, one blur, one digital and the compression corruption.
-QUICK_CORRUPTIONS = ("gaussian_noise", "motion_blur", "contrast", "jpeg_compression")
+#: ``--quick``: the first four corruptions of the sequence (the noise family and defocus blur).
+QUICK_CORRUPTIONS = CORRUPTIONS[:4]
 #: ``imagecorruptions.corrupt`` refuses smaller images.
 MIN_SIZE = 32
 
