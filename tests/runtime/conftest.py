@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 
 from cema_deploy.contract import protocol
@@ -183,3 +184,20 @@ def protocol_server() -> Iterator[Callable[..., ProtocolServer]]:
     yield make
     for s in servers:
         s.stop()
+
+
+def images(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
+    """Random uint8 RGB images ``[n, size, size, 3]``."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def until(pred: Callable[[], Any], timeout: float = 20.0) -> bool:
+    """Poll ``pred`` every 10 ms until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

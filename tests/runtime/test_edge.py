@@ -25,22 +25,18 @@ from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
 from cema_deploy.runtime.sources import SourceError, batches_from_source, count_images, labels_from_path
 from cema_deploy.runtime.uplink import CloudClient
 from tests.conftest import needs_torch
+from tests.runtime.conftest import images, until
 
 pytestmark = needs_torch
 KEEP_ALL = SelectionConfig(num_classes=10, e0=np.log(10) + 1, e_min=None, d_margin=None)
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    return images(n, seed, size=64)
 
 
 def _until(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return until(pred, timeout)
 
 
 def _runtime(out, cfg=None, window: int = 32, **kw) -> EdgeRuntime:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ from cema_deploy.contract import protocol
 from cema_deploy.contract.samples import SampleBatch, samples_from_bytes
 from cema_deploy.exceptions import CemaError, UplinkError
 from cema_deploy.runtime.uplink import CloudClient, EdgeConfigError, Uplink, UploadAck
+from tests.runtime.conftest import images, until
 
 pytestmark = pytest.mark.network
 
@@ -19,16 +20,11 @@ FP = "ab" * 32
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    return images(n, seed, size=8)
 
 
 def _until(pred, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return until(pred, timeout)
 
 
 def _free_port() -> int:
