@@ -23,6 +23,7 @@ def demo_cmd(
     methods: Annotated[
         str, typer.Option(help="Comma-separated subset of no_adapt,bn_adapt,tent,eata_style,cema.")
     ] = "no_adapt,bn_adapt,tent,eata_style,cema",
+    warmup: Annotated[int | None, typer.Option(help="W: samples before CEMA's E_max adapts (default 512).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, training and corruptions.")] = 0,
     sync: Annotated[bool, typer.Option(help="Edge waits for each blob (reproducible on slow machines).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
@@ -42,7 +43,8 @@ def demo_cmd(
 
     base = DemoConfig.quick() if quick else DemoConfig()
     cfg = DemoConfig(**{**base.__dict__, "severities": tuple(int(s) for s in severity.split(",")),
-                        "methods": tuple(m.strip() for m in methods.split(",")), "seed": seed, "sync": sync})
+                        "methods": tuple(m.strip() for m in methods.split(",")), "seed": seed, "sync": sync,
+                        **({"warmup": warmup} if warmup is not None else {})})
     out.mkdir(parents=True, exist_ok=True)
     with step_progress(quiet=json_out) as on_step:
         results, runs = run_demo(out, cfg, edge=edge, teacher=teacher, on_step=on_step)
