@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests on a fixed example sequence (a red build is then reproducible and never a coin
+# flip); `HYPOTHESIS_PROFILE=explore python -m pytest tests/contract` searches afresh with 10x the examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("timm") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs the export extra (torch, timm)")

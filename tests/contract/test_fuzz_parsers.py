@@ -27,7 +27,7 @@ from cema_deploy.exceptions import CemaError, ManifestError
 from tests.contract.test_blob import FP, blob, manifest
 
 FUZZ = settings(
-    max_examples=200,
+    max_examples=settings.default.max_examples * 2,  # 200 under the default "ci" profile (tests/conftest.py)
     deadline=timedelta(seconds=2),  # generous: the machine is shared; a hang still fails
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
