@@ -103,7 +103,7 @@ def run_cloud_method(method: str, stream: Stream, edge_dir: Path, teacher: Train
                    str(work / "labels.npy"), "--cloud", cloud.url, "--token-file", str(work / "token"),
                    "--selection", "eata" if method == "eata_style" else "cema", "--batch", str(cfg.edge_batch),
                    "--warmup", str(cfg.warmup), "--d-margin", cfg.d_margin, "--predictions",
-                   str(work / "pred.npz"), "--json", str(work / "metrics.json"), "--quiet", "--threads", "1",
+                   str(work / "pred.npz"), "--json", str(work / "metrics.json"), "--quiet", "--threads", "2",
                    "--device-id", f"demo-{method}")
         if cfg.sync:
             cmd.append("--sync")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,9 @@ def _ic_version() -> str:
 
 def corrupt_images(images: np.ndarray, name: str, severity: int, *, seed: int = 0) -> np.ndarray:
     """``imagecorruptions.corrupt`` on every image (numpy's global RNG seeded for reproducibility)."""
-    ic = lazy_import("imagecorruptions", extra="demo", purpose="ImageNet-C corruptions")
+    with warnings.catch_warnings():  # imagecorruptions 1.1.2 imports pkg_resources, which warns on import
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        ic = lazy_import("imagecorruptions", extra="demo", purpose="ImageNet-C corruptions")
     sk_util = lazy_import("skimage.util", extra="demo", purpose="ImageNet-C corruptions")
     state = np.random.get_state()
     np.random.seed(seed)

@@ -204,3 +204,28 @@ def test_blob_tensors_reproduce_the_replica_eval_output(exported) -> None:  # ty
     with get_backend("ort-cpu", out) as be:  # and so does the exported ONNX graph, refitted
         be.refit(blob)
         assert np.abs(be.infer(probe.numpy()) - want).max() <= 1e-4
+
+
+def test_channels_last_layout_gives_the_same_adaptation(exported) -> None:  # type: ignore[no-untyped-def]
+    # channels_last is a speed setting (CemaConfig): the same steps must publish the same tensors.
+    from cema_deploy.cloud.cema import Cema
+    from cema_deploy.cloud.config import CemaConfig
+    from cema_deploy.cloud.models import replica_from_export
+    from cema_deploy.contract.manifest import manifest_from_dir
+    from tests.cloud.conftest import images
+    from tests.conftest import tiny_model
+
+    out, _ = exported("bn")
+    manifest = manifest_from_dir(out)
+    blobs = []
+    for layout in (False, True):
+        cfg = CemaConfig(batch_size=8, replay_min=8, channels_last=layout)
+        cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=cfg)
+        for i in range(3):  # the third step replays
+            cema.adapt(images(8, seed=i))
+        blobs.append(cema.blob_tensors())
+    plain, nhwc = blobs
+    moved = max(float(np.abs(plain[k] - v).max()) for k, v in nhwc.items())
+    assert moved <= 1e-4
+    fresh = replica_from_export(out, manifest).state_dict()
+    assert max(float(np.abs(plain[k] - fresh[k].numpy()).max()) for k in plain) > 1e-3  # the steps did move them

@@ -425,3 +425,34 @@ def test_edge_run_cli_refuses_unsigned_blobs_with_a_public_key(exported, protoco
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["version"] == 0 and m["blobs_applied"] == 0 and m["refused"] == {"signature": 2}
     assert m["sync_timeouts"] == 0  # a refused target version ends the wait
+
+
+@pytest.mark.network
+def test_edge_run_works_where_torch_cannot_be_imported(exported, protocol_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The edge process of the demo and of a deployment: infer, select, upload, refit, with torch and timm
+    # unimportable (sys.modules[name] = None makes `import name` raise ImportError).
+    import subprocess
+    import sys
+
+    out, _ = exported("bn")
+    v0 = blob_from_path(out / "params.safetensors")
+    srv = protocol_server(v0.fingerprint)
+    _publish_on_upload(srv, v0)
+    np.save(tmp_path / "s.npy", _images(16, seed=6))
+    (tmp_path / "token").write_text(srv.state.token)
+    args = ["edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token-file",
+            str(tmp_path / "token"), "--batch", "8", "--sync", "--e0-ratio", "1.5", "--e-min-ratio", "0",
+            "--d-margin", "off", "--json", str(tmp_path / "m.json"), "--quiet"]  # fmt: skip
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'timm', 'torchvision', 'onnx', 'onnxscript', 'fastapi'):\n"
+        "    sys.modules[name] = None\n"
+        f"sys.argv = ['cema-deploy', *{args!r}]\n"
+        "from cema_deploy.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert sys.modules['torch'] is None  # never replaced by a real import\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["uplink"]["uploaded"] == 16 and m["version"] == 2 and m["blobs_applied"] == 2
