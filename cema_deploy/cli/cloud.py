@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -82,14 +83,18 @@ def serve_cmd(
         from cema_deploy.contract.signing import load_private_key, sign_blob
 
         signer = functools.partial(sign_blob, private_key=load_private_key(signing_key))
-    lrs = {k: v for k, v in (("student_lr", student_lr), ("teacher_lr", teacher_lr)) if v is not None}
+    config = CemaConfig(batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed,
+                        replay_size=replay_size)
+    if student_lr is not None:
+        config = dataclasses.replace(config, student_lr=student_lr)
+    if teacher_lr is not None:
+        config = dataclasses.replace(config, teacher_lr=teacher_lr)
     service = AdaptationService(
         state,
         manifest,
         teacher_from_name(teacher, num_classes=manifest.num_classes, weights=teacher_weights),
         replica_from_export(edge, manifest),
-        config=CemaConfig(batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed,
-                          replay_size=replay_size, **lrs),
+        config=config,
         signer=signer,
     )
     app = create_app(service, max_upload_bytes=max_upload_bytes)

@@ -212,8 +212,8 @@ class Cema:
         self.manifest = manifest
         self.e0 = config.e0(manifest.num_classes)
         if config.channels_last:  # 4-D weights become NHWC; norm parameters (1-D) and their names are unchanged
-            teacher = teacher.to(memory_format=torch.channels_last)
-            student = student.to(memory_format=torch.channels_last)
+            teacher = teacher.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            student = student.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.teacher = configure_model(teacher, bn_momentum=config.bn_momentum)
         self.student = configure_model(student, bn_momentum=config.bn_momentum)
         self.opt_teacher = torch.optim.SGD(collect_params(teacher)[0], lr=config.teacher_lr, momentum=config.momentum)

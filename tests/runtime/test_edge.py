@@ -375,18 +375,25 @@ def test_sync_waits_until_the_target_version_serves(exported, protocol_server) -
     assert [b.edge_version for b in srv.state.batches] == [0, 1, 2]
 
 
+def _publishing_cloud(exported, protocol_server, tmp_path, *, n: int, seed: int):  # type: ignore[no-untyped-def]
+    """The bn export, a protocol server that publishes a blob per upload, ``s.npy`` with ``n`` images and the
+    device's ``token`` file in ``tmp_path``."""
+    out, _ = exported("bn")
+    v0 = blob_from_path(out / "params.safetensors")
+    srv = protocol_server(v0.fingerprint)
+    _publish_on_upload(srv, v0)
+    np.save(tmp_path / "s.npy", _images(n, seed=seed))
+    Path(tmp_path / "token").write_text(srv.state.token + "\n")
+    return out, srv
+
+
 @pytest.mark.network
 def test_edge_run_cli_with_a_cloud(exported, protocol_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from typer.testing import CliRunner
 
     from cema_deploy.cli import app
 
-    out, _ = exported("bn")
-    v0 = blob_from_path(out / "params.safetensors")
-    srv = protocol_server(v0.fingerprint)
-    _publish_on_upload(srv, v0)
-    np.save(tmp_path / "s.npy", _images(24, seed=4))
-    Path(tmp_path / "token").write_text(srv.state.token + "\n")
+    out, srv = _publishing_cloud(exported, protocol_server, tmp_path, n=24, seed=4)
     r = CliRunner().invoke(app, [
         "edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token-file",
         str(tmp_path / "token"), "--batch", "8", "--sync", "--encoding", "raw", "--e0-ratio", "1.5", "--e-min-ratio",
@@ -434,12 +441,7 @@ def test_edge_run_works_where_torch_cannot_be_imported(exported, protocol_server
     import subprocess
     import sys
 
-    out, _ = exported("bn")
-    v0 = blob_from_path(out / "params.safetensors")
-    srv = protocol_server(v0.fingerprint)
-    _publish_on_upload(srv, v0)
-    np.save(tmp_path / "s.npy", _images(16, seed=6))
-    (tmp_path / "token").write_text(srv.state.token)
+    out, srv = _publishing_cloud(exported, protocol_server, tmp_path, n=16, seed=6)
     args = ["edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token-file",
             str(tmp_path / "token"), "--batch", "8", "--sync", "--e0-ratio", "1.5", "--e-min-ratio", "0",
             "--d-margin", "off", "--json", str(tmp_path / "m.json"), "--quiet"]  # fmt: skip
