@@ -12,7 +12,9 @@ from cema_deploy.cli._console import console, step_progress
 
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Output directory: results.json/.md, plots, logs.")] = Path("out/demo"),
-    quick: Annotated[bool, typer.Option(help="4 corruptions x 300 samples (about a minute).")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="4 corruptions x 300 samples, models trained 4/8 epochs (about 2 min).")
+    ] = False,
     severity: Annotated[str, typer.Option(help="Comma-separated ImageNet-C severities.")] = "3,5",
     edge: Annotated[
         str | None, typer.Option(help="Edge model: a timm name to train, or NAME=CHECKPOINT (default resnet10t).")

@@ -9,6 +9,7 @@ paper's simulation does, so runs are reproducible on a slow machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.demo import baselines
-from cema_deploy.demo.models import TrainedModel, load_model, resolve_models
+from cema_deploy.demo.models import EDGE_DEFAULT, TEACHER_DEFAULT, TrainedModel, TrainSpec, load_model, resolve_models
 from cema_deploy.demo.report import MethodRun, summarize
 from cema_deploy.demo.stream import CORRUPTIONS, QUICK_CORRUPTIONS, Stream, corrupted_stream, digits_splits
 from cema_deploy.exceptions import CemaError
@@ -50,9 +51,14 @@ class DemoConfig:
     sync: bool = True
     concurrent_runs: int = 2  # cloud-backed runs at once (each a cloud and an edge process; see _run_cloud_methods)
 
+    edge_epochs: int | None = None  # None: the edge recipe's (models.EDGE_DEFAULT)
+    teacher_epochs: int | None = None  # None: the teacher recipe's (models.TEACHER_DEFAULT)
+
     @classmethod
     def quick(cls) -> DemoConfig:
-        return cls(corruptions=QUICK_CORRUPTIONS, per_corruption=300, warmup=256)
+        """4 corruptions x 300 samples with shorter-trained models (their own cache entries): about 2 minutes from
+        an empty cache, for tests and a first look."""
+        return cls(corruptions=QUICK_CORRUPTIONS, per_corruption=300, warmup=256, edge_epochs=4, teacher_epochs=8)
 
 
 def _cli(*args: str) -> list[str]:
@@ -130,6 +136,10 @@ def run_cloud_method(method: str, stream: Stream, edge_dir: Path, teacher: Train
                "refused": m["refused"], "selection_config": m["selection_config"]})
 
 
+def _epochs(spec: TrainSpec, epochs: int | None) -> TrainSpec:
+    return spec if epochs is None else dataclasses.replace(spec, epochs=epochs)
+
+
 def _run_cloud_methods(methods: list[str], stream: Stream, edge_dir: Path, teacher: TrainedModel, out_dir: Path,
                        sev: int, cfg: DemoConfig) -> dict[str, MethodRun]:
     """The cloud-backed runs of one severity, ``cfg.concurrent_runs`` at a time. Each is its own cloud and edge
@@ -164,7 +174,8 @@ def run_demo(
     on_step("digits: train/test split, 32x32 RGB")
     splits = digits_splits(cfg.seed)
     on_step("edge and teacher models (trained once, cached)")
-    models = resolve_models(edge, teacher, splits, seed=cfg.seed)
+    models = resolve_models(edge, teacher, splits, seed=cfg.seed, edge_spec=_epochs(EDGE_DEFAULT, cfg.edge_epochs),
+                            teacher_spec=_epochs(TEACHER_DEFAULT, cfg.teacher_epochs))
     edge_tm, teacher_tm = models.edge, models.teacher
     edge_model = load_model(edge_tm.name, edge_tm.checkpoint)
     on_step(f"export {edge_tm.name} to a refittable ONNX model")
