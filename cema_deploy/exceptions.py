@@ -10,6 +10,8 @@ safetensors, torch or httpx are re-raised as one of these with ``raise ... from 
     ├── MissingExtraError          an optional dependency (extra) is not installed
     ├── ContractError              the manifest / refit-blob contract between edge and cloud
     │   ├── ManifestError          manifest.json missing, unreadable or inconsistent
+    │   ├── ProtocolError          an edge-cloud message (JSON body, header) that does not follow the protocol
+    │   │   └── ProtocolMismatchError  the other side speaks another protocol version
     │   └── BlobError              a refit blob that must not be applied
     │       ├── BlobFormatError        not a readable safetensors refit blob (truncated, bad header, ...)
     │       ├── FingerprintMismatchError  made for another model or another export
@@ -44,6 +46,14 @@ class ContractError(CemaError):
 
 class ManifestError(ContractError):
     """A manifest is missing, unreadable or inconsistent with its model."""
+
+
+class ProtocolError(ContractError):
+    """An edge-cloud message (JSON body or header) that does not follow ``contract.protocol``."""
+
+
+class ProtocolMismatchError(ProtocolError):
+    """The other side speaks another protocol version; the message names both."""
 
 
 class BlobError(ContractError):

@@ -1,30 +1,70 @@
-"""The HTTP protocol between edges and the cloud: paths, headers, media types and limits, defined once.
+"""The HTTP protocol between edges and the cloud: version, paths, headers, media types and limits, defined once.
 
-Every route is under ``/v1``; requests that touch a model carry ``Authorization: Bearer <device token>``.
+Every route is under ``/v1``. Requests that touch a model carry ``Authorization: Bearer <device token>`` and
+``X-Cema-Protocol: 2`` (:data:`PROTOCOL_VERSION`); the cloud answers every response with the same header and
+refuses a request that names another protocol version (or none) with 400 and a message naming both versions
+(:func:`check_protocol`). JSON bodies are the dataclasses of :mod:`cema_deploy.contract.messages`.
 
-=========================================================  =========================================================
-``POST /v1/models/{fingerprint}/samples``                  body: a sample batch (:mod:`cema_deploy.contract.samples`,
-                                                           media type :data:`SAMPLES_MEDIA_TYPE`). 202 once the
-                                                           samples are durable in the replay buffer, JSON
-                                                           :class:`UploadAck`-shaped. 400 malformed, 401 token,
-                                                           404 unknown fingerprint, 413 too large.
-``GET /v1/models/{fingerprint}/blob?after=N&wait=S``        200 with the newest refit blob whose version > N
-                                                           (header :data:`VERSION_HEADER`, media type
-                                                           :data:`BLOB_MEDIA_TYPE`); 204 when none is newer after
-                                                           waiting up to S seconds (long poll, S <= MAX_WAIT_S).
-``POST /v1/models/{fingerprint}/reports``                  JSON ``{"kind": "rollback", "version": V, "reason": ...}``
-                                                           from an edge that refused or rolled back a version. 202.
-``GET /v1/health``                                         200 JSON ``{"status": "ok", "models": {fp: version}}``.
-``GET /metrics``                                           Prometheus text format 0.0.4.
-=========================================================  =========================================================
+A *deployment* is one edge model (one fingerprint) in one domain, shared by its devices; its *generation* rises
+by one on every operator reset, its blob *version* rises on every publish and never repeats, across resets too.
+
+=====================================================  =============================================================
+``GET /v1/models``                                     200 JSON ``{"models": [DeploymentStatus, ...]}``: the
+                                                       deployments this token may use.
+``GET /v1/models/{fingerprint}``                       200 :class:`~.messages.DeploymentStatus` (is it calibrated
+                                                       in this generation? frozen? newest version?).
+``POST /v1/models/{fingerprint}/samples``              body: a sample batch (:mod:`cema_deploy.contract.samples`,
+                                                       :data:`SAMPLES_MEDIA_TYPE`), kind ``selected``,
+                                                       ``calibration`` or ``statistics``; header
+                                                       :data:`IDEMPOTENCY_HEADER` (a retry with the same key gets
+                                                       the same answer and is stored once). 202
+                                                       :class:`~.messages.UploadAck` once the samples are durable.
+                                                       400 malformed, 401 token, 404 fingerprint not served to this
+                                                       token, 409 the batch names an older generation (body: the
+                                                       DeploymentStatus; the edge starts the new generation), 413
+                                                       too large, 429 pending cap reached (header
+                                                       :data:`RETRY_AFTER_HEADER`, seconds).
+``POST /v1/models/{fingerprint}/batches``              JSON :class:`~.messages.BatchReport`: one per edge batch,
+                                                       also when it selected nothing, sent after that batch's
+                                                       uploads (the edge's queue keeps the order). The cloud runs
+                                                       the official loop's replay-only step for a report interval
+                                                       in which no cloud step ran. 202 :class:`~.messages.BatchAck`.
+                                                       Takes :data:`IDEMPOTENCY_HEADER` too.
+``GET /v1/models/{fingerprint}/blob?after=N&wait=S``   200 with the newest refit blob whose version > N (header
+                                                       :data:`VERSION_HEADER`, :data:`BLOB_MEDIA_TYPE`); 204 when
+                                                       none is newer after waiting up to S seconds (S <=
+                                                       :data:`MAX_WAIT_S`).
+``POST /v1/models/{fingerprint}/reports``              JSON :class:`~.messages.EdgeReport` (``rollback`` or
+                                                       ``refused``, version, reason). 202.
+``POST /v1/admin/deployments/{name}/reset``            admin token only: fresh adaptation state, generation + 1,
+                                                       a blob of the reset state published at once (version + 1).
+                                                       200 DeploymentStatus.
+``POST /v1/admin/deployments/{name}/freeze``           admin token only: stop publishing (edges keep their
+``POST /v1/admin/deployments/{name}/unfreeze``         version); unfreeze resumes. 200 DeploymentStatus.
+``GET /v1/health``                                     200 JSON ``{"status": "ok", "protocol": 2, "models": {fp:
+                                                       version}}``; no token, no protocol header needed.
+``GET /metrics``                                       Prometheus text format 0.0.4; no token.
+=====================================================  =============================================================
 """
 
 from __future__ import annotations
 
+from cema_deploy.exceptions import ProtocolMismatchError
+
+#: Version of this protocol. Both sides send it in :data:`PROTOCOL_HEADER` and refuse any other.
+#: 1: the first release (no header). 2: calibration and statistics samples, batch reports, generations, admin
+#: routes, idempotent uploads.
+PROTOCOL_VERSION = 2
+
 API_PREFIX = "/v1"
+MODELS_PATH = API_PREFIX + "/models"
+MODEL_PATH = API_PREFIX + "/models/{fingerprint}"
 SAMPLES_PATH = API_PREFIX + "/models/{fingerprint}/samples"
+BATCHES_PATH = API_PREFIX + "/models/{fingerprint}/batches"
 BLOB_PATH = API_PREFIX + "/models/{fingerprint}/blob"
 REPORTS_PATH = API_PREFIX + "/models/{fingerprint}/reports"
+ADMIN_PATH = API_PREFIX + "/admin/deployments/{name}/{action}"
+ADMIN_ACTIONS = ("reset", "freeze", "unfreeze")
 HEALTH_PATH = API_PREFIX + "/health"
 METRICS_PATH = "/metrics"
 
@@ -32,19 +72,58 @@ SAMPLES_MEDIA_TYPE = "application/vnd.cema.samples+safetensors"
 BLOB_MEDIA_TYPE = "application/vnd.cema.blob+safetensors"
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+#: Request and response header carrying :data:`PROTOCOL_VERSION`.
+PROTOCOL_HEADER = "X-Cema-Protocol"
 #: Response header carrying the version of the blob in the body.
 VERSION_HEADER = "X-Cema-Version"
 #: Request header naming the device (informational; the token identifies it).
 DEVICE_HEADER = "X-Cema-Device"
+#: Request header of uploads and batch reports: the same key on a retry means "the same request".
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Longest idempotency key accepted (a UUID is 36 characters).
+MAX_IDEMPOTENCY_KEY = 128
+#: Response header of a 429: seconds to wait before trying again.
+RETRY_AFTER_HEADER = "Retry-After"
 
 #: Longest long-poll the cloud honours, seconds.
 MAX_WAIT_S = 30.0
 #: Default limit on one upload's body, bytes (the service can lower or raise it).
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
+#: Largest JSON body (batch reports, edge reports) the cloud reads.
+MAX_JSON_BYTES = 64 * 1024
+
+
+def check_protocol(value: str | None, *, peer: str) -> None:
+    """Refuse a message whose :data:`PROTOCOL_HEADER` is not :data:`PROTOCOL_VERSION`.
+
+    ``peer`` names the other side for the message, e.g. ``"the cloud at http://host:8750"`` or ``"the edge"``.
+
+    Example:
+        >>> check_protocol("2", peer="the edge")
+        >>> check_protocol(None, peer="the edge")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        cema_deploy.exceptions.ProtocolMismatchError: The edge speaks cema protocol 1 (it sent no ...
+    """
+    if value is not None and value.strip() == str(PROTOCOL_VERSION):
+        return
+    said = "1 (it sent no X-Cema-Protocol header)" if value is None else repr(value.strip()[:20])
+    raise ProtocolMismatchError(
+        f"{peer[:1].upper()}{peer[1:]} speaks cema protocol {said}; this side speaks protocol {PROTOCOL_VERSION}. "
+        "Upgrade cema-deploy on the older side so both speak the same version."
+    )
+
+
+def model_url(base_url: str, fingerprint: str) -> str:
+    return base_url.rstrip("/") + MODEL_PATH.format(fingerprint=fingerprint)
 
 
 def samples_url(base_url: str, fingerprint: str) -> str:
     return base_url.rstrip("/") + SAMPLES_PATH.format(fingerprint=fingerprint)
+
+
+def batches_url(base_url: str, fingerprint: str) -> str:
+    return base_url.rstrip("/") + BATCHES_PATH.format(fingerprint=fingerprint)
 
 
 def blob_url(base_url: str, fingerprint: str) -> str:
@@ -53,3 +132,9 @@ def blob_url(base_url: str, fingerprint: str) -> str:
 
 def reports_url(base_url: str, fingerprint: str) -> str:
     return base_url.rstrip("/") + REPORTS_PATH.format(fingerprint=fingerprint)
+
+
+def admin_url(base_url: str, name: str, action: str) -> str:
+    if action not in ADMIN_ACTIONS:
+        raise ValueError(f"admin action {action!r} is not one of {ADMIN_ACTIONS}")
+    return base_url.rstrip("/") + ADMIN_PATH.format(name=name, action=action)

@@ -4,7 +4,20 @@ An edge uploads the uint8 RGB image that its preprocessing fed to the model (alr
 manifest's ``preprocess.size``), never float32 tensors: the cloud re-applies mean/std from the manifest and
 so sees exactly the edge's input. Images travel raw (``encoding=raw``: one ``images`` tensor ``[N, H, W, 3]``)
 or compressed one by one (``encoding=png`` lossless / ``jpeg`` lossy: an ``encoded`` byte tensor and an
-``offsets`` tensor of N+1 int64). Metadata: format, fingerprint, edge_version, device_id, encoding, shape.
+``offsets`` tensor of N+1 int64). Metadata: format, fingerprint, edge_version, device_id, encoding, shape,
+kind, generation, and for calibration batches calibration (``start`` or ``shift``).
+
+Kinds (protocol 2):
+
+* ``selected``: samples the edge's selection rule chose; the cloud adapts and distils on them and keeps them
+  for replay.
+* ``calibration``: a whole edge batch, unfiltered (the official loop sets the running statistics from the edge
+  model's first forward, on the first edge batch). The cloud sets (``start``, the first after a deployment's
+  start or reset) or re-initialises (``shift``, the edge detected a distribution shift) the replica's running
+  statistics from it; the ``selected`` tensor (uint8 0/1 ``[N]``) marks the samples the edge's rule chose,
+  which the cloud also adapts on, so none is uploaded twice.
+* ``statistics``: a uniform random share of frames, for estimating running statistics without the bias of a
+  selective rule (beyond the paper); never distilled on.
 """
 
 from __future__ import annotations
@@ -18,8 +31,13 @@ from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
 from cema_deploy.exceptions import ContractError
 
-SAMPLES_FORMAT = "cema-samples/1"
+SAMPLES_FORMAT = "cema-samples/2"
 ENCODINGS = ("raw", "png", "jpeg")
+#: Sample kinds (see the module docstring).
+KIND_SELECTED, KIND_CALIBRATION, KIND_STATISTICS = "selected", "calibration", "statistics"
+SAMPLE_KINDS = (KIND_SELECTED, KIND_CALIBRATION, KIND_STATISTICS)
+#: Why a calibration batch was sent: the deployment's first after start/reset, or a shift the edge detected.
+CALIBRATION_REASONS = ("start", "shift")
 #: Most samples one upload may carry (the cloud can set a lower limit).
 MAX_SAMPLES = 4096
 #: Largest image side an upload may declare (uploads are at the model's input size).
@@ -47,6 +65,10 @@ class SampleBatch:
     edge_version: int
     device_id: str = ""
     entropy: np.ndarray | None = None  # float32 [N]: the edge's entropy of each sample (for metrics only)
+    kind: str = KIND_SELECTED  # one of SAMPLE_KINDS
+    generation: int = 0  # the deployment generation the edge works in (rises on every reset)
+    selected: np.ndarray | None = None  # calibration only: bool [N], the samples the edge's rule chose
+    calibration: str = ""  # calibration only: "start" or "shift" (CALIBRATION_REASONS)
 
     def __post_init__(self) -> None:
         im = self.images
@@ -54,6 +76,33 @@ class SampleBatch:
             raise SampleFormatError(f"Sample images must be uint8 [N, H, W, 3], got {im.dtype}{list(im.shape)}.")
         if self.entropy is not None and self.entropy.shape != (im.shape[0],):
             raise SampleFormatError(f"entropy must have shape [{im.shape[0]}], got {list(self.entropy.shape)}.")
+        if self.kind not in SAMPLE_KINDS:
+            raise SampleFormatError(f"Sample kind {self.kind!r:.40} is not one of {SAMPLE_KINDS}.")
+        if self.generation < 0:
+            raise SampleFormatError(f"generation must be >= 0, got {self.generation}.")
+        if self.kind == KIND_CALIBRATION:
+            if self.calibration not in CALIBRATION_REASONS:
+                raise SampleFormatError(
+                    f"A calibration batch needs calibration in {CALIBRATION_REASONS}, got {self.calibration!r:.40}."
+                )
+            if self.selected is None:
+                object.__setattr__(self, "selected", np.zeros(im.shape[0], bool))
+            sel = self.selected
+            if sel is None or sel.dtype != np.bool_ or sel.shape != (im.shape[0],):
+                raise SampleFormatError(f"selected must be bool [{im.shape[0]}] for a calibration batch.")
+        elif self.selected is not None or self.calibration:
+            raise SampleFormatError(f"selected and calibration belong to calibration batches, not {self.kind!r}.")
+
+    @property
+    def adapt_images(self) -> np.ndarray:
+        """The samples the cloud adapts and distils on: all of a ``selected`` batch, the marked ones of a
+        calibration batch, none of a ``statistics`` batch."""
+        if self.kind == KIND_SELECTED:
+            return self.images
+        if self.kind == KIND_CALIBRATION and self.selected is not None:
+            picked: np.ndarray = self.images[self.selected]
+            return picked
+        return self.images[:0]
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -82,6 +131,8 @@ def samples_to_bytes(batch: SampleBatch, *, encoding: str = "png", jpeg_quality:
         tensors["offsets"] = offsets
     if batch.entropy is not None:
         tensors["entropy"] = batch.entropy.astype(np.float32)
+    if batch.selected is not None:
+        tensors["selected"] = batch.selected.astype(np.uint8)
     n, h, w, _ = batch.images.shape
     meta = {
         "format": SAMPLES_FORMAT,
@@ -90,7 +141,11 @@ def samples_to_bytes(batch: SampleBatch, *, encoding: str = "png", jpeg_quality:
         "device_id": batch.device_id,
         "encoding": encoding,
         "shape": f"{n},{h},{w},3",
+        "kind": batch.kind,
+        "generation": str(int(batch.generation)),
     }
+    if batch.kind == KIND_CALIBRATION:
+        meta["calibration"] = batch.calibration
     return tensors_to_bytes(tensors, meta, error=SampleFormatError)
 
 
@@ -106,6 +161,8 @@ def samples_from_bytes(
         edge_version = int(meta.get("edge_version", "0"))
         encoding = meta["encoding"]
         fingerprint = meta["fingerprint"]
+        kind = meta["kind"]
+        generation = int(meta["generation"])
     except (KeyError, ValueError) as exc:
         raise SampleFormatError(f"Upload metadata missing or malformed ({exc!r}).") from exc
     if not 1 <= n <= max_samples or c != 3 or not 1 <= h <= MAX_IMAGE_SIDE or not 1 <= w <= MAX_IMAGE_SIDE:
@@ -131,12 +188,21 @@ def samples_from_bytes(
     entropy = tensors.get("entropy")
     if entropy is not None and (entropy.shape != (n,) or entropy.dtype != np.float32):
         raise SampleFormatError(f"Upload entropy must be float32 [{n}].")
+    selected = tensors.get("selected")
+    if selected is not None:
+        if selected.shape != (n,) or selected.dtype != np.uint8 or (selected > 1).any():
+            raise SampleFormatError(f"Upload 'selected' must be uint8 0/1 [{n}].")
+        selected = selected.astype(bool)
     return SampleBatch(
         images=images,
         fingerprint=fingerprint,
         edge_version=edge_version,
         device_id=meta.get("device_id", ""),
         entropy=entropy,
+        kind=kind,
+        generation=generation,
+        selected=selected,
+        calibration=meta.get("calibration", ""),
     )
 
 

@@ -139,12 +139,17 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class SelectionResult:
-    """Decision for one batch: ``mask[i]`` is True when sample ``i`` goes up; ``reason`` holds the rule codes."""
+    """Decision for one batch: ``mask[i]`` is True when sample ``i`` goes up for adaptation; ``reason`` holds the
+    rule codes. ``stats_mask[i]`` (disjoint from ``mask``; None: no statistics sampling) marks frames drawn to go
+    up as statistics samples; ``shift`` is True when the shift detector fired on this batch (the runtime then
+    sends a recalibration batch)."""
 
     mask: np.ndarray  # bool [N]
     entropy: np.ndarray  # float64 [N]
     reason: np.ndarray  # int8 [N], one of KEPT / UNRELIABLE / LOW_INFO / REDUNDANT
     e_max: float  # the threshold this batch was judged against
+    stats_mask: np.ndarray | None = None  # bool [N], statistics samples (beyond the paper)
+    shift: bool = False  # a distribution shift was detected on this batch (beyond the paper)
 
     @property
     def indices(self) -> np.ndarray:
