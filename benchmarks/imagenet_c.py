@@ -65,11 +65,13 @@ def main() -> None:
                 res = baselines.run_baseline(method, edge, stream, batch=cfg.edge_batch)
                 runs[sev][method] = MethodRun(res.correct, none, {})
             else:
-                runs[sev][method] = run_cloud_method(method, stream, edge_dir, teacher, args.out / f"s{sev}-{method}",
-                                                     cfg)
+                runs[sev][method] = run_cloud_method(
+                    method, stream, edge_dir, teacher, args.out / f"s{sev}-{method}", cfg
+                )
             runs[sev][method].extra["seconds"] = round(time.perf_counter() - t0, 1)
         results["severities"][str(sev)] = {
-            "methods": summarize(runs[sev], stream.segment_of, [s.name for s in stream.segments])}
+            "methods": summarize(runs[sev], stream.segment_of, [s.name for s in stream.segments])
+        }
     for p in write_outputs(results, runs, args.out):
         console.print(f"wrote {p}")
     print_table(results, console)

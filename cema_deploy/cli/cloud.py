@@ -83,8 +83,9 @@ def serve_cmd(
         from cema_deploy.contract.signing import load_private_key, sign_blob
 
         signer = functools.partial(sign_blob, private_key=load_private_key(signing_key))
-    config = CemaConfig(batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed,
-                        replay_size=replay_size)
+    config = CemaConfig(
+        batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed, replay_size=replay_size
+    )
     if student_lr is not None:
         config = dataclasses.replace(config, student_lr=student_lr)
     if teacher_lr is not None:
@@ -107,8 +108,9 @@ def serve_cmd(
             service.closing = True  # long polls answer 204 at once; the worker stops after its current step
             super().handle_exit(sig, frame)
 
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                    timeout_graceful_shutdown=5))
+    server = _Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+    )
 
     def announce() -> None:
         while not server.started and not server.should_exit:

@@ -44,9 +44,16 @@ def demo_cmd(
     from cema_deploy.demo.run import DemoConfig, run_demo
 
     base = DemoConfig.quick() if quick else DemoConfig()
-    cfg = DemoConfig(**{**base.__dict__, "severities": tuple(int(s) for s in severity.split(",")),
-                        "methods": tuple(m.strip() for m in methods.split(",")), "seed": seed, "sync": sync,
-                        **({"warmup": warmup} if warmup is not None else {})})
+    cfg = DemoConfig(
+        **{
+            **base.__dict__,
+            "severities": tuple(int(s) for s in severity.split(",")),
+            "methods": tuple(m.strip() for m in methods.split(",")),
+            "seed": seed,
+            "sync": sync,
+            **({"warmup": warmup} if warmup is not None else {}),
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     with step_progress(quiet=json_out) as on_step:
         results, runs = run_demo(out, cfg, edge=edge, teacher=teacher, on_step=on_step)
@@ -55,8 +62,10 @@ def demo_cmd(
         print(json.dumps(results, indent=2))
         return
     print_table(results, console)
-    console.print(f"edge {results['models']['edge']['name']} (clean {results['models']['edge']['clean_accuracy']:.1f}%)"
-                  f", teacher {results['models']['teacher']['name']} "
-                  f"(clean {results['models']['teacher']['clean_accuracy']:.1f}%), {results['seconds']:.0f} s")
+    console.print(
+        f"edge {results['models']['edge']['name']} (clean {results['models']['edge']['clean_accuracy']:.1f}%)"
+        f", teacher {results['models']['teacher']['name']} "
+        f"(clean {results['models']['teacher']['clean_accuracy']:.1f}%), {results['seconds']:.0f} s"
+    )
     for p in paths:
         console.print(f"wrote {p}")

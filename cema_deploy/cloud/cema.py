@@ -64,8 +64,9 @@ def distill_loss(
     ``w = 1 / exp(E(teacher) - E_0)``."""
     t = temperature
     w = sample_weights(teacher_logits, e0)
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
-                  reduction="none").sum(1) * (t * t)
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="none").sum(
+        1
+    ) * (t * t)
     ce = F.cross_entropy(student_logits, teacher_logits.argmax(dim=1).detach(), reduction="none")
     return alpha * weighted_entropy(student_logits, e0) + beta * (w * kl).mean() + gamma * (w * ce).mean()
 
@@ -166,15 +167,26 @@ def teacher_step(teacher: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     return float(loss.detach())
 
 
-def student_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, *,
-                 e0: float, alpha: float, beta: float, gamma: float, temperature: float) -> float:
+def student_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    *,
+    e0: float,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    temperature: float,
+) -> float:
     """One SGD step of the edge replica (BatchNorm in TBR mode) distilled from the eval-mode teacher (Eqn. 7)."""
     with torch.no_grad():
         teacher_logits = teacher(x)
     set_bn_training(student, True)
     try:
-        loss = distill_loss(student(x), teacher_logits, e0=e0, alpha=alpha, beta=beta, gamma=gamma,
-                            temperature=temperature)
+        loss = distill_loss(
+            student(x), teacher_logits, e0=e0, alpha=alpha, beta=beta, gamma=gamma, temperature=temperature
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
@@ -206,8 +218,15 @@ class Cema:
         >>> cema.adapt(uint8_images).student_loss; blob = cema.blob_tensors()  # doctest: +SKIP
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, manifest: Manifest, config: CemaConfig,
-                 replay: ReplayBuffer | None = None) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        manifest: Manifest,
+        config: CemaConfig,
+        replay: ReplayBuffer | None = None,
+    ) -> None:
         self.config = config
         self.manifest = manifest
         self.e0 = config.e0(manifest.num_classes)
@@ -226,8 +245,10 @@ class Cema:
         state = self.student.state_dict()
         missing = [p.name for p in manifest.refittable if p.name not in state]
         if missing:
-            raise CloudError(f"The replica of {manifest.model_name} lacks refittable tensors {missing[:3]}; "
-                             "load the replica from the same export as the manifest.")
+            raise CloudError(
+                f"The replica of {manifest.model_name} lacks refittable tensors {missing[:3]}; "
+                "load the replica from the same export as the manifest."
+            )
 
     def adapt(self, images: np.ndarray) -> StepReport:
         """One cloud step on a batch of uploaded uint8 ``[N, H, W, 3]`` images at model size."""
@@ -241,8 +262,14 @@ class Cema:
         if replayed is not None and len(replayed):
             x = torch.cat([x, self._tensor(replayed)])
         s_loss = self._distill(x)
-        return StepReport(step=self.steps, new_samples=len(images), replayed=0 if replayed is None else len(replayed),
-                          teacher_loss=t_loss, student_loss=s_loss, seconds=time.perf_counter() - t0)
+        return StepReport(
+            step=self.steps,
+            new_samples=len(images),
+            replayed=0 if replayed is None else len(replayed),
+            teacher_loss=t_loss,
+            student_loss=s_loss,
+            seconds=time.perf_counter() - t0,
+        )
 
     def idle_step(self) -> StepReport | None:
         """Distil on ``idle_factor * B`` replayed samples; ``None`` while the buffer holds ``replay_min`` or fewer."""
@@ -252,29 +279,41 @@ class Cema:
         t0 = time.perf_counter()
         replayed = self._draw(c.idle_factor * c.batch_size)
         s_loss = self._distill(self._tensor(replayed))
-        return StepReport(step=self.steps, new_samples=0, replayed=len(replayed), teacher_loss=float("nan"),
-                          student_loss=s_loss, seconds=time.perf_counter() - t0)
+        return StepReport(
+            step=self.steps,
+            new_samples=0,
+            replayed=len(replayed),
+            teacher_loss=float("nan"),
+            student_loss=s_loss,
+            seconds=time.perf_counter() - t0,
+        )
 
     def blob_tensors(self) -> dict[str, np.ndarray]:
         """The replica's tensors named in the manifest (affine parameters and running statistics), float32:
         everything the edge graph needs to reproduce the replica's eval-mode output."""
         state = self.student.state_dict()
-        return {p.name: state[p.name].detach().to(torch.float32).cpu().numpy().copy()
-                for p in self.manifest.refittable}
+        return {p.name: state[p.name].detach().to(torch.float32).cpu().numpy().copy() for p in self.manifest.refittable}
 
     def state_dict(self) -> dict[str, Any]:
         """What adaptation changed: normalization tensors of both models, optimizer states, TBR flags, steps."""
         seen = {n: bool(getattr(m, "_cema_seen", False)) for n, m in self._bns()}
-        return {"teacher": norm_state(self.teacher), "student": norm_state(self.student), "steps": self.steps,
-                "opt_teacher": self.opt_teacher.state_dict(), "opt_student": self.opt_student.state_dict(),
-                "seen": seen}
+        return {
+            "teacher": norm_state(self.teacher),
+            "student": norm_state(self.student),
+            "steps": self.steps,
+            "opt_teacher": self.opt_teacher.state_dict(),
+            "opt_student": self.opt_student.state_dict(),
+            "seen": seen,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for side, model in (("teacher", self.teacher), ("student", self.student)):
             missing = set(norm_state(model)) - set(state[side])
             if missing:
-                raise CloudError(f"The saved adaptation state lacks {len(missing)} {side} tensors, e.g. "
-                                 f"{sorted(missing)[:3]}; it belongs to other models. Use a new --state directory.")
+                raise CloudError(
+                    f"The saved adaptation state lacks {len(missing)} {side} tensors, e.g. "
+                    f"{sorted(missing)[:3]}; it belongs to other models. Use a new --state directory."
+                )
             model.load_state_dict(state[side], strict=False)
         self.opt_teacher.load_state_dict(state["opt_teacher"])
         self.opt_student.load_state_dict(state["opt_student"])
@@ -284,8 +323,17 @@ class Cema:
 
     def _distill(self, x: torch.Tensor) -> float:
         c = self.config
-        loss = student_step(self.student, self.teacher, self.opt_student, x, e0=self.e0, alpha=c.alpha, beta=c.beta,
-                            gamma=c.gamma, temperature=c.temperature)
+        loss = student_step(
+            self.student,
+            self.teacher,
+            self.opt_student,
+            x,
+            e0=self.e0,
+            alpha=c.alpha,
+            beta=c.beta,
+            gamma=c.gamma,
+            temperature=c.temperature,
+        )
         self.steps += 1
         return loss
 
@@ -298,5 +346,9 @@ class Cema:
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def _bns(self) -> list[tuple[str, nn.Module]]:
-        return [(f"{side}.{n}", m) for side, model in (("teacher", self.teacher), ("student", self.student))
-                for n, m in model.named_modules() if isinstance(m, _BN)]
+        return [
+            (f"{side}.{n}", m)
+            for side, model in (("teacher", self.teacher), ("student", self.student))
+            for n, m in model.named_modules()
+            if isinstance(m, _BN)
+        ]

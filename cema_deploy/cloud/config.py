@@ -43,12 +43,23 @@ class CemaConfig:
     def __post_init__(self) -> None:
         problems = [
             f"{name} = {getattr(self, name)} must be >= {low}"
-            for name, low in (("batch_size", 1), ("publish_every", 1), ("replay_size", 0), ("replay_min", 0),
-                              ("replay_factor", 0), ("idle_factor", 1), ("idle_max_steps", 0), ("idle_after_s", 0))
+            for name, low in (
+                ("batch_size", 1),
+                ("publish_every", 1),
+                ("replay_size", 0),
+                ("replay_min", 0),
+                ("replay_factor", 0),
+                ("idle_factor", 1),
+                ("idle_max_steps", 0),
+                ("idle_after_s", 0),
+            )
             if getattr(self, name) < low
         ]
-        problems += [f"{name} = {getattr(self, name)} must be positive" for name in
-                     ("teacher_lr", "student_lr", "temperature") if not getattr(self, name) > 0]
+        problems += [
+            f"{name} = {getattr(self, name)} must be positive"
+            for name in ("teacher_lr", "student_lr", "temperature")
+            if not getattr(self, name) > 0
+        ]
         if not 0 < self.bn_momentum <= 1:
             problems.append(f"bn_momentum = {self.bn_momentum} must be in (0, 1]")
         if problems:

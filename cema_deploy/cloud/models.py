@@ -27,6 +27,8 @@ def replica_from_export(edge_dir: str | Path, manifest: Manifest) -> Any:
     state = model.state_dict()
     missing = [p.name for p in manifest.refittable if p.name not in state]
     if missing:
-        raise ModelError(f"The replica of {manifest.model_name} lacks refittable tensors {missing[:3]}; "
-                         "export the edge model again with this version of cema-deploy.")
+        raise ModelError(
+            f"The replica of {manifest.model_name} lacks refittable tensors {missing[:3]}; "
+            "export the edge model again with this version of cema-deploy."
+        )
     return model

@@ -73,11 +73,15 @@ class ReplayStore:
             try:
                 start, images = int(f.stem), np.load(f, allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise CloudError(f"Replay file {f} is unreadable ({exc}); the state directory was altered. "
-                                 "Remove the file (its samples are lost) or start from a new --state.") from exc
+                raise CloudError(
+                    f"Replay file {f} is unreadable ({exc}); the state directory was altered. "
+                    "Remove the file (its samples are lost) or start from a new --state."
+                ) from exc
             if self._starts and start != self._starts[-1] + len(self._chunks[-1]):
-                raise CloudError(f"Replay file {f} does not follow the previous upload; the replay folder was "
-                                 "altered. Restore it or start from a new --state.")
+                raise CloudError(
+                    f"Replay file {f} does not follow the previous upload; the replay folder was "
+                    "altered. Restore it or start from a new --state."
+                )
             self._starts.append(start)
             self._chunks.append(images)
 

@@ -21,14 +21,32 @@ from cema_deploy.contract import protocol
 from cema_deploy.contract.samples import samples_from_bytes
 from cema_deploy.exceptions import CemaError
 
-_BINARY_BODY = {"requestBody": {"required": True, "content": {
-    protocol.SAMPLES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
-}}}
-_REPORT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "required": ["kind", "version"],
-    "properties": {"kind": {"type": "string", "enum": ["rollback", "refused"]}, "version": {"type": "integer"},
-                   "reason": {"type": "string"}},
-}}}}}
+_BINARY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            protocol.SAMPLES_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_REPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["kind", "version"],
+                    "properties": {
+                        "kind": {"type": "string", "enum": ["rollback", "refused"]},
+                        "version": {"type": "integer"},
+                        "reason": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class _Refused(Exception):
@@ -39,8 +57,11 @@ class _Refused(Exception):
 
 def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.MAX_UPLOAD_BYTES) -> FastAPI:
     """The FastAPI application serving one edge model's adaptation ``service``."""
-    app = FastAPI(title="cema-deploy cloud", version=__version__,
-                  description="CEMA adaptation service: edges upload selected samples and fetch refit blobs.")
+    app = FastAPI(
+        title="cema-deploy cloud",
+        version=__version__,
+        description="CEMA adaptation service: edges upload selected samples and fetch refit blobs.",
+    )
     fp = service.manifest.fingerprint
     tokens = service.store.token_table()
     versions: dict[str, Any] = {"event": None, "loop": None}
@@ -54,8 +75,9 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         service.count("refused:400")
         where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
-        return JSONResponse({"detail": f"Malformed request ({where[:300]}); see /docs for the expected form."},
-                            status_code=400)
+        return JSONResponse(
+            {"detail": f"Malformed request ({where[:300]}); see /docs for the expected form."}, status_code=400
+        )
 
     def _wake() -> None:
         old, versions["event"] = versions["event"], asyncio.Event()
@@ -73,8 +95,11 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise _Refused(401, "Missing bearer token: send 'Authorization: Bearer <device token>' "
-                                "(create one with `cema-deploy cloud token add DEVICE`).")
+            raise _Refused(
+                401,
+                "Missing bearer token: send 'Authorization: Bearer <device token>' "
+                "(create one with `cema-deploy cloud token add DEVICE`).",
+            )
         device = service.store.device_for(token.strip(), tokens)
         if device is None:
             tokens.update(service.store.token_table())  # tokens added while serving
@@ -85,16 +110,23 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
             raise _Refused(404, f"No model with fingerprint {fingerprint[:24]!r} is served here (serving {fp}).")
         return device
 
-    @app.post(protocol.SAMPLES_PATH, status_code=202, openapi_extra=_BINARY_BODY,
-              responses={400: {}, 401: {}, 404: {}, 413: {}})
+    @app.post(
+        protocol.SAMPLES_PATH,
+        status_code=202,
+        openapi_extra=_BINARY_BODY,
+        responses={400: {}, 401: {}, 404: {}, 413: {}},
+    )
     async def upload(fingerprint: str, request: Request) -> JSONResponse:
         device = _auth(request, fingerprint)
         length = request.headers.get("content-length")
         if length is not None and not length.isdigit():
             raise _Refused(400, f"Malformed Content-Length {length[:40]!r}; expected a byte count.")
         if length is not None and int(length) > max_upload_bytes:
-            raise _Refused(413, f"Upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes; "
-                                "send fewer samples per request.")
+            raise _Refused(
+                413,
+                f"Upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes; "
+                "send fewer samples per request.",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -106,16 +138,18 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
         except CemaError as exc:
             raise _Refused(400, f"Malformed sample upload: {exc}") from exc
         if batch.fingerprint != fp:
-            raise _Refused(400, f"Upload body is bound to fingerprint {batch.fingerprint[:24]!r}, "
-                                f"not the URL's {fp[:24]!r}.")
+            raise _Refused(
+                400, f"Upload body is bound to fingerprint {batch.fingerprint[:24]!r}, not the URL's {fp[:24]!r}."
+            )
         try:
             ack = await asyncio.to_thread(service.submit, batch, device=device)
         except CemaError as exc:
             raise _Refused(400, str(exc)) from exc
         return JSONResponse(ack, status_code=202)
 
-    @app.get(protocol.BLOB_PATH, responses={200: {"content": {protocol.BLOB_MEDIA_TYPE: {}}}, 204: {}, 401: {},
-                                            404: {}})
+    @app.get(
+        protocol.BLOB_PATH, responses={200: {"content": {protocol.BLOB_MEDIA_TYPE: {}}}, 204: {}, 401: {}, 404: {}}
+    )
     async def blob(fingerprint: str, request: Request, after: int = 0, wait: float = 0.0) -> Response:
         _auth(request, fingerprint)
         if after < 0 or not 0 <= wait <= protocol.MAX_WAIT_S:
@@ -133,11 +167,16 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
         version, data = found
         service.count("blobs_served")
-        return Response(content=data, media_type=protocol.BLOB_MEDIA_TYPE,
-                        headers={protocol.VERSION_HEADER: str(version)})
+        return Response(
+            content=data, media_type=protocol.BLOB_MEDIA_TYPE, headers={protocol.VERSION_HEADER: str(version)}
+        )
 
-    @app.post(protocol.REPORTS_PATH, status_code=202, openapi_extra=_REPORT_BODY,
-              responses={400: {}, 401: {}, 404: {}, 413: {}})
+    @app.post(
+        protocol.REPORTS_PATH,
+        status_code=202,
+        openapi_extra=_REPORT_BODY,
+        responses={400: {}, 401: {}, 404: {}, 413: {}},
+    )
     async def report(fingerprint: str, request: Request) -> JSONResponse:
         device = _auth(request, fingerprint)
         body = await request.body()

@@ -59,8 +59,10 @@ class AdaptationService:
             try:
                 self.cema.load_state_dict(adapt["cema"])
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise CloudError(f"{self.store.directory / 'adapt_state.pt'} does not fit these models ({exc!s:.200}); "
-                                 "serve them from a new --state directory.") from exc
+                raise CloudError(
+                    f"{self.store.directory / 'adapt_state.pt'} does not fit these models ({exc!s:.200}); "
+                    "serve them from a new --state directory."
+                ) from exc
             # adapt_state.pt is written before state.json: when a crash fell between the two, it is the newer.
             st["cursor"], st["steps"] = adapt["cursor"], adapt["steps"]
             st["version"] = max(int(st["version"]), int(adapt["version"]))
@@ -69,8 +71,10 @@ class AdaptationService:
         self.steps: int = int(st["steps"])
         self.cema.steps = self.steps
         if not self.replay.first <= self.cursor <= self.replay.total:
-            raise CloudError(f"The state in {self.store.directory} consumed {self.cursor} samples but its replay log "
-                             f"holds [{self.replay.first}, {self.replay.total}); it was altered. Use a new --state.")
+            raise CloudError(
+                f"The state in {self.store.directory} consumed {self.cursor} samples but its replay log "
+                f"holds [{self.replay.first}, {self.replay.total}); it was altered. Use a new --state."
+            )
         self.counters: Counter[str] = Counter({k: int(v) for k, v in st.get("counters", {}).items()})
         self._latest: tuple[int, bytes] | None = (
             (self.version, self.store.blob_bytes(self.version)) if self.version > 0 else None
@@ -121,8 +125,13 @@ class AdaptationService:
             k = self.config.publish_every  # the step that takes the last full batch of these samples publishes:
             target = self.version + (self.steps + pending // self.config.batch_size) // k - self.steps // k
             self._cond.notify_all()
-            return {"accepted": len(batch), "pending": pending, "buffered": len(self.replay),
-                    "version": self.version, "target_version": target}
+            return {
+                "accepted": len(batch),
+                "pending": pending,
+                "buffered": len(self.replay),
+                "version": self.version,
+                "target_version": target,
+            }
 
     def latest(self, after: int) -> tuple[int, bytes] | None:
         """The newest blob if its version is greater than ``after`` (no waiting, no training lock)."""
@@ -173,9 +182,12 @@ class AdaptationService:
 
     def _idle_due(self) -> bool:
         c = self.config
-        return (c.idle_after_s > 0 and self._idle_steps < c.idle_max_steps
-                and len(ReplayWindow(self.replay, self.cursor)) > c.replay_min
-                and time.monotonic() - self._last_upload >= c.idle_after_s * (self._idle_steps + 1))
+        return (
+            c.idle_after_s > 0
+            and self._idle_steps < c.idle_max_steps
+            and len(ReplayWindow(self.replay, self.cursor)) > c.replay_min
+            and time.monotonic() - self._last_upload >= c.idle_after_s * (self._idle_steps + 1)
+        )
 
     def _step(self) -> None:
         b = self.config.batch_size
@@ -201,8 +213,12 @@ class AdaptationService:
         data = None
         if steps % self.config.publish_every == 0:
             version += 1
-            blob = RefitBlob(tensors=self.cema.blob_tensors(), fingerprint=self.manifest.fingerprint,
-                             version=version, producer=f"cema-deploy {__version__} cloud step {steps}")
+            blob = RefitBlob(
+                tensors=self.cema.blob_tensors(),
+                fingerprint=self.manifest.fingerprint,
+                version=version,
+                producer=f"cema-deploy {__version__} cloud step {steps}",
+            )
             if self.signer is not None:
                 blob = self.signer(blob)
             data = self.store.save_blob(blob)  # the version is taken from here on, even if we crash next
@@ -226,7 +242,12 @@ class AdaptationService:
         with self._cond:
             counters = dict(self.counters)
             return {
-                "fingerprint": self.manifest.fingerprint, "version": self.version, "steps": self.steps,
-                "pending": self.replay.total - self.cursor, "buffered": len(self.replay), "counters": counters,
-                "step_seconds_sum": float(self._seconds[0]), "step_seconds_count": int(self._seconds[1]),
+                "fingerprint": self.manifest.fingerprint,
+                "version": self.version,
+                "steps": self.steps,
+                "pending": self.replay.total - self.cursor,
+                "buffered": len(self.replay),
+                "counters": counters,
+                "step_seconds_sum": float(self._seconds[0]),
+                "step_seconds_count": int(self._seconds[1]),
             }

@@ -148,8 +148,15 @@ def tent(model: Any, images: np.ndarray, batch: int = EDGE_BATCH, config: TentCo
 BASELINES: dict[str, Callable[..., np.ndarray]] = {"no_adapt": no_adapt, "bn_adapt": bn_adapt, "tent": tent}
 
 
-def run_baseline(method: str, model: Any, stream: Stream, *, batch: int = EDGE_BATCH,
-                 tent_config: TentConfig | None = None, threads: int = 2) -> BaselineResult:
+def run_baseline(
+    method: str,
+    model: Any,
+    stream: Stream,
+    *,
+    batch: int = EDGE_BATCH,
+    tent_config: TentConfig | None = None,
+    threads: int = 2,
+) -> BaselineResult:
     """Run baseline ``method`` over ``stream`` with ``threads`` torch threads."""
     if method not in BASELINES:
         raise DataError(f"Unknown baseline {method!r}; choose from {sorted(BASELINES)}.")
@@ -160,7 +167,16 @@ def run_baseline(method: str, model: Any, stream: Stream, *, batch: int = EDGE_B
         pred = BASELINES[method](model, images, batch, **kwargs)
         seconds = time.perf_counter() - t0
     correct = pred == labels
-    per = {seg.name: float(correct[segment_of == i].mean()) if len(seg.labels) else float("nan")
-           for i, seg in enumerate(stream.segments)}
-    return BaselineResult(method, pred, correct, per, float(correct.mean()) if len(correct) else float("nan"),
-                          seconds, len(labels) / seconds if seconds > 0 else float("inf"))
+    per = {
+        seg.name: float(correct[segment_of == i].mean()) if len(seg.labels) else float("nan")
+        for i, seg in enumerate(stream.segments)
+    }
+    return BaselineResult(
+        method,
+        pred,
+        correct,
+        per,
+        float(correct.mean()) if len(correct) else float("nan"),
+        seconds,
+        len(labels) / seconds if seconds > 0 else float("inf"),
+    )

@@ -141,8 +141,16 @@ def augment(x: Any, gen: Any) -> Any:
     side = h // 4
     cy, cx = torch.randint(0, h - side, (n,), generator=gen), torch.randint(0, w - side, (n,), generator=gen)
     rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    box = ((rows >= cy.view(n, 1, 1)) & (rows < (cy + side).view(n, 1, 1))
-           & (cols >= cx.view(n, 1, 1)) & (cols < (cx + side).view(n, 1, 1))).unsqueeze(1).float()
+    box = (
+        (
+            (rows >= cy.view(n, 1, 1))
+            & (rows < (cy + side).view(n, 1, 1))
+            & (cols >= cx.view(n, 1, 1))
+            & (cols < (cx + side).view(n, 1, 1))
+        )
+        .unsqueeze(1)
+        .float()
+    )
     x = x * (1 - pick() * box)
     return x.clamp(0.0, 1.0)
 
@@ -185,8 +193,9 @@ def predict(model: Any, images: np.ndarray, batch: int = 256) -> np.ndarray:
     mean, std = mean_std(model)
     model.eval()
     with torch.no_grad():
-        out = [model(to_tensor(images[i : i + batch], mean, std)).argmax(1).numpy()
-               for i in range(0, len(images), batch)]
+        out = [
+            model(to_tensor(images[i : i + batch], mean, std)).argmax(1).numpy() for i in range(0, len(images), batch)
+        ]
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -195,15 +204,17 @@ def accuracy(model: Any, images: np.ndarray, labels: np.ndarray) -> float:
     return float((predict(model, images) == labels).mean())
 
 
-def train_model(spec: TrainSpec, splits: Splits, *, seed: int = 0, role: str = "model",
-                cache: bool = True) -> TrainedModel:
+def train_model(
+    spec: TrainSpec, splits: Splits, *, seed: int = 0, role: str = "model", cache: bool = True
+) -> TrainedModel:
     """Train one model on the training split (or load it from the cache, keyed by the spec, the seed and the
     training data) and measure its clean test accuracy; the checkpoint is a state-dict ``.safetensors``."""
     from safetensors.torch import save_file
 
     x_tr, y_tr, x_te, y_te = splits
-    key = hashlib.sha256(json.dumps([TRAIN_VERSION, asdict(spec), seed, list(x_tr.shape)]).encode()
-                         + x_tr.tobytes() + y_tr.tobytes()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([TRAIN_VERSION, asdict(spec), seed, list(x_tr.shape)]).encode() + x_tr.tobytes() + y_tr.tobytes()
+    ).hexdigest()[:16]
     ckpt = cache_dir() / "models" / f"{role}-{spec.name}-{key}.safetensors"
     meta = ckpt.with_suffix(".json")
     if cache and ckpt.exists() and meta.exists():
@@ -217,8 +228,11 @@ def train_model(spec: TrainSpec, splits: Splits, *, seed: int = 0, role: str = "
     tmp = ckpt.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(ckpt)
-    meta.write_text(json.dumps({"name": spec.name, "clean_accuracy": acc, "train_seconds": seconds,
-                                "spec": asdict(spec), "seed": seed}))
+    meta.write_text(
+        json.dumps(
+            {"name": spec.name, "clean_accuracy": acc, "train_seconds": seconds, "spec": asdict(spec), "seed": seed}
+        )
+    )
     return TrainedModel(spec.name, ckpt, acc, seconds)
 
 
@@ -229,8 +243,15 @@ def load_model(name: str, checkpoint: Path, num_classes: int = NUM_CLASSES) -> A
     return create_timm_model(name, weights=checkpoint, num_classes=num_classes)
 
 
-def resolve_models(edge: str | None, teacher: str | None, splits: Splits, *, seed: int = 0,
-                   edge_spec: TrainSpec = EDGE_DEFAULT, teacher_spec: TrainSpec = TEACHER_DEFAULT) -> DemoModels:
+def resolve_models(
+    edge: str | None,
+    teacher: str | None,
+    splits: Splits,
+    *,
+    seed: int = 0,
+    edge_spec: TrainSpec = EDGE_DEFAULT,
+    teacher_spec: TrainSpec = TEACHER_DEFAULT,
+) -> DemoModels:
     """The demo's ``--edge``/``--teacher`` arguments to checkpoints. Each argument is ``None`` (train the default
     spec, cached), a timm name (train it with the default spec's recipe), ``NAME=CHECKPOINT`` or the path of a
     ``.safetensors`` checkpoint this module wrote (its ``.json`` sidecar names the model). The clean accuracy
@@ -257,8 +278,10 @@ def _resolve(arg: str | None, default: TrainSpec, splits: Splits, *, seed: int, 
     if path.suffix == ".safetensors" or path.exists():
         sidecar = path.with_suffix(".json")
         if not sidecar.is_file():
-            raise ModelError(f"--{role} {arg}: no {sidecar.name} next to the checkpoint names its timm model; "
-                             f"pass NAME={arg} instead (e.g. resnet18={arg}).")
+            raise ModelError(
+                f"--{role} {arg}: no {sidecar.name} next to the checkpoint names its timm model; "
+                f"pass NAME={arg} instead (e.g. resnet18={arg})."
+            )
         return _given(str(json.loads(sidecar.read_text())["name"]), path, splits)
     return train_model(TrainSpec(**{**asdict(default), "name": arg}), splits, seed=seed, role=role)
 

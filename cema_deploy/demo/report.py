@@ -43,12 +43,22 @@ def summarize(runs: dict[str, MethodRun], segment_of: np.ndarray, names: list[st
     out: dict[str, Any] = {}
     for method, r in runs.items():
         if r.correct.shape != segment_of.shape or r.uploaded.shape != segment_of.shape:
-            raise CemaError(f"{method}: {r.correct.shape[0]} correctness and {r.uploaded.shape[0]} upload flags for "
-                            f"a stream of {segment_of.shape[0]} samples; every method must cover the whole stream.")
-        per = {n: {"accuracy": _pct(r.correct[segment_of == i]), "uploaded": _pct(r.uploaded[segment_of == i])}
-               for i, n in enumerate(names)}
-        out[method] = {"per_corruption": per, "accuracy": _pct(r.correct), "uploaded": _pct(r.uploaded),
-                       "uploaded_samples": int(r.uploaded.sum()), "samples": len(r.correct), **r.extra}
+            raise CemaError(
+                f"{method}: {r.correct.shape[0]} correctness and {r.uploaded.shape[0]} upload flags for "
+                f"a stream of {segment_of.shape[0]} samples; every method must cover the whole stream."
+            )
+        per = {
+            n: {"accuracy": _pct(r.correct[segment_of == i]), "uploaded": _pct(r.uploaded[segment_of == i])}
+            for i, n in enumerate(names)
+        }
+        out[method] = {
+            "per_corruption": per,
+            "accuracy": _pct(r.correct),
+            "uploaded": _pct(r.uploaded),
+            "uploaded_samples": int(r.uploaded.sum()),
+            "samples": len(r.correct),
+            **r.extra,
+        }
     return out
 
 
@@ -80,9 +90,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("|---|---:|---:|---:|---:|---:|")
             for m in cloud:
                 r = res["methods"][m]
-                lines.append(f"| {METHODS[m]} | {r['uploaded_samples']} of {r['samples']} ({r['uploaded']:.1f} %) | "
-                             f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | "
-                             f"{r.get('blobs_applied', 0)} | {r.get('edge_fps', 0):.0f} |")
+                lines.append(
+                    f"| {METHODS[m]} | {r['uploaded_samples']} of {r['samples']} ({r['uploaded']:.1f} %) | "
+                    f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | "
+                    f"{r.get('blobs_applied', 0)} | {r.get('edge_fps', 0):.0f} |"
+                )
             lines.append("")
     return "\n".join(lines)
 
@@ -116,8 +128,11 @@ def write_outputs(results: dict[str, Any], runs: dict[int, dict[str, MethodRun]]
             ma = np.convolve(r.correct.astype(float), np.ones(w) / w, mode="valid") * 100
             ax1.plot(np.arange(len(ma)) + w, ma, label=METHODS.get(m, m))
             ax2.plot(np.cumsum(r.uploaded), label=METHODS.get(m, m))
-        ax1.set(title=f"accuracy over the stream (moving average), severity {sev}", xlabel="samples seen",
-                ylabel="accuracy %")
+        ax1.set(
+            title=f"accuracy over the stream (moving average), severity {sev}",
+            xlabel="samples seen",
+            ylabel="accuracy %",
+        )
         ax2.set(title=f"cumulative uploads, severity {sev}", xlabel="samples seen", ylabel="samples uploaded")
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)

@@ -66,18 +66,42 @@ def _cli(*args: str) -> list[str]:
 
 
 class _Cloud:
-    def __init__(self, edge_dir: Path, teacher: TrainedModel, state: Path, batch: int, seed: int,
-                 replay_size: int) -> None:
+    def __init__(
+        self, edge_dir: Path, teacher: TrainedModel, state: Path, batch: int, seed: int, replay_size: int
+    ) -> None:
         port_file = state.parent / f"{state.name}.port"
         self.log = state.parent / f"{state.name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(
-                _cli("cloud", "serve", "--edge", str(edge_dir), "--teacher", teacher.name, "--teacher-weights",
-                     str(teacher.checkpoint), "--state", str(state), "--port", "0", "--port-file", str(port_file),
-                     "--batch-size", str(batch), "--seed", str(seed), "--replay-size", str(replay_size),
-                     "--log-level", "warning"),
-                stdout=f, stderr=subprocess.STDOUT, env=env)
+                _cli(
+                    "cloud",
+                    "serve",
+                    "--edge",
+                    str(edge_dir),
+                    "--teacher",
+                    teacher.name,
+                    "--teacher-weights",
+                    str(teacher.checkpoint),
+                    "--state",
+                    str(state),
+                    "--port",
+                    "0",
+                    "--port-file",
+                    str(port_file),
+                    "--batch-size",
+                    str(batch),
+                    "--seed",
+                    str(seed),
+                    "--replay-size",
+                    str(replay_size),
+                    "--log-level",
+                    "warning",
+                ),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         t0 = time.time()
         while not (port_file.exists() and port_file.read_text()):
             if self.proc.poll() is not None or time.time() - t0 > 180:
@@ -95,8 +119,9 @@ class _Cloud:
                 self.proc.kill()
 
 
-def run_cloud_method(method: str, stream: Stream, edge_dir: Path, teacher: TrainedModel, work: Path,
-                     cfg: DemoConfig) -> MethodRun:
+def run_cloud_method(
+    method: str, stream: Stream, edge_dir: Path, teacher: TrainedModel, work: Path, cfg: DemoConfig
+) -> MethodRun:
     """One cloud-backed method on one stream: a fresh cloud process and a torch-free edge process."""
     from cema_deploy.cloud.state import StateStore
 
@@ -107,12 +132,36 @@ def run_cloud_method(method: str, stream: Stream, edge_dir: Path, teacher: Train
     (work / "token").write_text(StateStore(state).add_token(f"demo-{method}"))
     cloud = _Cloud(edge_dir, teacher, state, cfg.cloud_batch, cfg.seed, cfg.replay_size)
     try:
-        cmd = _cli("edge", "run", str(edge_dir), "--source", str(work / "stream.npy"), "--labels",
-                   str(work / "labels.npy"), "--cloud", cloud.url, "--token-file", str(work / "token"),
-                   "--selection", "eata" if method == "eata_style" else "cema", "--batch", str(cfg.edge_batch),
-                   "--warmup", str(cfg.warmup), "--d-margin", cfg.d_margin, "--predictions",
-                   str(work / "pred.npz"), "--json", str(work / "metrics.json"), "--quiet", "--threads", "1",
-                   "--device-id", f"demo-{method}")
+        cmd = _cli(
+            "edge",
+            "run",
+            str(edge_dir),
+            "--source",
+            str(work / "stream.npy"),
+            "--labels",
+            str(work / "labels.npy"),
+            "--cloud",
+            cloud.url,
+            "--token-file",
+            str(work / "token"),
+            "--selection",
+            "eata" if method == "eata_style" else "cema",
+            "--batch",
+            str(cfg.edge_batch),
+            "--warmup",
+            str(cfg.warmup),
+            "--d-margin",
+            cfg.d_margin,
+            "--predictions",
+            str(work / "pred.npz"),
+            "--json",
+            str(work / "metrics.json"),
+            "--quiet",
+            "--threads",
+            "1",
+            "--device-id",
+            f"demo-{method}",
+        )
         if cfg.sync:
             cmd.append("--sync")
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -124,24 +173,39 @@ def run_cloud_method(method: str, stream: Stream, edge_dir: Path, teacher: Train
     m = json.loads((work / "metrics.json").read_text())
     uploaded = pred["selected"].astype(bool)
     if m["uplink"]["uploaded"] != int(uploaded.sum()):
-        raise CemaError(f"{method}: the edge selected {int(uploaded.sum())} samples but uploaded "
-                        f"{m['uplink']['uploaded']}; see {work}.")
+        raise CemaError(
+            f"{method}: the edge selected {int(uploaded.sum())} samples but uploaded "
+            f"{m['uplink']['uploaded']}; see {work}."
+        )
     s = m["selection"]
     return MethodRun(
-        correct=pred["predictions"] == stream.labels, uploaded=uploaded,
-        extra={"bytes_up": m["uplink"]["bytes_sent"], "bytes_down": m["bytes_received"],
-               "blobs_applied": m["blobs_applied"], "edge_fps": m["fps"], "final_version": m["version"],
-               "seen": s["seen"], "excluded_unreliable": s["unreliable"], "excluded_low_info": s["low_info"],
-               "excluded_redundant": s["redundant"], "selected": s["selected"], "rollbacks": m["rollbacks"],
-               "refused": m["refused"], "selection_config": m["selection_config"]})
+        correct=pred["predictions"] == stream.labels,
+        uploaded=uploaded,
+        extra={
+            "bytes_up": m["uplink"]["bytes_sent"],
+            "bytes_down": m["bytes_received"],
+            "blobs_applied": m["blobs_applied"],
+            "edge_fps": m["fps"],
+            "final_version": m["version"],
+            "seen": s["seen"],
+            "excluded_unreliable": s["unreliable"],
+            "excluded_low_info": s["low_info"],
+            "excluded_redundant": s["redundant"],
+            "selected": s["selected"],
+            "rollbacks": m["rollbacks"],
+            "refused": m["refused"],
+            "selection_config": m["selection_config"],
+        },
+    )
 
 
 def _epochs(spec: TrainSpec, epochs: int | None) -> TrainSpec:
     return spec if epochs is None else dataclasses.replace(spec, epochs=epochs)
 
 
-def _run_cloud_methods(methods: list[str], stream: Stream, edge_dir: Path, teacher: TrainedModel, out_dir: Path,
-                       sev: int, cfg: DemoConfig) -> dict[str, MethodRun]:
+def _run_cloud_methods(
+    methods: list[str], stream: Stream, edge_dir: Path, teacher: TrainedModel, out_dir: Path, sev: int, cfg: DemoConfig
+) -> dict[str, MethodRun]:
     """The cloud-backed runs of one severity, ``cfg.concurrent_runs`` at a time. Each is its own cloud and edge
     process, and ``--sync`` makes every edge batch wait for the blob of its own uploads, so the results do not
     depend on timing (measured: the same predictions run alone and side by side; two at once took 134 s
@@ -161,7 +225,11 @@ def _run_cloud_methods(methods: list[str], stream: Stream, edge_dir: Path, teach
 
 
 def run_demo(
-    out_dir: Path, cfg: DemoConfig, *, edge: str | None = None, teacher: str | None = None,
+    out_dir: Path,
+    cfg: DemoConfig,
+    *,
+    edge: str | None = None,
+    teacher: str | None = None,
     on_step: Callable[[str], None] = lambda _m: None,
 ) -> tuple[dict[str, Any], dict[int, dict[str, MethodRun]]]:
     """The whole comparison; returns the results dict and the per-sample runs (for plots)."""
@@ -174,18 +242,33 @@ def run_demo(
     on_step("digits: train/test split, 32x32 RGB")
     splits = digits_splits(cfg.seed)
     on_step("edge and teacher models (trained once, cached)")
-    models = resolve_models(edge, teacher, splits, seed=cfg.seed, edge_spec=_epochs(EDGE_DEFAULT, cfg.edge_epochs),
-                            teacher_spec=_epochs(TEACHER_DEFAULT, cfg.teacher_epochs))
+    models = resolve_models(
+        edge,
+        teacher,
+        splits,
+        seed=cfg.seed,
+        edge_spec=_epochs(EDGE_DEFAULT, cfg.edge_epochs),
+        teacher_spec=_epochs(TEACHER_DEFAULT, cfg.teacher_epochs),
+    )
     edge_tm, teacher_tm = models.edge, models.teacher
     edge_model = load_model(edge_tm.name, edge_tm.checkpoint)
     on_step(f"export {edge_tm.name} to a refittable ONNX model")
     edge_dir = out_dir / "edge-model"
     export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
-    results: dict[str, Any] = {"config": {**cfg.__dict__}, "models": {
-        role: {"name": tm.name, "clean_accuracy": 100 * tm.clean_accuracy, "train_seconds": round(tm.train_seconds, 1),
-               "cached": tm.cached, "checkpoint": str(tm.checkpoint)}
-        for role, tm in (("edge", edge_tm), ("teacher", teacher_tm))},
-        "severities": {}}
+    results: dict[str, Any] = {
+        "config": {**cfg.__dict__},
+        "models": {
+            role: {
+                "name": tm.name,
+                "clean_accuracy": 100 * tm.clean_accuracy,
+                "train_seconds": round(tm.train_seconds, 1),
+                "cached": tm.cached,
+                "checkpoint": str(tm.checkpoint),
+            }
+            for role, tm in (("edge", edge_tm), ("teacher", teacher_tm))
+        },
+        "severities": {},
+    }
     all_runs: dict[int, dict[str, MethodRun]] = {}
     for sev in cfg.severities:
         on_step(f"severity {sev}: corrupt the test stream ({len(cfg.corruptions)} corruptions)")
@@ -202,13 +285,17 @@ def run_demo(
             on_step(f"severity {sev}: {method}")
             t0 = time.perf_counter()
             res = baselines.run_baseline(method, edge_model, stream, batch=cfg.edge_batch)
-            runs[method] = MethodRun(res.correct, none, {"edge_fps": round(res.frames_per_second, 1),
-                                                         "seconds": round(time.perf_counter() - t0, 1)})
+            runs[method] = MethodRun(
+                res.correct,
+                none,
+                {"edge_fps": round(res.frames_per_second, 1), "seconds": round(time.perf_counter() - t0, 1)},
+            )
         if cloud:
             on_step(f"severity {sev}: {' and '.join(cloud)} (cloud + torch-free edge processes)")
             runs.update(_run_cloud_methods(cloud, stream, edge_dir, teacher_tm, out_dir, sev, cfg))
         all_runs[sev] = {m: runs[m] for m in cfg.methods}
         results["severities"][str(sev)] = {
-            "methods": summarize(runs, stream.segment_of, [s.name for s in stream.segments])}
+            "methods": summarize(runs, stream.segment_of, [s.name for s in stream.segments])
+        }
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     return results, all_runs

@@ -34,8 +34,19 @@ from cema_deploy.exceptions import CemaError
 
 #: The ImageNet-C corruptions that run on NumPy 2, in the benchmark's order.
 CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "motion_blur", "zoom_blur", "snow", "frost",
-    "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 )
 #: Fail on NumPy 2 inside imagecorruptions 1.1.2.
 BROKEN_ON_NUMPY2 = ("glass_blur", "fog")
@@ -122,11 +133,15 @@ def corrupted_stream(
     if not 1 <= severity <= 5:
         raise DataError(f"severity must be 1..5, got {severity}")
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
-        raise DataError(f"Expected uint8 images [N, H, W, 3] and N labels, got {images.dtype}{list(images.shape)} "
-                        f"and {len(labels)} labels.")
+        raise DataError(
+            f"Expected uint8 images [N, H, W, 3] and N labels, got {images.dtype}{list(images.shape)} "
+            f"and {len(labels)} labels."
+        )
     if min(images.shape[1:3]) < MIN_SIZE:
-        raise DataError(f"imagecorruptions needs images of at least {MIN_SIZE} x {MIN_SIZE} pixels, got "
-                        f"{images.shape[1]} x {images.shape[2]}; build the digits with digits_splits(size={MIN_SIZE}).")
+        raise DataError(
+            f"imagecorruptions needs images of at least {MIN_SIZE} x {MIN_SIZE} pixels, got "
+            f"{images.shape[1]} x {images.shape[2]}; build the digits with digits_splits(size={MIN_SIZE})."
+        )
     segments = []
     for name in corruptions:
         tag = f"{name}/{severity}/{seed}/{list(images.shape)}/imagecorruptions-{_ic_version()}"
@@ -170,8 +185,9 @@ def corrupt_images(images: np.ndarray, name: str, severity: int, *, seed: int = 
 
     setattr(sk_util, "random_noise", seeded_noise)  # noqa: B010
     try:
-        out = np.stack([np.asarray(ic.corrupt(im, corruption_name=name, severity=severity), dtype=np.float64)
-                        for im in images])
+        out = np.stack(
+            [np.asarray(ic.corrupt(im, corruption_name=name, severity=severity), dtype=np.float64) for im in images]
+        )
     finally:
         setattr(sk_util, "random_noise", original)  # noqa: B010
         np.random.set_state(state)
@@ -179,7 +195,11 @@ def corrupt_images(images: np.ndarray, name: str, severity: int, *, seed: int = 
 
 
 def imagenet_c_stream(
-    root: str | Path, *, severity: int, corruptions: Sequence[str] = CORRUPTIONS, size: int = 224,
+    root: str | Path,
+    *,
+    severity: int,
+    corruptions: Sequence[str] = CORRUPTIONS,
+    size: int = 224,
     limit: int | None = None,
 ) -> Stream:
     """ImageNet-C folders ``root/<corruption>/<severity>/<wnid>/*.JPEG`` as a :class:`Stream` (class index =
@@ -191,8 +211,12 @@ def imagenet_c_stream(
         if not folder.is_dir():
             raise DataError(f"{folder} does not exist; expected ImageNet-C's <corruption>/<severity>/<wnid>/ layout.")
         wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        files = [(f, i) for i, w in enumerate(wnids) for f in sorted((folder / w).iterdir())
-                 if f.suffix.lower() in (".jpeg", ".jpg", ".png")]
+        files = [
+            (f, i)
+            for i, w in enumerate(wnids)
+            for f in sorted((folder / w).iterdir())
+            if f.suffix.lower() in (".jpeg", ".jpg", ".png")
+        ]
         if limit is not None:
             files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:limit]]
         imgs = []

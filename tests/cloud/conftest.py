@@ -34,8 +34,9 @@ class InThread:
 
 
 @contextlib.contextmanager
-def serve_in_thread(edge: Path, teacher: Path, state: Path, *, max_upload_bytes: int = 16 << 20,
-                    **config: Any) -> Iterator[InThread]:
+def serve_in_thread(
+    edge: Path, teacher: Path, state: Path, *, max_upload_bytes: int = 16 << 20, **config: Any
+) -> Iterator[InThread]:
     """``create_app(AdaptationService(...))`` served by uvicorn on a free port of 127.0.0.1 in a thread."""
     import uvicorn
 
@@ -46,11 +47,23 @@ def serve_in_thread(edge: Path, teacher: Path, state: Path, *, max_upload_bytes:
     from cema_deploy.contract.manifest import manifest_from_dir
 
     manifest = manifest_from_dir(edge)
-    service = AdaptationService(state, manifest, teacher_from_name("test_resnet", num_classes=10, weights=teacher),
-                                replica_from_export(edge, manifest), config=CemaConfig(**config))
+    service = AdaptationService(
+        state,
+        manifest,
+        teacher_from_name("test_resnet", num_classes=10, weights=teacher),
+        replica_from_export(edge, manifest),
+        config=CemaConfig(**config),
+    )
     service.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(service, max_upload_bytes=max_upload_bytes), host="127.0.0.1",
-                                           port=0, log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service, max_upload_bytes=max_upload_bytes),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            access_log=False,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -90,9 +103,32 @@ def start_cloud(edge: Path, teacher: Path, state: Path, *extra: str, port: int =
     port_file = state.parent / f"{state.name}.port"
     port_file.unlink(missing_ok=True)
     log = state.parent / f"{state.name}.log"
-    cmd = [sys.executable, "-m", "cema_deploy", "cloud", "serve", "--edge", str(edge), "--teacher", "test_resnet",
-           "--teacher-weights", str(teacher), "--state", str(state), "--port", str(port), "--port-file", str(port_file),
-           "--batch-size", "8", "--threads", "1", "--log-level", "warning", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cema_deploy",
+        "cloud",
+        "serve",
+        "--edge",
+        str(edge),
+        "--teacher",
+        "test_resnet",
+        "--teacher-weights",
+        str(teacher),
+        "--state",
+        str(state),
+        "--port",
+        str(port),
+        "--port-file",
+        str(port_file),
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     t0 = time.time()

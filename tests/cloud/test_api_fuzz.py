@@ -33,8 +33,13 @@ def api(tmp_path_factory, exported, teacher_ckpt):  # type: ignore[no-untyped-de
     edge, _ = exported("bn")
     manifest = manifest_from_dir(edge)
     state = tmp_path_factory.mktemp("fuzz-state")
-    service = AdaptationService(state, manifest, teacher_from_name("test_resnet", num_classes=10, weights=teacher_ckpt),
-                                replica_from_export(edge, manifest), config=CemaConfig(batch_size=8))
+    service = AdaptationService(
+        state,
+        manifest,
+        teacher_from_name("test_resnet", num_classes=10, weights=teacher_ckpt),
+        replica_from_export(edge, manifest),
+        config=CemaConfig(batch_size=8),
+    )
     token = service.store.add_token("fuzzer")
     app = create_app(service, max_upload_bytes=1 << 20)
     FUZZ.update(service=service, token=token, fp=manifest.fingerprint, state=Path(state))

@@ -66,8 +66,11 @@ def test_distill_loss_matches_hand_computation() -> None:
         kl += w_t * sum(pt[c] * (math.log(pt[c]) - math.log(ps[c])) for c in range(3))
         ce += w_t * -math.log(ps[max(range(3), key=lambda c: te[c])])
     expected = (alpha * ent + beta * kl + gamma * ce) / 2
-    got = float(distill_loss(torch.tensor(STUDENT), torch.tensor(TEACHER), e0=E0, alpha=alpha, beta=beta,
-                             gamma=gamma, temperature=t))
+    got = float(
+        distill_loss(
+            torch.tensor(STUDENT), torch.tensor(TEACHER), e0=E0, alpha=alpha, beta=beta, gamma=gamma, temperature=t
+        )
+    )
     assert got == pytest.approx(expected, rel=1e-6)
     # the weights are constants: gradients flow through the student only, not through 1/exp(E - E0)
     s = torch.tensor(STUDENT, requires_grad=True)
@@ -181,8 +184,9 @@ def test_blob_tensors_reproduce_the_replica_eval_output(exported) -> None:  # ty
     manifest = manifest_from_dir(out)
     fresh = replica_from_export(out, manifest)
     before = copy.deepcopy(fresh)
-    cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest,
-                config=CemaConfig(batch_size=8))
+    cema = Cema(
+        tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=CemaConfig(batch_size=8)
+    )
     for i in range(2):
         cema.adapt(images(8, seed=i))
     tensors = cema.blob_tensors()

@@ -24,8 +24,16 @@ def _edge(out, url, token, **kw):  # type: ignore[no-untyped-def]
     fp = manifest_from_dir(out).fingerprint
     keep_all = SelectionConfig(num_classes=10, e0=np.log(10) + 1, e_min=None, d_margin=None)  # every sample goes up
     verifier = kw.pop("verifier", None)
-    return EdgeRuntime(get_backend("ort-cpu", out), SampleSelector(keep_all), client=CloudClient(url, token, fp),
-                       verifier=verifier, poll_wait_s=2.0, upload_batch=8, encoding="png", **kw)
+    return EdgeRuntime(
+        get_backend("ort-cpu", out),
+        SampleSelector(keep_all),
+        client=CloudClient(url, token, fp),
+        verifier=verifier,
+        poll_wait_s=2.0,
+        upload_batch=8,
+        encoding="png",
+        **kw,
+    )
 
 
 def test_edge_uploads_refits_and_matches_the_replica(cloud_factory, exported) -> None:  # type: ignore[no-untyped-def]
@@ -102,8 +110,10 @@ def test_signed_blobs_from_the_cloud(cloud_factory, exported, tmp_path) -> None:
     _, other_pub = new_key_pair(tmp_path / "other")
     cloud = cloud_factory("--signing-key", str(priv))
     token = StateStore(cloud.state).add_token("cam-03")
-    with _edge(out, cloud.url, token, verifier=BlobVerifier([load_public_key(pub)])) as good, \
-            _edge(out, cloud.url, token, verifier=BlobVerifier([load_public_key(other_pub)])) as bad:
+    with (
+        _edge(out, cloud.url, token, verifier=BlobVerifier([load_public_key(pub)])) as good,
+        _edge(out, cloud.url, token, verifier=BlobVerifier([load_public_key(other_pub)])) as bad,
+    ):
         good.process(images(8, seed=1))
         assert good.sync(timeout=60) and good.version >= 1
         assert bad.uplink is not None and bad.uplink.flush(timeout=30)

@@ -27,6 +27,7 @@ def test_cloud_killed_mid_stream(cloud_factory, exported, tmp_path) -> None:  # 
     cloud = cloud_factory(state=state, port=port)
     failures, versions = 0, []
     with _edge(out, cloud.url, token) as rt:
+
         def stream(n: int, seed: int) -> None:
             nonlocal failures
             for i in range(n):

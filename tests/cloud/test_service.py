@@ -29,8 +29,10 @@ def _setup(cloud_factory, exported, *extra):  # type: ignore[no-untyped-def]
 def _body(manifest, n, seed=0, fingerprint=None, encoding="png"):  # type: ignore[no-untyped-def]
     from cema_deploy.contract.samples import SampleBatch, samples_to_bytes
 
-    return samples_to_bytes(SampleBatch(images=images(n, seed), fingerprint=fingerprint or manifest.fingerprint,
-                                        edge_version=0), encoding=encoding)
+    return samples_to_bytes(
+        SampleBatch(images=images(n, seed), fingerprint=fingerprint or manifest.fingerprint, edge_version=0),
+        encoding=encoding,
+    )
 
 
 def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[no-untyped-def]
@@ -43,8 +45,9 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
     fp = manifest.fingerprint
     with httpx.Client(timeout=60) as http:
         assert http.get(blob_url(cloud.url, fp), params={"after": 0}, headers=auth).status_code == 204
-        r = http.post(samples_url(cloud.url, fp), content=_body(manifest, 5),
-                      headers={**auth, "Content-Type": SAMPLES_MEDIA_TYPE})
+        r = http.post(
+            samples_url(cloud.url, fp), content=_body(manifest, 5), headers={**auth, "Content-Type": SAMPLES_MEDIA_TYPE}
+        )
         assert r.status_code == 202, r.text
         assert r.json() == {"accepted": 5, "pending": 5, "buffered": 5, "version": 0, "target_version": 0}
         r = http.post(samples_url(cloud.url, fp), content=_body(manifest, 6, seed=1, encoding="raw"), headers=auth)
@@ -63,8 +66,9 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
         validate_blob(blob2, manifest, newer_than=1)
         assert r.headers["X-Cema-Version"] == "2" and blob2.version == 2
         assert http.get(blob_url(cloud.url, fp), params={"after": 2}, headers=auth).status_code == 204
-        r = http.post(reports_url(cloud.url, fp), json={"kind": "rollback", "version": 2, "reason": "entropy"},
-                      headers=auth)
+        r = http.post(
+            reports_url(cloud.url, fp), json={"kind": "rollback", "version": 2, "reason": "entropy"}, headers=auth
+        )
         assert r.status_code == 202
         metrics = http.get(cloud.url + "/metrics").text
         assert f'cema_blob_version{{model="{fp[:16]}"}} 2' in metrics and "cema_samples_total" in metrics
@@ -114,8 +118,13 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
             assert cloud.service.version == 0 and cloud.service.replay.total == 0
             # the first accepted upload finds nothing left behind by the refusals
             r = http.post(url, content=_body(manifest, 1), headers=auth)
-            assert r.status_code == 202 and r.json() == {"accepted": 1, "pending": 1, "buffered": 1, "version": 0,
-                                                         "target_version": 0}
+            assert r.status_code == 202 and r.json() == {
+                "accepted": 1,
+                "pending": 1,
+                "buffered": 1,
+                "version": 0,
+                "target_version": 0,
+            }
             metrics = http.get(cloud.url + "/metrics").text
             assert 'status="413"} 2' in metrics and 'status="401"} 2' in metrics
 
@@ -132,8 +141,9 @@ def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_f
     acked = []
     with httpx.Client(timeout=60) as http:
         for i in range(6):
-            r = http.post(samples_url(cloud.url, fp), content=_body(manifest, 4, seed=10 + i, encoding="raw"),
-                          headers=auth)
+            r = http.post(
+                samples_url(cloud.url, fp), content=_body(manifest, 4, seed=10 + i, encoding="raw"), headers=auth
+            )
             assert r.status_code == 202
             acked.append(images(4, seed=10 + i))
         r = http.get(blob_url(cloud.url, fp), params={"after": 0, "wait": 30}, headers=auth)
@@ -146,8 +156,14 @@ def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_f
     cloud2 = cloud_factory(state=cloud.state)
     with httpx.Client(timeout=60) as http:
         for i in range(3):
-            assert http.post(samples_url(cloud2.url, fp), content=_body(manifest, 8, seed=50 + i), headers=auth,
-                             ).status_code == 202
+            assert (
+                http.post(
+                    samples_url(cloud2.url, fp),
+                    content=_body(manifest, 8, seed=50 + i),
+                    headers=auth,
+                ).status_code
+                == 202
+            )
         versions = [first]
         after = newest_before
         while after < newest_before + 3:
@@ -164,8 +180,13 @@ def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_f
 
     def long_poll() -> None:
         with httpx.Client(timeout=60) as http:
-            poll.append(http.get(blob_url(cloud2.url, fp), params={"after": 10**6, "wait": 30}, headers=auth,
-                                 ).status_code)
+            poll.append(
+                http.get(
+                    blob_url(cloud2.url, fp),
+                    params={"after": 10**6, "wait": 30},
+                    headers=auth,
+                ).status_code
+            )
 
     t = threading.Thread(target=long_poll)
     t.start()

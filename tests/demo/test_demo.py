@@ -18,9 +18,26 @@ from tests.conftest import needs_torch
 def test_quick_demo_end_to_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "demo"
     env = {**os.environ, "CEMA_DEPLOY_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "cema_deploy", "demo", "--quick", "--severity", "5", "--methods",
-                        "no_adapt,bn_adapt,eata_style,cema", "--out", str(out), "--json"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cema_deploy",
+            "demo",
+            "--quick",
+            "--severity",
+            "5",
+            "--methods",
+            "no_adapt,bn_adapt,eata_style,cema",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res == json.loads((out / "results.json").read_text())

@@ -18,8 +18,9 @@ def shifted(splits):  # type: ignore[no-untyped-def]
     """128 test digits under contrast and Gaussian noise at severity 5 (not cached: no shared state)."""
     from cema_deploy.demo.stream import corrupted_stream
 
-    return corrupted_stream(splits[2][:128], splits[3][:128], severity=5, corruptions=("contrast", "gaussian_noise"),
-                            cache=False)
+    return corrupted_stream(
+        splits[2][:128], splits[3][:128], severity=5, corruptions=("contrast", "gaussian_noise"), cache=False
+    )
 
 
 def _state(model):  # type: ignore[no-untyped-def]
@@ -39,8 +40,10 @@ def test_no_adapt_equals_the_plain_model(quick_edge, shifted) -> None:  # type: 
         expected = model.eval()((x - mean) / std).argmax(1).numpy() == shifted.labels
     result = run_baseline("no_adapt", model, shifted)
     assert np.array_equal(result.correct, expected) and result.accuracy == pytest.approx(expected.mean())
-    assert result.per_segment == {"contrast": pytest.approx(expected[:128].mean()),
-                                  "gaussian_noise": pytest.approx(expected[128:].mean())}
+    assert result.per_segment == {
+        "contrast": pytest.approx(expected[:128].mean()),
+        "gaussian_noise": pytest.approx(expected[128:].mean()),
+    }
     assert result.frames_per_second > 0 and result.predictions.dtype == np.int64
 
 

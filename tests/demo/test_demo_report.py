@@ -17,8 +17,11 @@ def _runs(n: int, rng: np.random.Generator) -> dict[str, MethodRun]:
     return {
         "no_adapt": MethodRun(rng.random(n) < 0.4, none),
         "bn_adapt": MethodRun(rng.random(n) < 0.7, none, {"edge_fps": 900.0}),
-        "cema": MethodRun(rng.random(n) < 0.8, rng.random(n) < 0.2,
-                          {"bytes_up": 2_000_000, "bytes_down": 5_000_000, "blobs_applied": 12, "edge_fps": 450.0}),
+        "cema": MethodRun(
+            rng.random(n) < 0.8,
+            rng.random(n) < 0.2,
+            {"bytes_up": 2_000_000, "bytes_down": 5_000_000, "blobs_applied": 12, "edge_fps": 450.0},
+        ),
     }
 
 
@@ -27,9 +30,13 @@ def test_summary_json_markdown_and_plots(tmp_path: Path) -> None:
     segment_of = np.repeat(np.arange(3), 100)
     names = ["gaussian_noise", "contrast", "jpeg_compression"]
     runs = {5: _runs(300, rng), 3: _runs(300, rng)}
-    results = {"models": {"edge": {"name": "resnet10t", "clean_accuracy": 98.6},
-                          "teacher": {"name": "resnet18", "clean_accuracy": 98.0}},
-               "severities": {str(s): {"methods": summarize(r, segment_of, names)} for s, r in runs.items()}}
+    results = {
+        "models": {
+            "edge": {"name": "resnet10t", "clean_accuracy": 98.6},
+            "teacher": {"name": "resnet18", "clean_accuracy": 98.0},
+        },
+        "severities": {str(s): {"methods": summarize(r, segment_of, names)} for s, r in runs.items()},
+    }
     cema = results["severities"]["5"]["methods"]["cema"]
     assert cema["accuracy"] == pytest.approx(100 * runs[5]["cema"].correct.mean())
     contrast = cema["per_corruption"]["contrast"]
