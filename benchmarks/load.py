@@ -166,11 +166,12 @@ async def _edge(
 ) -> None:
     from urllib.parse import urlsplit
 
+    from cema_deploy.contract import protocol
     from cema_deploy.contract.protocol import BLOB_PATH, SAMPLES_MEDIA_TYPE, SAMPLES_PATH
 
     url = urlsplit(base)
     http = _Http(url.hostname or "127.0.0.1", url.port or 80)
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = {"Authorization": f"Bearer {token}", protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)}
     samples_path, blob_path = SAMPLES_PATH.format(fingerprint=fp), BLOB_PATH.format(fingerprint=fp)
     version = 0
     t_end = time.perf_counter() + seconds

@@ -109,12 +109,16 @@ class RefitError(BackendError):
 
 
 class UplinkError(CemaError):
-    """Talking to the cloud service failed. ``retryable`` is False when the cloud refused the request (4xx)."""
+    """Talking to the cloud service failed. ``retryable`` is False when the cloud refused the request (4xx).
+    ``retry_after`` is the cloud's ``Retry-After`` (seconds) of a 429, when it sent one."""
 
-    def __init__(self, message: str, *, retryable: bool = True, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = True, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.retry_after = retry_after
 
 
 class CloudError(CemaError):

@@ -102,11 +102,11 @@ def run_cmd(
     """
     from cema_deploy.contract.samples import ENCODINGS
     from cema_deploy.exceptions import CemaError
+    from cema_deploy.runtime.client import CloudClient
     from cema_deploy.runtime.edge import EdgeRuntime, RollbackConfig
     from cema_deploy.runtime.registry import get_backend
     from cema_deploy.runtime.selection import SampleSelector
     from cema_deploy.runtime.sources import batches_from_source, count_images, labels_from_path
-    from cema_deploy.runtime.uplink import CloudClient
 
     if encoding not in ENCODINGS:
         raise CemaError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}.")
@@ -138,7 +138,7 @@ def run_cmd(
     client = None
     if cloud is not None:
         assert token is not None  # checked above
-        client = CloudClient(cloud, token, be.manifest.fingerprint, device_id=device_id)
+        client = CloudClient(cloud, token, be.manifest.fingerprint, device_id=device_id, encoding=encoding)
     preds: list[np.ndarray] = []
     ents: list[np.ndarray] = []
     sel: list[np.ndarray] = []
@@ -149,7 +149,6 @@ def run_cmd(
         SampleSelector(cfg),
         client=client,
         verifier=verifier,
-        encoding=encoding,
         upload_batch=upload_batch,
         device_id=device_id,
         rollback=RollbackConfig(enabled=rollback, window=rollback_window, margin_ratio=rollback_margin),

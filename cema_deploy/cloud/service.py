@@ -55,6 +55,41 @@ class _Refused(Exception):
         self.status = status
 
 
+class ProtocolVersionMiddleware:
+    """Pure ASGI middleware: every response carries ``X-Cema-Protocol``; a request under ``/v1/models`` or
+    ``/v1/admin`` that names another protocol version (or none) is refused with 400 naming both versions."""
+
+    _header = protocol.PROTOCOL_HEADER.lower().encode()
+    _value = str(protocol.PROTOCOL_VERSION).encode()
+
+    def __init__(self, app: Any, on_refused: Any = None) -> None:
+        self.app = app
+        self.on_refused = on_refused
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (self._header, self._value)]}
+            await send(message)
+
+        path = scope.get("path", "")
+        if path.startswith((protocol.MODELS_PATH, protocol.API_PREFIX + "/admin")):
+            sent = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == self._header), None)
+            try:
+                protocol.check_protocol(sent, peer="the edge")
+            except CemaError as exc:
+                if self.on_refused is not None:
+                    self.on_refused()
+                response = JSONResponse({"detail": str(exc)}, status_code=400)
+                await response(scope, receive, send_with_header)
+                return
+        await self.app(scope, receive, send_with_header)
+
+
 def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.MAX_UPLOAD_BYTES) -> FastAPI:
     """The FastAPI application serving one edge model's adaptation ``service``."""
     app = FastAPI(
@@ -62,6 +97,7 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
         version=__version__,
         description="CEMA adaptation service: edges upload selected samples and fetch refit blobs.",
     )
+    app.add_middleware(ProtocolVersionMiddleware, on_refused=lambda: service.count("refused:400"))
     fp = service.manifest.fingerprint
     tokens = service.store.token_table()
     versions: dict[str, Any] = {"event": None, "loop": None}
@@ -195,7 +231,12 @@ def create_app(service: AdaptationService, *, max_upload_bytes: int = protocol.M
 
     @app.get(protocol.HEALTH_PATH)
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "models": {fp: service.version}}
+        return {
+            "status": "ok",
+            "version": __version__,
+            "protocol": protocol.PROTOCOL_VERSION,
+            "models": {fp: service.version},
+        }
 
     @app.get(protocol.METRICS_PATH, response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

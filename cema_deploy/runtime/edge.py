@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.contract.blob import blob_from_bytes
+from cema_deploy.contract.messages import EdgeReport
 from cema_deploy.exceptions import (
     BlobFormatError,
     BlobSchemaError,
@@ -38,9 +39,10 @@ from cema_deploy.exceptions import (
     UplinkError,
 )
 from cema_deploy.runtime.base import Backend
+from cema_deploy.runtime.client import CloudLink, EdgeConfigError
 from cema_deploy.runtime.preprocess import images_at_model_size, normalize
 from cema_deploy.runtime.selection import SampleSelector, SelectionResult
-from cema_deploy.runtime.uplink import CloudClient, EdgeConfigError, Uplink
+from cema_deploy.runtime.uplink import Uplink
 
 log = logging.getLogger("cema_deploy.edge")
 
@@ -116,11 +118,10 @@ class EdgeRuntime:
         backend: Backend,
         selector: SampleSelector,
         *,
-        client: CloudClient | None = None,
+        client: CloudLink | None = None,
         verifier: Callable[[bytes], Any] | None = None,
         rollback: RollbackConfig | None = None,
         poll_wait_s: float = 10.0,
-        encoding: str = "png",
         upload_batch: int = 32,
         flush_interval_s: float = 0.5,
         max_queue_samples: int = 4096,
@@ -138,7 +139,7 @@ class EdgeRuntime:
         self.uplink = None
         if client is not None:
             self.uplink = Uplink(
-                client, fingerprint=self.manifest.fingerprint, device_id=device_id, encoding=encoding,
+                client, fingerprint=self.manifest.fingerprint, device_id=device_id,
                 upload_batch=upload_batch, flush_interval_s=flush_interval_s, max_queue_samples=max_queue_samples,
                 max_queue_bytes=max_queue_bytes, backoff_base_s=backoff_base_s, backoff_cap_s=backoff_cap_s,
             )  # fmt: skip
@@ -264,7 +265,8 @@ class EdgeRuntime:
                     return  # closed while the poll was in flight: apply nothing any more
                 version, data = found
                 self.bytes_received += len(data)
-                if not self.apply_blob_bytes(data, source=f"blob v{version} from {client.base_url}"):
+                where = getattr(client, "base_url", "the cloud")
+                if not self.apply_blob_bytes(data, source=f"blob v{version} from {where}"):
                     with self._swap_lock:
                         self.refused_upto = max(self.refused_upto, version)  # do not fetch it again
                 if max(self.backend.version, self.refused_upto) > after:
@@ -332,7 +334,7 @@ class EdgeRuntime:
 
             def send() -> None:
                 try:
-                    client.report("rollback", version, reason)
+                    client.report(EdgeReport(kind="rollback", version=version, reason=reason))
                 except Exception as exc:
                     log.warning("could not report the rollback of v%d: %r", version, exc)
 

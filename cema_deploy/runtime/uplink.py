@@ -1,4 +1,5 @@
-"""The edge's link to the cloud: a small HTTP client and a background uploader with a bounded queue.
+"""The edge's background uploader: a bounded queue of selected samples, sent through a
+:class:`~cema_deploy.runtime.client.CloudLink` (the HTTP client lives in ``client.py``).
 
 Nothing here runs on the inference path: :meth:`Uplink.put` appends to an in-memory queue and returns (O(1) per
 sample, no network, no encoding). A worker thread batches queued samples into uploads of at most ``upload_batch``
@@ -13,173 +14,21 @@ Routes, headers and limits are those of :mod:`cema_deploy.contract.protocol`.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
-from cema_deploy._lazy import lazy_import
-from cema_deploy.contract import protocol
-from cema_deploy.contract.samples import ENCODINGS, SampleBatch, samples_to_bytes
-from cema_deploy.exceptions import CemaError, UplinkError
+from cema_deploy.contract.messages import UploadAck
+from cema_deploy.contract.samples import SampleBatch
+from cema_deploy.exceptions import UplinkError
+from cema_deploy.runtime.client import CloudLink, EdgeConfigError
 
 log = logging.getLogger("cema_deploy.edge")
-
-#: Statuses worth retrying besides 5xx: request timeout and rate limiting.
-_RETRYABLE_4XX = (408, 429)
-
-
-class EdgeConfigError(CemaError, ValueError):
-    """An edge runtime or uplink option out of range."""
-
-
-@dataclass(frozen=True)
-class UploadAck:
-    """The cloud's 202 answer to an upload (``POST .../samples``).
-
-    ``target_version`` is the blob version whose cloud step will include these samples: an edge that waits for
-    that version to serve has adapted on them (see :meth:`cema_deploy.runtime.edge.EdgeRuntime.sync`).
-    """
-
-    accepted: int
-    pending: int
-    buffered: int
-    version: int
-    target_version: int
-
-
-class CloudClient:
-    """Blocking HTTP calls to one cloud for one model (one exported fingerprint).
-
-    Transport errors, 5xx, 408 and 429 raise :class:`UplinkError` with ``retryable=True``; every other non-2xx
-    answer raises it with the server's message, ``retryable=False`` and ``status`` set. Thread-safe (one
-    ``httpx.Client``), so the uploader and the blob poller share one client.
-
-    Example:
-        >>> client = CloudClient("http://127.0.0.1:8750", token, manifest.fingerprint)  # doctest: +SKIP
-        >>> client.fetch_blob(after=0, wait=10.0)  # (version, raw bytes) or None  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        token: str,
-        fingerprint: str,
-        *,
-        device_id: str = "",
-        timeout_s: float = 30.0,
-        connect_timeout_s: float = 5.0,
-    ) -> None:
-        httpx = lazy_import("httpx", extra="edge", purpose="talking to the CEMA cloud")
-        if not base_url.startswith(("http://", "https://")):
-            raise UplinkError(f"Cloud URL {base_url!r} must start with http:// or https://.", retryable=False)
-        self.base_url, self.fingerprint, self.device_id = base_url.rstrip("/"), fingerprint, device_id
-        self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
-        self._httpx = httpx
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            headers={"Authorization": f"Bearer {token}", protocol.DEVICE_HEADER: device_id},
-        )
-
-    def _request(self, method: str, url: str, *, ok: tuple[int, ...], **kw: Any) -> Any:
-        try:
-            r = self._http.request(method, url, **kw)
-        except self._httpx.HTTPError as exc:
-            raise UplinkError(
-                f"Cannot reach the cloud at {self.base_url} ({type(exc).__name__}: {exc}); will retry.", retryable=True
-            ) from exc
-        if r.status_code in ok:
-            return r
-        retryable = r.status_code >= 500 or r.status_code in _RETRYABLE_4XX
-        try:
-            detail = r.json().get("detail", r.text)
-        except (ValueError, AttributeError):
-            detail = r.text
-        what = "failed" if retryable else "refused"
-        raise UplinkError(
-            f"The cloud {what} {method} {url} ({r.status_code}): {str(detail)[:500]}",
-            retryable=retryable,
-            status=r.status_code,
-        )
-
-    def upload_bytes(self, body: bytes) -> UploadAck:
-        """POST an already-encoded sample batch; returns the cloud's acknowledgement."""
-        r = self._request(
-            "POST",
-            protocol.samples_url(self.base_url, self.fingerprint),
-            ok=(200, 201, 202),
-            content=body,
-            headers={"Content-Type": protocol.SAMPLES_MEDIA_TYPE},
-        )
-        try:
-            d = r.json()
-            return UploadAck(
-                int(d["accepted"]), int(d["pending"]), int(d["buffered"]), int(d["version"]), int(d["target_version"])
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UplinkError(
-                f"The cloud accepted an upload but its answer is not an upload acknowledgement "
-                f"({exc!r:.200}); expected JSON with accepted, pending, buffered, version, target_version.",
-                retryable=False,
-                status=r.status_code,
-            ) from exc
-
-    def upload(self, batch: SampleBatch, *, encoding: str = "png") -> UploadAck:
-        """Encode ``batch`` (``raw``, ``png`` or ``jpeg``) and upload it."""
-        return self.upload_bytes(samples_to_bytes(batch, encoding=encoding))
-
-    def fetch_blob(self, after: int, wait: float = 0.0) -> tuple[int, bytes] | None:
-        """Long-poll for the newest blob with a version above ``after``, waiting up to ``wait`` seconds (capped at
-        :data:`~cema_deploy.contract.protocol.MAX_WAIT_S`).
-
-        Returns ``(version announced in the X-Cema-Version header, raw body bytes)`` or ``None`` (204). The bytes
-        are not parsed here: the caller verifies a signature first and takes the version from the parsed blob;
-        the header only tells it which version to stop asking for when the blob is refused.
-        """
-        wait = min(max(0.0, float(wait)), protocol.MAX_WAIT_S)
-        r = self._request(
-            "GET",
-            protocol.blob_url(self.base_url, self.fingerprint),
-            ok=(200, 204),
-            params={"after": int(after), "wait": wait},
-            timeout=self._httpx.Timeout(wait + self.timeout_s, connect=self.connect_timeout_s),
-        )
-        if r.status_code == 204:
-            return None
-        header = r.headers.get(protocol.VERSION_HEADER)
-        try:
-            version = int(header)
-        except (TypeError, ValueError) as exc:
-            raise UplinkError(
-                f"The cloud sent a blob without a valid {protocol.VERSION_HEADER} header (got {header!r:.40}).",
-                retryable=False,
-                status=r.status_code,
-            ) from exc
-        return version, bytes(r.content)
-
-    def report(self, kind: str, version: int, reason: str) -> None:
-        """Tell the cloud this edge refused or rolled back ``version`` (``kind``: ``rollback`` or ``refused``)."""
-        self._request(
-            "POST",
-            protocol.reports_url(self.base_url, self.fingerprint),
-            ok=(200, 202, 204),
-            content=json.dumps({"kind": kind, "version": int(version), "reason": reason}),
-            headers={"Content-Type": "application/json"},
-        )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> CloudClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
@@ -188,7 +37,7 @@ class UplinkCounters:
 
     queued: int = 0  # samples put in the queue
     uploaded: int = 0  # samples the cloud acknowledged
-    bytes_sent: int = 0  # bodies of acknowledged uploads
+    bytes_sent: int = 0  # bodies of acknowledged uploads (as the client counts them; 0 in-process)
     dropped_queue: int = 0  # oldest samples dropped because the queue was full
     rejected: int = 0  # samples in uploads the cloud refused (4xx, not retried)
     upload_errors: int = 0  # failed upload attempts, retried or not
@@ -209,11 +58,10 @@ class Uplink:
 
     def __init__(
         self,
-        client: CloudClient,
+        client: CloudLink,
         *,
         fingerprint: str,
         device_id: str | None = None,
-        encoding: str = "png",
         upload_batch: int = 32,
         flush_interval_s: float = 0.5,
         max_queue_samples: int = 4096,
@@ -222,8 +70,6 @@ class Uplink:
         backoff_cap_s: float = 30.0,
         seed: int | None = None,
     ) -> None:
-        if encoding not in ENCODINGS:
-            raise EdgeConfigError(f"Upload encoding {encoding!r} is not one of {ENCODINGS}.")
         if upload_batch < 1 or max_queue_samples < 1 or max_queue_bytes < 1:
             raise EdgeConfigError(
                 f"upload_batch, max_queue_samples and max_queue_bytes must be >= 1, got {upload_batch}, "
@@ -234,8 +80,8 @@ class Uplink:
                 f"Need flush_interval_s >= 0 and 0 < backoff_base_s <= backoff_cap_s, got {flush_interval_s}, "
                 f"{backoff_base_s}, {backoff_cap_s}."
             )
-        self.client, self.fingerprint, self.encoding = client, fingerprint, encoding
-        self.device_id = client.device_id if device_id is None else device_id
+        self.client, self.fingerprint = client, fingerprint
+        self.device_id = getattr(client, "device_id", "") if device_id is None else device_id
         self.upload_batch, self.flush_interval_s = upload_batch, flush_interval_s
         self.max_queue_samples, self.max_queue_bytes = max_queue_samples, max_queue_bytes
         self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
@@ -276,7 +122,7 @@ class Uplink:
     def counters(self) -> UplinkCounters:
         """A consistent snapshot of the counters."""
         with self._cond:
-            return replace(self._counters)
+            return replace(self._counters, bytes_sent=int(getattr(self.client, "bytes_sent", 0)))
 
     @property
     def queued_now(self) -> int:
@@ -360,11 +206,11 @@ class Uplink:
             device_id=self.device_id,
             entropy=np.asarray([e for _, e, _ in items], np.float32),
         )
-        body = samples_to_bytes(batch, encoding=self.encoding)
+        key = str(uuid.uuid4())  # one key for this upload and all its retries: the cloud stores it once
         attempt = 0
         while True:
             try:
-                ack = self.client.upload_bytes(body)
+                ack = self.client.upload(batch, idempotency_key=key)
             except UplinkError as exc:
                 with self._cond:
                     self._counters.upload_errors += 1
@@ -374,6 +220,8 @@ class Uplink:
                     log.warning("upload refused, %d samples dropped: %s", len(items), exc)
                     return
                 delay = self.backoff_delay(attempt)
+                if exc.retry_after is not None:  # 429: the cloud said when to come back
+                    delay = max(delay, exc.retry_after * self._rng.uniform(1.0, 1.2))
                 attempt += 1
                 log.debug("upload failed (%s); retry %d in %.2f s", exc, attempt, delay)
                 with self._cond:
@@ -383,6 +231,5 @@ class Uplink:
                 continue
             with self._cond:
                 self._counters.uploaded += len(items)
-                self._counters.bytes_sent += len(body)
                 self.last_ack = ack
             return

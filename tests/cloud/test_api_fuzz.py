@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+from cema_deploy.contract.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from tests.conftest import needs_torch
 
 pytestmark = [needs_torch, pytest.mark.network]
@@ -56,6 +57,8 @@ def test_no_5xx_and_no_state_change(case: Any) -> None:
     if "fingerprint" in (case.path_parameters or {}) and hash(str(case.body)) % 2 == 0:
         case.path_parameters["fingerprint"] = FUZZ["fp"]  # half the cases reach the body parsers
     headers = {"Authorization": f"Bearer {FUZZ['token']}"} if hash(repr(case.query)) % 3 else {}
+    if hash(repr(case.query)) % 5:
+        headers[PROTOCOL_HEADER] = str(PROTOCOL_VERSION)
     if case.path.endswith("/blob"):
         case.query = {**(case.query or {}), "wait": 0}  # no long polls in a fuzz run
     response = case.call(headers=headers)

@@ -16,10 +16,10 @@ pytestmark = [needs_torch, pytest.mark.network]
 
 def _edge(out, url, token, **kw):  # type: ignore[no-untyped-def]
     from cema_deploy.contract.manifest import manifest_from_dir
+    from cema_deploy.runtime.client import CloudClient
     from cema_deploy.runtime.edge import EdgeRuntime
     from cema_deploy.runtime.registry import get_backend
     from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
-    from cema_deploy.runtime.uplink import CloudClient
 
     fp = manifest_from_dir(out).fingerprint
     keep_all = SelectionConfig(num_classes=10, e0=np.log(10) + 1, e_min=None, d_margin=None)  # every sample goes up
@@ -27,11 +27,10 @@ def _edge(out, url, token, **kw):  # type: ignore[no-untyped-def]
     return EdgeRuntime(
         get_backend("ort-cpu", out),
         SampleSelector(keep_all),
-        client=CloudClient(url, token, fp),
+        client=CloudClient(url, token, fp, encoding="png"),
         verifier=verifier,
         poll_wait_s=2.0,
         upload_batch=8,
-        encoding="png",
         **kw,
     )
 

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from cema_deploy.contract.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from tests.cloud.conftest import images
 from tests.conftest import needs_torch
 
@@ -23,7 +24,7 @@ def _setup(cloud_factory, exported, *extra):  # type: ignore[no-untyped-def]
     manifest = manifest_from_dir(edge)
     cloud = cloud_factory(*extra)
     token = StateStore(cloud.state).add_token("cam-01")  # added while serving: picked up on first use
-    return cloud, manifest, {"Authorization": f"Bearer {token}"}
+    return cloud, manifest, {"Authorization": f"Bearer {token}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
 
 
 def _body(manifest, n, seed=0, fingerprint=None, encoding="png"):  # type: ignore[no-untyped-def]
@@ -88,14 +89,19 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
     edge, _ = exported("bn")
     manifest = manifest_from_dir(edge)
     fp = manifest.fingerprint
-    auth = {"Authorization": f"Bearer {StateStore(tmp_path / 'state').add_token('cam-01')}"}
+    auth = {
+        "Authorization": f"Bearer {StateStore(tmp_path / 'state').add_token('cam-01')}",
+        PROTOCOL_HEADER: str(PROTOCOL_VERSION),
+    }
     with serve_in_thread(edge, teacher_ckpt, tmp_path / "state", max_upload_bytes=200_000, batch_size=2) as cloud:
         url = samples_url(cloud.url, fp)
         good = _body(manifest, 2)
         big = _body(manifest, 40, encoding="raw")
         cases = [
-            ({}, good, url, 401, "Missing bearer token"),
-            ({"Authorization": "Bearer not-a-token"}, good, url, 401, "Unknown bearer token"),
+            ({PROTOCOL_HEADER: "2"}, good, url, 401, "Missing bearer token"),
+            ({**auth, PROTOCOL_HEADER: "1"}, good, url, 400, "speaks cema protocol '1'; this side speaks protocol 2"),
+            ({"Authorization": auth["Authorization"]}, good, url, 400, "sent no X-Cema-Protocol header"),
+            ({"Authorization": "Bearer not-a-token", PROTOCOL_HEADER: "2"}, good, url, 401, "Unknown bearer token"),
             (auth, good, samples_url(cloud.url, "ab" * 32), 404, "No model with fingerprint"),
             (auth, b"\x00" * 100, url, 400, "Malformed sample upload"),
             (auth, good[:-10], url, 400, "Malformed sample upload"),

@@ -40,6 +40,10 @@ class ProtocolState:
     #: called with the decoded batch after an accepted upload (e.g. to publish a blob); returns target_version
     on_upload: Callable[[SampleBatch], int | None] | None = None
     upload_delay_s: float = 0.0
+    #: called with the request headers of every request (to record what edges send)
+    on_request: Callable[[Any], None] | None = None
+    #: the X-Cema-Protocol value every response carries (None: no header, as a protocol-1 cloud)
+    protocol_header: str | None = str(protocol.PROTOCOL_VERSION)
     lock: threading.Condition = field(default_factory=threading.Condition)
 
     def publish(self, version: int, data: bytes) -> None:
@@ -66,6 +70,8 @@ def _handler(state: ProtocolState) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
+            if state.protocol_header is not None:
+                self.send_header(protocol.PROTOCOL_HEADER, state.protocol_header)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
@@ -86,6 +92,8 @@ def _handler(state: ProtocolState) -> type[BaseHTTPRequestHandler]:
             return True
 
         def do_POST(self) -> None:
+            if state.on_request is not None:
+                state.on_request(self.headers)
             path = urlsplit(self.path).path
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             if not self._authorized(path):
@@ -117,6 +125,8 @@ def _handler(state: ProtocolState) -> type[BaseHTTPRequestHandler]:
             self._json(202, ack)
 
         def do_GET(self) -> None:
+            if state.on_request is not None:
+                state.on_request(self.headers)
             url = urlsplit(self.path)
             if not self._authorized(url.path):
                 return

@@ -17,13 +17,13 @@ from cema_deploy.contract.blob import RefitBlob, blob_from_path, blob_to_bytes
 from cema_deploy.contract.manifest import manifest_from_dir
 from cema_deploy.contract.samples import SampleBatch, samples_from_bytes
 from cema_deploy.exceptions import CemaError, SignatureError
+from cema_deploy.runtime.client import CloudClient
 from cema_deploy.runtime.edge import EdgeRuntime, RollbackConfig
 from cema_deploy.runtime.onnxrt import session_from_onnx
 from cema_deploy.runtime.preprocess import normalize
 from cema_deploy.runtime.registry import get_backend
 from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
 from cema_deploy.runtime.sources import SourceError, batches_from_source, count_images, labels_from_path
-from cema_deploy.runtime.uplink import CloudClient
 from tests.conftest import needs_torch
 from tests.runtime.conftest import images, until
 
@@ -234,7 +234,7 @@ def test_uploads_on_the_wire_are_exactly_the_selected_images(exported, protocol_
         ent = softmax_entropy(be.infer(normalize(x, manifest.preprocess)))
     cfg = SelectionConfig(num_classes=10, e0=float(np.quantile(ent, 0.75)), e_min=float(np.quantile(ent, 0.2)),
                           warmup=10**6, d_margin=None)  # fmt: skip
-    with _runtime(out, cfg, client=_client(out, srv), encoding=encoding, upload_batch=8, poll_wait_s=0.5) as rt:
+    with _runtime(out, cfg, client=_client(out, srv, encoding=encoding), upload_batch=8, poll_wait_s=0.5) as rt:
         steps = [rt.process(x[i : i + 16]) for i in range(0, 48, 16)]
         assert rt.uplink is not None and rt.uplink.flush(timeout=20)
         m = rt.metrics()

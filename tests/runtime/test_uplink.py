@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from cema_deploy.contract import protocol
+from cema_deploy.contract.messages import EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch, samples_from_bytes
 from cema_deploy.exceptions import CemaError, UplinkError
-from cema_deploy.runtime.uplink import CloudClient, EdgeConfigError, Uplink, UploadAck
+from cema_deploy.runtime.client import CloudClient, EdgeConfigError
+from cema_deploy.runtime.uplink import Uplink
 from tests.runtime.conftest import images, until
 
 pytestmark = pytest.mark.network
@@ -36,8 +38,10 @@ def _free_port() -> int:
 def test_client_upload_fetch_report(protocol_server) -> None:  # type: ignore[no-untyped-def]
     srv = protocol_server(FP)
     x = _images(3)
-    with CloudClient(srv.url, "t0k", FP, device_id="cam-7") as client:
-        ack = client.upload(SampleBatch(images=x, fingerprint=FP, edge_version=0, device_id="cam-7"), encoding="raw")
+    with CloudClient(srv.url, "t0k", FP, device_id="cam-7", encoding="raw") as client:
+        ack = client.upload(
+            SampleBatch(images=x, fingerprint=FP, edge_version=0, device_id="cam-7"), idempotency_key="k"
+        )
         assert ack == UploadAck(accepted=3, pending=0, buffered=3, version=0, target_version=1)
         assert np.array_equal(srv.state.batches[0].images, x) and srv.state.batches[0].device_id == "cam-7"
         assert client.fetch_blob(after=0, wait=0.0) is None  # 204
@@ -45,7 +49,7 @@ def test_client_upload_fetch_report(protocol_server) -> None:  # type: ignore[no
         assert client.fetch_blob(after=0, wait=1.0) == (4, b"raw blob bytes, not parsed by the client")
         assert client.fetch_blob(after=4, wait=0.1) is None
         assert srv.state.blob_requests == [0, 0, 4]
-        client.report("rollback", 4, "entropy rose")
+        client.report(EdgeReport(kind="rollback", version=4, reason="entropy rose"))
         assert srv.state.reports == [{"kind": "rollback", "version": 4, "reason": "entropy rose"}]
 
 
@@ -54,7 +58,7 @@ def test_client_errors_say_what_failed_and_whether_to_retry(protocol_server) -> 
     batch = SampleBatch(images=_images(1), fingerprint=FP, edge_version=0)
     with CloudClient(srv.url, "wrong", FP) as bad_token:
         with pytest.raises(UplinkError, match=r"refused POST .*\(401\): Unknown device token") as e:
-            bad_token.upload(batch)
+            bad_token.upload(batch, idempotency_key="k")
         assert not e.value.retryable and e.value.status == 401
     with CloudClient(srv.url, "t0k", "cd" * 32) as other_model, pytest.raises(UplinkError, match="404") as e:
         other_model.fetch_blob(after=0)
@@ -63,7 +67,7 @@ def test_client_errors_say_what_failed_and_whether_to_retry(protocol_server) -> 
         srv.state.upload_failures = [503, 429, 413]
         for status, retryable in ((503, True), (429, True), (413, False)):
             with pytest.raises(UplinkError, match=f"injected failure {status}") as e:
-                client.upload(batch)
+                client.upload(batch, idempotency_key="k")
             assert e.value.retryable is retryable and e.value.status == status
     with CloudClient(f"http://127.0.0.1:{_free_port()}", "t0k", FP, connect_timeout_s=1.0) as down:
         with pytest.raises(UplinkError, match="Cannot reach the cloud") as e:
@@ -78,7 +82,7 @@ def test_uplink_batches_and_the_bytes_on_the_wire_are_the_images(protocol_server
     x = _images(70, seed=1)
     ent = np.linspace(0.1, 2.0, 70)
     with CloudClient(srv.url, "t0k", FP) as client:
-        up = Uplink(client, fingerprint=FP, device_id="cam", encoding="png", upload_batch=32, flush_interval_s=60)
+        up = Uplink(client, fingerprint=FP, device_id="cam", upload_batch=32, flush_interval_s=60)
         try:
             up.put(x[:40], ent[:40], version=3)
             up.put(x[40:], ent[40:], version=3)
@@ -101,7 +105,7 @@ def test_uplink_batches_and_the_bytes_on_the_wire_are_the_images(protocol_server
 def test_flush_interval_and_one_version_per_upload(protocol_server) -> None:  # type: ignore[no-untyped-def]
     srv = protocol_server(FP)
     with CloudClient(srv.url, "t0k", FP) as client:
-        up = Uplink(client, fingerprint=FP, encoding="raw", upload_batch=32, flush_interval_s=0.2)
+        up = Uplink(client, fingerprint=FP, upload_batch=32, flush_interval_s=0.2)
         try:
             up.put(_images(2), np.zeros(2), version=1)
             up.put(_images(3), np.zeros(3), version=2)
@@ -116,7 +120,7 @@ def test_put_never_blocks_and_the_queue_is_bounded(protocol_server) -> None:  # 
     srv.state.upload_delay_s = 1.0  # a slow cloud
     x = _images(200, seed=2)
     with CloudClient(srv.url, "t0k", FP) as client:
-        up = Uplink(client, fingerprint=FP, encoding="raw", upload_batch=8, max_queue_samples=20, flush_interval_s=0)
+        up = Uplink(client, fingerprint=FP, upload_batch=8, max_queue_samples=20, flush_interval_s=0)
         try:
             up.put(x[:4], np.zeros(4))
             assert _until(lambda: not up._q)  # the worker took them: that upload now takes 1 s
@@ -139,7 +143,7 @@ def test_byte_cap_drops_oldest(protocol_server) -> None:  # type: ignore[no-unty
     srv = protocol_server(FP)
     srv.stop()  # nothing gets through while we fill the queue
     with CloudClient(srv.url, "t0k", FP, connect_timeout_s=0.5) as client:
-        up = Uplink(client, fingerprint=FP, encoding="raw", upload_batch=100, flush_interval_s=60,
+        up = Uplink(client, fingerprint=FP, upload_batch=100, flush_interval_s=60,
                     max_queue_bytes=5 * 8 * 8 * 3)  # fmt: skip
         try:
             up.put(_images(12), np.zeros(12))
@@ -151,7 +155,7 @@ def test_byte_cap_drops_oldest(protocol_server) -> None:  # type: ignore[no-unty
 def test_4xx_is_not_retried_and_5xx_is_with_backoff(protocol_server) -> None:  # type: ignore[no-untyped-def]
     srv = protocol_server(FP)
     with CloudClient(srv.url, "t0k", FP) as client:
-        up = Uplink(client, fingerprint=FP, encoding="raw", upload_batch=4, flush_interval_s=0,
+        up = Uplink(client, fingerprint=FP, upload_batch=4, flush_interval_s=0,
                     backoff_base_s=0.02, backoff_cap_s=0.05)  # fmt: skip
         try:
             srv.state.upload_failures = [413]
@@ -173,7 +177,7 @@ def test_outage_then_uploads_resume(protocol_server) -> None:  # type: ignore[no
     srv = protocol_server(FP)
     srv.stop()
     with CloudClient(srv.url, "t0k", FP, connect_timeout_s=0.5) as client:
-        up = Uplink(client, fingerprint=FP, encoding="png", upload_batch=4, flush_interval_s=0,
+        up = Uplink(client, fingerprint=FP, upload_batch=4, flush_interval_s=0,
                     backoff_base_s=0.05, backoff_cap_s=0.2)  # fmt: skip
         try:
             up.put(_images(6), np.zeros(6))
@@ -192,7 +196,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
     class _NoClient:
         device_id = ""
 
-        def upload_bytes(self, body: bytes) -> UploadAck:
+        def upload(self, batch: SampleBatch, *, idempotency_key: str) -> UploadAck:
             raise AssertionError("not called")
 
     up = Uplink(_NoClient(), fingerprint=FP, seed=0)  # type: ignore[arg-type]
@@ -209,7 +213,7 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
 
 def test_bad_options_are_cema_errors() -> None:
     with pytest.raises(EdgeConfigError, match="encoding 'gif'"):
-        Uplink(None, fingerprint=FP, encoding="gif")  # type: ignore[arg-type]
+        CloudClient("http://127.0.0.1:1", "t0k", FP, encoding="gif")
     with pytest.raises(CemaError, match="upload_batch"):
         Uplink(None, fingerprint=FP, upload_batch=0)  # type: ignore[arg-type]
 
@@ -217,8 +221,11 @@ def test_bad_options_are_cema_errors() -> None:
 def test_a_malformed_ack_is_an_uplink_error(protocol_server) -> None:  # type: ignore[no-untyped-def]
     srv = protocol_server(FP)
     srv.state.on_upload = lambda batch: "not a version"  # type: ignore[assignment,return-value]
-    with CloudClient(srv.url, "t0k", FP) as client, pytest.raises(UplinkError, match="not an upload ackn") as e:
-        client.upload(SampleBatch(images=_images(1), fingerprint=FP, edge_version=0))
+    with (
+        CloudClient(srv.url, "t0k", FP) as client,
+        pytest.raises(UplinkError, match="does not follow the protocol") as e,
+    ):
+        client.upload(SampleBatch(images=_images(1), fingerprint=FP, edge_version=0), idempotency_key="k")
     assert not e.value.retryable
 
 
@@ -229,3 +236,35 @@ def test_long_poll_wait_is_capped_at_the_protocol_limit(protocol_server) -> None
         assert client.fetch_blob(after=0, wait=1e6) == (1, b"x")
         assert client.fetch_blob(after=0, wait=-5) == (1, b"x")
     assert srv.state.blob_waits == [protocol.MAX_WAIT_S, 0.0]
+
+
+@pytest.mark.parametrize(("header", "said"), [(None, "1 \\(it sent no X-Cema-Protocol header\\)"), ("3", "'3'")])
+def test_a_cloud_of_another_protocol_version_is_refused_naming_both(protocol_server, header, said) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    srv.state.protocol_header = header
+    with CloudClient(srv.url, "t0k", FP) as client:
+        with pytest.raises(
+            UplinkError, match=rf"The cloud at {srv.url} speaks cema protocol {said}; this side speaks protocol 2"
+        ) as e:
+            client.fetch_blob(after=0)
+        assert not e.value.retryable
+        with pytest.raises(UplinkError, match="speaks cema protocol"):
+            client.upload(SampleBatch(images=_images(1), fingerprint=FP, edge_version=0), idempotency_key="k")
+
+
+def test_requests_carry_the_protocol_version_and_one_idempotency_key_per_upload(protocol_server) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    seen: list[tuple[str | None, str | None]] = []
+    srv.state.on_request = lambda h: seen.append((h.get(protocol.PROTOCOL_HEADER), h.get(protocol.IDEMPOTENCY_HEADER)))
+    with CloudClient(srv.url, "t0k", FP) as client:
+        srv.state.upload_failures = [503]
+        up = Uplink(client, fingerprint=FP, upload_batch=2, flush_interval_s=0, backoff_base_s=0.01, backoff_cap_s=0.02)
+        try:
+            up.put(_images(2), np.zeros(2), version=0)
+            assert up.flush(timeout=20)
+        finally:
+            up.close()
+    uploads = [s for s in seen if s[1] is not None]
+    assert len(uploads) == 2 and uploads[0] == uploads[1]  # the failed attempt and its retry: one key
+    assert all(p == str(protocol.PROTOCOL_VERSION) for p, _ in seen)
+    assert len(srv.state.batches) == 1
