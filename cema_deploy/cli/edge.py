@@ -83,13 +83,43 @@ def run_cmd(
     public_key: Annotated[
         list[Path] | None, typer.Option(help="Trusted Ed25519 public key(s); unsigned blobs are then refused.")
     ] = None,
+    allow_unsigned: Annotated[
+        bool,
+        typer.Option(help="Apply unsigned blobs from a cloud that is not on a loopback address (no --public-key)."),
+    ] = False,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle (PEM) that signed an https:// cloud's certificate (default: system).")
+    ] = None,
     sync: Annotated[
-        bool, typer.Option(help="After each batch, wait for the blob that includes its uploads (reproducible runs).")
+        bool,
+        typer.Option(help="After each batch, wait for the blob that includes its uploads and its rollback judgement."),
     ] = False,
     sync_timeout: Annotated[float, typer.Option(help="Longest wait of one --sync step, seconds.")] = 120.0,
-    rollback: Annotated[bool, typer.Option(help="Roll back a refit that makes mean entropy rise.")] = True,
-    rollback_window: Annotated[int, typer.Option(min=1, help="Samples compared before/after a refit.")] = 64,
-    rollback_margin: Annotated[float, typer.Option(min=0.0, help="Allowed entropy rise, fraction of ln C.")] = 0.15,
+    recalibrate: Annotated[
+        bool, typer.Option(help="Send a batch whole as a calibration batch when the selector detects a shift.")
+    ] = True,
+    rollback: Annotated[
+        bool, typer.Option(help="Roll back a refit whose parameters carry less information on the same frames.")
+    ] = True,
+    rollback_window: Annotated[
+        int, typer.Option(min=1, help="Recent frames both parameter sets are compared on after a refit.")
+    ] = 128,
+    rollback_margin: Annotated[
+        float, typer.Option(min=0.0, help="Allowed drop of the mutual information, fraction of ln C.")
+    ] = 0.05,
+    min_refit_interval: Annotated[
+        float, typer.Option(min=0.0, help="Shortest time between two refit builds, seconds (newer blobs coalesce).")
+    ] = 0.0,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="Durable edge state folder: selector, refused versions, serving blob, upload spool."),
+    ] = None,
+    state_interval: Annotated[float, typer.Option(min=0.1, help="Seconds between two saves of --state.")] = 30.0,
+    spool_mb: Annotated[float, typer.Option(min=0.001, help="Bound of the upload spool in --state, MiB.")] = 1024.0,
+    metrics_port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (0: any free port).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics server binds.")] = "127.0.0.1",
     predictions: Annotated[
         Path | None, typer.Option(help="Write predictions: .csv or .npy (classes), or .npz (all per-sample arrays).")
     ] = None,
@@ -102,9 +132,10 @@ def run_cmd(
     """
     from cema_deploy.contract.samples import ENCODINGS
     from cema_deploy.exceptions import CemaError
-    from cema_deploy.runtime.client import CloudClient
-    from cema_deploy.runtime.edge import EdgeRuntime, RollbackConfig
+    from cema_deploy.runtime.client import CloudClient, is_loopback_url
+    from cema_deploy.runtime.edge import EdgeRuntime
     from cema_deploy.runtime.registry import get_backend
+    from cema_deploy.runtime.rollback import RollbackConfig
     from cema_deploy.runtime.selection import SampleSelector
     from cema_deploy.runtime.sources import batches_from_source, count_images, labels_from_path
 
@@ -126,6 +157,8 @@ def run_cmd(
         from cema_deploy.contract.signing import BlobVerifier
 
         verifier = BlobVerifier.from_files(public_key)
+    elif cloud is not None:
+        _warn_unsigned(cloud, allow_unsigned, is_loopback_url(cloud))
     be = get_backend(backend, model_dir, intra_op_threads=threads)
     cfg = selection_config(
         be.manifest.num_classes,
@@ -138,10 +171,12 @@ def run_cmd(
     client = None
     if cloud is not None:
         assert token is not None  # checked above
-        client = CloudClient(cloud, token, be.manifest.fingerprint, device_id=device_id, encoding=encoding)
+        client = CloudClient(cloud, token, be.manifest.fingerprint, device_id=device_id, encoding=encoding,
+                             ca_file=str(ca_file) if ca_file is not None else None)  # fmt: skip
     preds: list[np.ndarray] = []
     ents: list[np.ndarray] = []
     sel: list[np.ndarray] = []
+    went_up: list[np.ndarray] = []
     vers: list[np.ndarray] = []
     correct = seen = 0
     rt = EdgeRuntime(
@@ -149,14 +184,29 @@ def run_cmd(
         SampleSelector(cfg),
         client=client,
         verifier=verifier,
+        allow_unsigned=allow_unsigned,
         upload_batch=upload_batch,
         device_id=device_id,
-        rollback=RollbackConfig(enabled=rollback, window=rollback_window, margin_ratio=rollback_margin),
+        rollback=RollbackConfig(
+            enabled=rollback, window=rollback_window, margin_ratio=rollback_margin, min_samples=min(32, rollback_window)
+        ),
+        sync=sync,
+        sync_timeout_s=sync_timeout,
+        recalibrate=recalibrate,
+        state_dir=state,
+        state_interval_s=state_interval,
+        max_spool_bytes=max(1, int(spool_mb * 2**20)),
+        min_refit_interval_s=min_refit_interval,
     )
+    if rt.restored_version:
+        err_console.print(f"restored from {state}: serving v{rt.restored_version}")
+    server = _metrics_server(rt, metrics_host, metrics_port) if metrics_port is not None else None
     t0 = time.perf_counter()
     try:
+        _exit_cleanly_on_sigterm()
         with _live(quiet, total) as update:
             for images in batches_from_source(source, batch):
+                timeouts = rt.sync_timeouts
                 step = rt.process(images)
                 if y is not None:
                     correct += int((step.predictions == y[seen : seen + len(images)]).sum())
@@ -164,15 +214,19 @@ def run_cmd(
                 preds.append(step.predictions)
                 ents.append(step.selection.entropy)
                 sel.append(step.selection.mask)
+                went_up.append(_uploaded_mask(step, rt.uplink is not None))
                 vers.append(np.full(len(images), step.version))
-                if sync and not rt.sync(timeout=sync_timeout):
+                if rt.sync_timeouts > timeouts:
                     err_console.print(f"warning: --sync waited {sync_timeout:g} s for the cloud; going on.")
                 m = rt.metrics()
                 update(len(images), m, None if y is None else correct / max(1, m["frames"]))
             if rt.uplink is not None and not rt.uplink.flush(timeout=30):
-                err_console.print(f"warning: {rt.uplink.queued_now} selected samples were not uploaded in 30 s.")
+                where = "wait in the spool for the next run" if state is not None else "were not uploaded"
+                err_console.print(f"warning: {rt.uplink.queued_now} samples {where} (30 s flush).")
         metrics = rt.metrics()
     finally:
+        if server is not None:
+            server.close()
         rt.close()
         be.close()
     metrics["wall_s"] = time.perf_counter() - t0
@@ -181,7 +235,9 @@ def run_cmd(
     if y is not None:
         metrics["accuracy"] = float((p == y).mean())
     if predictions is not None:
-        _write_predictions(predictions, p, np.concatenate(ents), np.concatenate(sel), np.concatenate(vers))
+        _write_predictions(
+            predictions, p, np.concatenate(ents), np.concatenate(sel), np.concatenate(vers), np.concatenate(went_up)
+        )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -196,12 +252,61 @@ def run_cmd(
     )
 
 
-def _write_predictions(path: Path, pred: np.ndarray, ent: np.ndarray, sel: np.ndarray, ver: np.ndarray) -> None:
+def _warn_unsigned(cloud: str, allow_unsigned: bool, loopback: bool) -> None:
+    if loopback or allow_unsigned:
+        err_console.print(
+            f"warning: no --public-key: blobs from {cloud} are applied UNSIGNED; whoever can answer for that address "
+            "can change this model. Give the edge the cloud's public key (`cema-deploy keys new`, --public-key)."
+        )
+    else:
+        err_console.print(
+            f"warning: no --public-key and {cloud} is not on a loopback address: every blob will be refused. "
+            "Pass --public-key (recommended) or --allow-unsigned."
+        )
+
+
+def _metrics_server(rt: Any, host: str, port: int) -> Any:
+    from cema_deploy.runtime.metrics_http import MetricsServer, prometheus_text
+
+    server = MetricsServer(lambda: prometheus_text(rt.metrics(), rt.latency), host=host, port=port)
+    err_console.print(f"metrics on {server.url}")
+    return server
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C: the runtime closes and saves its state (SIGKILL cannot be caught; the
+    state then holds the last interval's or event's save)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _uploaded_mask(step: Any, with_cloud: bool) -> np.ndarray:
+    """Frames of this step that went up, of any kind (selected, statistics, the whole of a calibration batch)."""
+    n = len(step.predictions)
+    if not with_cloud:
+        return np.zeros(n, bool)
+    if step.calibration:
+        return np.ones(n, bool)
+    stats = step.selection.stats_mask
+    return np.asarray(step.selection.mask | (stats if stats is not None else False), bool)
+
+
+def _write_predictions(
+    path: Path, pred: np.ndarray, ent: np.ndarray, sel: np.ndarray, ver: np.ndarray, uploaded: np.ndarray
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
         np.save(path, pred)
     elif path.suffix == ".npz":
-        np.savez(path, predictions=pred, entropy=ent, selected=sel, version=ver)
+        np.savez(path, predictions=pred, entropy=ent, selected=sel, version=ver, uploaded=uploaded)
     else:
         with open(path, "w") as f:
             f.write("index,prediction,entropy,selected,version\n")

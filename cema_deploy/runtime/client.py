@@ -12,9 +12,11 @@ protocol versions fail with a message naming both (:class:`~cema_deploy.exceptio
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from cema_deploy._lazy import lazy_import
 from cema_deploy.contract import protocol
@@ -22,7 +24,7 @@ from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatu
 from cema_deploy.contract.samples import ENCODINGS, SampleBatch, samples_to_bytes
 from cema_deploy.exceptions import CemaError, ProtocolError, ProtocolMismatchError, UplinkError
 
-__all__ = ["AdminClient", "CloudClient", "CloudLink", "EdgeConfigError", "StaleGenerationError"]
+__all__ = ["AdminClient", "CloudClient", "CloudLink", "EdgeConfigError", "StaleGenerationError", "is_loopback_url"]
 
 #: Statuses worth retrying besides 5xx: request timeout and rate limiting.
 RETRYABLE_4XX = (408, 429)
@@ -59,6 +61,20 @@ class CloudLink(Protocol):
     def report(self, report: EdgeReport) -> None: ...
 
     def close(self) -> None: ...
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """True for a cloud on this machine (``localhost``, 127.0.0.0/8, ``::1``) and for an in-process link
+    (``url`` None): traffic that never crosses a network."""
+    if url is None:
+        return True
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _retry_after(value: str | None) -> float | None:

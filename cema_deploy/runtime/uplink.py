@@ -1,12 +1,28 @@
-"""The edge's background uploader: a bounded queue of selected samples, sent through a
+"""The edge's background uploader: one FIFO of uploads and reports, sent through a
 :class:`~cema_deploy.runtime.client.CloudLink` (the HTTP client lives in ``client.py``).
 
-Nothing here runs on the inference path: :meth:`Uplink.put` appends to an in-memory queue and returns (O(1) per
-sample, no network, no encoding). A worker thread batches queued samples into uploads of at most ``upload_batch``
-samples (or whatever is queued once ``flush_interval_s`` has passed), encodes them, and retries with jittered
-exponential back-off while the cloud is unreachable or failing (5xx, 408, 429, transport errors). A request the
-cloud refuses (any other 4xx) is not retried: its samples are counted as ``rejected``. When the queue is full
-(``max_queue_samples`` samples or ``max_queue_bytes`` bytes) the oldest samples are dropped and counted.
+Nothing here touches the network on the inference path: :meth:`Uplink.put` and the report methods append to the
+queue and return. One worker thread sends the queue's entries strictly in order, so the
+:class:`~cema_deploy.contract.messages.BatchReport` of an edge batch reaches the cloud after that batch's uploads
+(protocol 2). Entries:
+
+* **samples** (kind ``selected``, ``statistics`` or ``calibration``): consecutive ``selected``/``statistics``
+  entries of one parameter version, kind and generation are merged into uploads of at most ``upload_batch``
+  samples; an upload goes when it is full, when the next entry cannot join it (a report, another kind or version),
+  on :meth:`flush`, or ``flush_interval_s`` after its first sample was queued. A calibration batch goes whole, as
+  one upload.
+* **batch reports** and **edge reports** (rollbacks, refusals).
+
+Each upload and each batch report has one idempotency key (uuid4), reused on every retry. Transport errors, 5xx,
+408 and 429 are retried with jittered exponential back-off (a 429 waits at least its ``Retry-After``); a 409
+(:class:`~cema_deploy.runtime.client.StaleGenerationError`: the deployment was reset) drops the upload, counted
+as ``stale_generation``, and tells the listener; any other refusal drops the entry, counted as ``rejected``.
+
+Bounds: in memory, ``max_queue_samples`` samples / ``max_queue_bytes`` bytes (the oldest samples are dropped,
+counted in ``dropped_queue``; a calibration batch is dropped whole) and ``max_queue_reports`` reports. With a
+``spool_dir`` the queue lives on disk instead (:mod:`cema_deploy.runtime.spool`), bounded by ``max_spool_bytes``
+(oldest entries dropped, counted in ``dropped_spool``), and survives restarts; entries are then never merged (each
+upload's key is fixed when it is spooled).
 
 Routes, headers and limits are those of :mod:`cema_deploy.contract.protocol`.
 """
@@ -15,37 +31,124 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from cema_deploy.contract.messages import UploadAck
-from cema_deploy.contract.samples import SampleBatch
-from cema_deploy.exceptions import UplinkError
-from cema_deploy.runtime.client import CloudLink, EdgeConfigError
+from cema_deploy.contract.messages import BatchAck, BatchReport, EdgeReport, UploadAck
+from cema_deploy.contract.samples import (
+    KIND_CALIBRATION,
+    KIND_SELECTED,
+    KIND_STATISTICS,
+    SAMPLE_KINDS,
+    SampleBatch,
+)
+from cema_deploy.exceptions import CemaError, ProtocolError, UplinkError
+from cema_deploy.runtime.client import CloudLink, EdgeConfigError, StaleGenerationError
+from cema_deploy.runtime.spool import Spool, SpoolRecord
+
+__all__ = ["Uplink", "UplinkCounters", "UplinkListener"]
 
 log = logging.getLogger("cema_deploy.edge")
+
+_BATCH_REPORT, _EDGE_REPORT = "batch_report", "edge_report"
+_T = TypeVar("_T")
 
 
 @dataclass
 class UplinkCounters:
-    """Totals since the uplink started (samples unless named ``bytes``/``errors``/``retries``)."""
+    """Totals since the uplink started (samples unless named ``bytes``/``errors``/``retries``/``reports``)."""
 
-    queued: int = 0  # samples put in the queue
-    uploaded: int = 0  # samples the cloud acknowledged
+    queued: int = 0  # samples put in the queue (all kinds)
+    uploaded: int = 0  # samples the cloud acknowledged (all kinds)
+    uploaded_selected: int = 0
+    uploaded_calibration: int = 0
+    uploaded_statistics: int = 0
     bytes_sent: int = 0  # bodies of acknowledged uploads (as the client counts them; 0 in-process)
-    dropped_queue: int = 0  # oldest samples dropped because the queue was full
-    rejected: int = 0  # samples in uploads the cloud refused (4xx, not retried)
+    dropped_queue: int = 0  # oldest samples dropped because the memory queue was full
+    dropped_spool: int = 0  # oldest samples dropped because the spool was full (or could not be written)
+    rejected: int = 0  # samples in uploads the cloud refused (4xx other than 409, not retried)
+    stale_generation: int = 0  # samples in uploads refused with 409 (made for a generation before a reset)
     upload_errors: int = 0  # failed upload attempts, retried or not
-    retries: int = 0  # upload attempts repeated after a retryable failure
+    retries: int = 0  # attempts (uploads and reports) repeated after a retryable failure
+    reports_sent: int = 0  # batch reports the cloud acknowledged
+    reports_dropped: int = 0  # batch reports refused (4xx) or dropped from a full queue
+    edge_reports_sent: int = 0  # rollback/refusal reports delivered
+    edge_reports_dropped: int = 0
+    restored: int = 0  # samples found in the spool at start (left by an earlier run)
+
+
+class UplinkListener:
+    """What the uplink tells its owner, on the worker thread (no-ops here; the edge runtime overrides them).
+
+    Callbacks run outside the uplink's lock and must not block for long: the queue waits for them.
+    """
+
+    def on_upload_ack(self, batch: SampleBatch, ack: UploadAck) -> None:
+        """The cloud acknowledged ``batch``."""
+
+    def on_batch_ack(self, report: BatchReport, ack: BatchAck) -> None:
+        """The cloud acknowledged a batch report."""
+
+    def on_stale_generation(self, exc: StaleGenerationError) -> None:
+        """An upload was refused with 409: ``exc.current`` is the deployment's status now."""
+
+    def on_dropped(self, kind: str, calibration: str) -> None:
+        """Samples of ``kind`` were dropped without reaching the cloud (full queue, refusal, 409)."""
+
+
+@dataclass
+class _Entry:
+    kind: str  # a sample kind, _BATCH_REPORT or _EDGE_REPORT
+    n: int = 0  # samples
+    nbytes: int = 0
+    images: np.ndarray | None = None  # None when spooled (read back when taken)
+    entropy: np.ndarray | None = None
+    selected: np.ndarray | None = None
+    version: int = 0
+    generation: int = 0
+    calibration: str = ""
+    message: BatchReport | EdgeReport | None = None
+    key: str = ""
+    rec: SpoolRecord | None = None
+    t: float = 0.0  # when queued (monotonic)
+
+    @property
+    def is_samples(self) -> bool:
+        return self.kind in SAMPLE_KINDS
+
+    def joins(self, head: _Entry) -> bool:
+        """Can this entry go in the same upload as ``head``?"""
+        return (
+            self.is_samples
+            and self.kind != KIND_CALIBRATION
+            and (self.kind, self.version, self.generation) == (head.kind, head.version, head.generation)
+        )
+
+    def split(self, k: int) -> _Entry:
+        """Remove and return the first ``k`` samples (memory entries only)."""
+        assert self.images is not None and self.entropy is not None and 0 < k < self.n
+        per = self.nbytes // self.n
+        head = replace(self, n=k, nbytes=per * k, images=self.images[:k], entropy=self.entropy[:k])
+        self.images, self.entropy, self.n, self.nbytes = (
+            self.images[k:],
+            self.entropy[k:],
+            self.n - k,
+            self.nbytes - per * k,
+        )
+        return head
 
 
 class Uplink:
-    """Background uploader: bounded queue (drop-oldest), batching, jittered exponential back-off.
+    """Background uploader: one FIFO of uploads and reports, batching, jittered exponential back-off.
 
     Ownership: :meth:`put` keeps references to the rows of ``images``; pass arrays the caller will not modify
     afterwards (boolean-mask indexing, as :class:`~cema_deploy.runtime.edge.EdgeRuntime` does, makes a copy).
@@ -53,6 +156,8 @@ class Uplink:
     Example:
         >>> up = Uplink(client, fingerprint=manifest.fingerprint, upload_batch=32)  # doctest: +SKIP
         >>> up.put(images[mask], entropy[mask], version=backend.version)  # returns at once  # doctest: +SKIP
+        >>> up.put_report(BatchReport(seen=64, selected=int(mask.sum()), uploaded=int(mask.sum()), generation=1))
+        ...  # doctest: +SKIP
         >>> up.flush(timeout=30.0); up.close()  # doctest: +SKIP
     """
 
@@ -66,14 +171,19 @@ class Uplink:
         flush_interval_s: float = 0.5,
         max_queue_samples: int = 4096,
         max_queue_bytes: int = 64 * 2**20,
+        max_queue_reports: int = 4096,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
+        spool_dir: str | Path | None = None,
+        max_spool_bytes: int = 1024 * 2**20,
+        listener: UplinkListener | None = None,
         seed: int | None = None,
     ) -> None:
-        if upload_batch < 1 or max_queue_samples < 1 or max_queue_bytes < 1:
+        if min(upload_batch, max_queue_samples, max_queue_bytes, max_queue_reports, max_spool_bytes) < 1:
             raise EdgeConfigError(
-                f"upload_batch, max_queue_samples and max_queue_bytes must be >= 1, got {upload_batch}, "
-                f"{max_queue_samples}, {max_queue_bytes}."
+                "upload_batch, max_queue_samples, max_queue_bytes, max_queue_reports and max_spool_bytes must be "
+                f">= 1, got {upload_batch}, {max_queue_samples}, {max_queue_bytes}, {max_queue_reports}, "
+                f"{max_spool_bytes}."
             )
         if flush_interval_s < 0 or backoff_base_s <= 0 or backoff_cap_s < backoff_base_s:
             raise EdgeConfigError(
@@ -84,39 +194,80 @@ class Uplink:
         self.device_id = getattr(client, "device_id", "") if device_id is None else device_id
         self.upload_batch, self.flush_interval_s = upload_batch, flush_interval_s
         self.max_queue_samples, self.max_queue_bytes = max_queue_samples, max_queue_bytes
+        self.max_queue_reports, self.max_spool_bytes = max_queue_reports, max_spool_bytes
         self.backoff_base_s, self.backoff_cap_s = backoff_base_s, backoff_cap_s
+        self.listener = listener or UplinkListener()
         self.last_ack: UploadAck | None = None
+        self.last_batch_ack: BatchAck | None = None
+        #: Highest ``target_version`` of any acknowledgement (uploads and batch reports) so far.
+        self.max_target_version = 0
         #: Version stamped on samples put without one (kept for callers that set it instead of passing it).
         self.edge_version = 0
         self._counters = UplinkCounters()
-        self._q: collections.deque[tuple[np.ndarray, float, int]] = collections.deque()
-        self._q_bytes = 0
+        self._q: collections.deque[_Entry] = collections.deque()
+        self._q_samples = self._q_bytes = self._q_reports = 0
         self._inflight = 0
+        self._busy = False  # an entry is being sent
         self._cond = threading.Condition()
         self._stop = False
         self._flush_waiters = 0
         self._rng = random.Random(seed)
+        self.spool = Spool(spool_dir) if spool_dir is not None else None
+        if self.spool is not None:
+            self._restore(self.spool)
         self._thread = threading.Thread(target=self._loop, name="cema-uplink", daemon=True)
         self._thread.start()
 
     # ---- caller side (never touches the network) -------------------------------------------------------------
-    def put(self, images: np.ndarray, entropy: np.ndarray, *, version: int | None = None) -> None:
-        """Queue selected uint8 images ``[N, H, W, 3]`` with their entropies, made with parameter ``version``.
+    def put(
+        self,
+        images: np.ndarray,
+        entropy: np.ndarray,
+        *,
+        version: int | None = None,
+        kind: str = KIND_SELECTED,
+        generation: int = 0,
+    ) -> None:
+        """Queue uint8 images ``[N, H, W, 3]`` of ``kind`` (``selected`` or ``statistics``) with their entropies,
+        made with parameter ``version`` in deployment ``generation`` (0: not known yet).
 
-        Returns at once; drops the oldest queued samples (counted in ``dropped_queue``) when a cap is exceeded.
+        Returns at once; drops the oldest queued samples (counted) when a bound is exceeded.
         """
+        if kind not in (KIND_SELECTED, KIND_STATISTICS):
+            raise EdgeConfigError(f"put() takes kind 'selected' or 'statistics', got {kind!r}; see put_calibration.")
+        if len(images) == 0:
+            return
         v = self.edge_version if version is None else int(version)
-        with self._cond:
-            for img, e in zip(images, entropy, strict=True):
-                self._q.append((img, float(e), v))
-                self._q_bytes += img.nbytes
-            self._counters.queued += len(images)
-            while self._q and (len(self._q) > self.max_queue_samples or self._q_bytes > self.max_queue_bytes):
-                old = self._q.popleft()
-                self._q_bytes -= old[0].nbytes
-                self._counters.dropped_queue += 1
-            if len(self._q) >= self.upload_batch:
-                self._cond.notify_all()
+        ent = np.asarray(entropy, np.float32)
+        step = self.upload_batch if self.spool is not None else len(images)  # spooled: one file per upload
+        for i in range(0, len(images), step):
+            im = images[i : i + step]
+            self._append(_Entry(kind, len(im), im.nbytes, im, ent[i : i + step], version=v, generation=generation))
+
+    def put_calibration(
+        self,
+        images: np.ndarray,
+        entropy: np.ndarray,
+        selected: np.ndarray,
+        *,
+        version: int,
+        generation: int,
+        reason: str,
+    ) -> None:
+        """Queue a whole edge batch as one calibration upload (``reason`` ``start`` or ``shift``; ``selected``:
+        the rule's mask)."""
+        self._append(
+            _Entry(KIND_CALIBRATION, len(images), images.nbytes, images, np.asarray(entropy, np.float32),
+                   np.asarray(selected, bool), version=int(version), generation=generation, calibration=reason)
+        )  # fmt: skip
+
+    def put_report(self, report: BatchReport) -> None:
+        """Queue a batch report behind the uploads queued so far."""
+        self._append(_Entry(_BATCH_REPORT, message=report))
+
+    def put_edge_report(self, report: EdgeReport) -> None:
+        """Queue a rollback or refusal report (delivered in order, retried like uploads)."""
+        self._append(_Entry(_EDGE_REPORT, message=report))
 
     @property
     def counters(self) -> UplinkCounters:
@@ -126,19 +277,30 @@ class Uplink:
 
     @property
     def queued_now(self) -> int:
-        """Samples waiting in the queue or in the upload being sent."""
+        """Samples waiting in the queue (or spool) or in the upload being sent."""
         with self._cond:
-            return len(self._q) + self._inflight
+            return self._q_samples + self._inflight
+
+    @property
+    def reports_queued(self) -> int:
+        with self._cond:
+            return self._q_reports
+
+    @property
+    def spool_bytes(self) -> int:
+        """Bytes of the spooled entries (0 without a spool)."""
+        with self._cond:
+            return self._q_bytes if self.spool is not None else 0
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Upload everything queued now without waiting for a full batch; True when it was all acknowledged (or
-        refused by the cloud) within ``timeout``, False on timeout or when the uplink was closed first."""
+        """Send everything queued now (uploads and reports) without waiting for a full batch; True when all of
+        it was acknowledged (or refused by the cloud) within ``timeout``, False on timeout or once closed."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._flush_waiters += 1
             self._cond.notify_all()
             try:
-                while self._q or self._inflight:
+                while self._q or self._busy:
                     left = deadline - time.monotonic()
                     if left <= 0 or self._stop:
                         return False
@@ -148,88 +310,310 @@ class Uplink:
                 self._flush_waiters -= 1
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker (samples still queued are discarded; call :meth:`flush` first to send them)."""
+        """Stop the worker. Entries still queued are discarded in memory; spooled ones stay for the next run
+        (call :meth:`flush` first to send them)."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self.spool is not None:
+            with self._cond:
+                self.spool.sync()
 
     def backoff_delay(self, attempt: int) -> float:
         """Seconds to wait before retry ``attempt`` (0-based): ``min(cap, base * 2**attempt)`` times a uniform
         jitter in [0.5, 1] (so edges that lost the cloud together do not come back in step)."""
         return min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** min(attempt, 32)) * self._rng.uniform(0.5, 1.0)
 
-    # ---- worker ------------------------------------------------------------------------------------------------
-    def _take(self) -> list[tuple[np.ndarray, float, int]] | None:
-        """Wait for a full batch, the flush interval, a flush or stop; pop up to ``upload_batch`` samples of one
-        parameter version (so every upload's ``edge_version`` is exact)."""
+    # ---- the queue -----------------------------------------------------------------------------------------
+    def _append(self, e: _Entry) -> None:
+        lost: list[tuple[str, str]] = []
         with self._cond:
-            t_first = time.monotonic()
-            while not self._stop:
-                if not self._q:
-                    t_first = time.monotonic()
-                elif (
-                    len(self._q) >= self.upload_batch
-                    or self._flush_waiters
-                    or time.monotonic() - t_first >= self.flush_interval_s
-                ):
-                    break
+            e.t = time.monotonic()
+            if self.spool is not None:
+                try:
+                    e = self._spool_entry(self.spool, e)
+                except CemaError as exc:
+                    log.warning("could not spool an entry, dropped: %s", exc)
+                    self._count_drop(e, spool=True, lost=lost)
+                    e = _Entry("")
+            if e.kind:
+                self._q.append(e)
+                self._q_samples += e.n
+                self._q_bytes += e.nbytes
+                self._q_reports += not e.is_samples
+                self._counters.queued += e.n
+                self._enforce_bounds(e, lost)
+            self._cond.notify_all()
+        for kind, calibration in lost:
+            self.listener.on_dropped(kind, calibration)
+
+    def _spool_entry(self, spool: Spool, e: _Entry) -> _Entry:
+        e.key = str(uuid.uuid4())
+        if e.is_samples:
+            assert e.images is not None
+            rec = spool.write_samples(self._batch_of(e), key=e.key)
+            e.images = e.entropy = e.selected = None
+        else:
+            assert e.message is not None
+            rec = spool.write_report({"type": e.kind, "body": e.message.to_json()}, key=e.key)
+        e.rec, e.nbytes = rec, rec.nbytes
+        return e
+
+    def _restore(self, spool: Spool) -> None:
+        for rec in spool.load():
+            if rec.is_samples:
+                batch = spool.read_samples(rec)
+                if batch is None:
+                    continue
+                e = _Entry(batch.kind, len(batch), rec.nbytes, version=batch.edge_version, generation=batch.generation,
+                           calibration=batch.calibration, key=rec.key, rec=rec)  # fmt: skip
+                self._counters.restored += e.n
+            else:
+                body = spool.read_report(rec)
+                try:
+                    kind = body["type"] if body else ""
+                    message: BatchReport | EdgeReport = (
+                        BatchReport if kind == _BATCH_REPORT else EdgeReport
+                    ).from_json(body["body"] if body else None)
+                except (KeyError, TypeError, ProtocolError) as exc:
+                    log.warning("spooled report %s is malformed and was dropped: %s", rec.path.name, exc)
+                    spool.remove(rec)
+                    continue
+                e = _Entry(kind, nbytes=rec.nbytes, message=message, key=rec.key, rec=rec)
+            e.t = time.monotonic()
+            self._q.append(e)
+            self._q_samples += e.n
+            self._q_bytes += e.nbytes
+            self._q_reports += not e.is_samples
+        if self._q:
+            log.info("upload spool %s: %d samples and %d reports from an earlier run", spool.directory,
+                     self._q_samples, self._q_reports)  # fmt: skip
+
+    def _enforce_bounds(self, newest: _Entry, lost: list[tuple[str, str]]) -> None:
+        """Drop the oldest samples (or whole spooled entries / calibration batches) while a bound is exceeded;
+        the entry just queued is never dropped whole when it alone exceeds a bound."""
+        spooled = self.spool is not None
+        cap_samples = math.inf if spooled else float(self.max_queue_samples)
+        cap_bytes = self.max_spool_bytes if spooled else self.max_queue_bytes
+        while self._q_samples > cap_samples or self._q_bytes > cap_bytes:
+            e = next((x for x in self._q if x.is_samples), None)
+            if e is None or (e is newest and (spooled or e.kind == KIND_CALIBRATION)):
+                break
+            k = e.n
+            if not spooled and e.kind != KIND_CALIBRATION and e.n > 1:  # drop only as many samples as needed
+                per = max(1, e.nbytes // e.n)
+                k = min(e.n, max(1, self._q_samples - self.max_queue_samples, -(-(self._q_bytes - cap_bytes) // per)))
+            if k == e.n:
+                self._q.remove(e)
+                self._q_samples -= e.n
+                self._q_bytes -= e.nbytes
+                self._count_drop(e, spool=spooled, lost=lost)
+            else:
+                part = e.split(k)
+                self._q_samples -= part.n
+                self._q_bytes -= part.nbytes
+                self._count_drop(part, spool=False, lost=lost)
+        while self._q_reports > self.max_queue_reports:
+            e = next(x for x in self._q if not x.is_samples)
+            self._q.remove(e)
+            self._q_reports -= 1
+            self._q_bytes -= e.nbytes
+            self._count_drop(e, spool=spooled, lost=lost)
+
+    def _count_drop(self, e: _Entry, *, spool: bool, lost: list[tuple[str, str]]) -> None:
+        if e.rec is not None and self.spool is not None:
+            self.spool.remove(e.rec)
+        if e.is_samples:
+            if spool:
+                self._counters.dropped_spool += e.n
+            else:
+                self._counters.dropped_queue += e.n
+            lost.append((e.kind, e.calibration))
+        elif e.kind == _BATCH_REPORT:
+            self._counters.reports_dropped += 1
+        elif e.kind == _EDGE_REPORT:
+            self._counters.edge_reports_dropped += 1
+
+    # ---- worker ------------------------------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        head = self._q[0]
+        if not head.is_samples or head.kind == KIND_CALIBRATION or self.spool is not None or self._flush_waiters:
+            return True
+        n = 0
+        for e in self._q:
+            if not e.joins(head):
+                return True  # the upload cannot grow any more: send it now
+            n += e.n
+            if n >= self.upload_batch:
+                return True
+        return time.monotonic() - head.t >= self.flush_interval_s
+
+    def _take(self) -> list[_Entry] | None:
+        """Wait until the head of the queue should go (or stop); pop it (and the samples that join it)."""
+        with self._cond:
+            while not self._stop and not (self._q and self._ready()):
                 self._cond.wait(0.05)
             if self._stop:
                 return None
-            version = self._q[0][2]
-            items: list[tuple[np.ndarray, float, int]] = []
-            while self._q and len(items) < self.upload_batch and self._q[0][2] == version:
-                items.append(self._q.popleft())
-            self._q_bytes -= sum(img.nbytes for img, _, _ in items)
-            self._inflight = len(items)
+            head = self._q.popleft()
+            items = [head]
+            if head.is_samples and self.spool is None and head.kind != KIND_CALIBRATION:
+                n = head.n
+                if n > self.upload_batch:  # a large put: send its first upload_batch samples, keep the rest
+                    self._q.appendleft(head)
+                    items = [head.split(self.upload_batch)]
+                    n = self.upload_batch
+                while self._q and self._q[0].joins(head) and n < self.upload_batch:
+                    e = self._q[0]
+                    if e.n > self.upload_batch - n:
+                        items.append(e.split(self.upload_batch - n))
+                    else:
+                        items.append(self._q.popleft())
+                    n += items[-1].n
+            for e in items:
+                self._q_samples -= e.n
+                self._q_bytes -= e.nbytes if self.spool is None else 0  # spooled bytes stay until acknowledged
+                self._q_reports -= not e.is_samples
+            self._inflight = sum(e.n for e in items)
+            self._busy = True
             return items
 
     def _loop(self) -> None:
         while (items := self._take()) is not None:
             try:
                 self._send(items)
-            except Exception as exc:  # never let the worker die: log, count, drop this batch
-                log.error("upload of %d samples failed unexpectedly and was dropped: %r", len(items), exc)
+            except Exception as exc:  # never let the worker die: log, count, drop this entry
+                log.error("sending a queued %s failed unexpectedly and it was dropped: %r", items[0].kind, exc)
                 with self._cond:
                     self._counters.upload_errors += 1
-                    self._counters.rejected += len(items)
+                    self._counters.rejected += sum(e.n for e in items)
+                    self._release(items)
             with self._cond:
                 self._inflight = 0
+                self._busy = False
                 self._cond.notify_all()
 
-    def _send(self, items: list[tuple[np.ndarray, float, int]]) -> None:
-        batch = SampleBatch(
-            images=np.stack([img for img, _, _ in items]),
-            fingerprint=self.fingerprint,
-            edge_version=items[0][2],
-            device_id=self.device_id,
-            entropy=np.asarray([e for _, e, _ in items], np.float32),
-        )
-        key = str(uuid.uuid4())  # one key for this upload and all its retries: the cloud stores it once
+    def _release(self, items: list[_Entry]) -> None:
+        """The entries are done (sent or dropped): delete their spool files. Holds the lock."""
+        if self.spool is not None:
+            for e in items:
+                if e.rec is not None:
+                    self.spool.remove(e.rec)
+                    self._q_bytes -= e.nbytes
+
+    def _batch_of(self, e: _Entry) -> SampleBatch:
+        assert e.images is not None
+        return SampleBatch(
+            images=e.images, fingerprint=self.fingerprint, edge_version=e.version, device_id=self.device_id,
+            entropy=e.entropy, kind=e.kind, generation=e.generation, selected=e.selected, calibration=e.calibration,
+        )  # fmt: skip
+
+    def _send(self, items: list[_Entry]) -> None:
+        head = items[0]
+        if not head.is_samples:
+            self._send_report(head)
+            return
+        if head.rec is not None and self.spool is not None:
+            batch = self.spool.read_samples(head.rec)
+            if batch is None:
+                with self._cond:
+                    self._counters.dropped_spool += head.n
+                    self._release(items)
+                return
+        elif len(items) == 1:
+            batch = self._batch_of(head)
+        else:
+            merged = replace(head, images=np.concatenate([e.images for e in items if e.images is not None]),
+                             entropy=np.concatenate([e.entropy for e in items if e.entropy is not None]))  # fmt: skip
+            batch = self._batch_of(merged)
+        key = head.key or str(uuid.uuid4())  # one key for this upload and all its retries: the cloud stores it once
+        n = len(batch)
+        stale: StaleGenerationError | None = None
+
+        def call() -> UploadAck:
+            return self.client.upload(batch, idempotency_key=key)
+
+        try:
+            ack = self._deliver(call, f"upload of {n} {batch.kind} samples", upload=True)
+        except StaleGenerationError as exc:
+            stale, ack = exc, None
+        with self._cond:
+            if ack is not None:
+                self._counters.uploaded += n
+                kind_field = f"uploaded_{batch.kind}"
+                setattr(self._counters, kind_field, getattr(self._counters, kind_field) + n)
+                self.last_ack = ack
+                self.max_target_version = max(self.max_target_version, ack.target_version)
+            elif stale is not None:
+                self._counters.stale_generation += n
+            elif not self._stop:
+                self._counters.rejected += n
+            if ack is not None or not self._stop:  # stopped mid-retry: a spooled entry stays for the next run
+                self._release(items)
+        if ack is not None:
+            self.listener.on_upload_ack(batch, ack)
+        elif stale is not None:
+            log.warning("upload of %d samples dropped: %s", n, stale)
+            self.listener.on_dropped(batch.kind, batch.calibration)
+            self.listener.on_stale_generation(stale)
+        elif not self._stop:
+            self.listener.on_dropped(batch.kind, batch.calibration)
+
+    def _send_report(self, e: _Entry) -> None:
+        key = e.key or str(uuid.uuid4())
+        msg = e.message
+        if isinstance(msg, BatchReport):
+            report = msg
+            ack = self._deliver(lambda: self.client.batch_report(report, idempotency_key=key), "batch report")
+            with self._cond:
+                if ack is not None:
+                    self._counters.reports_sent += 1
+                    self.last_batch_ack = ack
+                    self.max_target_version = max(self.max_target_version, ack.target_version)
+                elif not self._stop:
+                    self._counters.reports_dropped += 1
+                if ack is not None or not self._stop:
+                    self._release([e])
+            if ack is not None:
+                self.listener.on_batch_ack(report, ack)
+            return
+        assert isinstance(msg, EdgeReport)
+        edge_report = msg
+
+        def deliver_report() -> bool:
+            self.client.report(edge_report)
+            return True
+
+        done = self._deliver(deliver_report, f"{edge_report.kind} report")
+        with self._cond:
+            if done:
+                self._counters.edge_reports_sent += 1
+            elif not self._stop:
+                self._counters.edge_reports_dropped += 1
+            if done or not self._stop:
+                self._release([e])
+
+    def _deliver(self, call: Callable[[], _T], what: str, *, upload: bool = False) -> _T | None:
+        """``call()`` until it succeeds (its result), the cloud refuses it (None; a 409 is raised), or stop."""
         attempt = 0
         while True:
             try:
-                ack = self.client.upload(batch, idempotency_key=key)
+                return call()
             except UplinkError as exc:
                 with self._cond:
-                    self._counters.upload_errors += 1
-                    if not exc.retryable:  # the cloud refused these samples: retrying cannot help
-                        self._counters.rejected += len(items)
-                if not exc.retryable:
-                    log.warning("upload refused, %d samples dropped: %s", len(items), exc)
-                    return
+                    self._counters.upload_errors += upload
+                if isinstance(exc, StaleGenerationError):
+                    raise
+                if not exc.retryable:  # the cloud refused it: retrying cannot help
+                    log.warning("%s refused, dropped: %s", what, exc)
+                    return None
                 delay = self.backoff_delay(attempt)
                 if exc.retry_after is not None:  # 429: the cloud said when to come back
-                    delay = max(delay, exc.retry_after * self._rng.uniform(1.0, 1.2))
+                    delay = max(delay, min(exc.retry_after, self.backoff_cap_s * 10) * self._rng.uniform(1.0, 1.2))
                 attempt += 1
-                log.debug("upload failed (%s); retry %d in %.2f s", exc, attempt, delay)
+                log.debug("%s failed (%s); retry %d in %.2f s", what, exc, attempt, delay)
                 with self._cond:
                     if self._cond.wait_for(lambda: self._stop, delay):
-                        return
+                        return None
                     self._counters.retries += 1
-                continue
-            with self._cond:
-                self._counters.uploaded += len(items)
-                self.last_ack = ack
-            return

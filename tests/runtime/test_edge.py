@@ -22,6 +22,7 @@ from cema_deploy.runtime.edge import EdgeRuntime, RollbackConfig
 from cema_deploy.runtime.onnxrt import session_from_onnx
 from cema_deploy.runtime.preprocess import normalize
 from cema_deploy.runtime.registry import get_backend
+from cema_deploy.runtime.rollback import information
 from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
 from cema_deploy.runtime.sources import SourceError, batches_from_source, count_images, labels_from_path
 from tests.conftest import needs_torch
@@ -42,7 +43,16 @@ def _until(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
 def _runtime(out, cfg=None, window: int = 32, **kw) -> EdgeRuntime:  # type: ignore[no-untyped-def]
     cfg = cfg or SelectionConfig.for_classes(10, d_margin=None)
     return EdgeRuntime(get_backend("ort-cpu", out), SampleSelector(cfg),
-                       rollback=RollbackConfig(window=window, margin_ratio=0.05), **kw)  # fmt: skip
+                       rollback=RollbackConfig(window=window, min_samples=min(window, 8)), **kw)  # fmt: skip
+
+
+def _diverse(n: int, seed: int = 0) -> np.ndarray:
+    """Images that differ in colour, gradient and noise (the tiny random model tells them apart a little)."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, 64)[None, :, None]
+    out = [np.clip(rng.integers(0, 256, 3) + ramp * rng.integers(-128, 128, 3)
+                   + rng.normal(0, rng.uniform(0, 80), (64, 64, 3)), 0, 255) for _ in range(n)]  # fmt: skip
+    return np.stack(out).astype(np.uint8)
 
 
 def _client(out, srv, **kw) -> CloudClient:  # type: ignore[no-untyped-def]
@@ -113,25 +123,75 @@ def test_bad_blobs_are_refused_by_reason_and_outputs_stay(exported) -> None:  # 
         assert rt.metrics()["refused"] == dict(rt.refused) and rt.metrics()["blobs_applied"] == 0
 
 
-def test_rollback_when_entropy_rises_after_a_refit(exported) -> None:  # type: ignore[no-untyped-def]
+def test_rollback_on_identical_inputs_when_the_information_drops(exported) -> None:  # type: ignore[no-untyped-def]
     out, _ = exported("bn")
     v0 = blob_from_path(out / "params.safetensors")
     sharp, flat = _sharp_and_flat(v0.tensors)
-    x = _images(32, seed=3)
+    x = _diverse(32, seed=3)
     with _runtime(out, window=32) as rt:
         rt.process(x)
-        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 1))
+        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 1)) and rt.monitor.wait_judged(20)
         sharp_logits = rt.process(x).logits
-        assert rt.rollbacks == 0 and rt.version == 1
-        assert rt.apply_blob_bytes(_blob(flat, v0.fingerprint, 2))
-        flat_step = rt.process(x)  # entropy jumps: the window after v2 triggers the rollback
-        assert flat_step.version == 2
+        assert rt.rollbacks == 0 and rt.version == 1  # more information than v0 on the same frames: kept
+        j1 = rt.monitor.last
+        assert j1 is not None and not j1.rollback and j1.score_new > j1.score_previous
+        assert rt.apply_blob_bytes(_blob(flat, v0.fingerprint, 2)) and rt.monitor.wait_judged(20)
+        # judged on the ring (the frames served by v1), before any frame was served by v2
         assert rt.rollbacks == 1 and rt.version == 1 and rt.refused_upto == 2
+        j2 = rt.monitor.last
+        assert j2 is not None and (j2.version, j2.previous_version, j2.n) == (2, 1, 32) and j2.rollback
+        assert j2.score_previous == pytest.approx(information(sharp_logits), abs=1e-6)
         assert np.array_equal(rt.process(x).logits, sharp_logits)
+        m = rt.metrics()
+        assert m["rollbacks_by_reason"] == {"information_drop": 1} and m["rolled_back"] == [2]
         # the rolled-back version, and every older one, is refused from now on; a newer one is accepted
         assert not rt.apply_blob_bytes(_blob(flat, v0.fingerprint, 2))
         assert rt.refused["stale"] == 1
-        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 3))
+        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 3)) and rt.monitor.wait_judged(20)
+        assert rt.version == 3 and rt.rollbacks == 1
+
+
+def test_an_update_that_fixes_a_collapse_is_kept_although_entropy_rises(exported) -> None:  # type: ignore[no-untyped-def]
+    # The edge's predictions collapsed onto one confident class (the severity-5 blur failure); the cloud's update
+    # spreads them again. Mean entropy rises sharply (the old rule rolled this back), the information rises too.
+    out, _ = exported("bn")
+    v0 = blob_from_path(out / "params.safetensors")
+    bn = _last_bn(v0.tensors)
+    collapsed = dict(v0.tensors)
+    collapsed[f"{bn}.weight"] = np.zeros_like(v0.tensors[f"{bn}.weight"])
+    collapsed[f"{bn}.bias"] = np.full_like(v0.tensors[f"{bn}.bias"], 50.0)
+    fixed = dict(v0.tensors)
+    fixed[f"{bn}.weight"] = v0.tensors[f"{bn}.weight"] * 10
+    x = _diverse(32, seed=4)
+    with _runtime(out, window=32) as rt:
+        rt.process(x)
+        assert rt.apply_blob_bytes(_blob(collapsed, v0.fingerprint, 1)) and rt.monitor.wait_judged(20)
+        before = rt.process(x)
+        assert len(set(before.predictions.tolist())) == 1  # collapsed: one class for every frame
+        assert rt.apply_blob_bytes(_blob(fixed, v0.fingerprint, 2)) and rt.monitor.wait_judged(20)
+        after = rt.process(x)
+        assert rt.version == 2 and rt.rollbacks == 0
+    h_before, h_after = float(before.selection.entropy.mean()), float(after.selection.entropy.mean())
+    assert h_after - h_before > 0.15 * np.log(10)  # what the mean-entropy rule would have rolled back
+    assert information(after.logits) > information(before.logits)
+
+
+def test_a_stream_change_at_a_refit_is_not_a_rollback(exported) -> None:  # type: ignore[no-untyped-def]
+    # The rule this replaces compared entropies of different frames before and after a refit, so a corruption
+    # boundary that coincides with a refit looked like a bad blob. Here v2 equals v1 in all but its version, and
+    # the frames change from structured images to a flat grey view (fog, a covered lens) right at the refit.
+    out, _ = exported("bn")
+    v0 = blob_from_path(out / "params.safetensors")
+    sharp, _ = _sharp_and_flat(v0.tensors)
+    with _runtime(out, window=32) as rt:
+        rt.process(_diverse(32, seed=5))
+        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 1)) and rt.monitor.wait_judged(20)
+        easy = rt.process(_diverse(32, seed=6))
+        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 2))
+        hard = rt.process(np.full((32, 64, 64, 3), 128, np.uint8))  # another distribution, served by v2
+        assert rt.monitor.wait_judged(20)
+        assert rt.rollbacks == 0 and rt.version == 2
+    assert hard.selection.entropy.mean() - easy.selection.entropy.mean() > 0.15 * np.log(10)
 
 
 def test_empty_batch_and_any_input_size(exported) -> None:  # type: ignore[no-untyped-def]
@@ -324,22 +384,22 @@ def test_rollback_is_reported_and_the_version_never_returns(exported, protocol_s
     v0 = blob_from_path(out / "params.safetensors")
     srv = protocol_server(v0.fingerprint)
     sharp, flat = _sharp_and_flat(v0.tensors)
-    x = _images(32, seed=3)
+    x = _diverse(32, seed=3)
     with _runtime(out, client=_client(out, srv), poll_wait_s=0.5, window=32) as rt:
         rt.process(x)
         srv.state.publish(1, _blob(sharp, v0.fingerprint, 1))
-        assert rt.wait_for_version(1, timeout=20)
+        assert rt.wait_for_version(1, timeout=20) and rt.monitor.wait_judged(20)
         sharp_logits = rt.process(x).logits
         srv.state.publish(2, _blob(flat, v0.fingerprint, 2))
-        assert rt.wait_for_version(2, timeout=20) and rt.version == 2
-        flat_logits = rt.process(x).logits  # uniform-ish logits: entropy rises -> rollback
-        assert rt.rollbacks == 1 and rt.version == 1
-        assert np.array_equal(rt.process(x).logits, sharp_logits) and not np.allclose(flat_logits, sharp_logits)
-        assert _until(lambda: len(srv.state.reports) == 1)
+        assert rt.wait_for_version(2, timeout=20)
+        assert _until(lambda: rt.rollbacks == 1) and rt.version == 1  # judged off the serving path
+        assert np.array_equal(rt.process(x).logits, sharp_logits)
+        assert rt.uplink is not None and rt.uplink.flush(timeout=20)
+        assert len(srv.state.reports) == 1
         time.sleep(0.3)  # let the poller ask again: it must not fetch v2 back
         assert rt.version == 1 and rt.metrics()["blobs_applied"] == 2
     report = srv.state.reports[0]
-    assert report["kind"] == "rollback" and report["version"] == 2 and "mean entropy rose" in report["reason"]
+    assert report["kind"] == "rollback" and report["version"] == 2 and "mutual information" in report["reason"]
     assert min(srv.state.blob_requests[srv.state.blob_requests.index(2) :]) == 2
 
 

@@ -42,7 +42,7 @@ def test_client_upload_fetch_report(protocol_server) -> None:  # type: ignore[no
         ack = client.upload(
             SampleBatch(images=x, fingerprint=FP, edge_version=0, device_id="cam-7"), idempotency_key="k"
         )
-        assert ack == UploadAck(accepted=3, pending=0, buffered=3, version=0, target_version=1)
+        assert ack == UploadAck(accepted=3, pending=0, buffered=3, version=0, target_version=1, generation=1)
         assert np.array_equal(srv.state.batches[0].images, x) and srv.state.batches[0].device_id == "cam-7"
         assert client.fetch_blob(after=0, wait=0.0) is None  # 204
         srv.state.publish(4, b"raw blob bytes, not parsed by the client")

@@ -1,0 +1,230 @@
+"""Edge metrics in the Prometheus text format (0.0.4), served by a stdlib HTTP thread (``edge run --metrics-port``).
+
+No new dependency: :class:`MetricsServer` is an ``http.server`` on its own daemon thread that answers
+``GET /metrics`` with :func:`prometheus_text` of the runtime's :meth:`~cema_deploy.runtime.edge.EdgeRuntime.metrics`
+and its latency histogram. It binds 127.0.0.1 unless told otherwise: the metrics name versions and counts, not
+frames, but an operator decides who may read them. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from cema_deploy.contract.protocol import METRICS_MEDIA_TYPE, METRICS_PATH
+from cema_deploy.exceptions import CemaError
+
+__all__ = ["LatencyHistogram", "MetricsServer", "prometheus_text"]
+
+#: Upper bounds (seconds) of the batch latency histogram's buckets.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LatencyHistogram:
+    """A cumulative histogram of per-batch serving latency (seconds), thread-safe."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
+        self.buckets = buckets
+        self._counts = [0] * (len(buckets) + 1)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._counts[bisect.bisect_left(self.buckets, seconds)] += 1
+            self._sum += seconds
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
+        """(cumulative (le, count) pairs ending with +Inf, sum, count)."""
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        out, acc = [], 0
+        for le, c in zip((*self.buckets, math.inf), counts, strict=True):
+            acc += c
+            out.append((le, acc))
+        return out, total, acc
+
+
+def _num(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float) and math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v)) if isinstance(v, float) else str(int(v))
+
+
+def _label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) -> str:
+    """The Prometheus text exposition of an edge runtime's metrics dict (see ``EdgeRuntime.metrics``)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
+        lines.append(f"# HELP cema_edge_{name} {help_}")
+        lines.append(f"# TYPE cema_edge_{name} {kind}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            lines.append(f"cema_edge_{name}{{{lab}}} {_num(value)}" if lab else f"cema_edge_{name} {_num(value)}")
+
+    up = m.get("uplink") or {}
+    sel = m.get("selection") or {}
+    metric("frames_total", "counter", "Frames run since start.", [({}, m["frames"])])
+    metric(
+        "frames_per_second",
+        "gauge",
+        "Frames per second: busy = time spent serving, wall = since start.",
+        [({"basis": "busy"}, m["fps"]), ({"basis": "wall"}, m["wall_fps"])],
+    )
+    if latency is not None:
+        buckets, total, count = latency.snapshot()
+        lines.append("# HELP cema_edge_batch_latency_seconds Serving latency of one batch (infer and select).")
+        lines.append("# TYPE cema_edge_batch_latency_seconds histogram")
+        for le, c in buckets:
+            lines.append(f'cema_edge_batch_latency_seconds_bucket{{le="{_num(le)}"}} {c}')
+        lines.append(f"cema_edge_batch_latency_seconds_sum {_num(float(total))}")
+        lines.append(f"cema_edge_batch_latency_seconds_count {count}")
+    metric(
+        "selection_total",
+        "counter",
+        "Frames by the selection rule that decided them (kept = selected).",
+        [
+            ({"rule": r}, sel.get(k, 0))
+            for r, k in (
+                ("kept", "selected"),
+                ("unreliable", "unreliable"),
+                ("low_info", "low_info"),
+                ("redundant", "redundant"),
+            )
+        ],
+    )
+    metric(
+        "uploaded_frames_total",
+        "counter",
+        "Frames the cloud acknowledged, by sample kind.",
+        [({"kind": k}, v) for k, v in (m.get("uploaded") or {}).items()],
+    )
+    metric(
+        "uploaded_ratio",
+        "gauge",
+        "Frames uploaded (all kinds) over frames run.",
+        [({}, m.get("uploaded_pct", 0.0) / 100.0)],
+    )
+    metric(
+        "uplink_queue_samples",
+        "gauge",
+        "Samples waiting to be uploaded (memory queue or spool).",
+        [({}, m.get("queued_now", 0))],
+    )
+    metric("uplink_spool_bytes", "gauge", "Bytes in the durable upload spool.", [({}, m.get("spool_bytes", 0))])
+    metric(
+        "uplink_dropped_total",
+        "counter",
+        "Samples that never reached the cloud, by cause.",
+        [
+            ({"cause": c}, up.get(k, 0))
+            for c, k in (
+                ("queue_full", "dropped_queue"),
+                ("spool_full", "dropped_spool"),
+                ("rejected", "rejected"),
+                ("stale_generation", "stale_generation"),
+            )
+        ],
+    )
+    metric(
+        "uplink_retries_total", "counter", "Requests repeated after a retryable failure.", [({}, up.get("retries", 0))]
+    )
+    metric(
+        "batch_reports_total",
+        "counter",
+        "Batch reports by outcome.",
+        [({"outcome": "sent"}, up.get("reports_sent", 0)), ({"outcome": "dropped"}, up.get("reports_dropped", 0))],
+    )
+    metric("refits_total", "counter", "Blobs applied (hot refits).", [({}, m["blobs_applied"])])
+    metric(
+        "refused_total",
+        "counter",
+        "Blobs refused, by reason.",
+        [({"reason": r}, v) for r, v in sorted((m.get("refused") or {}).items())],
+    )
+    metric(
+        "rollbacks_total",
+        "counter",
+        "Refits rolled back, by reason.",
+        [({"reason": r}, v) for r, v in sorted((m.get("rollbacks_by_reason") or {}).items())],
+    )
+    metric("serving_version", "gauge", "Version of the parameters serving now.", [({}, m["version"])])
+    metric(
+        "generation",
+        "gauge",
+        "Deployment generation this edge works in (0: not known yet).",
+        [({}, m.get("generation", 0))],
+    )
+    metric(
+        "seconds_since_last_blob",
+        "gauge",
+        "Seconds since a blob was last applied (since start when none was).",
+        [({}, m.get("seconds_since_last_blob", 0.0))],
+    )
+    metric(
+        "calibrations_total",
+        "counter",
+        "Calibration batches queued, by reason.",
+        [({"reason": r}, v) for r, v in sorted((m.get("calibrations") or {}).items())],
+    )
+    metric("poll_errors_total", "counter", "Failed blob polls.", [({}, m.get("poll_errors", 0))])
+    return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port`` (port 0: any free port, see :attr:`port`), on a daemon thread.
+
+    Example:
+        >>> srv = MetricsServer(lambda: prometheus_text(rt.metrics(), rt.latency), port=9464)  # doctest: +SKIP
+        >>> srv.close()  # doctest: +SKIP
+    """
+
+    def __init__(self, render: Callable[[], str], *, host: str = "127.0.0.1", port: int = 0) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != METRICS_PATH:
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                try:
+                    body = render().encode()
+                except Exception as exc:  # a metrics read must never take the edge down
+                    self.send_error(500, f"metrics unavailable: {exc!r}"[:200])
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", METRICS_MEDIA_TYPE)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise CemaError(f"Cannot serve metrics on {host}:{port} ({exc}); choose another --metrics-port.") from exc
+        self._httpd.daemon_threads = True
+        self.host, self.port = host, int(self._httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="cema-metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{METRICS_PATH}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5.0)
