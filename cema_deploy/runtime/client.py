@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import ssl
 import threading
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -77,6 +78,14 @@ def is_loopback_url(url: str | None) -> bool:
         return False
 
 
+def _ssl_context(ca_file: str) -> ssl.SSLContext:
+    """Verify the cloud's certificate against ``ca_file`` (PEM) only, with host name checking."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise EdgeConfigError(f"Cannot use {ca_file!r} as the CA bundle for the cloud's certificate: {exc}.") from exc
+
+
 def _retry_after(value: str | None) -> float | None:
     try:
         return min(max(0.0, float(value)), MAX_RETRY_AFTER_S) if value is not None else None
@@ -88,7 +97,13 @@ class _Http:
     """One ``httpx.Client`` with the protocol header, and the error mapping every request goes through."""
 
     def __init__(
-        self, base_url: str, headers: dict[str, str], *, timeout_s: float, connect_timeout_s: float, verify: Any
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        *,
+        timeout_s: float,
+        connect_timeout_s: float,
+        ca_file: str | None,
     ) -> None:
         httpx = lazy_import("httpx", extra="edge", purpose="talking to the CEMA cloud")
         if not base_url.startswith(("http://", "https://")):
@@ -99,13 +114,19 @@ class _Http:
         self.client = httpx.Client(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             headers={**headers, protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)},
-            verify=verify,
+            verify=_ssl_context(ca_file) if ca_file is not None else True,
         )
 
     def request(self, method: str, url: str, *, ok: tuple[int, ...], **kw: Any) -> Any:
         try:
             r = self.client.request(method, url, **kw)
         except self.httpx.HTTPError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise UplinkError(
+                    f"The TLS certificate of the cloud at {self.base_url} did not verify ({exc}); pass --ca-file "
+                    "with the CA that signed it (or fix the certificate). Will retry.",
+                    retryable=True,
+                ) from exc
             raise UplinkError(
                 f"Cannot reach the cloud at {self.base_url} ({type(exc).__name__}: {exc}); will retry.", retryable=True
             ) from exc
@@ -185,7 +206,7 @@ class CloudClient:
             {"Authorization": f"Bearer {token}", protocol.DEVICE_HEADER: device_id},
             timeout_s=timeout_s,
             connect_timeout_s=connect_timeout_s,
-            verify=ca_file if ca_file is not None else True,
+            ca_file=ca_file,
         )
         self.base_url, self.fingerprint, self.device_id, self.encoding = (
             self._http.base_url,
@@ -320,7 +341,7 @@ class AdminClient:
             {"Authorization": f"Bearer {token}"},
             timeout_s=timeout_s,
             connect_timeout_s=5.0,
-            verify=ca_file if ca_file is not None else True,
+            ca_file=ca_file,
         )
 
     def reset(self, name: str) -> DeploymentStatus:

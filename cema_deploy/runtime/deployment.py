@@ -57,16 +57,23 @@ class Deployment(UplinkListener):
         self._calibrating = False  # a calibration batch is queued or in flight
         self._status_gone = False  # the cloud has no status route (an older cloud): stop asking
         self._lock = threading.Lock()
+        self._status_lock = threading.Lock()
 
     def read_status(self, timeout: float = 0.0, stop: threading.Event | None = None) -> bool:
-        """Ask the cloud for the deployment's status, retrying for up to ``timeout`` seconds; True when it
-        answered. A cloud without the route (a non-retryable refusal) is not asked again."""
+        """Ask the cloud for the deployment's status if it is due, retrying for up to ``timeout`` seconds; True
+        when it is known. A cloud without the route (a non-retryable refusal) is not asked again."""
         if self.client is None or self._status_gone:
             return False
+        with self._status_lock:  # one read at a time (the poller and a --sync batch may both want it)
+            if not self.status_due:
+                return not self._status_gone
+            return self._read_status(self.client, timeout, stop)
+
+    def _read_status(self, client: CloudLink, timeout: float, stop: threading.Event | None) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                status = self.client.status()
+                status = client.status()
             except UplinkError as exc:
                 if not exc.retryable:
                     self._status_gone, self.status_due = True, False

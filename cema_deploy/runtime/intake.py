@@ -184,6 +184,8 @@ class BlobIntake:
 
     def refuse(self, version: int, exc: CemaError, source: str) -> None:
         reason = next((name for kind, name in REFUSAL_REASONS if isinstance(exc, kind)), "other")
+        with self.swap_lock:
+            self.refused_upto = max(self.refused_upto, version)  # never fetched or applied again
         with self._lock:
             self.refused[reason] += 1
             if version > 0:
@@ -220,8 +222,6 @@ class BlobIntake:
             if self.on_changed is not None:
                 self.on_changed()
         elif outcome.error is not None:
-            with self.swap_lock:
-                self.refused_upto = max(self.refused_upto, outcome.version)
             with self._lock:
                 self.blob_bytes.pop(outcome.version, None)
             self.refuse(outcome.version, outcome.error, f"blob v{outcome.version}")

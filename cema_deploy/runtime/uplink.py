@@ -610,7 +610,7 @@ class Uplink:
                     return None
                 delay = self.backoff_delay(attempt)
                 if exc.retry_after is not None:  # 429: the cloud said when to come back
-                    delay = max(delay, min(exc.retry_after, self.backoff_cap_s * 10) * self._rng.uniform(1.0, 1.2))
+                    delay = max(delay, exc.retry_after * self._rng.uniform(1.0, 1.2))  # capped by the client
                 attempt += 1
                 log.debug("%s failed (%s); retry %d in %.2f s", what, exc, attempt, delay)
                 with self._cond:

@@ -106,10 +106,10 @@ def test_bad_blobs_are_refused_by_reason_and_outputs_stay(exported) -> None:  # 
         nan = dict(v0.tensors)
         k = next(iter(nan))
         nan[k] = np.full_like(nan[k], np.nan)
-        cases = {
+        cases = {  # a refused version is never accepted again: each case has its own
             "fingerprint": _blob(v0.tensors, "ff" * 32, 5),
-            "value": _blob(nan, fp, 5),
-            "schema": _blob({k: v0.tensors[k]}, fp, 5),
+            "value": _blob(nan, fp, 6),
+            "schema": _blob({k: v0.tensors[k]}, fp, 7),
             "stale": _blob(v0.tensors, fp, 0),
             "format": b"not a blob at all",
         }
@@ -117,8 +117,9 @@ def test_bad_blobs_are_refused_by_reason_and_outputs_stay(exported) -> None:  # 
             trusted.add(hashlib.sha256(data).hexdigest())
             assert not rt.apply_blob_bytes(data)
             assert rt.refused[reason] == 1, reason
-        assert not rt.apply_blob_bytes(_blob(_perturbed(v0.tensors, 1), fp, 6))  # valid, but not trusted
+        assert not rt.apply_blob_bytes(_blob(_perturbed(v0.tensors, 1), fp, 8))  # valid, but not trusted
         assert rt.refused["signature"] == 1 and sum(rt.refused.values()) == 6
+        assert rt.refused_upto == 7 and sorted(rt.intake.refused_versions) == [5, 6, 7]  # unsigned: version unknown
         assert rt.version == 0 and np.array_equal(rt.process(x).logits, before)
         assert rt.metrics()["refused"] == dict(rt.refused) and rt.metrics()["blobs_applied"] == 0
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import numpy as np
 import pytest
 
 from cema_deploy.contract import protocol
-from cema_deploy.contract.messages import EdgeReport, UploadAck
-from cema_deploy.contract.samples import SampleBatch, samples_from_bytes
+from cema_deploy.contract.messages import BatchReport, EdgeReport, UploadAck
+from cema_deploy.contract.samples import SampleBatch, samples_from_bytes, samples_to_bytes
 from cema_deploy.exceptions import CemaError, UplinkError
-from cema_deploy.runtime.client import CloudClient, EdgeConfigError
-from cema_deploy.runtime.uplink import Uplink
+from cema_deploy.runtime.client import CloudClient, EdgeConfigError, StaleGenerationError
+from cema_deploy.runtime.uplink import Uplink, UplinkListener
 from tests.runtime.conftest import images, until
 
 pytestmark = pytest.mark.network
@@ -268,3 +269,143 @@ def test_requests_carry_the_protocol_version_and_one_idempotency_key_per_upload(
     assert len(uploads) == 2 and uploads[0] == uploads[1]  # the failed attempt and its retry: one key
     assert all(p == str(protocol.PROTOCOL_VERSION) for p, _ in seen)
     assert len(srv.state.batches) == 1
+
+
+def test_429_waits_retry_after_and_retries_with_the_same_key(protocol_server) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    srv.state.upload_failures = [(429, {protocol.RETRY_AFTER_HEADER: "0.4"})]
+    srv.state.batch_failures = [(429, {protocol.RETRY_AFTER_HEADER: "0.4"})]
+    with CloudClient(srv.url, "t0k", FP) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=2, flush_interval_s=0, backoff_base_s=0.01, backoff_cap_s=0.02)
+        try:
+            up.put(_images(2), np.zeros(2))
+            up.put_report(BatchReport(seen=2, selected=2, uploaded=2, generation=1))
+            assert up.flush(timeout=20)
+            c = up.counters
+        finally:
+            up.close()
+    (k1, key1, t1), (k2, key2, t2), (k3, key3, t3), (k4, key4, t4) = srv.state.posts
+    assert (k1, k2, k3, k4) == ("upload", "upload", "batch", "batch")
+    assert key1 == key2 and key3 == key4 and key1 != key3  # each retried with its own key
+    assert t2 - t1 >= 0.4 and t4 - t3 >= 0.4  # the back-off alone is <= 0.02 s: Retry-After was honoured
+    assert (c.uploaded, c.retries, c.reports_sent, c.rejected) == (2, 2, 1, 0)
+    assert len(srv.state.batches) == 1 and len(srv.state.batch_reports) == 1
+
+
+def test_a_lost_acknowledgement_is_retried_with_the_same_key_and_stored_once(protocol_server) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    srv.state.upload_failures = ["lost_ack"]  # stored, then 503: the edge cannot know it arrived
+    with CloudClient(srv.url, "t0k", FP) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=3, flush_interval_s=0, backoff_base_s=0.01, backoff_cap_s=0.02)
+        try:
+            up.put(_images(3), np.zeros(3))
+            assert up.flush(timeout=20)
+            c = up.counters
+        finally:
+            up.close()
+    assert len(srv.state.batches) == 1 and srv.state.duplicates == 1  # the retry was recognised by its key
+    assert c.uploaded == 3 and c.retries == 1 and up.last_ack is not None and up.last_ack.duplicate
+
+
+def test_409_drops_the_upload_and_tells_the_listener(protocol_server) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    seen: list[Any] = []
+
+    class Listener(UplinkListener):
+        def on_stale_generation(self, exc: StaleGenerationError) -> None:
+            seen.append(exc.current)
+
+        def on_dropped(self, kind: str, calibration: str) -> None:
+            seen.append((kind, calibration))
+
+    srv.state.reset()  # generation 2: uploads made for generation 1 are stale
+    with CloudClient(srv.url, "t0k", FP) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=4, flush_interval_s=0, listener=Listener())
+        try:
+            up.put(_images(4), np.zeros(4), generation=1)
+            up.put_calibration(_images(4), np.zeros(4), np.zeros(4, bool), version=0, generation=1, reason="start")
+            up.put(_images(2), np.zeros(2), generation=2)
+            assert up.flush(timeout=20)
+            c = up.counters
+        finally:
+            up.close()
+    assert (c.stale_generation, c.uploaded, c.rejected) == (8, 2, 0)
+    assert seen[0] == ("selected", "") and seen[1].generation == 2 and seen[1].calibrated is False
+    assert seen[2] == ("calibration", "start")
+    assert [b.generation for b in srv.state.batches] == [2]
+
+
+def test_the_spool_keeps_uploads_and_reports_across_a_restart(protocol_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    srv.stop()  # an outage longer than the memory queue would hold (max_queue_samples=4)
+    x = _images(12, seed=3)
+    with CloudClient(srv.url, "t0k", FP, connect_timeout_s=0.5) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=4, flush_interval_s=0, max_queue_samples=4,
+                    backoff_base_s=0.05, backoff_cap_s=0.1, spool_dir=tmp_path / "spool")  # fmt: skip
+        up.put(x[:6], np.arange(6.0), version=1, generation=1)
+        up.put_report(BatchReport(seen=6, selected=6, uploaded=6, generation=1))
+        up.put(x[6:], np.arange(6.0, 12.0), version=1, generation=1)
+        up.put_report(BatchReport(seen=6, selected=6, uploaded=6, generation=1))
+        assert up.queued_now == 12 and up.counters.dropped_queue == 0 and up.spool_bytes > x.nbytes
+        assert not up.flush(timeout=0.3)
+        up.close()  # the edge stops (or is killed) while the cloud is away
+    assert len(list((tmp_path / "spool").iterdir())) == 6  # 4 uploads of <= 4 samples, 2 reports
+    srv.start()
+    with CloudClient(srv.url, "t0k", FP) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=4, flush_interval_s=0, spool_dir=tmp_path / "spool")
+        try:
+            assert up.counters.restored == 12
+            assert up.flush(timeout=20)
+            c = up.counters
+        finally:
+            up.close()
+    assert np.array_equal(srv.state.uploaded_images(), x)  # nothing lost, in order
+    assert [k for k, _, _ in srv.state.posts if k != "report"][-6:] == ["upload", "upload", "batch"] * 2
+    assert len(srv.state.batch_reports) == 2 and c.uploaded == 12 and c.reports_sent == 2
+    assert not list((tmp_path / "spool").iterdir())  # acknowledged entries are deleted
+
+
+def test_a_retry_after_a_restart_carries_the_key_of_the_first_attempt(protocol_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    srv.state.upload_failures = ["lost_ack"]  # the first attempt is stored but its ack never arrives
+    with CloudClient(srv.url, "t0k", FP) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=4, flush_interval_s=0, backoff_base_s=5.0,
+                    backoff_cap_s=5.0, spool_dir=tmp_path / "spool")  # fmt: skip
+        up.put(_images(3), np.zeros(3))
+        assert until(lambda: len(srv.state.batches) == 1)
+        up.close()  # stopped while waiting to retry: the entry stays spooled
+    with CloudClient(srv.url, "t0k", FP) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=4, flush_interval_s=0, spool_dir=tmp_path / "spool")
+        try:
+            assert up.flush(timeout=20)
+        finally:
+            up.close()
+    keys = [key for kind, key, _ in srv.state.posts if kind == "upload"]
+    assert len(keys) == 2 and keys[0] == keys[1] and len(srv.state.batches) == 1 and srv.state.duplicates == 1
+
+
+def test_the_spool_is_bounded_and_drops_the_oldest(protocol_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    srv = protocol_server(FP)
+    srv.stop()
+    x = _images(10, seed=4)
+    with CloudClient(srv.url, "t0k", FP, connect_timeout_s=0.5) as client:
+        b = SampleBatch(images=x[:2], fingerprint=FP, edge_version=0, entropy=np.zeros(2, np.float32))
+        one = len(samples_to_bytes(b, encoding="raw"))  # one spooled entry
+        up = Uplink(client, fingerprint=FP, upload_batch=2, flush_interval_s=0, backoff_base_s=0.05,
+                    backoff_cap_s=0.1, spool_dir=tmp_path / "spool", max_spool_bytes=3 * one + 10)  # fmt: skip
+        try:
+            for i in range(0, 10, 2):
+                up.put(x[i : i + 2], np.zeros(2))
+            c = up.counters
+            assert c.dropped_spool == 4 and up.queued_now == 6 and up.spool_bytes <= 3 * one + 10
+        finally:
+            up.close()
+    srv.start()
+    with CloudClient(srv.url, "t0k", FP) as client:
+        up = Uplink(client, fingerprint=FP, upload_batch=2, flush_interval_s=0, spool_dir=tmp_path / "spool")
+        try:
+            assert up.flush(timeout=20)
+        finally:
+            up.close()
+    got = srv.state.uploaded_images()
+    assert len(got) == 6 and np.array_equal(got[-4:], x[-4:])  # the oldest went first; the in-flight one survived
