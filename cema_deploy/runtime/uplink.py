@@ -212,6 +212,7 @@ class Uplink:
         self._stop = False
         self._flush_waiters = 0
         self._rng = random.Random(seed)
+        self._warned: set[tuple[str, int | None]] = set()
         self.spool = Spool(spool_dir) if spool_dir is not None else None
         if self.spool is not None:
             self._restore(self.spool)
@@ -606,7 +607,9 @@ class Uplink:
                 if isinstance(exc, StaleGenerationError):
                     raise
                 if not exc.retryable:  # the cloud refused it: retrying cannot help
-                    log.warning("%s refused, dropped: %s", what, exc)
+                    first = (what.split()[0], exc.status) not in self._warned  # once per kind and status
+                    self._warned.add((what.split()[0], exc.status))
+                    log.log(logging.WARNING if first else logging.DEBUG, "%s refused, dropped: %s", what, exc)
                     return None
                 delay = self.backoff_delay(attempt)
                 if exc.retry_after is not None:  # 429: the cloud said when to come back

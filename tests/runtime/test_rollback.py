@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from cema_deploy.runtime.rollback import (
     information,
     judge,
 )
+from tests.conftest import needs_torch
 
 C = 10
 
@@ -57,3 +60,44 @@ def test_bad_rollback_options() -> None:
         RollbackConfig(window=16, min_samples=32)
     with pytest.raises(RollbackConfigError, match="margin_ratio"):
         RollbackConfig(margin_ratio=-0.1)
+
+
+@needs_torch
+def test_the_fault_benchmark_runs_on_a_tiny_model(exported, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    from cema_deploy.contract.blob import RefitBlob, blob_from_path, save_blob
+    from tests.runtime.test_edge import _diverse, _last_bn
+
+    out, _ = exported("bn")
+    v0 = blob_from_path(out / "params.safetensors")
+    bn = _last_bn(v0.tensors)
+    rng = np.random.default_rng(0)
+    for run, seed_shift in (("run", 0.0), ("other", 0.5)):
+        (tmp_path / run / "blobs").mkdir(parents=True)
+        for v in range(1, 5):  # a healthy-looking sequence: statistics drift a little per step
+            t = {k: (x * rng.uniform(0.98, 1.02, x.shape) + seed_shift * ("running_mean" in k)).astype(x.dtype)
+                 for k, x in v0.tensors.items()}  # fmt: skip
+            t[f"{bn}.weight"] = t[f"{bn}.weight"] * 30
+            save_blob(RefitBlob(tensors=t, fingerprint=v0.fingerprint, version=v),
+                      tmp_path / run / "blobs" / f"v{v:08d}.safetensors")  # fmt: skip
+    np.save(tmp_path / "stream.npy", _diverse(96, seed=1))
+    np.save(tmp_path / "labels.npy", np.arange(96) % 10)
+    spec = importlib.util.spec_from_file_location("rollback_faults", Path(__file__).parents[2] / "benchmarks" /
+                                                  "rollback_faults.py")  # fmt: skip
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main([str(out), "--stream", str(tmp_path / "stream.npy"), "--labels", str(tmp_path / "labels.npy"),
+                      "--blobs", str(tmp_path / "run" / "blobs"), "--other-blobs", str(tmp_path / "other" / "blobs"),
+                      "--trials", "3", "--window", "32", "--json", str(tmp_path / "f.json")])  # fmt: skip
+    assert set(res["detection"]) == {"var_x2", "var_x10", "var_x100", "gamma_flip", "other_seed"}
+    assert all(len(res["rows"][f]) == 3 for f in res["rows"]) and res["window"] == 32
+    assert all(0.0 <= r <= 1.0 for r in [res["false_rollback_rate"], *res["detection"].values()])
+    assert res["by_margin"]["0.05"]["none"] == res["false_rollback_rate"]
+    # a larger margin never detects more
+    for f in res["rows"]:
+        rates = [res["by_margin"][str(m)][f] for m in bench.MARGINS]
+        assert rates == sorted(rates, reverse=True)
+    assert json.loads((tmp_path / "f.json").read_text())["trials"] == 3
+    assert "false-rollback rate" in capsys.readouterr().out
