@@ -46,11 +46,14 @@ class Deployment(UplinkListener):
         generation: int = 0,
         calibrated: bool | None = None,
         on_new_generation: Callable[[int], None] | None = None,
+        on_calibration_done: Callable[[int | None], None] | None = None,
     ) -> None:
         self.client, self.recalibrate = client, recalibrate
         self.generation = generation  # 0: not known yet
         self.calibrated = calibrated  # None: not known yet
         self.on_new_generation = on_new_generation
+        #: Called with the calibration upload's ``target_version`` once acknowledged (None: it was lost).
+        self.on_calibration_done = on_calibration_done
         self.calibrations: collections.Counter[str] = collections.Counter()
         self.status_errors = 0
         self.status_due = client is not None  # read the status before calibrating (at start, on a new generation)
@@ -134,6 +137,8 @@ class Deployment(UplinkListener):
                 self._calibrating = False
                 if batch.calibration == "start" and ack.generation in (0, self.generation):
                     self.calibrated = True
+            if self.on_calibration_done is not None:
+                self.on_calibration_done(ack.target_version)
 
     def on_batch_ack(self, report: BatchReport, ack: BatchAck) -> None:
         self.observe(ack.generation, ack.calibrated, "a batch report acknowledgement")
@@ -145,3 +150,5 @@ class Deployment(UplinkListener):
         if kind == KIND_CALIBRATION:
             with self._lock:
                 self._calibrating = False  # the next batch calibrates again if still needed
+            if self.on_calibration_done is not None:
+                self.on_calibration_done(None)

@@ -133,7 +133,14 @@ class EdgeRuntime:
         self._stop = threading.Event()
         self._state_wake = threading.Event()
         self.uplink: Uplink | None = None
-        self.deployment = Deployment(client, recalibrate=recalibrate, on_new_generation=self._on_new_generation)
+        # Blobs that answer a calibration batch re-initialise the statistics by design: the previous parameters
+        # are no reference for them, so they are accepted unjudged. The window opens when a calibration batch is
+        # queued and closes once a blob of at least its acknowledged target version was applied.
+        self._calib_lock = threading.Lock()
+        self._calib_window = False
+        self._calib_target: int | None = None
+        self.deployment = Deployment(client, recalibrate=recalibrate, on_new_generation=self._on_new_generation,
+                                     on_calibration_done=self._on_calibration_done)  # fmt: skip
         unsigned_refused = not allow_unsigned and not is_loopback_url(getattr(client, "base_url", None))
         self.intake = BlobIntake(
             backend, self.manifest, client=client, verifier=verifier, swap_lock=self._swap_lock,
@@ -209,6 +216,8 @@ class EdgeRuntime:
         reason, gen = self.deployment.calibration_for(sel.shift)
         n, selected = len(at_size), int(sel.mask.sum())
         if reason:  # the whole batch, once: its selected samples are adapted on from it
+            with self._calib_lock:
+                self._calib_window, self._calib_target = True, None
             up.put_calibration(at_size, sel.entropy, sel.mask, version=version, generation=gen, reason=reason)
             uploaded = n
         else:
@@ -292,7 +301,22 @@ class EdgeRuntime:
             self.deployment.read_status()
 
     def _on_applied(self, version: int) -> None:
-        self.monitor.applied(version)
+        with self._calib_lock:
+            exempt = self._calib_window
+            if exempt and self._calib_target is not None and version >= self._calib_target:
+                self._calib_window = False
+        if exempt:
+            log.info("v%d answers a calibration batch: accepted without a rollback judgement", version)
+            self.monitor.accept(version)
+        else:
+            self.monitor.applied(version)
+
+    def _on_calibration_done(self, target: int | None) -> None:
+        with self._calib_lock:
+            if target is None or self.backend.version >= target:  # lost, or its blob already serves
+                self._calib_window, self._calib_target = False, None
+            else:
+                self._calib_target = target
 
     def _on_judged(self, j: Judgement) -> None:
         """RollbackMonitor callback (its thread): roll ``j.version`` back if judged bad and still serving."""

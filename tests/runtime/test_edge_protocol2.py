@@ -18,6 +18,7 @@ from cema_deploy.runtime.edge import EdgeRuntime
 from cema_deploy.runtime.onnxrt import session_from_onnx
 from cema_deploy.runtime.preprocess import normalize
 from cema_deploy.runtime.registry import get_backend
+from cema_deploy.runtime.rollback import RollbackConfig
 from cema_deploy.runtime.selection import SampleSelector, SelectionConfig, SelectionResult
 from tests.conftest import needs_torch
 from tests.runtime.conftest import images
@@ -216,3 +217,30 @@ def test_an_older_cloud_without_the_status_route(exported, protocol_server) -> N
             assert rt.process(images(4, seed=i)).calibration == ""
         m = rt.metrics()
     assert srv.state.status_requests == 1 and m["calibrations"] == {} and m["uploaded"]["selected"] == 8
+
+
+def test_the_blob_that_answers_a_calibration_is_not_judged(exported, protocol_server) -> None:  # type: ignore[no-untyped-def]
+    # A calibration re-initialises the statistics by design; the previous parameters are no reference for it.
+    # Here it carries no information at all, after an informative blob: judged, it would be rolled back.
+    from tests.runtime.test_edge import _diverse
+    from tests.runtime.test_edge_state import _gamma_blob
+
+    out, v0, srv = _setup(exported, protocol_server)
+
+    def on_upload(batch: SampleBatch) -> int:
+        with srv.state.lock:
+            v = srv.state.version + 1
+        srv.state.publish(v, _gamma_blob(v0, v, 0 if batch.kind == "calibration" else 30))
+        return v
+
+    srv.state.on_upload = on_upload
+    with _runtime(out, srv, SampleSelector(KEEP_ALL), sync=True, upload_batch=16,
+                  rollback=RollbackConfig(window=32, min_samples=8)) as rt:  # fmt: skip
+        rt.process(_diverse(16, seed=1))
+        assert rt.version == 1 and rt.monitor.last is not None and rt.monitor.last.version == 1
+        srv.state.reset()
+        rt.process(_diverse(16, seed=2))  # 409: generation 2, uncalibrated
+        assert rt.process(_diverse(16, seed=3)).calibration == "start"
+        assert rt.version == 2 and rt.rollbacks == 0 and rt.monitor.last.version == 1  # accepted unjudged
+        rt.process(_diverse(16, seed=4))
+        assert rt.version == 3 and rt.monitor.last.version == 3 and rt.rollbacks == 0  # the next one is judged
