@@ -199,6 +199,7 @@ class RollbackMonitor:
         self.judged = 0
         self.last: Judgement | None = None
         self._pending: int | None = None
+        self._judging = False  # a judgement (and the action on it) is under way
         self._judged_upto = backend.version
         self._stop = False
         self._cond = threading.Condition()
@@ -235,10 +236,11 @@ class RollbackMonitor:
         with self._cond:
             while not self._stop:
                 serving = self.backend.version
-                if self._judged_upto >= serving:
+                busy = self._judging or (self._pending is not None and len(self.ring) >= self.config.min_samples)
+                # done: nothing being judged, and the serving version judged (or its judgement deferred until a
+                # later batch fills the ring)
+                if not busy and (self._judged_upto >= serving or self._pending == serving):
                     break
-                if self._pending == serving and len(self.ring) < self.config.min_samples:
-                    break  # deferred: judged once a later batch filled the ring
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -260,6 +262,7 @@ class RollbackMonitor:
                 if self._stop:
                     return
                 version = self._pending
+                self._judging = True
             assert version is not None
             try:
                 j = self._judge(version)
@@ -277,6 +280,7 @@ class RollbackMonitor:
                 if self._pending == version:
                     self._pending = None
                 self._judged_upto = max(self._judged_upto, version)
+                self._judging = False
                 self._cond.notify_all()
 
     def _judge(self, version: int) -> Judgement | None:

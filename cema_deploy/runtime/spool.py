@@ -8,9 +8,11 @@ reports as JSON. The key is chosen when the entry is written, so an upload retri
 key of its first attempt and the cloud stores it once. A file is deleted once the cloud acknowledged (or
 refused) it; a restart reads the folder back in sequence order.
 
-Durability: files are written to a temporary name and renamed (atomic), without ``fsync`` per entry: they survive
-a crash or SIGKILL of the edge process (the page cache is the kernel's), not a power cut in the last seconds.
-:meth:`Spool.sync` (called on close) fsyncs the folder. Never imports torch.
+Durability: the uplink's spool thread writes each entry (never the serving thread: a 64-frame 224x224 batch takes
+60-90 ms to write here), to a temporary name then renamed (atomic), without ``fsync`` per entry: files survive a
+crash or SIGKILL of the edge process (the page cache is the kernel's), not a power cut in the last seconds, and an
+entry queued in the last milliseconds before a kill may not be written yet. :meth:`Spool.sync` (called on close)
+fsyncs the folder. Never imports torch.
 """
 
 from __future__ import annotations

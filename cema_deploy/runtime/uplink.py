@@ -60,6 +60,8 @@ __all__ = ["Uplink", "UplinkCounters", "UplinkListener"]
 log = logging.getLogger("cema_deploy.edge")
 
 _BATCH_REPORT, _EDGE_REPORT = "batch_report", "edge_report"
+#: Estimated spool bytes of an entry beyond its arrays, until its file is written (metadata, report JSON).
+_SPOOL_HEADER_BYTES = 256  # an underestimate: the spool thread corrects it and re-applies the bound
 _T = TypeVar("_T")
 
 
@@ -105,7 +107,7 @@ class UplinkListener:
         """Samples of ``kind`` were dropped without reaching the cloud (full queue, refusal, 409)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: entries are found and removed by identity, never compared by value
 class _Entry:
     kind: str  # a sample kind, _BATCH_REPORT or _EDGE_REPORT
     n: int = 0  # samples
@@ -120,6 +122,8 @@ class _Entry:
     key: str = ""
     rec: SpoolRecord | None = None
     t: float = 0.0  # when queued (monotonic)
+    inflight: bool = False  # taken by the worker
+    done: bool = False  # sent or dropped: its spool file (if any) is deleted
 
     @property
     def is_samples(self) -> bool:
@@ -213,9 +217,14 @@ class Uplink:
         self._flush_waiters = 0
         self._rng = random.Random(seed)
         self._warned: set[tuple[str, int | None]] = set()
+        self._to_spool: collections.deque[_Entry] = collections.deque()
         self.spool = Spool(spool_dir) if spool_dir is not None else None
+        self._spooler: threading.Thread | None = None
         if self.spool is not None:
             self._restore(self.spool)
+            self._spooler = threading.Thread(target=self._spool_loop, args=(self.spool,), name="cema-spool",
+                                             daemon=True)  # fmt: skip
+            self._spooler.start()
         self._thread = threading.Thread(target=self._loop, name="cema-uplink", daemon=True)
         self._thread.start()
 
@@ -317,9 +326,9 @@ class Uplink:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout)
-        if self.spool is not None:
-            with self._cond:
-                self.spool.sync()
+        if self.spool is not None and self._spooler is not None:
+            self._spooler.join(timeout)  # everything queued reaches the spool first
+            self.spool.sync()
 
     def backoff_delay(self, attempt: int) -> float:
         """Seconds to wait before retry ``attempt`` (0-based): ``min(cap, base * 2**attempt)`` times a uniform
@@ -331,35 +340,50 @@ class Uplink:
         lost: list[tuple[str, str]] = []
         with self._cond:
             e.t = time.monotonic()
-            if self.spool is not None:
-                try:
-                    e = self._spool_entry(self.spool, e)
-                except CemaError as exc:
-                    log.warning("could not spool an entry, dropped: %s", exc)
-                    self._count_drop(e, spool=True, lost=lost)
-                    e = _Entry("")
-            if e.kind:
-                self._q.append(e)
-                self._q_samples += e.n
-                self._q_bytes += e.nbytes
-                self._q_reports += not e.is_samples
-                self._counters.queued += e.n
-                self._enforce_bounds(e, lost)
+            if self.spool is not None:  # written to disk by the spool thread, never on the caller's thread
+                e.key = str(uuid.uuid4())
+                e.nbytes = e.nbytes + 4 * e.n + _SPOOL_HEADER_BYTES if e.is_samples else _SPOOL_HEADER_BYTES
+                self._to_spool.append(e)
+            self._q.append(e)
+            self._q_samples += e.n
+            self._q_bytes += e.nbytes
+            self._q_reports += not e.is_samples
+            self._counters.queued += e.n
+            self._enforce_bounds(e, lost)
             self._cond.notify_all()
         for kind, calibration in lost:
             self.listener.on_dropped(kind, calibration)
 
-    def _spool_entry(self, spool: Spool, e: _Entry) -> _Entry:
-        e.key = str(uuid.uuid4())
-        if e.is_samples:
-            assert e.images is not None
-            rec = spool.write_samples(self._batch_of(e), key=e.key)
-            e.images = e.entropy = e.selected = None
-        else:
-            assert e.message is not None
-            rec = spool.write_report({"type": e.kind, "body": e.message.to_json()}, key=e.key)
-        e.rec, e.nbytes = rec, rec.nbytes
-        return e
+    def _spool_loop(self, spool: Spool) -> None:
+        """Write queued entries to the spool in FIFO order (off the caller's thread); drains before stopping."""
+        while True:
+            with self._cond:
+                while not self._to_spool and not self._stop:
+                    self._cond.wait(0.1)
+                if not self._to_spool:
+                    return
+                e = self._to_spool.popleft()
+            try:
+                if e.is_samples:
+                    rec = spool.write_samples(self._batch_of(e), key=e.key)
+                else:
+                    assert e.message is not None
+                    rec = spool.write_report({"type": e.kind, "body": e.message.to_json()}, key=e.key)
+            except CemaError as exc:  # the entry stays in memory (sent if the edge keeps running)
+                log.warning("could not write an entry to the upload spool: %s", exc)
+                continue
+            lost: list[tuple[str, str]] = []
+            with self._cond:
+                if e.done:  # sent (or dropped) while being written
+                    spool.remove(rec)
+                    continue
+                self._q_bytes += rec.nbytes - e.nbytes
+                e.rec, e.nbytes = rec, rec.nbytes
+                if not e.inflight:
+                    e.images = e.entropy = e.selected = None  # read back from the file when taken
+                self._enforce_bounds(None, lost)
+            for kind, calibration in lost:
+                self.listener.on_dropped(kind, calibration)
 
     def _restore(self, spool: Spool) -> None:
         for rec in spool.load():
@@ -391,7 +415,7 @@ class Uplink:
             log.info("upload spool %s: %d samples and %d reports from an earlier run", spool.directory,
                      self._q_samples, self._q_reports)  # fmt: skip
 
-    def _enforce_bounds(self, newest: _Entry, lost: list[tuple[str, str]]) -> None:
+    def _enforce_bounds(self, newest: _Entry | None, lost: list[tuple[str, str]]) -> None:
         """Drop the oldest samples (or whole spooled entries / calibration batches) while a bound is exceeded;
         the entry just queued is never dropped whole when it alone exceeds a bound."""
         spooled = self.spool is not None
@@ -423,8 +447,7 @@ class Uplink:
             self._count_drop(e, spool=spooled, lost=lost)
 
     def _count_drop(self, e: _Entry, *, spool: bool, lost: list[tuple[str, str]]) -> None:
-        if e.rec is not None and self.spool is not None:
-            self.spool.remove(e.rec)
+        self._forget(e)
         if e.is_samples:
             if spool:
                 self._counters.dropped_spool += e.n
@@ -476,6 +499,8 @@ class Uplink:
                 self._q_samples -= e.n
                 self._q_bytes -= e.nbytes if self.spool is None else 0  # spooled bytes stay until acknowledged
                 self._q_reports -= not e.is_samples
+            for e in items:
+                e.inflight = True
             self._inflight = sum(e.n for e in items)
             self._busy = True
             return items
@@ -495,13 +520,21 @@ class Uplink:
                 self._busy = False
                 self._cond.notify_all()
 
+    def _forget(self, e: _Entry) -> None:
+        """``e`` is done: delete its spool file (or skip writing it). Holds the lock."""
+        e.done = True
+        if self.spool is not None:
+            if e.rec is not None:
+                self.spool.remove(e.rec)
+            elif e in self._to_spool:
+                self._to_spool.remove(e)
+
     def _release(self, items: list[_Entry]) -> None:
         """The entries are done (sent or dropped): delete their spool files. Holds the lock."""
-        if self.spool is not None:
-            for e in items:
-                if e.rec is not None:
-                    self.spool.remove(e.rec)
-                    self._q_bytes -= e.nbytes
+        for e in items:
+            self._forget(e)
+            if self.spool is not None:
+                self._q_bytes -= e.nbytes
 
     def _batch_of(self, e: _Entry) -> SampleBatch:
         assert e.images is not None

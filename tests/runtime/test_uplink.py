@@ -396,6 +396,7 @@ def test_the_spool_is_bounded_and_drops_the_oldest(protocol_server, tmp_path) ->
         try:
             for i in range(0, 10, 2):
                 up.put(x[i : i + 2], np.zeros(2))
+            assert until(lambda: len(list((tmp_path / "spool").iterdir())) == 3)  # written off the caller's thread
             c = up.counters
             assert c.dropped_spool == 4 and up.queued_now == 6 and up.spool_bytes <= 3 * one + 10
         finally:
