@@ -202,8 +202,8 @@ def run_cmd(
         err_console.print(f"restored from {state}: serving v{rt.restored_version}")
     server = _metrics_server(rt, metrics_host, metrics_port) if metrics_port is not None else None
     t0 = time.perf_counter()
+    previous_handler = _exit_cleanly_on_sigterm()
     try:
-        _exit_cleanly_on_sigterm()
         with _live(quiet, total) as update:
             for images in batches_from_source(source, batch):
                 timeouts = rt.sync_timeouts
@@ -229,6 +229,10 @@ def run_cmd(
             server.close()
         rt.close()
         be.close()
+        if previous_handler is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_handler)
     metrics["wall_s"] = time.perf_counter() - t0
     metrics["selection_config"] = cfg.describe()
     p = np.concatenate(preds)
@@ -273,19 +277,20 @@ def _metrics_server(rt: Any, host: str, port: int) -> Any:
     return server
 
 
-def _exit_cleanly_on_sigterm() -> None:
+def _exit_cleanly_on_sigterm() -> Any:
     """SIGTERM ends the run like Ctrl-C: the runtime closes and saves its state (SIGKILL cannot be caught; the
-    state then holds the last interval's or event's save)."""
+    state then holds the last interval's or event's save). Returns the handler it replaced (None off the main
+    thread, where signals cannot be handled)."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
+        return None
 
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _uploaded_mask(step: Any, with_cloud: bool) -> np.ndarray:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,27 @@ def test_sigkill_mid_stream_then_restart_resumes(exported, protocol_server, tmp_
     assert m["calibrations"] == {} and m["uploaded"]["calibration"] == 0  # the cloud says calibrated
     assert min(srv.state.blob_requests[polls_before:]) >= serving  # never asked for v3 (or anything older)
     assert "restored from" in r.stderr
+
+
+def test_sigterm_saves_the_state_on_the_way_out(exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out, _ = exported("bn")
+    np.save(tmp_path / "s.npy", _diverse(16, seed=4))
+    # a cloud that is down and --sync: the run waits (here up to 60 s a batch) until it is told to stop
+    args = [sys.executable, "-m", "cema_deploy", "edge", "run", str(out), "--source", str(tmp_path / "s.npy"),
+            "--batch", "8", "--cloud", f"http://127.0.0.1:{_free_port()}", "--token", "t", "--sync", "--sync-timeout",
+            "60", "--state", str(tmp_path / "state"), "--state-interval", "0.2", "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    state_file = tmp_path / "state" / STATE_FILE
+    try:
+        assert until(state_file.exists, 120)  # running: the interval save happened
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    st = json.loads(state_file.read_text())
+    assert st["saved_at"] >= sent  # saved again while exiting
