@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -99,26 +100,32 @@ def model_from_path(path: str | os.PathLike[str]) -> WireModel:
 
 def model_from_bytes(buf: bytes) -> WireModel:
     graph = None
-    for num, wt, val in _fields(buf, 0, len(buf)):
-        if num == 7 and wt == 2:  # ModelProto.graph
-            graph = val
+    for f in _fields(buf, 0, len(buf)):
+        if f.num == 7 and f.wt == 2:  # ModelProto.graph
+            graph = f.span
     if graph is None:
         raise WireError("no graph in the model bytes")
     nodes: list[WireNode] = []
     inits: dict[str, WireTensor] = {}
-    start, end = graph
-    for num, wt, val in _fields(buf, start, end):
-        if wt != 2:
+    for f in _fields(buf, *graph):
+        if f.wt != 2:
             continue
-        if num == 1:  # GraphProto.node
-            nodes.append(_node(buf, *val))
-        elif num == 5:  # GraphProto.initializer
-            t = _tensor(buf, *val)
+        if f.num == 1:  # GraphProto.node
+            nodes.append(_node(buf, *f.span))
+        elif f.num == 5:  # GraphProto.initializer
+            t = _tensor(buf, *f.span)
             inits[t.name] = t
     return WireModel(buffer=buf, nodes=nodes, initializers=inits)
 
 
 # ---- wire format ---------------------------------------------------------------------------------------
+class _Field(NamedTuple):
+    num: int  # field number
+    wt: int  # wire type
+    value: int  # varint / fixed32 / fixed64 value (0 for length-delimited fields)
+    span: tuple[int, int]  # (start, end) of a length-delimited field's bytes ((0, 0) otherwise)
+
+
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
@@ -134,25 +141,24 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise WireError("varint too long")
 
 
-def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, tuple[int, int] | int]]:
-    """(field number, wire type, value): an int for varint/fixed fields, (start, end) for length-delimited."""
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[_Field]:
     while pos < end:
         key, pos = _varint(buf, pos)
         num, wt = key >> 3, key & 7
         if wt == 0:
             v, pos = _varint(buf, pos)
-            yield num, wt, v
+            yield _Field(num, wt, v, (0, 0))
         elif wt == 1:
-            yield num, wt, int.from_bytes(buf[pos : pos + 8], "little")
+            yield _Field(num, wt, int.from_bytes(buf[pos : pos + 8], "little"), (0, 0))
             pos += 8
         elif wt == 2:
             n, pos = _varint(buf, pos)
             if pos + n > end:
                 raise WireError("length-delimited field runs past its message")
-            yield num, wt, (pos, pos + n)
+            yield _Field(num, wt, 0, (pos, pos + n))
             pos += n
         elif wt == 5:
-            yield num, wt, int.from_bytes(buf[pos : pos + 4], "little")
+            yield _Field(num, wt, int.from_bytes(buf[pos : pos + 4], "little"), (0, 0))
             pos += 4
         else:
             raise WireError(f"unsupported wire type {wt}")
@@ -166,69 +172,59 @@ def _str(buf: bytes, span: tuple[int, int]) -> str:
 
 def _node(buf: bytes, start: int, end: int) -> WireNode:
     node = WireNode(op_type="", domain="", inputs=[], outputs=[], attributes={})
-    for num, wt, val in _fields(buf, start, end):
-        if wt != 2:
+    for f in _fields(buf, start, end):
+        if f.wt != 2:
             continue
-        assert isinstance(val, tuple)
-        if num == 1:
-            node.inputs.append(_str(buf, val))
-        elif num == 2:
-            node.outputs.append(_str(buf, val))
-        elif num == 4:
-            node.op_type = _str(buf, val)
-        elif num == 7:
-            node.domain = _str(buf, val)
-        elif num == 5:
-            name, value = _attribute(buf, *val)
+        if f.num == 1:
+            node.inputs.append(_str(buf, f.span))
+        elif f.num == 2:
+            node.outputs.append(_str(buf, f.span))
+        elif f.num == 4:
+            node.op_type = _str(buf, f.span)
+        elif f.num == 7:
+            node.domain = _str(buf, f.span)
+        elif f.num == 5:
+            name, value = _attribute(buf, *f.span)
             if value is not None:
                 node.attributes[name] = value
     return node
 
 
 def _attribute(buf: bytes, start: int, end: int) -> tuple[str, float | int | bytes | None]:
-    name, value = "", None
-    for num, wt, val in _fields(buf, start, end):
-        if num == 1 and isinstance(val, tuple):
-            name = _str(buf, val)
-        elif num == 2 and wt == 5:  # f
-            assert isinstance(val, int)
-            value = float(np.frombuffer(val.to_bytes(4, "little"), np.float32)[0])
-        elif num == 3 and wt == 0:  # i
-            assert isinstance(val, int)
-            value = val - (1 << 64) if val >= 1 << 63 else val
-        elif num == 4 and isinstance(val, tuple):  # s
-            value = buf[val[0] : val[1]]
+    name = ""
+    value: float | int | bytes | None = None
+    for f in _fields(buf, start, end):
+        if f.num == 1 and f.wt == 2:
+            name = _str(buf, f.span)
+        elif f.num == 2 and f.wt == 5:  # f
+            value = float(np.frombuffer(f.value.to_bytes(4, "little"), np.float32)[0])
+        elif f.num == 3 and f.wt == 0:  # i (two's complement int64)
+            value = f.value - (1 << 64) if f.value >= 1 << 63 else f.value
+        elif f.num == 4 and f.wt == 2:  # s
+            value = buf[f.span[0] : f.span[1]]
     return name, value
 
 
 def _tensor(buf: bytes, start: int, end: int) -> WireTensor:
     t = WireTensor(name="", dims=(), data_type=0)
     dims: list[int] = []
-    for num, wt, val in _fields(buf, start, end):
-        if num == 1:  # dims: packed (wt 2) or one varint per field
-            if isinstance(val, tuple):
-                p = val[0]
-                while p < val[1]:
+    for f in _fields(buf, start, end):
+        if f.num == 1:  # dims: packed (wire type 2) or one varint per field
+            if f.wt == 2:
+                p = f.span[0]
+                while p < f.span[1]:
                     d, p = _varint(buf, p)
                     dims.append(d)
             else:
-                dims.append(val)
-        elif num == 2 and isinstance(val, int):
-            t.data_type = val
-        elif num == 8 and isinstance(val, tuple):
-            t.name = _str(buf, val)
-        elif num == 9 and isinstance(val, tuple):
-            t.raw = (val[0], val[1] - val[0])
-        elif num == 13 and isinstance(val, tuple):
-            key = value = ""
-            for n2, _, v2 in _fields(buf, *val):
-                if isinstance(v2, tuple):
-                    if n2 == 1:
-                        key = _str(buf, v2)
-                    elif n2 == 2:
-                        value = _str(buf, v2)
-            t.external[key] = value
-        elif num in (4, 5, 7, 10, 11) and t.raw is None:
-            t.raw = None  # typed data fields: not read (see WireModel.array)
+                dims.append(f.value)
+        elif f.num == 2 and f.wt == 0:
+            t.data_type = f.value
+        elif f.num == 8 and f.wt == 2:
+            t.name = _str(buf, f.span)
+        elif f.num == 9 and f.wt == 2:
+            t.raw = (f.span[0], f.span[1] - f.span[0])
+        elif f.num == 13 and f.wt == 2:  # external_data: StringStringEntryProto {key = 1, value = 2}
+            entry = {e.num: _str(buf, e.span) for e in _fields(buf, *f.span) if e.wt == 2}
+            t.external[entry.get(1, "")] = entry.get(2, "")
     t.dims = tuple(dims)
     return t

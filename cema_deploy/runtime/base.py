@@ -74,6 +74,7 @@ class Backend(ABC):
     # ---- subclass hooks -------------------------------------------------------------------------------
     def _prepare(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Once, before the first build: work every later build can reuse (default: none)."""
+        return None
 
     def build_plain(self, tensors: Mapping[str, np.ndarray]) -> Any:
         """An engine built as a fresh deployment builds it, without what ``_prepare`` made (for benchmarks)."""

@@ -29,9 +29,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ MAX_TRACED_ELEMENTS = 1 << 22
 _DATA_FILE = "initializers.bin"
 #: Initializers smaller than this stay inline in the saved graph (ORT reads shape inputs only from there).
 INLINE_BYTES = 1024
+#: Byte alignment of the arrays handed to sessions.
+ALIGN = 64
 #: Elements per row of the broadcast multiply that computes a fused weight.
 ROW = 1024
 
@@ -112,7 +116,7 @@ class PreparedGraph:
 
     Example:
         >>> prep = prepared_from_onnx("out/r50/model.onnx", tensors, make_options)  # doctest: +SKIP
-        >>> session, held = prep.session(new_tensors, make_options)  # doctest: +SKIP
+        >>> session, held, recycle = prep.session(new_tensors, make_options)  # doctest: +SKIP
     """
 
     def __init__(
@@ -129,6 +133,10 @@ class PreparedGraph:
         self._constants = constants  # name -> OrtValue, shared by every session (read-only)
         self._recipes = recipes
         self._fused = fused
+        # Arrays of sessions that are gone, by initializer name, for the next refit to write into: a fresh
+        # 100 MB allocation costs ResNet-50 ~90 ms of page faults per refit on top of ~25 ms of arithmetic.
+        self._free: dict[str, list[np.ndarray]] = {}
+        self._free_lock = threading.Lock()
 
     @property
     def fused_layers(self) -> int:
@@ -138,8 +146,29 @@ class PreparedGraph:
         """Remove the stand-in data file (sessions made already keep working; new ones cannot be made)."""
         self._cleanup()
 
+    def recycle(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Take back the arrays of a session that no longer exists (:meth:`session`'s third result does this).
+
+        Only for arrays no live session reads: the next :meth:`initializers` overwrites them.
+        """
+        with self._free_lock:
+            for name, a in arrays.items():
+                free = self._free.setdefault(name, [])
+                if len(free) < 2:
+                    free.append(a)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self._free_lock:
+            free = self._free.get(name)
+            if free:
+                a = free.pop()
+                if a.shape == shape and a.dtype == dtype:
+                    return a
+        return _aligned(shape, dtype)
+
     def initializers(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """New arrays for every initializer that depends on the refit tensors (constants excluded)."""
+        """Arrays for every initializer that depends on the refit tensors (constants excluded): new ones, or
+        recycled ones of a session that is gone, never arrays a live session reads."""
         scale: list[np.ndarray] = []
         for f in self._fused:
             var = np.asarray(tensors[f.var], np.float32)
@@ -147,19 +176,27 @@ class PreparedGraph:
         out: dict[str, np.ndarray] = {}
         for name, r in self._recipes.items():
             if isinstance(r, _Copied):
-                out[name] = np.array(tensors[r.source], copy=True, order="C").reshape(r.shape)
+                src = np.asarray(tensors[r.source])
+                a = self._buffer(name, r.shape, src.dtype)
+                a[...] = src.reshape(r.shape)
             elif isinstance(r, _Scaled):
-                out[name] = np.multiply(r.base, scale[r.layer][r.channel]).reshape(r.shape)
+                a = self._buffer(name, r.shape, np.dtype(np.float32))
+                np.multiply(r.base, scale[r.layer][r.channel], out=a.reshape(r.base.shape))
             else:
                 f = self._fused[r.layer]
                 s = scale[r.layer][r.channel]
                 mean = np.asarray(tensors[f.mean], np.float32)[r.channel]
                 beta = np.asarray(tensors[f.beta], np.float32)[r.channel]
-                out[name] = np.where(r.valid, (r.conv_bias - mean) * s + beta, np.float32(0)).astype(np.float32)
+                a = self._buffer(name, r.channel.shape, np.dtype(np.float32))
+                a[...] = np.where(r.valid, (r.conv_bias - mean) * s + beta, np.float32(0))
+            out[name] = a
         return out
 
-    def session(self, tensors: Mapping[str, np.ndarray], options: Callable[[], Any]) -> tuple[Any, list[Any]]:
-        """An ``InferenceSession`` with ``tensors``, and the objects it borrows (keep them while it lives)."""
+    def session(
+        self, tensors: Mapping[str, np.ndarray], options: Callable[[], Any]
+    ) -> tuple[Any, list[Any], Callable[[], None]]:
+        """An ``InferenceSession`` with ``tensors``, the objects it borrows (keep them while it lives), and a
+        callable to run once the session is gone: it hands the session's arrays back for reuse."""
         import onnxruntime as ort
 
         so = options()
@@ -170,7 +207,7 @@ class PreparedGraph:
         for name, value in (*self._constants.items(), *values.items()):
             so.add_initializer(name, value)
         session = ort.InferenceSession(self._graph, sess_options=so, providers=["CPUExecutionProvider"])
-        return session, [*arrays.values(), *values.values(), self._constants]
+        return session, [*arrays.values(), *values.values(), self._constants], partial(self.recycle, arrays)
 
 
 def prepared_from_onnx(
@@ -204,7 +241,7 @@ def prepared_from_onnx(
         trace_model, _ = _optimised(path, src, trace, options, Path(work.name) / "trace", None)
         recipes, constant_names = _plan(src, ref_model, trace_model, tensors, reference, trace, fused)
         constants = {
-            n: ort.OrtValue.ortvalue_from_numpy(np.array(ref_model.array(n)))
+            n: ort.OrtValue.ortvalue_from_numpy(_aligned_copy(ref_model.array(n)))
             for n in constant_names
             if ref_model.initializers[n].external  # inline ones come with the graph bytes
         }
@@ -217,14 +254,30 @@ def prepared_from_onnx(
     data_dir = Path(tempfile.mkdtemp(prefix="cema-prepared-"))
     with open(data_dir / _DATA_FILE, "wb") as fh:
         fh.truncate(data_size)
+    assert ref_logits is not None
     prepared = PreparedGraph(graph_bytes, data_dir, constants, recipes, fused)
-    session, _held = prepared.session(reference, options)
+    session, _held, _ = prepared.session(reference, options)
     got = np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
     tol = 1e-4 * (1.0 + float(np.abs(ref_logits).max()))
     err = float(np.abs(got - ref_logits).max())
     if not err <= tol:
         raise PreparedGraphError(f"the prepared graph's logits differ from ORT's own session by {err:.3g}")
     return prepared
+
+
+def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An empty C-contiguous array whose data starts on a 64-byte boundary, as ORT's own allocations do
+    (MLAS kernels read weights handed over in place ~5 % slower from numpy's 16-byte-aligned memory)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    offset = -buf.ctypes.data % ALIGN
+    return buf[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    out = _aligned(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 # ---- planning -----------------------------------------------------------------------------------------
@@ -252,8 +305,10 @@ def _fused_pairs(src: WireModel, tensors: Mapping[str, np.ndarray]) -> list[_Fus
         if consumers.get(weight, 0) != 1 or int(np.prod(src.initializers[weight].dims)) >= MAX_TRACED_ELEMENTS:
             continue
         eps = n.attributes.get("epsilon", 1e-5)
-        assert isinstance(eps, float | int)
-        out.append(_Fused(len(out), weight, bias, *n.inputs[1:], eps=float(eps)))  # type: ignore[arg-type]
+        if not isinstance(eps, float | int):
+            continue
+        gamma, beta, mean, var = n.inputs[1:]
+        out.append(_Fused(len(out), weight, bias, gamma, beta, mean, var, eps=float(eps)))
     if len(out) >= CODE_BASE:
         raise PreparedGraphError(f"{len(out)} fused layers: more than the trace codes can name")
     return out
@@ -262,8 +317,10 @@ def _fused_pairs(src: WireModel, tensors: Mapping[str, np.ndarray]) -> list[_Fus
 def _perturbed(name: str, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     factor = rng.uniform(0.7, 1.3, a.shape).astype(a.dtype)
     if is_variance_name(name):
-        return (np.abs(a) * factor + np.asarray(0.05, a.dtype)).astype(a.dtype)
-    return (a * factor + rng.normal(0, 0.1, a.shape)).astype(a.dtype)
+        out = np.abs(a) * factor + np.asarray(0.05, a.dtype)
+    else:
+        out = a * factor + rng.normal(0, 0.1, a.shape)
+    return np.asarray(out, a.dtype)
 
 
 def _trace_values(src: WireModel, tensors: Mapping[str, np.ndarray], fused: list[_Fused]) -> dict[str, np.ndarray]:
@@ -362,9 +419,9 @@ def _plan(
             raise PreparedGraphError(f"refit tensor {name!r} was transformed by the optimiser")
         elif np.array_equal(r, t):
             constants.append(name)
-        elif r.dtype == np.float32 and r.ndim == 1 and _bias_layer(t) is not None:
-            layer = _bias_layer(t)
-            assert layer is not None and layer < len(fused)
+        elif r.dtype == np.float32 and r.ndim == 1 and (layer := _bias_layer(t)) is not None:
+            if layer >= len(fused):
+                raise PreparedGraphError(f"initializer {name!r}: trace codes name layer {layer} of {len(fused)}")
             recipes[name] = _shifted(src, fused[layer], t)
             bias_layer[name] = layer
         else:
@@ -373,9 +430,8 @@ def _plan(
     for node in ref.nodes:  # a fused weight sits in the same node as its fused bias
         layers = {bias_layer[i] for i in node.inputs if i in bias_layer}
         for i in node.inputs:
-            if i in pending:
-                if len(layers) != 1 or layer_of.setdefault(i, next(iter(layers))) not in layers:
-                    raise PreparedGraphError(f"initializer {i!r} is not the weight of exactly one fused layer")
+            if i in pending and (len(layers) != 1 or layer_of.setdefault(i, next(iter(layers))) not in layers):
+                raise PreparedGraphError(f"initializer {i!r} is not the weight of exactly one fused layer")
     for name in pending:
         if name not in layer_of:
             raise PreparedGraphError(f"initializer {name!r} depends on refit tensors in a way not planned here")

@@ -147,7 +147,10 @@ def test_prepared_refits_match_plain_sessions(exported, kind):
     x = np.random.default_rng(1).standard_normal((3, *manifest.input.shape[1:])).astype(np.float32)
     _, tensors = _perturbed(model, manifest, 4)
     new_model, _ = _perturbed(model, manifest, 4)
-    with get_backend("ort-cpu", out, refit_mode="prepared") as fast, get_backend("ort-cpu", out, refit_mode="plain") as plain:
+    with (
+        get_backend("ort-cpu", out, refit_mode="prepared") as fast,
+        get_backend("ort-cpu", out, refit_mode="plain") as plain,
+    ):
         assert (fast.refit_mode, fast.prepare_error, plain.refit_mode) == ("prepared", None, "plain")
         for be in (fast, plain):
             be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))

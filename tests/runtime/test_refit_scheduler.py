@@ -74,7 +74,9 @@ def test_refused_blobs_are_failed_outcomes_and_change_nothing(backend) -> None: 
         refits.submit(_blob(backend, 0))  # not newer than the serving version
         assert refits.wait_idle(timeout=60)
         bad = _blob(backend, 1)
-        refits.submit(RefitBlob(tensors={k: v * np.nan for k, v in bad.tensors.items()}, fingerprint=bad.fingerprint, version=1))
+        refits.submit(
+            RefitBlob(tensors={k: v * np.nan for k, v in bad.tensors.items()}, fingerprint=bad.fingerprint, version=1)
+        )
         assert refits.wait_idle(timeout=60)
     assert [type(o.error) for o in gate.outcomes] == [StaleBlobError, BlobValueError]
     assert not any(o.applied for o in gate.outcomes)
