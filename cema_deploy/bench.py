@@ -467,7 +467,9 @@ def _folded_engine(be: Backend, model_dir: Path) -> Callable[[np.ndarray], np.nd
         return None
     from cema_deploy.runtime.onnxrt import PROVIDERS, session_from_onnx
 
-    sess = session_from_onnx(path, providers=PROVIDERS[be.name])
+    # the same thread settings as the refittable engine, so the ratio compares graphs, not settings
+    spinning = bool(getattr(be, "allow_spinning", False))
+    sess = session_from_onnx(path, providers=PROVIDERS[be.name], allow_spinning=spinning)
     return sess.run
 
 

@@ -41,6 +41,13 @@ def bench_cmd(
         str,
         typer.Option(help="How ONNX Runtime refits build their session: auto, prepared or plain (see the docs)."),
     ] = "auto",
+    spinning: Annotated[
+        bool,
+        typer.Option(
+            "--spinning/--no-spinning",
+            help="Let ONNX Runtime's intra-op threads spin-wait between operators (ORT's own default; off here).",
+        ),
+    ] = False,
     refit_repeats: Annotated[
         int, typer.Option(min=1, help="Hot refits timed under load (figures are medians over them).")
     ] = 3,
@@ -82,7 +89,7 @@ def bench_cmd(
             sustained_refit_s=sustained_refit,
             refit_every_s=refit_every,
             min_refit_interval_s=min_refit_interval,
-            backend_options={"refit_mode": refit_mode},
+            backend_options={"refit_mode": refit_mode, "allow_spinning": spinning},
         )
     print_report(report)
     if json_file is not None:

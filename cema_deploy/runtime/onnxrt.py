@@ -187,7 +187,7 @@ class OnnxrtBackend(Backend):
         self._providers = PROVIDERS[provider]
         self._threads = intra_op_threads
         self._options = partial(session_options, intra_op_threads, allow_spinning=allow_spinning)
-        self._spinning = allow_spinning
+        self.allow_spinning = allow_spinning
         self._requested_mode = refit_mode
         self._prepared: PreparedGraph | None = None
         #: Why the prepared refit path is not used (None when it is, or was not asked for).
@@ -238,7 +238,7 @@ class OnnxrtBackend(Backend):
             tensors=tensors,
             providers=self._providers,
             intra_op_threads=self._threads,
-            allow_spinning=self._spinning,
+            allow_spinning=self.allow_spinning,
         )
 
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
