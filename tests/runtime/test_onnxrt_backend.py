@@ -194,7 +194,13 @@ def test_previous_engine_stays_resident_for_comparison(setup):
         assert (be.version, be.previous_version) == (2, 1)  # version 0's engine has left: two resident
         np.testing.assert_allclose(be.infer_previous(x), _ref(m1, x), atol=1e-4, rtol=0)
         np.testing.assert_allclose(be.infer(x), _ref(m2, x), atol=1e-4, rtol=0)
-        assert be.rollback() == 1
+        # version 3 is built into the arrays version 0's engine left behind (prepared path): the two
+        # resident engines must still compute exactly their own parameters
+        m3, t3 = _perturbed(m2, manifest, 9)
+        be.refit(RefitBlob(tensors=t3, fingerprint=manifest.fingerprint, version=3))
+        np.testing.assert_allclose(be.infer_previous(x), _ref(m2, x), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(be.infer(x), _ref(m3, x), atol=1e-4, rtol=0)
+        assert be.rollback() == 2
         assert be.previous_version is None and be.infer_previous(x) is None
 
 
