@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from cema_deploy.contract.blob import RefitBlob
-from cema_deploy.exceptions import BlobError
+from cema_deploy.exceptions import BlobError, RefitError
 from cema_deploy.runtime.base import Backend, RefitReport
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class RefitScheduler:
         replaced by it; a blob older than the one waiting is dropped. Both count as coalesced."""
         with self._cond:
             if self._closed:
-                raise RuntimeError("RefitScheduler.submit after close()")
+                raise RefitError(f"RefitScheduler.submit(v{blob.version}) after close(): make a new scheduler.")
             self.submitted += 1
             dropped: RefitBlob | None = None
             if self._pending is not None and self._pending.version > blob.version:

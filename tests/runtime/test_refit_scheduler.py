@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cema_deploy.contract import RefitBlob, manifest_from_dir
-from cema_deploy.exceptions import BlobValueError, StaleBlobError
+from cema_deploy.exceptions import BlobValueError, RefitError, StaleBlobError
 from cema_deploy.runtime import get_backend
 from cema_deploy.runtime.refit import RefitOutcome, RefitScheduler
 from tests.conftest import needs_torch
@@ -99,7 +99,7 @@ def test_close_drops_the_waiting_blob_and_reports_it(backend) -> None:  # type: 
     assert [(o.version, o.applied, o.error) for o in gate.outcomes] == [(1, True, None), (2, False, None)]
     assert (refits.submitted, refits.applied, refits.coalesced) == (2, 1, 1) and backend.version == 1
     refits.close()  # idempotent
-    with pytest.raises(RuntimeError, match="after close"):
+    with pytest.raises(RefitError, match="after close"):
         refits.submit(_blob(backend, 3))
 
 
