@@ -27,10 +27,16 @@ def selection_config(
     d_margin: str,
     warmup: int,
     lam: float = 1.0,
+    upload_share: float | None = None,
+    upload_budget: float | None = None,
+    stats_share: float = 0.0,
+    recalibrate: bool = False,
+    seed: int = 0,
 ) -> Any:
     """The selector's config from CLI-style options (``d_margin``: ``auto``, ``off`` or a number in (0, 1])."""
     from cema_deploy.exceptions import CemaError
-    from cema_deploy.runtime.selection import SelectionConfig
+    from cema_deploy.runtime.selection import PRESETS, SelectionConfig
+    from cema_deploy.runtime.shift import ShiftConfig
 
     margin: float | Literal["auto"] | None
     if d_margin == "auto":
@@ -42,17 +48,23 @@ def selection_config(
             margin = float(d_margin)
         except ValueError as exc:
             raise CemaError(f"--d-margin must be 'auto', 'off' or a number in (0, 1], got {d_margin!r}.") from exc
-    if selection == "eata":
-        return SelectionConfig.eata_style(num_classes, e0_ratio=e0_ratio, d_margin=margin)
-    if selection != "cema":
-        raise CemaError(f"--selection must be 'cema' or 'eata', got {selection!r}.")
-    return SelectionConfig.for_classes(
+    if selection not in PRESETS:
+        raise CemaError(f"--selection must be one of {', '.join(PRESETS)}, got {selection!r}.")
+    if upload_share is not None and selection not in ("random", "entropy-top"):
+        raise CemaError(f"--upload-share applies to --selection random or entropy-top, not {selection!r}.")
+    return SelectionConfig.preset(
+        selection,
         num_classes,
         e0_ratio=e0_ratio,
+        e_min_ratio=e_min_ratio if e_min_ratio > 0 else None,
         lam=lam,
         warmup=warmup,
-        e_min_ratio=e_min_ratio if e_min_ratio > 0 else None,
         d_margin=margin,
+        share=upload_share,
+        stats_share=stats_share,
+        budget=upload_budget,
+        shift=ShiftConfig() if recalibrate else None,
+        seed=seed,
     )
 
 
@@ -73,7 +85,30 @@ def run_cmd(
     threads: Annotated[int | None, typer.Option(help="Intra-op threads of ONNX Runtime.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Images per inference batch (official edge batch: 64).")] = 64,
     labels: Annotated[Path | None, typer.Option(help="Optional .npy of N int labels: report accuracy.")] = None,
-    selection: Annotated[str, typer.Option(help="cema (dynamic E_max + E_min) or eata (fixed E_0 only).")] = "cema",
+    selection: Annotated[
+        str,
+        typer.Option(
+            help="Which frames go up: cema (the paper: dynamic E_max, E_min, redundancy), eata (fixed E_0 + "
+            "redundancy; also what the official release config runs), random (a uniform --upload-share), "
+            "entropy-top (highest entropy first, --upload-share), all."
+        ),
+    ] = "cema",
+    upload_share: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Share of frames random/entropy-top upload.")
+    ] = None,
+    upload_budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Hold the share of frames uploaded (all kinds, calibration included) at this."
+        ),
+    ] = None,
+    stats_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Uniform share of frames sent as statistics samples (0 = off).")
+    ] = 0.0,
+    recalibrate: Annotated[
+        bool, typer.Option(help="Send a recalibration batch when the shift detector fires (continual streams).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random draws (random rule, statistics samples).")] = 0,
     e0_ratio: Annotated[float, typer.Option(help="E_0 = ratio * ln C (Eqn. 3).")] = 0.4,
     e_min_ratio: Annotated[float, typer.Option(help="E_min = ratio * ln C (Eqn. 5; 0 = rule off).")] = 0.02,
     d_margin: Annotated[str, typer.Option(help="Redundancy margin: auto (scaled to C), off, or a number.")] = "auto",
@@ -134,6 +169,11 @@ def run_cmd(
         e_min_ratio=e_min_ratio,
         d_margin=d_margin,
         warmup=warmup,
+        upload_share=upload_share,
+        upload_budget=upload_budget,
+        stats_share=stats_share,
+        recalibrate=recalibrate,
+        seed=seed,
     )
     client = None
     if cloud is not None:
