@@ -75,7 +75,11 @@ PREDICTION_SUFFIXES = (".csv", ".npy", ".npz")
 def run_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Export directory (from `cema-deploy export`).")],
     source: Annotated[
-        Path, typer.Option(help="A folder of images (PNG/JPEG, sorted) or a .npy of uint8 [N, H, W, 3].")
+        str,
+        typer.Option(
+            help="A folder of images (PNG/JPEG, sorted), a .npy of uint8 [N, H, W, 3], a video file, a camera index "
+            "(0, 1, ...), an rtsp:// or http(s):// URL, or a GStreamer pipeline ending in appsink (video extra)."
+        ),
     ],
     cloud: Annotated[str | None, typer.Option(help="Cloud URL, e.g. http://127.0.0.1:8750 (none: no uploads).")] = None,
     token: Annotated[str | None, typer.Option(help="Device bearer token (`cema-deploy cloud token add`).")] = None,
@@ -84,7 +88,12 @@ def run_cmd(
     backend: Annotated[str, typer.Option(help="ort-cpu, ort-cuda, ort-trt or trt.")] = "ort-cpu",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads of ONNX Runtime.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Images per inference batch (official edge batch: 64).")] = 64,
-    labels: Annotated[Path | None, typer.Option(help="Optional .npy of N int labels: report accuracy.")] = None,
+    fps: Annotated[
+        float | None, typer.Option(min=0.001, help="Take at most this many frames per second from the source.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Optional .npy of N int labels: report accuracy (sources of known length).")
+    ] = None,
     selection: Annotated[
         str,
         typer.Option(
@@ -147,8 +156,10 @@ def run_cmd(
         raise CemaError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}.")
     if predictions is not None and predictions.suffix not in PREDICTION_SUFFIXES:
         raise CemaError(f"--predictions must end in {', '.join(PREDICTION_SUFFIXES)}, got {predictions.name!r}.")
-    total = count_images(source)
-    y = labels_from_path(labels, total) if labels is not None else None
+    total = count_images(source)  # None: a live source, or a video without a frame count
+    if labels is not None and total is None:
+        raise CemaError(f"--labels needs a source of known length; {source!r} has none (live or unknown length).")
+    y = labels_from_path(labels, total) if labels is not None and total is not None else None
     if cloud is not None and token is None and token_file is not None:
         try:
             token = token_file.read_text(encoding="utf-8").strip()
@@ -196,7 +207,8 @@ def run_cmd(
     t0 = time.perf_counter()
     try:
         with _live(quiet, total) as update:
-            for images in batches_from_source(source, batch):
+            frames = batches_from_source(source, batch, fps=fps)
+            for images in frames:
                 step = rt.process(images)
                 if y is not None:
                     correct += int((step.predictions == y[seen : seen + len(images)]).sum())
@@ -212,6 +224,7 @@ def run_cmd(
             if rt.uplink is not None and not rt.uplink.flush(timeout=30):
                 err_console.print(f"warning: {rt.uplink.queued_now} selected samples were not uploaded in 30 s.")
         metrics = rt.metrics()
+        metrics["source"] = frames.stats.as_dict()  # kind, frames, and for live sources dropped/skipped
     finally:
         rt.close()
         be.close()
@@ -252,7 +265,7 @@ def _write_predictions(path: Path, pred: np.ndarray, ent: np.ndarray, sel: np.nd
 class _live:
     """A rich live line: frames/s, % uploaded, parameter version, mean entropy (and accuracy with labels)."""
 
-    def __init__(self, quiet: bool, total: int) -> None:
+    def __init__(self, quiet: bool, total: int | None) -> None:
         self.quiet, self.total = quiet, total
         self.progress: Any = None
 
