@@ -161,8 +161,9 @@ class SelectionConfig:
         extra: dict[str, Any] = {"stats_share": stats_share, "budget": budget, "shift": shift, "seed": seed}
         e0 = e0_ratio * math.log(num_classes)
         if name == "cema":
-            base = cls.for_classes(num_classes, e0_ratio=e0_ratio, lam=lam, warmup=warmup, e_min_ratio=e_min_ratio,
-                                   d_margin=d_margin)  # fmt: skip
+            base = cls.for_classes(
+                num_classes, e0_ratio=e0_ratio, lam=lam, warmup=warmup, e_min_ratio=e_min_ratio, d_margin=d_margin
+            )
             return replace(base, **extra)
         if name == "eata":
             return replace(cls.eata_style(num_classes, e0_ratio=e0_ratio, d_margin=d_margin), **extra)
@@ -345,8 +346,13 @@ class SampleSelector:
             if images is not None:
                 self.shift.update(images, softmax(logits) if n else None)  # first frames of the new reference
         stats = self._statistics(mask) if cfg.stats_share > 0 and not (calibration or shift) else None
-        for code, name in ((KEPT, "selected"), (UNRELIABLE, "unreliable"), (LOW_INFO, "low_info"),
-                           (REDUNDANT, "redundant"), (NOT_DRAWN, "not_drawn")):  # fmt: skip
+        for code, name in (
+            (KEPT, "selected"),
+            (UNRELIABLE, "unreliable"),
+            (LOW_INFO, "low_info"),
+            (REDUNDANT, "redundant"),
+            (NOT_DRAWN, "not_drawn"),
+        ):
             setattr(c, name, getattr(c, name) + int((reason == code).sum()))
         whole = calibration or shift
         sent = n if whole else int(mask.sum()) + (int(stats.sum()) if stats is not None else 0)

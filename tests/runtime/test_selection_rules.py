@@ -101,8 +101,15 @@ def test_a_calibration_batch_counts_whole_and_keeps_the_rule_mask() -> None:
 @pytest.mark.parametrize("preset", ["random", "entropy-top", "cema", "eata"])
 @pytest.mark.parametrize("target", [0.05, 0.2, 0.5])
 def test_budget_holds_the_uploaded_share_of_all_kinds(preset: str, target: float) -> None:
-    cfg = SelectionConfig.preset(preset, 10, warmup=128, d_margin=None, budget=target, stats_share=0.01,
-                                 share=0.5 if preset in ("random", "entropy-top") else None)  # fmt: skip
+    cfg = SelectionConfig.preset(
+        preset,
+        10,
+        warmup=128,
+        d_margin=None,
+        budget=target,
+        stats_share=0.01,
+        share=0.5 if preset in ("random", "entropy-top") else None,
+    )
     sel = SampleSelector(cfg)
     stream = _stream(160)
     after_warmup = None
