@@ -140,14 +140,22 @@ def compare(ref: np.ndarray, got: np.ndarray, precision: str) -> dict[str, Any]:
 
 
 def check_backend(
-    name: str, precision: str, model_dir: Path, blob: Any, x: np.ndarray, ref: np.ndarray, batch: int
+    name: str,
+    precision: str,
+    model_dir: Path,
+    blob: Any,
+    x: np.ndarray,
+    ref: np.ndarray,
+    batch: int,
+    refit_mode: str | None = None,
 ) -> dict[str, Any]:
     from cema_deploy.bench import measure_refit
     from cema_deploy.runtime import get_backend
 
-    result: dict[str, Any] = {"backend": name, "precision": precision}
+    result: dict[str, Any] = {"backend": name, "precision": precision, "refit_mode": refit_mode}
+    opts = {"max_batch": batch, "precision": precision if name != "ort-cpu" else None, "refit_mode": refit_mode}
     t0 = time.perf_counter()
-    with get_backend(name, model_dir, max_batch=batch, precision=precision if name != "ort-cpu" else None) as be:
+    with get_backend(name, model_dir, **opts) as be:
         result["open_s"] = round(time.perf_counter() - t0, 3)
         result["providers"] = be.providers
         describe = getattr(be, "describe", None)
@@ -249,18 +257,23 @@ def _checks(out: dict[str, Any], model_dir: Path, run: list[str], batches: list[
         t0 = time.perf_counter()
         ref = logits_of(cpu, x, batch)
         out["reference"] = {"backend": "ort-cpu", "images": len(x), "seconds": round(time.perf_counter() - t0, 1)}
-    for name in run:
-        for precision in PRECISIONS.get(name, ("fp32",)):
-            try:
-                out["checks"].append(check_backend(name, precision, model_dir, blob, x, ref, batch))
-            except Exception as exc:
-                out["checks"].append({"backend": name, "precision": precision, "error": f"{type(exc).__name__}: {exc}"})
-                out["errors"].append({"where": f"{name} {precision}", "trace": traceback.format_exc()})
+    variants = [(n, p, None) for n in run for p in PRECISIONS.get(n, ("fp32",))]
+    if "trt" in run:  # REFIT_INDIVIDUAL (only the norms refittable) against the default full REFIT
+        variants.append(("trt", "fp32", "individual"))
+    for name, precision, refit_mode in variants:
+        try:
+            out["checks"].append(check_backend(name, precision, model_dir, blob, x, ref, batch, refit_mode))
+        except Exception as exc:
+            err = f"{type(exc).__name__}: {exc}"
+            out["checks"].append({"backend": name, "precision": precision, "refit_mode": refit_mode, "error": err})
+            out["errors"].append({"where": f"{name} {precision} {refit_mode or ''}", "trace": traceback.format_exc()})
     if args.no_bench:
         out["skipped"].append({"what": "bench", "why": "--no-bench"})
         return
-    for precision in ("fp32", "fp16"):
-        names = [n for n in run if precision in PRECISIONS.get(n, ())]
+    benches = [(p, [n for n in run if p in PRECISIONS.get(n, ())], None) for p in ("fp32", "fp16")]
+    if "trt" in run:
+        benches.append(("fp32", ["trt"], "individual"))
+    for precision, names, refit_mode in benches:
         if not names:
             continue
         try:
@@ -274,8 +287,9 @@ def _checks(out: dict[str, Any], model_dir: Path, run: list[str], batches: list[
                 torch_eager=False,
                 max_batch=batch,
                 precision=precision,
+                refit_mode=refit_mode,
             )
-            out["bench"].append({"precision": precision, **report})
+            out["bench"].append({"precision": precision, "refit_mode": refit_mode, **report})
         except Exception as exc:
             out["errors"].append({"where": f"bench {precision}", "error": f"{type(exc).__name__}: {exc}"})
 
@@ -286,11 +300,11 @@ def _summary(out: dict[str, Any], path: Path) -> None:
         print(f"jetson: {out['device']['jetson']}")
     for c in out["checks"]:
         if "error" in c:
-            print(f"FAIL  {c['backend']:8s} {c['precision']}: {c['error']}")
+            print(f"FAIL  {c['backend']:8s} {c['precision']} {c.get('refit_mode') or ''}: {c['error']}")
             continue
         p, r = c["parity"], c["hot_refit"]
         print(
-            f"{'PASS' if p['pass'] else 'FAIL'}  {c['backend']:8s} {c['precision']}: "
+            f"{'PASS' if p['pass'] else 'FAIL'}  {c['backend']:8s} {c['precision']} {c.get('refit_mode') or ''}: "
             f"max rel err {p['max_rel_err']:.2e}, "
             f"top-1 agreement {100 * p['top1_agreement']:.2f} % ({p['criteria']}); hot refit received->serving "
             f"{r['received_to_serving_ms']:.0f} ms, {r['failed_requests']} failed requests"

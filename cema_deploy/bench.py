@@ -68,11 +68,13 @@ def run_bench(
     progress: Progress | None = None,
     max_batch: int | None = None,
     precision: str | None = None,
+    refit_mode: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return a JSON-able report (see ``benchmarks/README.md`` for its fields).
 
-    ``max_batch`` (TensorRT engines' batch range; default the largest of ``batches``) and ``precision`` reach the
-    backends that take them (``registry.backend_options``).
+    ``max_batch`` (TensorRT engines' batch range; default the largest of ``batches``), ``precision`` and
+    ``refit_mode`` (``trt``: ``full`` or ``individual``) reach the backends that take them
+    (``registry.backend_options``).
     """
     model_dir = Path(model_dir)
     manifest = manifest_from_dir(model_dir)
@@ -88,7 +90,7 @@ def run_bench(
     max_batch = max_batch or max(batches)
     builds: dict[str, Any] = {}
     for name in backends:
-        with get_backend(name, model_dir, max_batch=max_batch, precision=precision) as be:
+        with get_backend(name, model_dir, max_batch=max_batch, precision=precision, refit_mode=refit_mode) as be:
             describe = getattr(be, "describe", None)
             if describe is not None:  # e.g. TensorRT: versions, device, precision mechanism, plan from cache or built
                 builds[name] = describe()
@@ -135,6 +137,7 @@ def run_bench(
             "seconds_per_round": seconds_per_round,
             "max_batch": max_batch,
             "precision": precision or "fp32",
+            "refit_mode": refit_mode,
         },
         "builds": builds,
         "rows": rows,
