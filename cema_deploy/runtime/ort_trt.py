@@ -151,6 +151,8 @@ class OrtTrtBackend(OnnxrtBackend):
     def _provider_options(self, tensors: Mapping[str, np.ndarray]) -> list[dict[str, Any]] | None:
         import onnxruntime as ort
 
+        if PROVIDERS["ort-trt"][0] not in ort.get_available_providers():
+            return None  # session_from_onnx says what to install; no cache folders for an EP that is not here
         opts = trt_provider_options(
             self.manifest,
             tensors,

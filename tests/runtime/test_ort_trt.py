@@ -74,11 +74,12 @@ def test_engine_folders_beyond_serving_and_rollback_are_pruned(tmp_path: Path) -
     assert [d.exists() for d in dirs] == [False, False, True, True]
 
 
-def test_without_the_tensorrt_ep_the_backend_says_what_to_install(export) -> None:
+def test_without_the_tensorrt_ep_the_backend_says_what_to_install(export, tmp_path: Path) -> None:
     import onnxruntime as ort
 
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has the TensorRT EP")
     out, _, _ = export
     with pytest.raises(BackendUnavailableError, match="TensorrtExecutionProvider is not available"):
-        get_backend("ort-trt", out, max_batch=8, precision="fp16", intra_op_threads=1)
+        get_backend("ort-trt", out, max_batch=8, precision="fp16", intra_op_threads=1, cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # no engine folders for an EP that is not here
