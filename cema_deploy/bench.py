@@ -66,8 +66,16 @@ def run_bench(
     refit: bool = True,
     torch_eager: bool = True,
     progress: Progress | None = None,
+    max_batch: int | None = None,
+    precision: str | None = None,
+    refit_mode: str | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark and return a JSON-able report (see ``benchmarks/README.md`` for its fields)."""
+    """Run the benchmark and return a JSON-able report (see ``benchmarks/README.md`` for its fields).
+
+    ``max_batch`` (TensorRT engines' batch range; default the largest of ``batches``), ``precision`` and
+    ``refit_mode`` (``trt``: ``full`` or ``individual``) reach the backends that take them
+    (``registry.backend_options``).
+    """
     model_dir = Path(model_dir)
     manifest = manifest_from_dir(model_dir)
     say = progress or (lambda _m: None)
@@ -79,8 +87,13 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
     refits: list[dict[str, Any]] = []
+    max_batch = max_batch or max(batches)
+    builds: dict[str, Any] = {}
     for name in backends:
-        with get_backend(name, model_dir) as be:
+        with get_backend(name, model_dir, max_batch=max_batch, precision=precision, refit_mode=refit_mode) as be:
+            describe = getattr(be, "describe", None)
+            if describe is not None:  # e.g. TensorRT: versions, device, precision mechanism, plan from cache or built
+                builds[name] = describe()
             folded = _folded_engine(be, model_dir)
             for batch in batches:
                 x = _input(manifest.input.shape, batch)
@@ -118,7 +131,15 @@ def run_bench(
         "model": manifest.model_name,
         "fingerprint": manifest.fingerprint,
         "machine": _machine(),
-        "settings": {"batches": list(batches), "rounds": rounds, "seconds_per_round": seconds_per_round},
+        "settings": {
+            "batches": list(batches),
+            "rounds": rounds,
+            "seconds_per_round": seconds_per_round,
+            "max_batch": max_batch,
+            "precision": precision or "fp32",
+            "refit_mode": refit_mode,
+        },
+        "builds": builds,
         "rows": rows,
         "ratios": ratios,
         "refit": refits,

@@ -37,6 +37,13 @@ def bench_cmd(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")
     ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(min=1, help="TensorRT engines' largest batch (trt, ort-trt; default: the largest --batch)."),
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="trt: fp32 (TF32 off), tf32 or fp16; ort-trt: fp32 or fp16 (default fp32).")
+    ] = None,
 ) -> None:
     """Measure throughput (images/s) and latency p50/p90/p99 of an export per backend and batch size.
 
@@ -57,6 +64,8 @@ def bench_cmd(
             refit=refit,
             torch_eager=torch_eager,
             progress=on_step,
+            max_batch=max_batch,
+            precision=precision,
         )
     print_report(report)
     if json_file is not None:

@@ -139,6 +139,12 @@ def run_cmd(
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the final metrics as JSON here.")] = None,
     quiet: Annotated[bool, typer.Option(help="No live line.")] = False,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, help="TensorRT engine's largest batch (trt, ort-trt; default: --batch).")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="trt: fp32 (TF32 off), tf32 or fp16; ort-trt: fp32 or fp16 (default fp32).")
+    ] = None,
 ) -> None:
     """Stream SOURCE through the engine; select samples (CEMA rules), upload them, hot-refit from the cloud.
 
@@ -172,7 +178,7 @@ def run_cmd(
         from cema_deploy.contract.signing import BlobVerifier
 
         verifier = BlobVerifier.from_files(public_key)
-    be = get_backend(backend, model_dir, intra_op_threads=threads)
+    be = get_backend(backend, model_dir, intra_op_threads=threads, max_batch=max_batch or batch, precision=precision)
     cfg = selection_config(
         be.manifest.num_classes,
         selection=selection,

@@ -134,7 +134,15 @@ class OnnxrtBackend(Backend):
             tensors=tensors,
             providers=self._providers,
             intra_op_threads=self._threads,
+            provider_options=self._provider_options(tensors),
         )
+
+    def _provider_options(self, tensors: Mapping[str, np.ndarray]) -> list[dict[str, Any]] | None:
+        """Per-provider options for the session that will hold ``tensors`` (None: ORT's defaults).
+
+        A hook for subclasses: ``runtime.ort_trt.OrtTrtBackend`` keys the TensorRT engine cache by the weights.
+        """
+        return None
 
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
         out: np.ndarray = engine.run(x)
