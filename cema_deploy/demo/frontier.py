@@ -61,7 +61,6 @@ def point_from_runs(knob: float, runs: Sequence[tuple[float, float]]) -> Point:
     """``runs``: (accuracy %, share %) per seed."""
     acc = np.array([a for a, _ in runs], np.float64)
     share = np.array([s for _, s in runs], np.float64)
-    sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else None  # noqa: E731
     return Point(
         knob=knob,
         share=float(share.mean()),
