@@ -68,6 +68,9 @@ def run_bench(
     refit: bool = True,
     torch_eager: bool = True,
     progress: Progress | None = None,
+    max_batch: int | None = None,
+    precision: str | None = None,
+    refit_mode: str | None = None,
     refit_repeats: int = 1,
     sustained_refit_s: float = 0.0,
     refit_every_s: float = 1.0,
@@ -76,7 +79,10 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark and return a JSON-able report (see ``benchmarks/README.md`` for its fields).
 
-    ``backend_options`` go to the ONNX Runtime backends (e.g. ``refit_mode="plain"``).
+    ``max_batch`` (TensorRT engines' batch range; default the largest of ``batches``), ``precision`` and
+    ``refit_mode`` (``trt``: ``full`` or ``individual``) reach the backends that take them
+    (``registry.backend_options``); ``backend_options`` go to the ONNX Runtime CPU/CUDA backends only
+    (``refit_path``, ``allow_spinning``).
     """
     model_dir = Path(model_dir)
     manifest = manifest_from_dir(model_dir)
@@ -90,9 +96,15 @@ def run_bench(
     ratios: list[dict[str, Any]] = []
     refits: list[dict[str, Any]] = []
     sustained: dict[str, Any] | None = None  # measured on the first backend only
+    max_batch = max_batch or max(batches)
+    builds: dict[str, Any] = {}
     for name in backends:
-        opts = dict(backend_options or {}) if name.startswith("ort-") else {}
+        opts = dict(backend_options or {}) if name in ("ort-cpu", "ort-cuda") else {}
+        opts.update(max_batch=max_batch, precision=precision, refit_mode=refit_mode)
         with get_backend(name, model_dir, **opts) as be:
+            describe = getattr(be, "describe", None)
+            if describe is not None:  # e.g. TensorRT: versions, device, precision mechanism, plan from cache or built
+                builds[name] = describe()
             folded = _folded_engine(be, model_dir)
             for batch in batches:
                 x = _input(manifest.input.shape, batch)
@@ -131,7 +143,7 @@ def run_bench(
                 say(f"{name}: sustained refits for {sustained_refit_s:g} s, one every {refit_every_s:g} s")
                 sustained = {
                     "backend": name,
-                    "refit_path": getattr(be, "refit_mode", "plain"),
+                    "refit_path": getattr(be, "refit_path", "plain"),
                     **measure_sustained_refit(
                         be,
                         _input(manifest.input.shape, 1),
@@ -148,12 +160,16 @@ def run_bench(
             "batches": list(batches),
             "rounds": rounds,
             "seconds_per_round": seconds_per_round,
+            "max_batch": max_batch,
+            "precision": precision or "fp32",
+            "refit_mode": refit_mode,
             "refit_repeats": refit_repeats,
             "sustained_refit_s": sustained_refit_s,
             "refit_every_s": refit_every_s,
             "min_refit_interval_s": min_refit_interval_s,
             "backend_options": dict(backend_options or {}),
         },
+        "builds": builds,
         "rows": rows,
         "ratios": ratios,
         "refit": refits,
@@ -193,7 +209,7 @@ def measure_refit(
         return round(float(np.median([t[key] for t in trials])), 2)
 
     out: dict[str, Any] = {
-        "refit_path": getattr(backend, "refit_mode", "plain"),
+        "refit_path": getattr(backend, "refit_path", "plain"),
         "blob_bytes": trials[0]["blob_bytes"],
         "repeats": repeats,
         "idle_build_ms": round(idle_ms, 2),

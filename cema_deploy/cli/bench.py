@@ -37,9 +37,18 @@ def bench_cmd(
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Write the full report as JSON to this file.")
     ] = None,
-    refit_mode: Annotated[
+    max_batch: Annotated[
+        int | None,
+        typer.Option(min=1, help="TensorRT engines' largest batch (trt, ort-trt; default: the largest --batch)."),
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="trt: fp32 (TF32 off), tf32 or fp16; ort-trt: fp32 or fp16 (default fp32).")
+    ] = None,
+    refit_path: Annotated[
         str,
-        typer.Option(help="How ONNX Runtime refits build their session: auto, prepared or plain (see the docs)."),
+        typer.Option(
+            help="ort-cpu/ort-cuda: how a refit builds its session: auto, prepared (ORT CPU) or plain (see the docs)."
+        ),
     ] = "auto",
     spinning: Annotated[
         bool,
@@ -85,11 +94,13 @@ def bench_cmd(
             refit=refit,
             torch_eager=torch_eager,
             progress=on_step,
+            max_batch=max_batch,
+            precision=precision,
             refit_repeats=refit_repeats,
             sustained_refit_s=sustained_refit,
             refit_every_s=refit_every,
             min_refit_interval_s=min_refit_interval,
-            backend_options={"refit_mode": refit_mode, "allow_spinning": spinning},
+            backend_options={"refit_path": refit_path, "allow_spinning": spinning},
         )
     print_report(report)
     if json_file is not None:

@@ -174,7 +174,7 @@ class EdgeRuntime:
             return EdgeStep(np.zeros((0, c), np.float32), np.zeros(0, np.int64), empty, self.backend.version)
         at_size = images_at_model_size(images, pre)
         logits, version = self.backend.infer_versioned(normalize(at_size, pre))
-        sel = self.selector.select(logits)
+        sel = self.selector.select(logits, images=at_size)
         if self.uplink is not None and sel.mask.any():
             self.uplink.put(at_size[sel.mask], sel.entropy[sel.mask], version=version)
         self._watch_entropy(sel.entropy, version)

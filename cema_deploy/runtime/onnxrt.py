@@ -38,7 +38,7 @@ from cema_deploy.runtime.onnxrt_prepared import PreparedGraph, PreparedGraphErro
 log = logging.getLogger(__name__)
 
 #: How refits build their session (see the module docstring); "auto" = prepared where it applies.
-REFIT_MODES = ("auto", "prepared", "plain")
+REFIT_PATHS = ("auto", "prepared", "plain")
 
 #: Provider names by backend alias.
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -174,33 +174,33 @@ class OnnxrtBackend(Backend):
         provider: str = "ort-cpu",
         manifest: Manifest | None = None,
         intra_op_threads: int | None = None,
-        refit_mode: str = "auto",
+        refit_path: str = "auto",
         allow_spinning: bool = False,
     ) -> None:
         if provider not in PROVIDERS:
             raise BackendUnavailableError(
                 f"Unknown ONNX Runtime backend {provider!r}; expected one of {list(PROVIDERS)}."
             )
-        if refit_mode not in REFIT_MODES:
-            raise BackendError(f"Unknown refit mode {refit_mode!r}; expected one of {list(REFIT_MODES)}.")
+        if refit_path not in REFIT_PATHS:
+            raise BackendError(f"Unknown refit path {refit_path!r}; expected one of {list(REFIT_PATHS)}.")
         self.name = provider
         self._providers = PROVIDERS[provider]
         self._threads = intra_op_threads
         self._options = partial(session_options, intra_op_threads, allow_spinning=allow_spinning)
         self.allow_spinning = allow_spinning
-        self._requested_mode = refit_mode
+        self._requested_path = refit_path
         self._prepared: PreparedGraph | None = None
         #: Why the prepared refit path is not used (None when it is, or was not asked for).
         self.prepare_error: str | None = None
         super().__init__(model_dir, manifest=manifest)
 
     @property
-    def refit_mode(self) -> str:
+    def refit_path(self) -> str:
         """How refits build their session here: "prepared" or "plain"."""
         return "prepared" if self._prepared is not None else "plain"
 
     def _prepare(self, tensors: Mapping[str, np.ndarray]) -> None:
-        if self._requested_mode == "plain":
+        if self._requested_path == "plain":
             return
         if self._providers[0] != "CPUExecutionProvider":
             self.prepare_error = f"the prepared graph is made for ORT's CPU provider, not {self._providers[0]}"
@@ -217,7 +217,7 @@ class OnnxrtBackend(Backend):
             except Exception as exc:  # an ORT failure on the way: the plain path still works
                 self.prepare_error = f"{type(exc).__name__}: {exc}"
         if self.prepare_error is not None:
-            if self._requested_mode == "prepared":
+            if self._requested_path == "prepared":
                 raise BackendError(
                     f"The prepared refit path is not available for {self.model_dir}: {self.prepare_error}"
                 )
@@ -239,7 +239,15 @@ class OnnxrtBackend(Backend):
             providers=self._providers,
             intra_op_threads=self._threads,
             allow_spinning=self.allow_spinning,
+            provider_options=self._provider_options(tensors),
         )
+
+    def _provider_options(self, tensors: Mapping[str, np.ndarray]) -> list[dict[str, Any]] | None:
+        """Per-provider options for the session that will hold ``tensors`` (None: ORT's defaults).
+
+        A hook for subclasses: ``runtime.ort_trt.OrtTrtBackend`` keys the TensorRT engine cache by the weights.
+        """
+        return None
 
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
         out: np.ndarray = engine.run(x)

@@ -128,8 +128,8 @@ def test_build_failure_is_refit_error_and_changes_nothing(setup, tmp_path):
     copy_dir = tmp_path / "m"
     shutil.copytree(out, copy_dir)
     _, tensors = _perturbed(model, manifest, 3)
-    with get_backend("ort-cpu", copy_dir, refit_mode="plain") as be:
-        assert be.refit_mode == "plain"
+    with get_backend("ort-cpu", copy_dir, refit_path="plain") as be:
+        assert be.refit_path == "plain"
         before = be.infer(x)
         (copy_dir / "model.onnx").write_bytes(b"not an onnx file")
         with pytest.raises(RefitError, match=r"previous parameters keep serving|failed"):
@@ -148,10 +148,10 @@ def test_prepared_refits_match_plain_sessions(exported, kind):
     _, tensors = _perturbed(model, manifest, 4)
     new_model, _ = _perturbed(model, manifest, 4)
     with (
-        get_backend("ort-cpu", out, refit_mode="prepared") as fast,
-        get_backend("ort-cpu", out, refit_mode="plain") as plain,
+        get_backend("ort-cpu", out, refit_path="prepared") as fast,
+        get_backend("ort-cpu", out, refit_path="plain") as plain,
     ):
-        assert (fast.refit_mode, fast.prepare_error, plain.refit_mode) == ("prepared", None, "plain")
+        assert (fast.refit_path, fast.prepare_error, plain.refit_path) == ("prepared", None, "plain")
         for be in (fast, plain):
             be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
         np.testing.assert_allclose(fast.infer(x), plain.infer(x), atol=1e-5, rtol=0)
@@ -167,16 +167,16 @@ def test_prepared_refits_do_not_read_the_model_file_again(setup, tmp_path):
     shutil.copytree(out, copy_dir)
     new_model, tensors = _perturbed(model, manifest, 5)
     with get_backend("ort-cpu", copy_dir) as be:
-        assert be.refit_mode == "prepared"
+        assert be.refit_path == "prepared"
         (copy_dir / "model.onnx").unlink()
         be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
         np.testing.assert_allclose(be.infer(x), _ref(new_model, x), atol=1e-4, rtol=0)
 
 
-def test_unknown_refit_mode_is_a_clean_error(setup):
+def test_unknown_refit_path_is_a_clean_error(setup):
     out, *_ = setup
-    with pytest.raises(BackendError, match="Unknown refit mode 'fast'; expected one of"):
-        get_backend("ort-cpu", out, refit_mode="fast")
+    with pytest.raises(BackendError, match="Unknown refit path 'fast'; expected one of"):
+        get_backend("ort-cpu", out, refit_path="fast")
 
 
 def test_previous_engine_stays_resident_for_comparison(setup):
@@ -230,8 +230,8 @@ def test_refit_under_concurrent_load(setup, mode):
     errors: list[BaseException] = []
     seen: dict[int, int] = {}
     stop = threading.Event()
-    with get_backend("ort-cpu", out, refit_mode=mode) as be:
-        assert be.refit_mode == mode
+    with get_backend("ort-cpu", out, refit_path=mode) as be:
+        assert be.refit_path == mode
 
         def worker() -> None:
             try:

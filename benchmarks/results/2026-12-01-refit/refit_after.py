@@ -1,9 +1,10 @@
 """How the "after" refit figures were measured (this branch's measure_refit: idle builds, then 3 refits):
 
     python benchmarks/results/2026-12-01-refit/refit_after.py out/r50 3 '{}'
-    python benchmarks/results/2026-12-01-refit/refit_after.py out/r50 3 '{"refit_mode": "plain"}'
+    python benchmarks/results/2026-12-01-refit/refit_after.py out/r50 3 '{"refit_path": "plain"}'
 
-The JSON argument is passed to the ort-cpu backend (the ablations: refit_mode, allow_spinning).
+The JSON argument is passed to the ort-cpu backend (the ablations: refit_path, allow_spinning;
+the ablation JSONs were written when refit_path was still called refit_mode).
 """
 
 import json
