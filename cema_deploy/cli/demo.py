@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,7 +15,19 @@ def demo_cmd(
     quick: Annotated[
         bool, typer.Option(help="4 corruptions x 300 samples, models trained 4/8 epochs (about 2 min).")
     ] = False,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="reset: the paper's (fresh adaptation state and selector per corruption, via the cloud's reset); "
+            "continual: the corruptions back to back (our extension)."
+        ),
+    ] = "reset",
     severity: Annotated[str, typer.Option(help="Comma-separated ImageNet-C severities.")] = "3,5",
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Stream seeds (corruption draw, shuffle, selection and replay draws).")
+    ] = 1,
+    seed: Annotated[int, typer.Option(help="The first stream seed.")] = 0,
+    train_seed: Annotated[int, typer.Option(help="Seed of the split and of the models' training.")] = 0,
     edge: Annotated[
         str | None, typer.Option(help="Edge model: a timm name to train, or NAME=CHECKPOINT (default resnet10t).")
     ] = None,
@@ -23,48 +35,64 @@ def demo_cmd(
         str | None, typer.Option(help="Teacher: a timm name to train, or NAME=CHECKPOINT (default resnet18).")
     ] = None,
     methods: Annotated[
-        str, typer.Option(help="Comma-separated subset of no_adapt,bn_adapt,tent,eata_style,cema.")
-    ] = "no_adapt,bn_adapt,tent,eata_style,cema",
-    warmup: Annotated[int | None, typer.Option(help="W: samples before CEMA's E_max adapts (default 512).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the split, training and corruptions.")] = 0,
+        str | None,
+        typer.Option(
+            help="Comma-separated subset of no_adapt, bn_adapt, tent, eata_style, cema, cema_recal, random, "
+            "entropy_top (default: no_adapt,bn_adapt,tent,eata_style,cema,random; continual adds cema_recal)."
+        ),
+    ] = None,
+    share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Upload share of the random and entropy_top rules.")
+    ] = 0.1,
+    warmup: Annotated[
+        int | None, typer.Option(help="W: samples before CEMA's E_max adapts (default 128 reset, 512 continual).")
+    ] = None,
     sync: Annotated[bool, typer.Option(help="Edge waits for each blob (reproducible on slow machines).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Run CEMA end to end on ImageNet-C corruptions of scikit-learn's digits (no download).
 
-    Trains (once, cached) a small edge ResNet and a stronger teacher, exports the edge model, then for each
-    severity streams the 13 corruptions in sequence through: no adaptation, BN statistics adaptation, Tent
-    (backprop at the edge), EATA-style selection and CEMA. The last two run a real cloud service on 127.0.0.1
-    and a separate torch-free edge process that uploads selected samples and hot-refits from the blobs.
-    Writes results.json, results.md and stream_severity*.png under OUT.
+    By default: the reset protocol (the paper's), severities 3 and 5, one seed. It trains (once, cached) a small
+    edge ResNet and a stronger teacher, exports the edge model, then for each severity streams the 13
+    corruptions through no adaptation, BN statistics adaptation, Tent (backprop at the edge), and the
+    cloud-backed rules: EATA-style selection, CEMA, and random uploads (the toolkit's default rule). Cloud-backed
+    rules run a real cloud service on 127.0.0.1 and separate torch-free edge processes that upload and
+    hot-refit; under the reset protocol the operator's reset starts every corruption afresh. Writes
+    results.json, results.md and stream_severity*.png under OUT. --seeds N reports means and spreads.
     """
     import json
 
     from cema_deploy.demo.report import print_table, write_outputs
-    from cema_deploy.demo.run import DemoConfig, run_demo
+    from cema_deploy.demo.run import DEFAULT_METHOD, DemoConfig, run_demo
 
-    base = DemoConfig.quick() if quick else DemoConfig()
-    cfg = DemoConfig(
-        **{
-            **base.__dict__,
-            "severities": tuple(int(s) for s in severity.split(",")),
-            "methods": tuple(m.strip() for m in methods.split(",")),
-            "seed": seed,
-            "sync": sync,
-            **({"warmup": warmup} if warmup is not None else {}),
-        }
-    )
+    chosen = methods.split(",") if methods is not None else None
+    if chosen is None:
+        chosen = ["no_adapt", "bn_adapt", "tent", "eata_style", "cema", DEFAULT_METHOD]
+        if protocol == "continual":
+            chosen.insert(5, "cema_recal")
+    options: dict[str, Any] = {
+        "severities": tuple(int(s) for s in severity.split(",")),
+        "methods": tuple(dict.fromkeys(m.strip() for m in chosen)),
+        "protocol": protocol,
+        "seeds": seeds,
+        "seed": seed,
+        "train_seed": train_seed,
+        "share": share,
+        "sync": sync,
+        **({"warmup": warmup} if warmup is not None else {}),
+    }
+    cfg = DemoConfig.quick(**options) if quick else DemoConfig(**options)
     out.mkdir(parents=True, exist_ok=True)
     with step_progress(quiet=json_out) as on_step:
-        results, runs = run_demo(out, cfg, edge=edge, teacher=teacher, on_step=on_step)
-    paths = write_outputs(results, runs, out)
+        results, runs, boundaries = run_demo(out, cfg, edge=edge, teacher=teacher, on_step=on_step)
+    paths = write_outputs(results, runs, out, boundaries)
     if json_out:
         print(json.dumps(results, indent=2))
         return
     print_table(results, console)
     console.print(
-        f"edge {results['models']['edge']['name']} (clean {results['models']['edge']['clean_accuracy']:.1f}%)"
-        f", teacher {results['models']['teacher']['name']} "
+        f"{protocol} protocol, seeds {results['seeds']}; edge {results['models']['edge']['name']} (clean "
+        f"{results['models']['edge']['clean_accuracy']:.1f}%), teacher {results['models']['teacher']['name']} "
         f"(clean {results['models']['teacher']['clean_accuracy']:.1f}%), {results['seconds']:.0f} s"
     )
     for p in paths:

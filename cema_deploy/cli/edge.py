@@ -27,10 +27,16 @@ def selection_config(
     d_margin: str,
     warmup: int,
     lam: float = 1.0,
+    upload_share: float | None = None,
+    upload_budget: float | None = None,
+    stats_share: float = 0.0,
+    recalibrate: bool = False,
+    seed: int = 0,
 ) -> Any:
     """The selector's config from CLI-style options (``d_margin``: ``auto``, ``off`` or a number in (0, 1])."""
     from cema_deploy.exceptions import CemaError
-    from cema_deploy.runtime.selection import SelectionConfig
+    from cema_deploy.runtime.selection import PRESETS, SelectionConfig
+    from cema_deploy.runtime.shift import ShiftConfig
 
     margin: float | Literal["auto"] | None
     if d_margin == "auto":
@@ -42,17 +48,23 @@ def selection_config(
             margin = float(d_margin)
         except ValueError as exc:
             raise CemaError(f"--d-margin must be 'auto', 'off' or a number in (0, 1], got {d_margin!r}.") from exc
-    if selection == "eata":
-        return SelectionConfig.eata_style(num_classes, e0_ratio=e0_ratio, d_margin=margin)
-    if selection != "cema":
-        raise CemaError(f"--selection must be 'cema' or 'eata', got {selection!r}.")
-    return SelectionConfig.for_classes(
+    if selection not in PRESETS:
+        raise CemaError(f"--selection must be one of {', '.join(PRESETS)}, got {selection!r}.")
+    if upload_share is not None and selection not in ("random", "entropy-top"):
+        raise CemaError(f"--upload-share applies to --selection random or entropy-top, not {selection!r}.")
+    return SelectionConfig.preset(
+        selection,
         num_classes,
         e0_ratio=e0_ratio,
+        e_min_ratio=e_min_ratio if e_min_ratio > 0 else None,
         lam=lam,
         warmup=warmup,
-        e_min_ratio=e_min_ratio if e_min_ratio > 0 else None,
         d_margin=margin,
+        share=upload_share,
+        stats_share=stats_share,
+        budget=upload_budget,
+        shift=ShiftConfig() if recalibrate else None,
+        seed=seed,
     )
 
 
@@ -63,7 +75,11 @@ PREDICTION_SUFFIXES = (".csv", ".npy", ".npz")
 def run_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Export directory (from `cema-deploy export`).")],
     source: Annotated[
-        Path, typer.Option(help="A folder of images (PNG/JPEG, sorted) or a .npy of uint8 [N, H, W, 3].")
+        str,
+        typer.Option(
+            help="A folder of images (PNG/JPEG, sorted), a .npy of uint8 [N, H, W, 3], a video file, a camera index "
+            "(0, 1, ...), an rtsp:// or http(s):// URL, or a GStreamer pipeline ending in appsink (video extra)."
+        ),
     ],
     cloud: Annotated[str | None, typer.Option(help="Cloud URL, e.g. http://127.0.0.1:8750 (none: no uploads).")] = None,
     token: Annotated[str | None, typer.Option(help="Device bearer token (`cema-deploy cloud token add`).")] = None,
@@ -72,8 +88,36 @@ def run_cmd(
     backend: Annotated[str, typer.Option(help="ort-cpu, ort-cuda, ort-trt or trt.")] = "ort-cpu",
     threads: Annotated[int | None, typer.Option(help="Intra-op threads of ONNX Runtime.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Images per inference batch (official edge batch: 64).")] = 64,
-    labels: Annotated[Path | None, typer.Option(help="Optional .npy of N int labels: report accuracy.")] = None,
-    selection: Annotated[str, typer.Option(help="cema (dynamic E_max + E_min) or eata (fixed E_0 only).")] = "cema",
+    fps: Annotated[
+        float | None, typer.Option(min=0.001, help="Take at most this many frames per second from the source.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Optional .npy of N int labels: report accuracy (sources of known length).")
+    ] = None,
+    selection: Annotated[
+        str,
+        typer.Option(
+            help="Which frames go up: cema (the paper: dynamic E_max, E_min, redundancy), eata (fixed E_0 + "
+            "redundancy; also what the official release config runs), random (a uniform --upload-share), "
+            "entropy-top (highest entropy first, --upload-share), all."
+        ),
+    ] = "cema",
+    upload_share: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Share of frames random/entropy-top upload.")
+    ] = None,
+    upload_budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Hold the share of frames uploaded (all kinds, calibration included) at this."
+        ),
+    ] = None,
+    stats_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Uniform share of frames sent as statistics samples (0 = off).")
+    ] = 0.0,
+    recalibrate: Annotated[
+        bool, typer.Option(help="Send a recalibration batch when the shift detector fires (continual streams).")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random draws (random rule, statistics samples).")] = 0,
     e0_ratio: Annotated[float, typer.Option(help="E_0 = ratio * ln C (Eqn. 3).")] = 0.4,
     e_min_ratio: Annotated[float, typer.Option(help="E_min = ratio * ln C (Eqn. 5; 0 = rule off).")] = 0.02,
     d_margin: Annotated[str, typer.Option(help="Redundancy margin: auto (scaled to C), off, or a number.")] = "auto",
@@ -95,9 +139,6 @@ def run_cmd(
         typer.Option(help="After each batch, wait for the blob that includes its uploads and its rollback judgement."),
     ] = False,
     sync_timeout: Annotated[float, typer.Option(help="Longest wait of one --sync step, seconds.")] = 120.0,
-    recalibrate: Annotated[
-        bool, typer.Option(help="Send a batch whole as a calibration batch when the selector detects a shift.")
-    ] = True,
     rollback: Annotated[
         bool, typer.Option(help="Roll back a refit whose parameters carry less information on the same frames.")
     ] = True,
@@ -125,6 +166,12 @@ def run_cmd(
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the final metrics as JSON here.")] = None,
     quiet: Annotated[bool, typer.Option(help="No live line.")] = False,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, help="TensorRT engine's largest batch (trt, ort-trt; default: --batch).")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="trt: fp32 (TF32 off), tf32 or fp16; ort-trt: fp32 or fp16 (default fp32).")
+    ] = None,
 ) -> None:
     """Stream SOURCE through the engine; select samples (CEMA rules), upload them, hot-refit from the cloud.
 
@@ -143,8 +190,10 @@ def run_cmd(
         raise CemaError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}.")
     if predictions is not None and predictions.suffix not in PREDICTION_SUFFIXES:
         raise CemaError(f"--predictions must end in {', '.join(PREDICTION_SUFFIXES)}, got {predictions.name!r}.")
-    total = count_images(source)
-    y = labels_from_path(labels, total) if labels is not None else None
+    total = count_images(source)  # None: a live source, or a video without a frame count
+    if labels is not None and total is None:
+        raise CemaError(f"--labels needs a source of known length; {source!r} has none (live or unknown length).")
+    y = labels_from_path(labels, total) if labels is not None and total is not None else None
     if cloud is not None and token is None and token_file is not None:
         try:
             token = token_file.read_text(encoding="utf-8").strip()
@@ -159,7 +208,7 @@ def run_cmd(
         verifier = BlobVerifier.from_files(public_key)
     elif cloud is not None:
         _warn_unsigned(cloud, allow_unsigned, is_loopback_url(cloud))
-    be = get_backend(backend, model_dir, intra_op_threads=threads)
+    be = get_backend(backend, model_dir, intra_op_threads=threads, max_batch=max_batch or batch, precision=precision)
     cfg = selection_config(
         be.manifest.num_classes,
         selection=selection,
@@ -167,6 +216,11 @@ def run_cmd(
         e_min_ratio=e_min_ratio,
         d_margin=d_margin,
         warmup=warmup,
+        upload_share=upload_share,
+        upload_budget=upload_budget,
+        stats_share=stats_share,
+        recalibrate=recalibrate,
+        seed=seed,
     )
     client = None
     if cloud is not None:
@@ -205,7 +259,8 @@ def run_cmd(
     previous_handler = _exit_cleanly_on_sigterm()
     try:
         with _live(quiet, total) as update:
-            for images in batches_from_source(source, batch):
+            frames = batches_from_source(source, batch, fps=fps)
+            for images in frames:
                 timeouts = rt.sync_timeouts
                 step = rt.process(images)
                 if y is not None:
@@ -224,6 +279,7 @@ def run_cmd(
                 where = "wait in the spool for the next run" if state is not None else "were not uploaded"
                 err_console.print(f"warning: {rt.uplink.queued_now} samples {where} (30 s flush).")
         metrics = rt.metrics()
+        metrics["source"] = frames.stats.as_dict()  # kind, frames, and for live sources dropped/skipped
     finally:
         if server is not None:
             server.close()
@@ -322,7 +378,7 @@ def _write_predictions(
 class _live:
     """A rich live line: frames/s, % uploaded, parameter version, mean entropy (and accuracy with labels)."""
 
-    def __init__(self, quiet: bool, total: int) -> None:
+    def __init__(self, quiet: bool, total: int | None) -> None:
         self.quiet, self.total = quiet, total
         self.progress: Any = None
 

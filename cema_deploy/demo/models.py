@@ -159,31 +159,40 @@ def train(spec: TrainSpec, images: np.ndarray, labels: np.ndarray, *, seed: int)
     """Train ``spec.name`` from scratch on uint8 images with 2 CPU threads; returns the model in eval mode.
     The same seed gives bit-identical weights."""
     torch = lazy_import("torch", extra="export", purpose="training the demo's models")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # same seed, same thread count -> bit-identical weights
+    try:
+        with torch_threads(TRAIN_THREADS):
+            return _train(torch, spec, images, labels, seed=seed)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(torch: Any, spec: TrainSpec, images: np.ndarray, labels: np.ndarray, *, seed: int) -> Any:
     from cema_deploy.export.to_onnx import create_timm_model
 
-    with torch_threads(TRAIN_THREADS):
-        torch.manual_seed(seed)
-        model = create_timm_model(spec.name, num_classes=NUM_CLASSES)
-        mean, std = mean_std(model)
-        x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        y_all = torch.from_numpy(labels.astype(np.int64))
-        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
-        steps = spec.epochs * ((len(y_all) + spec.batch - 1) // spec.batch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(spec.epochs):
-            perm = torch.randperm(len(y_all), generator=gen)
-            for i in range(0, len(perm), spec.batch):
-                idx = perm[i : i + spec.batch]
-                if len(idx) < 2:  # BatchNorm cannot train on one sample
-                    continue
-                x = augment(x_all[idx], gen) if spec.augment else x_all[idx]
-                loss = torch.nn.functional.cross_entropy(model(_normalize(x, mean, std)), y_all[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
+    torch.manual_seed(seed)
+    model = create_timm_model(spec.name, num_classes=NUM_CLASSES)
+    mean, std = mean_std(model)
+    x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=1e-4)
+    steps = spec.epochs * ((len(y_all) + spec.batch - 1) // spec.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(spec.epochs):
+        perm = torch.randperm(len(y_all), generator=gen)
+        for i in range(0, len(perm), spec.batch):
+            idx = perm[i : i + spec.batch]
+            if len(idx) < 2:  # BatchNorm cannot train on one sample
+                continue
+            x = augment(x_all[idx], gen) if spec.augment else x_all[idx]
+            loss = torch.nn.functional.cross_entropy(model(_normalize(x, mean, std)), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
     return model.eval()
 
 

@@ -18,6 +18,9 @@ METHODS = {
     "tent": "Tent (backprop at the edge)",
     "eata_style": "EATA-style selection + cloud",
     "cema": "CEMA",
+    "cema_recal": "CEMA + recalibration on shift",
+    "random": "random uploads + cloud",
+    "entropy_top": "highest entropy first + cloud",
 }
 
 
@@ -30,8 +33,13 @@ class MethodRun:
     extra: dict[str, Any] = field(default_factory=dict)  # bytes up/down, blobs applied, fps, ...
 
 
-#: Methods whose edge uploads samples to the cloud (their rows show uploaded shares and traffic).
-CLOUD_METHODS = ("eata_style", "cema")
+#: Methods that run in-process at the edge (no cloud, no uploads); every other method is cloud-backed.
+LOCAL_METHODS = ("no_adapt", "bn_adapt", "tent")
+
+
+def is_cloud(method: str) -> bool:
+    """Whether ``method``'s edge uploads samples to the cloud (its rows show uploaded shares and traffic)."""
+    return method not in LOCAL_METHODS
 
 
 def _pct(mask: np.ndarray) -> float:
@@ -62,6 +70,40 @@ def summarize(runs: dict[str, MethodRun], segment_of: np.ndarray, names: list[st
     return out
 
 
+def _mean_spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    arr = np.asarray(values, np.float64)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+def aggregate(per_seed: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Per method: ``accuracy`` and ``uploaded`` as means over seeds with their spread (standard deviation over
+    seeds; None with one seed), ``rollbacks`` summed, per-corruption means, and every seed's own summary."""
+    out: dict[str, Any] = {}
+    for method in per_seed[0]:
+        runs = [s[method] for s in per_seed]
+        acc, acc_sd = _mean_spread([r["accuracy"] for r in runs])
+        up, up_sd = _mean_spread([r["uploaded"] for r in runs])
+        names = list(runs[0]["per_corruption"])
+        out[method] = {
+            "accuracy": acc,
+            "accuracy_spread": acc_sd,
+            "uploaded": up,
+            "uploaded_spread": up_sd,
+            "rollbacks": int(sum(int(r.get("rollbacks", 0)) for r in runs)),
+            "per_corruption": {
+                n: {k: float(np.mean([r["per_corruption"][n][k] for r in runs])) for k in ("accuracy", "uploaded")}
+                for n in names
+            },
+            "per_seed": [{"seed": seed, **r} for seed, r in zip(seeds, runs, strict=True)],
+        }
+    return out
+
+
+def _cell(value: float, spread: float | None) -> str:
+    return f"{value:.1f}" if spread is None else f"{value:.1f} ± {spread:.1f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One table per severity: rows = corruptions + overall, columns = methods (accuracy % / uploaded %)."""
     lines = []
@@ -81,19 +123,24 @@ def markdown(results: dict[str, Any]) -> str:
             for m in methods:
                 r = res["methods"][m]
                 c = r if n == "overall" else r["per_corruption"][n]
-                cells.append(f"{c['accuracy']:.1f}" + (f" / {c['uploaded']:.1f}% up" if m in CLOUD_METHODS else ""))
+                acc = _cell(c["accuracy"], c.get("accuracy_spread") if n == "overall" else None)
+                up = _cell(c["uploaded"], c.get("uploaded_spread") if n == "overall" else None)
+                cells.append(acc + (f" / {up}% up" if is_cloud(m) else ""))
             lines.append(f"| {'**overall**' if n == 'overall' else n} | " + " | ".join(cells) + " |")
         lines.append("")
-        cloud = [m for m in CLOUD_METHODS if m in res["methods"]]
+        cloud = [m for m in methods if is_cloud(m)]
         if cloud:
-            lines.append("| method | uploaded | MB up | MB down | blobs applied | edge frames/s |")
-            lines.append("|---|---:|---:|---:|---:|---:|")
+            lines.append(
+                "| method (first seed) | uploaded | MB up | MB down | blobs applied | rollbacks | edge frames/s |"
+            )
+            lines.append("|---|---:|---:|---:|---:|---:|---:|")
             for m in cloud:
                 r = res["methods"][m]
+                r0 = r["per_seed"][0] if "per_seed" in r else r
                 lines.append(
-                    f"| {METHODS[m]} | {r['uploaded_samples']} of {r['samples']} ({r['uploaded']:.1f} %) | "
-                    f"{r.get('bytes_up', 0) / 1e6:.2f} | {r.get('bytes_down', 0) / 1e6:.2f} | "
-                    f"{r.get('blobs_applied', 0)} | {r.get('edge_fps', 0):.0f} |"
+                    f"| {METHODS.get(m, m)} | {r0['uploaded_samples']} of {r0['samples']} ({r0['uploaded']:.1f} %) | "
+                    f"{r0.get('bytes_up', 0) / 1e6:.2f} | {r0.get('bytes_down', 0) / 1e6:.2f} | "
+                    f"{r0.get('blobs_applied', 0)} | {r0.get('rollbacks', 0)} | {r0.get('edge_fps', 0):.0f} |"
                 )
             lines.append("")
     return "\n".join(lines)
@@ -112,8 +159,14 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_outputs(results: dict[str, Any], runs: dict[int, dict[str, MethodRun]], out_dir: Path) -> list[Path]:
-    """results.json, results.md, and per severity accuracy-over-stream and cumulative-uploads PNGs."""
+def write_outputs(
+    results: dict[str, Any],
+    runs: dict[int, dict[str, MethodRun]],
+    out_dir: Path,
+    boundaries: dict[int, list[tuple[int, str]]] | None = None,
+) -> list[Path]:
+    """results.json, results.md, and per severity accuracy-over-stream and cumulative-uploads PNGs (of the first
+    seed), with the corruption boundaries marked and named when ``boundaries`` gives them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
     (out_dir / "results.md").write_text(markdown(results))
@@ -137,6 +190,20 @@ def write_outputs(results: dict[str, Any], runs: dict[int, dict[str, MethodRun]]
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+            for pos, name in (boundaries or {}).get(sev, []):
+                ax.axvline(pos, color="grey", lw=0.6, ls=":")
+                if ax is ax1:
+                    ax.text(
+                        pos,
+                        1.0,
+                        " " + name.replace("_", " "),
+                        transform=ax.get_xaxis_transform(),
+                        rotation=90,
+                        va="top",
+                        ha="left",
+                        fontsize=6,
+                        color="dimgrey",
+                    )
         fig.tight_layout()
         path = out_dir / f"stream_severity{sev}.png"
         fig.savefig(path, dpi=110)
@@ -160,6 +227,7 @@ def print_table(results: dict[str, Any], console: Any) -> None:
             for m in methods:
                 r = res["methods"][m]
                 c = r if n == "overall" else r["per_corruption"][n]
-                row.append(f"{c['accuracy']:.1f}" + (f" ({c['uploaded']:.0f}%)" if m in CLOUD_METHODS else ""))
+                spread = c.get("accuracy_spread") if n == "overall" else None
+                row.append(_cell(c["accuracy"], spread) + (f" ({c['uploaded']:.0f}%)" if is_cloud(m) else ""))
             t.add_row("[b]overall[/]" if n == "overall" else n, *row)
         console.print(t)

@@ -1,10 +1,19 @@
 """The demo's orchestration: data, models, export, baselines, then the cloud-backed methods over real HTTP.
 
-For each severity and each cloud-backed method (EATA-style selection, CEMA) a fresh ``cema-deploy cloud serve``
-process starts on 127.0.0.1 and a separate ``cema-deploy edge run`` process (torch-free: it never imports torch
-and never runs a backward pass) streams the corrupted images through ONNX Runtime, uploads what its rule selects
-and hot-refits from the blobs. ``--sync`` makes each edge batch wait for the blob that includes its uploads, as the
-paper's simulation does, so runs are reproducible on a slow machine.
+Two protocols (``DemoConfig.protocol``):
+
+* ``reset`` (the paper's: chenyaofo/CEMA's ``main.py`` builds a fresh edge model and teacher for every
+  (corruption, severity) pair): per corruption the operator resets the deployment (``POST
+  /v1/admin/deployments/NAME/reset`` with an admin token: fresh adaptation state, versions keep rising) and a
+  fresh ``edge run`` process (fresh selector) streams that corruption, shuffled with a seeded generator.
+* ``continual`` (our extension): one edge process streams the corruptions back to back (each shuffled within).
+
+For each severity and cloud-backed method one ``cema-deploy cloud serve`` process runs on 127.0.0.1 and
+torch-free ``cema-deploy edge run`` processes (they never import torch and never run a backward pass) stream the
+images through ONNX Runtime, upload what their rule selects and hot-refit from the blobs. ``--sync`` makes each
+edge batch wait for the blob that includes its uploads, as the paper's simulation does, so runs are
+reproducible on a slow machine. Claims run over several seeds (``seeds``): each seed draws the corruptions,
+shuffles the stream and seeds the selection's and the cloud's draws; the models are trained once (``train_seed``).
 """
 
 from __future__ import annotations
@@ -25,9 +34,34 @@ import numpy as np
 
 from cema_deploy.demo import baselines
 from cema_deploy.demo.models import EDGE_DEFAULT, TEACHER_DEFAULT, TrainedModel, TrainSpec, load_model, resolve_models
-from cema_deploy.demo.report import MethodRun, summarize
-from cema_deploy.demo.stream import CORRUPTIONS, QUICK_CORRUPTIONS, Stream, corrupted_stream, digits_splits
+from cema_deploy.demo.report import MethodRun, aggregate, summarize
+from cema_deploy.demo.stream import (
+    CORRUPTIONS,
+    QUICK_CORRUPTIONS,
+    LazyImages,
+    Segment,
+    Stream,
+    corrupted_stream,
+    digits_splits,
+)
 from cema_deploy.exceptions import CemaError
+
+PROTOCOLS = ("reset", "continual")
+#: W of the dynamic E_max per protocol (Eqn. 4). The paper's W counts samples of a 50,000-image corruption; a
+#: reset corruption of the demo is 899 samples, so a W of 1,000 would never end: 128 (two edge batches) there,
+#: 512 on the continual stream of 11,687.
+WARMUP = {"reset": 128, "continual": 512}
+
+#: Cloud-backed methods: ``edge run`` selection options of each (the share rules' share is ``DemoConfig.share``).
+SELECTION_ARGS: dict[str, list[str]] = {
+    "cema": ["--selection", "cema"],
+    "cema_recal": ["--selection", "cema", "--recalibrate"],
+    "eata_style": ["--selection", "eata"],
+    "random": ["--selection", "random"],
+    "entropy_top": ["--selection", "entropy-top"],
+}
+#: The default rule of the toolkit, as the demo runs it (see README "Which selection rule").
+DEFAULT_METHOD = "random"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,73 +69,102 @@ class DemoConfig:
     severities: tuple[int, ...] = (3, 5)
     corruptions: tuple[str, ...] = CORRUPTIONS
     per_corruption: int | None = None  # samples per corruption (None: the whole test split)
-    methods: tuple[str, ...] = ("no_adapt", "bn_adapt", "tent", "eata_style", "cema")
+    methods: tuple[str, ...] = ("no_adapt", "bn_adapt", "tent", "eata_style", "cema", DEFAULT_METHOD)
+    protocol: str = "reset"
+    seeds: int = 1  # stream seeds seed, seed + 1, ...
+    seed: int = 0  # the first stream seed
+    train_seed: int = 0  # seed of the split and of the models' training
     edge_batch: int = 64  # official edge batch
     cloud_batch: int = 32  # official cloud batch B
-    warmup: int = 512  # W for CEMA's dynamic E_max
-    d_margin: str = "off"  # redundancy rule in both selection methods
+    warmup: int | None = None  # W for CEMA's dynamic E_max; None: WARMUP[protocol]
+    share: float = 0.1  # upload share of the share rules (random, entropy_top)
+    d_margin: str = "off"  # redundancy rule in the selective methods
     # Replay buffer, scaled to the stream. The paper's 10,000 samples hold less than what one ImageNet-C
     # corruption uploads (14,434-22,002 of 50,000 per corruption in the authors' log), so replay draws from the
-    # current shift. Here a corruption uploads 150-700 of 899 samples; a 10,000 buffer would hold the whole
-    # stream, and 75 % of every distillation batch (3B of 4B) would come from earlier corruptions, dragging the
-    # replica's running statistics towards their mixture. 400 keeps the paper's regime (in-process simulation of
-    # this demo, severity 5: CEMA 55.5 % -> 61.2 %, EATA-style 55.9 % -> 60.8 %; severity 3: CEMA 77.6 %).
+    # current shift; a corruption here uploads 100-700 of 899 samples, and 400 keeps that regime.
     replay_size: int = 400
-    seed: int = 0
     sync: bool = True
-    concurrent_runs: int = 2  # cloud-backed runs at once (each a cloud and an edge process; see _run_cloud_methods)
-
+    concurrent_runs: int = 2  # cloud-backed runs at once (each a cloud and an edge process)
     edge_epochs: int | None = None  # None: the edge recipe's (models.EDGE_DEFAULT)
     teacher_epochs: int | None = None  # None: the teacher recipe's (models.TEACHER_DEFAULT)
 
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise CemaError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}.")
+        unknown = [m for m in self.methods if m not in baselines.BASELINES and m not in SELECTION_ARGS]
+        if unknown:
+            known = [*baselines.BASELINES, *SELECTION_ARGS]
+            raise CemaError(f"Unknown demo methods {unknown}; choose from {', '.join(known)}.")
+        if self.seeds < 1:
+            raise CemaError(f"--seeds must be >= 1, got {self.seeds}.")
+
+    @property
+    def w(self) -> int:
+        return self.warmup if self.warmup is not None else WARMUP[self.protocol]
+
     @classmethod
-    def quick(cls) -> DemoConfig:
+    def quick(cls, **kw: Any) -> DemoConfig:
         """4 corruptions x 300 samples with shorter-trained models (their own cache entries): about 2 minutes from
         an empty cache, for tests and a first look."""
-        return cls(corruptions=QUICK_CORRUPTIONS, per_corruption=300, warmup=256, edge_epochs=4, teacher_epochs=8)
+        return cls(
+            **{"corruptions": QUICK_CORRUPTIONS, "per_corruption": 300, "edge_epochs": 4, "teacher_epochs": 8, **kw}
+        )
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cema_deploy", *args]
 
 
+def _check_run(r: subprocess.CompletedProcess[str], what: str) -> None:
+    if r.returncode != 0:
+        raise CemaError(f"The demo's {what} failed ({r.returncode}):\n{(r.stderr or r.stdout)[-3000:]}")
+
+
 class _Cloud:
-    def __init__(
-        self, edge_dir: Path, teacher: TrainedModel, state: Path, batch: int, seed: int, replay_size: int
-    ) -> None:
+    """``cema-deploy cloud serve`` on a free port of 127.0.0.1, with a device token and an admin token."""
+
+    def __init__(self, edge_dir: Path, teacher: TrainedModel, state: Path, cfg: DemoConfig, seed: int) -> None:
         port_file = state.parent / f"{state.name}.port"
         self.log = state.parent / f"{state.name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(
-                _cli(
-                    "cloud",
-                    "serve",
-                    "--edge",
-                    str(edge_dir),
-                    "--teacher",
-                    teacher.name,
-                    "--teacher-weights",
-                    str(teacher.checkpoint),
-                    "--state",
-                    str(state),
-                    "--port",
-                    "0",
-                    "--port-file",
-                    str(port_file),
-                    "--batch-size",
-                    str(batch),
-                    "--seed",
-                    str(seed),
-                    "--replay-size",
-                    str(replay_size),
-                    "--log-level",
-                    "warning",
-                ),
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=env,
+        self.token_file, self.admin_file = state.parent / f"{state.name}.token", state.parent / f"{state.name}.admin"
+        for name, path, extra in (
+            ("demo-edge", self.token_file, ["--all"]),
+            ("demo-admin", self.admin_file, ["--admin"]),
+        ):
+            r = subprocess.run(
+                _cli("cloud", "token", "add", name, "--state", str(state), *extra), capture_output=True, text=True
             )
+            _check_run(r, "token creation")
+            path.write_text(r.stdout.strip().splitlines()[-1])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        args = [
+            "cloud",
+            "serve",
+            "--edge",
+            str(edge_dir),
+            "--teacher",
+            teacher.name,
+            "--teacher-weights",
+            str(teacher.checkpoint),
+            "--state",
+            str(state),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--batch-size",
+            str(cfg.cloud_batch),
+            "--seed",
+            str(seed),
+            "--replay-size",
+            str(cfg.replay_size),
+            "--threads",
+            "1",
+            "--log-level",
+            "warning",
+        ]
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(_cli(*args), stdout=f, stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
         while not (port_file.exists() and port_file.read_text()):
             if self.proc.poll() is not None or time.time() - t0 > 180:
@@ -109,6 +172,17 @@ class _Cloud:
                 raise CemaError(f"The demo's cloud did not start; its log:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.1)
         self.url = f"http://127.0.0.1:{port_file.read_text()}"
+
+    def reset(self) -> int:
+        """Reset the (single) deployment as an operator would; returns its new generation."""
+        from cema_deploy.runtime.client import AdminClient
+
+        admin = AdminClient(self.url, self.admin_file.read_text().strip())
+        try:
+            (model,) = admin.models()
+            return admin.reset(model.name).generation
+        finally:
+            admin.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -119,82 +193,140 @@ class _Cloud:
                 self.proc.kill()
 
 
-def run_cloud_method(
-    method: str, stream: Stream, edge_dir: Path, teacher: TrainedModel, work: Path, cfg: DemoConfig
-) -> MethodRun:
-    """One cloud-backed method on one stream: a fresh cloud process and a torch-free edge process."""
-    from cema_deploy.cloud.state import StateStore
+def _write_source(segments: list[Segment], path: Path) -> Path:
+    """The edge's ``--source``: a .npy of the segments in memory, or a folder of links in stream order for
+    images read on demand (ImageNet-C), so the edge process never holds more than a batch."""
+    if not any(isinstance(s.images, LazyImages) for s in segments):
+        np.save(path.with_suffix(".npy"), np.concatenate([np.asarray(s.images) for s in segments]))
+        return path.with_suffix(".npy")
+    path.mkdir(parents=True, exist_ok=True)
+    i = 0
+    for s in segments:
+        assert isinstance(s.images, LazyImages)
+        for p in s.images.paths:
+            (path / f"{i:09d}{p.suffix.lower()}").symlink_to(p.resolve())
+            i += 1
+    return path
 
+
+def _edge_run(
+    method: str,
+    segments: list[Segment],
+    edge_dir: Path,
+    cloud: _Cloud,
+    work: Path,
+    cfg: DemoConfig,
+    seed: int,
+    tag: str,
+) -> dict[str, Any]:
+    """One ``edge run`` process over ``segments``; returns its predictions, selection flags and metrics."""
+    source = _write_source(segments, work / f"stream-{tag}")
+    labels = np.concatenate([s.labels for s in segments])
+    np.save(work / f"labels-{tag}.npy", labels)
+    args = [*SELECTION_ARGS[method]]
+    if method in ("random", "entropy_top"):
+        args += ["--upload-share", str(cfg.share)]
+    cmd = _cli(
+        "edge",
+        "run",
+        str(edge_dir),
+        "--source",
+        str(source),
+        "--labels",
+        str(work / f"labels-{tag}.npy"),
+        "--cloud",
+        cloud.url,
+        "--token-file",
+        str(cloud.token_file),
+        *args,
+        "--batch",
+        str(cfg.edge_batch),
+        "--warmup",
+        str(cfg.w),
+        "--d-margin",
+        cfg.d_margin,
+        "--seed",
+        str(seed),
+        "--predictions",
+        str(work / f"pred-{tag}.npz"),
+        "--json",
+        str(work / f"metrics-{tag}.json"),
+        "--quiet",
+        "--threads",
+        "1",
+        "--device-id",
+        f"demo-{method}",
+    )
+    if cfg.sync:
+        cmd.append("--sync")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    _check_run(r, f"edge process ({method}, {tag})")
+    pred = np.load(work / f"pred-{tag}.npz")
+    return {"pred": pred, "labels": labels, "metrics": json.loads((work / f"metrics-{tag}.json").read_text())}
+
+
+def run_cloud_method(
+    method: str, stream: Stream, edge_dir: Path, teacher: TrainedModel, work: Path, cfg: DemoConfig, seed: int
+) -> MethodRun:
+    """One cloud-backed method on one stream under ``cfg.protocol``: one cloud process and its edge processes."""
     work.mkdir(parents=True, exist_ok=True)
-    np.save(work / "stream.npy", stream.images)
-    np.save(work / "labels.npy", stream.labels)
-    state = work / "cloud-state"
-    (work / "token").write_text(StateStore(state).add_token(f"demo-{method}"))
-    cloud = _Cloud(edge_dir, teacher, state, cfg.cloud_batch, cfg.seed, cfg.replay_size)
+    cloud = _Cloud(edge_dir, teacher, work / "cloud-state", cfg, seed)
     try:
-        cmd = _cli(
-            "edge",
-            "run",
-            str(edge_dir),
-            "--source",
-            str(work / "stream.npy"),
-            "--labels",
-            str(work / "labels.npy"),
-            "--cloud",
-            cloud.url,
-            "--token-file",
-            str(work / "token"),
-            "--selection",
-            "eata" if method == "eata_style" else "cema",
-            "--batch",
-            str(cfg.edge_batch),
-            "--warmup",
-            str(cfg.warmup),
-            "--d-margin",
-            cfg.d_margin,
-            "--predictions",
-            str(work / "pred.npz"),
-            "--json",
-            str(work / "metrics.json"),
-            "--quiet",
-            "--threads",
-            "1",
-            "--device-id",
-            f"demo-{method}",
-        )
-        if cfg.sync:
-            cmd.append("--sync")
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise CemaError(f"The demo's edge process failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        if cfg.protocol == "reset":
+            parts = []
+            for i, seg in enumerate(stream.segments):
+                cloud.reset()
+                parts.append(_edge_run(method, [seg], edge_dir, cloud, work, cfg, seed * 1000 + i, f"c{i:02d}"))
+        else:
+            parts = [_edge_run(method, list(stream.segments), edge_dir, cloud, work, cfg, seed, "all")]
     finally:
         cloud.stop()
-    pred = np.load(work / "pred.npz")
-    m = json.loads((work / "metrics.json").read_text())
-    uploaded = pred["selected"].astype(bool)
-    if m["uplink"]["uploaded"] != int(uploaded.sum()):
-        raise CemaError(
-            f"{method}: the edge selected {int(uploaded.sum())} samples but uploaded "
-            f"{m['uplink']['uploaded']}; see {work}."
+    predictions = np.concatenate([p["pred"]["predictions"] for p in parts])
+    uploaded = np.concatenate(
+        [p["pred"]["uploaded"] if "uploaded" in p["pred"] else p["pred"]["selected"] for p in parts]
+    ).astype(bool)
+    metrics = [p["metrics"] for p in parts]
+
+    def total(key: str, *path: str) -> int:
+        out = 0
+        for m in metrics:
+            v: Any = m
+            for k in (*path, key):
+                v = v.get(k, 0) if isinstance(v, dict) else 0
+            out += int(v)
+        return out
+
+    refused: dict[str, int] = {}
+    for m in metrics:
+        for k, v in m.get("refused", {}).items():
+            refused[k] = refused.get(k, 0) + int(v)
+    sel = {
+        k: total(k, "selection")
+        for k in (
+            "seen",
+            "selected",
+            "unreliable",
+            "low_info",
+            "redundant",
+            "not_drawn",
+            "statistics",
+            "calibration",
+            "uploaded",
         )
-    s = m["selection"]
+    }
     return MethodRun(
-        correct=pred["predictions"] == stream.labels,
+        correct=predictions == stream.labels,
         uploaded=uploaded,
         extra={
-            "bytes_up": m["uplink"]["bytes_sent"],
-            "bytes_down": m["bytes_received"],
-            "blobs_applied": m["blobs_applied"],
-            "edge_fps": m["fps"],
-            "final_version": m["version"],
-            "seen": s["seen"],
-            "excluded_unreliable": s["unreliable"],
-            "excluded_low_info": s["low_info"],
-            "excluded_redundant": s["redundant"],
-            "selected": s["selected"],
-            "rollbacks": m["rollbacks"],
-            "refused": m["refused"],
-            "selection_config": m["selection_config"],
+            "bytes_up": total("bytes_sent", "uplink"),
+            "bytes_down": total("bytes_received"),
+            "blobs_applied": total("blobs_applied"),
+            "edge_fps": float(np.mean([m["fps"] for m in metrics])),
+            "final_version": int(metrics[-1]["version"]),
+            **sel,
+            "rollbacks": total("rollbacks"),
+            "refused": refused,
+            "selection_config": metrics[0].get("selection_config", {}),
         },
     )
 
@@ -204,16 +336,22 @@ def _epochs(spec: TrainSpec, epochs: int | None) -> TrainSpec:
 
 
 def _run_cloud_methods(
-    methods: list[str], stream: Stream, edge_dir: Path, teacher: TrainedModel, out_dir: Path, sev: int, cfg: DemoConfig
+    methods: list[str],
+    stream: Stream,
+    edge_dir: Path,
+    teacher: TrainedModel,
+    out_dir: Path,
+    tag: str,
+    cfg: DemoConfig,
+    seed: int,
 ) -> dict[str, MethodRun]:
-    """The cloud-backed runs of one severity, ``cfg.concurrent_runs`` at a time. Each is its own cloud and edge
-    process, and ``--sync`` makes every edge batch wait for the blob of its own uploads, so the results do not
-    depend on timing (measured: the same predictions run alone and side by side; two at once took 134 s
-    against 191 s one after the other on 2 cores, because each pair idles while the other computes)."""
+    """The cloud-backed runs of one stream, ``cfg.concurrent_runs`` at a time. Each has its own cloud and edge
+    processes, and ``--sync`` makes every edge batch wait for the blob of its own uploads, so the results do not
+    depend on timing."""
 
     def one(method: str) -> MethodRun:
         t0 = time.perf_counter()
-        run = run_cloud_method(method, stream, edge_dir, teacher, out_dir / f"s{sev}-{method}", cfg)
+        run = run_cloud_method(method, stream, edge_dir, teacher, out_dir / f"{tag}-{method}", cfg, seed)
         run.extra["seconds"] = round(time.perf_counter() - t0, 1)
         return run
 
@@ -224,6 +362,36 @@ def _run_cloud_methods(
         return {m: f.result() for m, f in futures.items()}
 
 
+def run_stream(
+    stream: Stream,
+    edge_model: Any,
+    edge_dir: Path,
+    teacher: TrainedModel,
+    out_dir: Path,
+    tag: str,
+    cfg: DemoConfig,
+    seed: int,
+    on_step: Callable[[str], None],
+) -> dict[str, MethodRun]:
+    """Every method of ``cfg`` on one (already shuffled) stream."""
+    none = np.zeros(len(stream), bool)
+    runs: dict[str, MethodRun] = {}
+    for method in [m for m in cfg.methods if m in baselines.BASELINES]:
+        on_step(f"{tag}: {method}")
+        t0 = time.perf_counter()
+        res = baselines.run_baseline(method, edge_model, stream, batch=cfg.edge_batch, protocol=cfg.protocol)
+        runs[method] = MethodRun(
+            res.correct,
+            none,
+            {"edge_fps": round(res.frames_per_second, 1), "seconds": round(time.perf_counter() - t0, 1)},
+        )
+    cloud = [m for m in cfg.methods if m not in baselines.BASELINES]
+    if cloud:
+        on_step(f"{tag}: {' and '.join(cloud)} (cloud + torch-free edge processes)")
+        runs.update(_run_cloud_methods(cloud, stream, edge_dir, teacher, out_dir, tag, cfg, seed))
+    return {m: runs[m] for m in cfg.methods}
+
+
 def run_demo(
     out_dir: Path,
     cfg: DemoConfig,
@@ -231,8 +399,9 @@ def run_demo(
     edge: str | None = None,
     teacher: str | None = None,
     on_step: Callable[[str], None] = lambda _m: None,
-) -> tuple[dict[str, Any], dict[int, dict[str, MethodRun]]]:
-    """The whole comparison; returns the results dict and the per-sample runs (for plots)."""
+) -> tuple[dict[str, Any], dict[int, dict[str, MethodRun]], dict[int, list[tuple[int, str]]]]:
+    """The whole comparison; returns the results dict, the first seed's per-sample runs and the corruption
+    boundaries per severity (for plots)."""
     import torch
 
     from cema_deploy.export.to_onnx import export_timm
@@ -240,13 +409,13 @@ def run_demo(
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t_start = time.perf_counter()
     on_step("digits: train/test split, 32x32 RGB")
-    splits = digits_splits(cfg.seed)
+    splits = digits_splits(cfg.train_seed)
     on_step("edge and teacher models (trained once, cached)")
     models = resolve_models(
         edge,
         teacher,
         splits,
-        seed=cfg.seed,
+        seed=cfg.train_seed,
         edge_spec=_epochs(EDGE_DEFAULT, cfg.edge_epochs),
         teacher_spec=_epochs(TEACHER_DEFAULT, cfg.teacher_epochs),
     )
@@ -255,8 +424,11 @@ def run_demo(
     on_step(f"export {edge_tm.name} to a refittable ONNX model")
     edge_dir = out_dir / "edge-model"
     export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     results: dict[str, Any] = {
-        "config": {**cfg.__dict__},
+        "protocol": cfg.protocol,
+        "seeds": seeds,
+        "config": {**dataclasses.asdict(cfg), "warmup": cfg.w},
         "models": {
             role: {
                 "name": tm.name,
@@ -264,38 +436,29 @@ def run_demo(
                 "train_seconds": round(tm.train_seconds, 1),
                 "cached": tm.cached,
                 "checkpoint": str(tm.checkpoint),
+                "train_seed": cfg.train_seed,
             }
             for role, tm in (("edge", edge_tm), ("teacher", teacher_tm))
         },
         "severities": {},
     }
-    all_runs: dict[int, dict[str, MethodRun]] = {}
+    first_runs: dict[int, dict[str, MethodRun]] = {}
+    boundaries: dict[int, list[tuple[int, str]]] = {}
     for sev in cfg.severities:
-        on_step(f"severity {sev}: corrupt the test stream ({len(cfg.corruptions)} corruptions)")
-        x_te, y_te = splits[2], splits[3]
-        if cfg.per_corruption is not None:
-            x_te, y_te = x_te[: cfg.per_corruption], y_te[: cfg.per_corruption]
-        stream = corrupted_stream(x_te, y_te, severity=sev, corruptions=cfg.corruptions, seed=cfg.seed)
-        labels = stream.labels
-        runs: dict[str, MethodRun] = {}
-        none = np.zeros(len(labels), bool)
-        local = [m for m in cfg.methods if m in baselines.BASELINES]
-        cloud = [m for m in cfg.methods if m not in baselines.BASELINES]
-        for method in local:
-            on_step(f"severity {sev}: {method}")
-            t0 = time.perf_counter()
-            res = baselines.run_baseline(method, edge_model, stream, batch=cfg.edge_batch)
-            runs[method] = MethodRun(
-                res.correct,
-                none,
-                {"edge_fps": round(res.frames_per_second, 1), "seconds": round(time.perf_counter() - t0, 1)},
+        per_seed = []
+        for seed in seeds:
+            tag = f"s{sev}-seed{seed}"
+            on_step(
+                f"severity {sev}, seed {seed}: corrupt and shuffle the test stream ({len(cfg.corruptions)} corruptions)"
             )
-        if cloud:
-            on_step(f"severity {sev}: {' and '.join(cloud)} (cloud + torch-free edge processes)")
-            runs.update(_run_cloud_methods(cloud, stream, edge_dir, teacher_tm, out_dir, sev, cfg))
-        all_runs[sev] = {m: runs[m] for m in cfg.methods}
-        results["severities"][str(sev)] = {
-            "methods": summarize(runs, stream.segment_of, [s.name for s in stream.segments])
-        }
+            x_te, y_te = splits[2], splits[3]
+            if cfg.per_corruption is not None:
+                x_te, y_te = x_te[: cfg.per_corruption], y_te[: cfg.per_corruption]
+            stream = corrupted_stream(x_te, y_te, severity=sev, corruptions=cfg.corruptions, seed=seed).shuffled(seed)
+            runs = run_stream(stream, edge_model, edge_dir, teacher_tm, out_dir, tag, cfg, seed, on_step)
+            per_seed.append(summarize(runs, stream.segment_of, [s.name for s in stream.segments]))
+            if seed == seeds[0]:
+                first_runs[sev], boundaries[sev] = runs, stream.boundaries
+        results["severities"][str(sev)] = {"methods": aggregate(per_seed, seeds)}
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    return results, all_runs
+    return results, first_runs, boundaries

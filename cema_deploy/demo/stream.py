@@ -68,13 +68,81 @@ def cache_dir() -> Path:
     return path
 
 
+class LazyImages:
+    """Image files read on demand (memory bounded by what one index asks for): ``images[i:j]`` or
+    ``images[index_array]`` -> uint8 ``[n, size, size, 3]``, each file converted to RGB and centre-cropped to a
+    square of ``size`` (ImageNet-C's files are 224 x 224 already)."""
+
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.size, self.size, 3)
+
+    def __getitem__(self, index: slice | np.ndarray | list[int]) -> np.ndarray:
+        picked = self.paths[index] if isinstance(index, slice) else [self.paths[int(i)] for i in index]
+        if not picked:
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        return np.stack([_read_square(p, self.size) for p in picked])
+
+    def take(self, order: np.ndarray) -> LazyImages:
+        return LazyImages([self.paths[int(i)] for i in order], self.size)
+
+
+class ChainImages:
+    """Several image sequences read as one (``images[i:j]`` across their seams), for a lazy continual stream."""
+
+    def __init__(self, parts: Sequence[np.ndarray | LazyImages]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise DataError("ChainImages takes contiguous slices only.")
+        out = []
+        for k, part in enumerate(self.parts):
+            lo, hi = max(start, int(self.starts[k])), min(stop, int(self.starts[k + 1]))
+            if lo < hi:
+                out.append(np.asarray(part[lo - int(self.starts[k]) : hi - int(self.starts[k])]))
+        return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+Images = np.ndarray | LazyImages
+
+
+def _read_square(path: Path, size: int) -> np.ndarray:
+    image_mod = lazy_import("PIL.Image", extra="edge", purpose="reading ImageNet-C")
+    with image_mod.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        if (w, h) != (size, size):
+            side = min(w, h)
+            im = im.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)).resize((size, size))
+        return np.asarray(im, dtype=np.uint8)
+
+
 @dataclass(frozen=True)
 class Segment:
     """One corruption's part of the stream."""
 
     name: str
-    images: np.ndarray  # uint8 [N, H, W, 3]
+    images: Images  # uint8 [N, H, W, 3], in memory or read on demand
     labels: np.ndarray  # int64 [N]
+
+    def shuffled(self, rng: np.random.Generator) -> Segment:
+        """The same samples in a random order (the paper's streams are shuffled within a corruption)."""
+        order = rng.permutation(len(self.labels))
+        images = self.images.take(order) if isinstance(self.images, LazyImages) else self.images[order]
+        return Segment(self.name, images, self.labels[order])
 
 
 @dataclass(frozen=True)
@@ -87,9 +155,24 @@ class Stream:
     def __iter__(self) -> Iterator[Segment]:
         return iter(self.segments)
 
+    def __len__(self) -> int:
+        return sum(len(s.labels) for s in self.segments)
+
     @property
     def images(self) -> np.ndarray:
-        return np.concatenate([s.images for s in self.segments])
+        """The whole stream in memory (in-memory segments only; use :attr:`chained` for a lazy stream)."""
+        if self.lazy:
+            raise DataError("This stream reads its images on demand; iterate over its segments instead.")
+        return np.concatenate([np.asarray(s.images) for s in self.segments])
+
+    @property
+    def lazy(self) -> bool:
+        return any(isinstance(s.images, LazyImages) for s in self.segments)
+
+    @property
+    def chained(self) -> np.ndarray | ChainImages:
+        """The whole stream, sliceable by contiguous ranges; read on demand when the segments are lazy."""
+        return ChainImages([s.images for s in self.segments]) if self.lazy else self.images
 
     @property
     def labels(self) -> np.ndarray:
@@ -99,6 +182,21 @@ class Stream:
     def segment_of(self) -> np.ndarray:
         """Index of the segment of every stream position."""
         return np.concatenate([np.full(len(s.labels), i) for i, s in enumerate(self.segments)])
+
+    @property
+    def boundaries(self) -> list[tuple[int, str]]:
+        """``(first stream position, corruption name)`` of every segment (for plots)."""
+        out, pos = [], 0
+        for s in self.segments:
+            out.append((pos, s.name))
+            pos += len(s.labels)
+        return out
+
+    def shuffled(self, seed: int) -> Stream:
+        """Each segment shuffled with its own seeded generator; the segment order stays."""
+        return Stream(
+            tuple(s.shuffled(np.random.default_rng([seed, i])) for i, s in enumerate(self.segments)), self.severity
+        )
 
 
 def digits_splits(seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -194,38 +292,74 @@ def corrupt_images(images: np.ndarray, name: str, severity: int, *, seed: int = 
     return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(images.shape)
 
 
+#: ImageNet-C's 15 corruptions in the benchmark's order (Hendrycks & Dietterich, ICLR 2019).
+IMAGENET_C_CORRUPTIONS = (
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
 def imagenet_c_stream(
     root: str | Path,
     *,
     severity: int,
-    corruptions: Sequence[str] = CORRUPTIONS,
+    corruptions: Sequence[str] | None = None,
     size: int = 224,
     limit: int | None = None,
+    seed: int = 0,
 ) -> Stream:
-    """ImageNet-C folders ``root/<corruption>/<severity>/<wnid>/*.JPEG`` as a :class:`Stream` (class index =
-    position of the wnid in sorted order; centre crop to ``size``)."""
-    image_mod = lazy_import("PIL.Image", extra="edge", purpose="reading ImageNet-C")
+    """ImageNet-C folders ``root/<corruption>/<severity>/<wnid>/*.JPEG`` as a :class:`Stream` read on demand.
+
+    Class index = position of the wnid in sorted order (ImageNet's). Every corruption of
+    :data:`IMAGENET_C_CORRUPTIONS` whose folder exists is used (all 15 on a full copy), unless ``corruptions``
+    names some (then each must exist). Each corruption is shuffled with a generator seeded by ``seed`` and its
+    index (a class-sorted stream is not what the paper runs, and no TTA method survives one), then cut to
+    ``limit`` samples. Nothing is read until a batch is asked for: memory is bounded by a batch.
+    """
+    root = Path(root)
+    if not 1 <= severity <= 5:
+        raise DataError(f"severity must be 1..5, got {severity}")
+    if corruptions is None:
+        names = [c for c in IMAGENET_C_CORRUPTIONS if (root / c / str(severity)).is_dir()]
+        if not names:
+            raise DataError(
+                f"{root} holds no ImageNet-C corruption folders for severity {severity}; expected "
+                f"<corruption>/{severity}/<wnid>/*.JPEG for some of {', '.join(IMAGENET_C_CORRUPTIONS)}."
+            )
+    else:
+        names = list(corruptions)
     segments = []
-    for name in corruptions:
-        folder = Path(root) / name / str(severity)
+    for i, name in enumerate(names):
+        folder = root / name / str(severity)
         if not folder.is_dir():
             raise DataError(f"{folder} does not exist; expected ImageNet-C's <corruption>/<severity>/<wnid>/ layout.")
         wnids = sorted(p.name for p in folder.iterdir() if p.is_dir())
         files = [
-            (f, i)
-            for i, w in enumerate(wnids)
+            (f, c)
+            for c, w in enumerate(wnids)
             for f in sorted((folder / w).iterdir())
-            if f.suffix.lower() in (".jpeg", ".jpg", ".png")
+            if f.suffix.lower() in IMAGE_SUFFIXES
         ]
+        if not files:
+            raise DataError(f"{folder} holds no images in <wnid>/ subfolders.")
+        order = np.random.default_rng([seed, i]).permutation(len(files))
         if limit is not None:
-            files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:limit]]
-        imgs = []
-        for f, _ in files:
-            with image_mod.open(f) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                s = min(w, h)
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size))
-                imgs.append(np.asarray(im))
-        segments.append(Segment(name, np.stack(imgs), np.array([i for _, i in files], np.int64)))
+            order = order[:limit]
+        paths = [files[j][0] for j in order]
+        labels = np.array([files[j][1] for j in order], np.int64)
+        segments.append(Segment(name, LazyImages(paths, size), labels))
     return Stream(tuple(segments), severity)

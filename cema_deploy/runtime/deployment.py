@@ -33,9 +33,9 @@ log = logging.getLogger("cema_deploy.edge")
 class Deployment(UplinkListener):
     """Generation and calibration state of the edge's deployment, fed by status reads and acknowledgements.
 
-    Thread-safe: the serving thread asks :meth:`calibration_for`, the uplink thread reports acknowledgements, the
-    poller reads the status. ``on_new_generation(generation)`` is called (on the thread that saw it) when a
-    newer generation than the known one appears.
+    Thread-safe: the serving thread asks :meth:`begin_batch` and :meth:`claim_shift`, the uplink thread reports
+    acknowledgements, the poller reads the status. ``on_new_generation(generation)`` is called (on the thread that
+    saw it) when a newer generation than the known one appears.
     """
 
     def __init__(
@@ -114,20 +114,26 @@ class Deployment(UplinkListener):
             if self.on_new_generation is not None:
                 self.on_new_generation(generation)
 
-    def calibration_for(self, shift: bool) -> tuple[str, int]:
-        """For the edge batch being queued: the calibration reason (``start``, ``shift`` or "") and the
-        generation to stamp on its uploads. Counts calibrations; one is in flight at a time."""
+    def begin_batch(self) -> tuple[str, int]:
+        """For the edge batch about to be selected: ``("start", generation)`` when it goes up whole as the
+        deployment's calibration batch (counted; one in flight at a time), else ``("", generation)``. The
+        generation is the one to stamp on its uploads."""
         with self._lock:
-            reason = ""
-            if self.client is not None and not self._calibrating:
-                if self.calibrated is False:
-                    reason = "start"
-                elif shift and self.recalibrate:
-                    reason = "shift"
-            if reason:
+            if self.client is not None and not self._calibrating and self.calibrated is False:
                 self._calibrating = True
-                self.calibrations[reason] += 1
-            return reason, self.generation
+                self.calibrations["start"] += 1
+                return "start", self.generation
+            return "", self.generation
+
+    def claim_shift(self) -> bool:
+        """The selector detected a shift on this batch: True when it goes up whole as ``calibration="shift"``
+        (recalibration on, no calibration in flight); counted."""
+        with self._lock:
+            if self.client is None or not self.recalibrate or self._calibrating:
+                return False
+            self._calibrating = True
+            self.calibrations["shift"] += 1
+            return True
 
     # ---- UplinkListener (the uplink thread) ----------------------------------------------------------------
     def on_upload_ack(self, batch: SampleBatch, ack: UploadAck) -> None:

@@ -189,9 +189,10 @@ class EdgeRuntime:
         at_size = images_at_model_size(images, pre)
         x = normalize(at_size, pre)
         logits, version = self.backend.infer_versioned(x)
-        with self._sel_lock:
-            sel = self.selector.select(logits)
-        calibration = self._queue_uploads(at_size, sel, version)
+        start, gen = self.deployment.begin_batch() if self.uplink is not None else ("", 0)
+        with self._sel_lock:  # a start calibration sends the batch whole: the selector counts it so
+            sel = self.selector.select(logits, images=at_size, calibration=bool(start))
+        calibration = self._queue_uploads(at_size, sel, version, start, gen)
         self.monitor.ring.add(at_size, logits, version)
         self.monitor.frames_added()
         self.frames += len(at_size)
@@ -208,12 +209,12 @@ class EdgeRuntime:
         self.latency.observe(busy)
         return step
 
-    def _queue_uploads(self, at_size: np.ndarray, sel: SelectionResult, version: int) -> str:
+    def _queue_uploads(self, at_size: np.ndarray, sel: SelectionResult, version: int, start: str, gen: int) -> str:
         """Queue this batch's uploads and then its batch report; returns the calibration reason ("" if none)."""
         up = self.uplink
         if up is None:
             return ""
-        reason, gen = self.deployment.calibration_for(sel.shift)
+        reason = start or ("shift" if sel.shift and self.deployment.claim_shift() else "")
         n, selected = len(at_size), int(sel.mask.sum())
         if reason:  # the whole batch, once: its selected samples are adapted on from it
             with self._calib_lock:

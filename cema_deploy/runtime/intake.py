@@ -12,7 +12,6 @@ Never imports torch.
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import random
 import threading
@@ -35,8 +34,9 @@ from cema_deploy.exceptions import (
     UplinkError,
 )
 from cema_deploy.runtime.client import CloudLink
+from cema_deploy.runtime.refit import RefitOutcome, RefitScheduler
 
-__all__ = ["REFUSAL_REASONS", "BlobIntake", "refit_module"]
+__all__ = ["REFUSAL_REASONS", "BlobIntake"]
 
 log = logging.getLogger("cema_deploy.edge")
 
@@ -53,14 +53,6 @@ REFUSAL_REASONS: tuple[tuple[type[CemaError], str], ...] = (
 _POLL_BACKOFF_BASE_S, _POLL_BACKOFF_CAP_S = 0.5, 30.0
 #: Shortest time between two blob polls when the cloud answers 204 at once (it ignores ``wait``, or wait=0).
 _MIN_POLL_INTERVAL_S = 0.1
-
-
-def refit_module() -> Any:
-    """``cema_deploy.runtime.refit`` (the refit scheduler) or, until it is merged, the private stand-in."""
-    try:
-        return importlib.import_module("cema_deploy.runtime.refit")
-    except ModuleNotFoundError:
-        return importlib.import_module("cema_deploy.runtime._refit_fallback")
 
 
 class _SwapGuard:
@@ -115,8 +107,10 @@ class BlobIntake:
         self._warned_unsigned = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.scheduler = refit_module().RefitScheduler(
-            _SwapGuard(backend, swap_lock), min_interval_s=min_refit_interval_s, on_done=self._on_done
+        self.scheduler = RefitScheduler(
+            _SwapGuard(backend, swap_lock),  # type: ignore[arg-type]  # a Backend in all but name
+            min_interval_s=min_refit_interval_s,
+            on_done=self._on_done,
         )
         self._poller: threading.Thread | None = None
 
@@ -206,7 +200,7 @@ class BlobIntake:
             # applies nothing once stopped and swallows the error of the closed client.
             self._poller.join(timeout=0.1)
 
-    def _on_done(self, outcome: Any) -> None:
+    def _on_done(self, outcome: RefitOutcome) -> None:
         """RefitScheduler callback (its thread)."""
         if outcome.applied:
             with self._lock:
@@ -224,7 +218,8 @@ class BlobIntake:
         elif outcome.error is not None:
             with self._lock:
                 self.blob_bytes.pop(outcome.version, None)
-            self.refuse(outcome.version, outcome.error, f"blob v{outcome.version}")
+            error = outcome.error if isinstance(outcome.error, CemaError) else RefitError(repr(outcome.error))
+            self.refuse(outcome.version, error, f"blob v{outcome.version}")
 
     def _previous_versions(self) -> set[int]:
         prev = getattr(self.backend, "previous_version", None)

@@ -283,35 +283,55 @@ class RollbackMonitor:
                 self._judging = False
                 self._cond.notify_all()
 
+    def _batches(self, images: np.ndarray, chunk: int) -> list[tuple[np.ndarray, int]]:
+        """Normalised batches of exactly ``chunk`` frames (the last padded by repeating its final frame), with the
+        count of real frames in each: the engine only ever sees the batch shape the serving path runs, which is
+        also the shape a refit warms the next engine up at."""
+        out = []
+        for i in range(0, len(images), chunk):
+            part = images[i : i + chunk]
+            n = len(part)
+            if n < chunk:
+                part = np.concatenate([part, np.repeat(part[-1:], chunk - n, axis=0)])
+            out.append((self.normalize(part), n))
+        return out
+
     def _judge(self, version: int) -> Judgement | None:
         entries = self.ring.snapshot()
         if self.backend.version != version or not entries:
             return None  # replaced by a newer refit (or rolled back) meanwhile
+        prev_version = _previous_version(self.backend)
+        if prev_version is None:
+            return None
         images = np.stack([im for im, _, _ in entries])
         chunk = max(1, min(self.chunk, self.ring.largest_batch))
         new_parts: list[np.ndarray] = []
-        for i in range(0, len(entries), chunk):
-            x = self.normalize(images[i : i + chunk])
+        for x, n in self._batches(images, chunk):
             logits, v = self.backend.infer_versioned(x)
             if v != version:
                 return None
-            new_parts.append(logits)
+            new_parts.append(logits[:n])
         new = np.concatenate(new_parts)
         # Logits of the previous version: reuse what the serving path computed, run the previous engine for the rest.
-        prev_probe = previous_logits(self.backend, self.normalize(images[:1]))
-        if prev_probe is None:
-            return None
-        prev_version = prev_probe[1]
         old = np.empty_like(new)
-        missing = [i for i, (_, _, v) in enumerate(entries) if v != prev_version]
+        missing = np.asarray([i for i, (_, _, v) in enumerate(entries) if v != prev_version], np.int64)
         for i, (_, lg, v) in enumerate(entries):
             if v == prev_version:
                 old[i] = lg
-        for i in range(0, len(missing), chunk):
-            idx = missing[i : i + chunk]
-            got = previous_logits(self.backend, self.normalize(images[idx]))
+        done = 0
+        for x, n in self._batches(images[missing], chunk) if len(missing) else []:
+            got = previous_logits(self.backend, x)
             if got is None or got[1] != prev_version:
                 return None
-            old[idx] = got[0]
+            old[missing[done : done + n]] = got[0][:n]
+            done += n
         return judge(old, new, num_classes=self.num_classes, margin_ratio=self.config.margin_ratio,
                      version=version, previous_version=prev_version)  # fmt: skip
+
+
+def _previous_version(backend: Any) -> int | None:
+    if hasattr(backend, "previous_version"):
+        v = backend.previous_version
+        return None if v is None else int(v)
+    prev = getattr(backend, "_previous", None)
+    return None if prev is None else int(prev.version)

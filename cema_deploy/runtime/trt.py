@@ -1,149 +1,236 @@
-"""Native TensorRT backend (TensorRT >= 10): a REFIT engine refitted through the ONNX parser, double-buffered.
+"""Native TensorRT backend (TensorRT 10.x and 11.x): a cached refittable plan, two slots, hot refit from ONNX.
 
-The ONNX parser folds BatchNorm into a scale/shift at parse time under temporary names, so BN tensors never
-appear by their ONNX names in ``Refitter.get_all_weights()`` (FACTS.md). ``OnnxParserRefitter`` does the same
-folding from an ONNX file, so a refit writes the new tensors into a fresh ``model.norms.bin`` (the export's
-external-data layout, ``contract.norms_file``) next to a link to ``model.onnx`` and refits from that file.
+* **Plan**: built from the export's ONNX (``trt_build.build_plan``) with the batch range, precision and refit
+  mode of :class:`~cema_deploy.runtime.trt_build.TrtOptions`, and cached on disk (``trt_build.PlanCache``)
+  under a key of fingerprint, TensorRT version, GPU name, compute capability and options. A process start
+  deserializes it instead of rebuilding (minutes on a Jetson). The cache holds the plan *as built*; every load
+  refits it from the serving blob when that differs from the export's parameters, so no cached engine can
+  serve stale weights and no ``SerializationFlag.INCLUDE_REFIT`` (10.14+) is needed.
+* **Refit**: the ONNX parser folds BatchNorm at parse time under temporary names, so the new tensors are
+  written into a fresh ``model.norms.bin`` (the export's external-data layout, or its fp16 twin) beside a link
+  to the ONNX, and ``trt.OnnxParserRefitter.refit_from_file`` refits every refittable weight from it.
+* **Slots** (``trt_slots``): two engines, each with its own execution context, CUDA stream, device buffers for
+  the largest batch and pinned host buffers, all allocated once; nothing is allocated per request.
+* **Precision**: ``fp32`` (TF32 off), ``tf32`` (TensorRT's default), ``fp16`` (``BuilderFlag.FP16`` on 10.x;
+  on 11.x a reduced-precision ONNX copy, ``trt_fp16``). The export's fingerprint and fp32 blobs stay.
 
-Atomic swap: refitting an engine in place would change the weights under requests in flight. The backend
-therefore deserializes the plan twice (two *slots*). A refit waits until the standby slot has no request in
-flight, refits it, and the base class swaps it in; the slot serving before becomes the standby and still holds
-the previous parameters, which is what ``rollback`` returns to.
-
-TensorRT 8.5 (JetPack 5) has no parser refitter: use the ``ort-trt`` backend there.
-
-Not exercised by this repository's CI (no GPU); tests marked ``trt`` run where TensorRT and a GPU exist.
+Every TensorRT and CUDA call whose result says whether it worked is checked and raised as a
+:class:`~cema_deploy.exceptions.BackendError` saying what to do. TensorRT 8.x (JetPack 5, JetPack 6.0) has no
+parser refitter: use the ``ort-trt`` backend there. Not run on a GPU by this project yet (see the README's
+hardware section); tests that need TensorRT and a GPU are marked ``trt``/``gpu``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.manifest import Manifest
-from cema_deploy.contract.norms_file import write_norms_file
+from cema_deploy.contract.norms_file import norms_layout, write_norms_file
 from cema_deploy.exceptions import BackendError, BackendUnavailableError, RefitError
-from cema_deploy.runtime.base import Backend
+from cema_deploy.runtime import trt_build as tb
+from cema_deploy.runtime.trt_fp16 import COPY_FORMAT, fp16_copy_of_onnx, write_fp16_norms
+from cema_deploy.runtime.trt_slots import DoubleBufferedBackend
+
+NORMS_FILE = "model.norms.bin"
 
 
 def _cudart() -> Any:
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
     except ImportError:
         try:
             from cuda import cudart  # cuda-python < 12.6
         except ImportError as exc:
             raise BackendUnavailableError(
-                "The TensorRT backend needs cuda-python for device memory: pip install 'cema-deploy[trt]'"
+                "The TensorRT backend needs cuda-python for device memory and streams: pip install "
+                "'cema-deploy[trt]' (on a Jetson: pip install 'cuda-python>=12,<13' for JetPack 6's CUDA 12)."
             ) from exc
     return cudart
 
 
-def _check(result: Any) -> Any:
+def _check(cudart: Any, result: Any, what: str) -> Any:
+    """Unpack a cuda-python ``(error, *values)`` result; raise when the error is not success."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise BackendError(f"CUDA call failed with error {err}.")
-    return rest[0] if len(rest) == 1 else rest
-
-
-def engine_bytes_from_onnx(
-    path: str | os.PathLike[str], manifest: Manifest, *, refit: bool, max_batch: int = 32, fp16: bool = False
-) -> bytes:
-    """Build a serialized TensorRT engine (plan) from the export's ONNX file."""
-    trt = lazy_import("tensorrt", extra="trt", purpose="the TensorRT backend")
-    if int(trt.__version__.split(".")[0]) < 10:
-        raise BackendUnavailableError(
-            f"TensorRT {trt.__version__} has no ONNX parser refitter; TensorRT >= 10 is needed "
-            "(on JetPack 5 use the ort-trt backend)."
+        try:
+            name = cudart.cudaGetErrorName(err)[1]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+        except Exception:
+            name = str(err)
+        raise BackendError(
+            f"CUDA {what} failed: {name} ({int(err)}). Check that the GPU is visible (nvidia-smi / tegrastats) "
+            "and has free memory; on out-of-memory lower --max-batch."
         )
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"TensorRT could not parse {path}: {errors}")
-    config = builder.create_builder_config()
-    if refit:
-        config.set_flag(trt.BuilderFlag.REFIT)  # not REFIT_IDENTICAL: the weights will change
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    _, c, h, w = manifest.input.shape
-    if manifest.input.shape[0] == -1:
-        profile = builder.create_optimization_profile()
-        opt = min(max(1, max_batch // 2), max_batch)
-        profile.set_shape(manifest.input.name, (1, c, h, w), (opt, c, h, w), (max_batch, c, h, w))
-        config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise BackendError(f"TensorRT failed to build an engine for {path}.")
-    return bytes(plan)
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
 
 
-class _Slot:
-    """One deserialized engine with its execution context and a count of requests in flight."""
+def device_info(cudart: Any) -> tb.DeviceInfo:
+    """Name and compute capability of the current CUDA device (part of the plan cache key)."""
+    dev = _check(cudart, cudart.cudaGetDevice(), "cudaGetDevice")
+    prop = _check(cudart, cudart.cudaGetDeviceProperties(dev), "cudaGetDeviceProperties")
+    raw = prop.name
+    name = raw.decode(errors="replace").split("\x00")[0] if isinstance(raw, bytes) else str(raw)
+    return tb.DeviceInfo(name=name.strip(), compute_capability=f"{prop.major}.{prop.minor}")
 
-    def __init__(self, trt: Any, runtime: Any, plan: bytes, manifest: Manifest) -> None:
-        self.trt = trt
+
+def read_norms_file(manifest: Manifest, path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The export's refittable tensors from ``model.norms.bin`` (what a freshly built plan holds)."""
+    data = Path(path).read_bytes()
+    by_name = manifest.refittable_by_name
+    out: dict[str, np.ndarray] = {}
+    for name, offset, nbytes in norms_layout(manifest):
+        p = by_name[name]
+        out[name] = np.frombuffer(data, dtype=np.dtype(p.dtype), count=p.numel, offset=offset).reshape(p.shape)
+        if out[name].nbytes != nbytes:
+            raise BackendError(f"{path} is shorter than its manifest says; export again.")
+    return out
+
+
+class _RefitSource:
+    """The ONNX a refit reads: a link to the (fp32 or fp16) model in a private folder, plus fresh norms."""
+
+    def __init__(self, onnx_path: Path, manifest: Manifest, fp16: bool) -> None:
+        self.manifest, self.fp16 = manifest, fp16
+        self.work = Path(tempfile.mkdtemp(prefix="cema-trt-refit-"))
+        for src in onnx_path.parent.glob(onnx_path.name + "*"):  # model.onnx and any model.onnx.data
+            try:
+                os.symlink(src.resolve(), self.work / src.name)
+            except OSError:
+                shutil.copyfile(src, self.work / src.name)
+        self.onnx = self.work / onnx_path.name
+
+    def write(self, tensors: Mapping[str, np.ndarray]) -> Path:
+        if self.fp16:
+            write_fp16_norms(self.manifest, tensors, self.work / NORMS_FILE)
+        else:
+            write_norms_file(self.manifest, tensors, self.work / NORMS_FILE)
+        return self.onnx
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class TrtEngine:
+    """One deserialized engine with its context, stream and buffers (a :class:`~.trt_slots.SlotEngine`)."""
+
+    def __init__(
+        self, trt: Any, runtime: Any, logger: Any, plan: bytes, manifest: Manifest, max_batch: int,
+        source: _RefitSource | None,
+    ) -> None:  # fmt: skip
+        self.trt, self.logger, self.manifest, self.max_batch, self.source = trt, logger, manifest, max_batch, source
+        self.cudart = _cudart()
+        self._allocs: list[tuple[Callable[[Any], Any], Any]] = []
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise BackendError("TensorRT could not deserialize the engine plan.")
+            raise BackendError("TensorRT could not deserialize the engine plan (built by another TensorRT or GPU?).")
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        trt, cudart, m = self.trt, self.cudart, self.manifest
+        for name in (m.input.name, m.output_name):
+            if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+                raise BackendError(f"Engine tensor {name!r} is not float32; export the model again.")
         self.context = self.engine.create_execution_context()
-        self.manifest = manifest
-        self.lock = threading.Lock()  # one execution context runs one request at a time
-        self.in_flight = 0
-        self.idle = threading.Condition()
-        self.cudart = _cudart()
-        self.stream = _check(self.cudart.cudaStreamCreate())
+        if self.context is None:
+            raise BackendError("TensorRT could not create an execution context (out of GPU memory?).")
+        self.stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._allocs.append((cudart.cudaStreamDestroy, self.stream))
+        chw = tuple(int(d) for d in m.input.shape[1:])
+        self._set_shape((self.max_batch, *chw))
+        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(m.output_name))
+        if any(d < 0 for d in out_shape):
+            raise BackendError(f"TensorRT could not infer the output shape for input {(self.max_batch, *chw)}.")
+        self.sample_in, self.sample_out = int(np.prod(chw)), int(np.prod(out_shape[1:]))
+        self.out_tail = out_shape[1:]
+        n_in, n_out = self.max_batch * self.sample_in, self.max_batch * self.sample_out
+        self.d_in = self._malloc(n_in * 4)
+        self.d_out = self._malloc(n_out * 4)
+        self.h_in = self._pinned(n_in)
+        self.h_out = self._pinned(n_out)
+        for name, ptr in ((m.input.name, self.d_in), (m.output_name, self.d_out)):
+            if not self.context.set_tensor_address(name, int(ptr)):
+                raise BackendError(f"TensorRT refused the device address for tensor {name!r}.")
+
+    def _malloc(self, nbytes: int) -> Any:
+        ptr = _check(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)")
+        self._allocs.append((self.cudart.cudaFree, ptr))
+        return ptr
+
+    def _pinned(self, n: int) -> np.ndarray:
+        ptr = _check(self.cudart, self.cudart.cudaMallocHost(n * 4), f"cudaMallocHost({n * 4} bytes)")
+        self._allocs.append((self.cudart.cudaFreeHost, ptr))
+        buf = (ctypes.c_float * n).from_address(int(ptr))
+        return np.ctypeslib.as_array(buf)
+
+    def _set_shape(self, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(self.manifest.input.name, shape):
+            raise BackendError(
+                f"TensorRT refused input shape {shape} for {self.manifest.input.name!r}: outside the engine's "
+                f"optimisation profile (batch 1..{self.max_batch}). Use --max-batch {shape[0]}."
+            )
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        with self.idle:
-            self.in_flight += 1
-        try:
-            with self.lock:
-                return self._run_locked(np.ascontiguousarray(x, dtype=np.float32))
-        finally:
-            with self.idle:
-                self.in_flight -= 1
-                self.idle.notify_all()
-
-    def wait_idle(self, timeout: float = 30.0) -> None:
-        with self.idle:
-            if not self.idle.wait_for(lambda: self.in_flight == 0, timeout=timeout):
-                raise RefitError("The standby TensorRT engine still had requests in flight after 30 s.")
-
-    def _run_locked(self, x: np.ndarray) -> np.ndarray:
         cudart, m = self.cudart, self.manifest
-        self.context.set_input_shape(m.input.name, x.shape)
-        out_shape = tuple(self.context.get_tensor_shape(m.output_name))
-        out = np.empty(out_shape, dtype=np.float32)
-        d_in = _check(cudart.cudaMallocAsync(x.nbytes, self.stream))
-        d_out = _check(cudart.cudaMallocAsync(out.nbytes, self.stream))
-        try:
-            h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-            _check(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, h2d, self.stream))
-            self.context.set_tensor_address(m.input.name, int(d_in))
-            self.context.set_tensor_address(m.output_name, int(d_out))
-            if not self.context.execute_async_v3(self.stream):
-                raise BackendError("TensorRT execute_async_v3 failed.")
-            _check(cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self.stream))
-            _check(cudart.cudaStreamSynchronize(self.stream))
-        finally:
-            cudart.cudaFreeAsync(d_in, self.stream)
-            cudart.cudaFreeAsync(d_out, self.stream)
-        return out
+        n = int(x.shape[0])
+        tb.batch_fits(n, self.max_batch)
+        if tuple(x.shape[1:]) != tuple(m.input.shape[1:]):
+            raise BackendError(f"Input shape {tuple(x.shape)} does not match the model's {m.input.shape}.")
+        n_in, n_out = n * self.sample_in, n * self.sample_out
+        np.copyto(self.h_in[:n_in], np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+        self._set_shape(tuple(int(d) for d in x.shape))
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(cudart, cudart.cudaMemcpyAsync(self.d_in, self.h_in.ctypes.data, n_in * 4, h2d, self.stream), "H2D copy")
+        if not self.context.execute_async_v3(self.stream):
+            raise BackendError("TensorRT execute_async_v3 failed; its log above says why.")
+        _check(cudart, cudart.cudaMemcpyAsync(self.h_out.ctypes.data, self.d_out, n_out * 4, d2h, self.stream), "D2H")
+        _check(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return self.h_out[:n_out].reshape(n, *self.out_tail).copy()
+
+    def refit(self, tensors: Mapping[str, np.ndarray]) -> None:
+        if self.source is None:
+            raise RefitError("This engine was built without REFIT; it cannot take new parameters.")
+        trt = self.trt
+        onnx_path = self.source.write(tensors)
+        refitter = trt.Refitter(self.engine, self.logger)
+        parser_refitter = trt.OnnxParserRefitter(refitter, self.logger)
+        if not parser_refitter.refit_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+            raise RefitError(f"TensorRT's ONNX refitter failed: {errors or 'no error recorded'}.")
+        if not refitter.refit_cuda_engine():
+            raise RefitError(f"TensorRT refit failed; weights still missing: {refitter.get_missing_weights()[:5]}.")
+
+    def close(self) -> None:
+        allocs, self._allocs = self._allocs, []
+        for free, ptr in reversed(allocs):
+            with contextlib.suppress(Exception):
+                free(ptr)
+        self.context = None
+        self.engine = None
 
 
-class TrtBackend(Backend):
-    """Native TensorRT with hot refit through ``OnnxParserRefitter`` on a double-buffered REFIT engine."""
+class TrtBackend(DoubleBufferedBackend):
+    """Native TensorRT with hot refit through ``OnnxParserRefitter`` on two slots.
+
+    Example:
+        >>> with TrtBackend("out/r50", max_batch=64, precision="fp16") as be:  # doctest: +SKIP
+        ...     logits = be.infer(x)
+        ...     be.refit(blob)
+    """
 
     name = "trt"
 
@@ -152,75 +239,123 @@ class TrtBackend(Backend):
         model_dir: str | os.PathLike[str],
         *,
         manifest: Manifest | None = None,
-        max_batch: int = 32,
-        fp16: bool = False,
+        max_batch: int | None = None,
+        precision: str = "fp32",
+        refit_mode: str = "full",
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._trt = lazy_import("tensorrt", extra="trt", purpose="the TensorRT backend")
+        from cema_deploy.contract.manifest import manifest_from_dir
+
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest or manifest_from_dir(self.model_dir)
+        self.options = tb.TrtOptions(
+            max_batch=tb.resolve_max_batch(self.manifest, max_batch), precision=precision, refit_mode=refit_mode
+        )
+        self._trt = tb.import_tensorrt()
+        self.trt_version = tb.check_supported(self._trt.__version__)
+        self.precision_plan = tb.precision_plan(self.trt_version, precision)
+        tb.check_refit_mode(self.trt_version, refit_mode)
         self._logger = self._trt.Logger(self._trt.Logger.WARNING)
         self._runtime = self._trt.Runtime(self._logger)
-        self._max_batch = max_batch
-        self._fp16 = fp16
-        self._work = Path(tempfile.mkdtemp(prefix="cema-trt-"))
-        self._slots: list[_Slot] = []
-        super().__init__(model_dir, manifest=manifest)
+        self.device = device_info(_cudart())
+        self.cache = tb.PlanCache(cache_dir or tb.default_cache_dir())
+        self.plan_sources: dict[str, str] = {}  # kind -> "cache" | "built", for reports
+        self._extra: list[TrtEngine] = []
+        self._source: _RefitSource | None = None
+        self._export_norms: dict[str, np.ndarray] | None = None
+        self._plan_bytes = b""
+        super().__init__(model_dir, manifest=self.manifest)
 
-    def _build(self, tensors: Mapping[str, np.ndarray]) -> _Slot:
-        if not self._slots:  # first build: the plan, deserialized twice
-            plan = engine_bytes_from_onnx(
-                self.model_dir / self.manifest.model_file,
-                self.manifest,
-                refit=True,
-                max_batch=self._max_batch,
-                fp16=self._fp16,
-            )
-            self._slots = [_Slot(self._trt, self._runtime, plan, self.manifest) for _ in range(2)]
-            return self._slots[0]
-        serving = self._state.engine
-        standby = self._slots[1] if serving is self._slots[0] else self._slots[0]
-        standby.wait_idle()
-        self._refit_slot(standby, tensors)
-        return standby
+    # ---- plans ----------------------------------------------------------------------------------------
+    def _onnx_for_build(self) -> Path:
+        if self.precision_plan.fp16 != "onnx-copy":
+            return self.model_dir / self.manifest.model_file
+        copy_dir = self.cache.root / self.manifest.fingerprint[:16] / f"onnx-fp16-v{COPY_FORMAT}"
+        return fp16_copy_of_onnx(self.model_dir, self.manifest, copy_dir)
 
-    def _refit_slot(self, slot: _Slot, tensors: Mapping[str, np.ndarray]) -> None:
-        trt = self._trt
-        onnx_link = self._work / self.manifest.model_file
-        if not onnx_link.exists():  # the graph (and any large external data) by link; only the norms are new
-            for src in self.model_dir.glob(self.manifest.model_file + "*"):
-                try:
-                    os.symlink(src.resolve(), self._work / src.name)
-                except OSError:
-                    shutil.copyfile(src, self._work / src.name)
-        write_norms_file(self.manifest, tensors, self._work / "model.norms.bin")
-        refitter = trt.Refitter(slot.engine, self._logger)
-        parser_refitter = trt.OnnxParserRefitter(refitter, self._logger)
-        if not parser_refitter.refit_from_file(str(onnx_link)):
-            errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
-            raise RefitError(f"TensorRT parser refit failed: {errors}")
-        if not refitter.refit_cuda_engine():
-            raise RefitError(f"TensorRT refit left weights missing: {refitter.get_missing_weights()}")
+    def _key(self, kind: str) -> dict[str, Any]:
+        return tb.plan_key(
+            fingerprint=self.manifest.fingerprint,
+            tensorrt_version=self._trt.__version__,
+            device=self.device,
+            options=self.options,
+            kind=kind,
+        )
 
-    def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] > self._max_batch:
-            raise BackendError(f"Batch {x.shape[0]} exceeds the engine's max batch {self._max_batch}.")
-        out: np.ndarray = engine.run(x)
-        return out
+    def _plan(self, kind: str) -> bytes:
+        key = self._key(kind)
+        plan = self.cache.load(key)
+        if plan is not None:
+            self.plan_sources[kind] = "cache"
+            return plan
+        plan = tb.build_plan(
+            self._trt, self._logger, self._onnx_for_build(), self.manifest, self.options, refittable=kind == "refit"
+        )
+        self.plan_sources[kind] = "built"
+        return self.cache.store(key, plan)
 
+    def _engine(self, kind: str, source: _RefitSource | None) -> TrtEngine:
+        """An engine from the cached plan; a cached plan TensorRT cannot load is discarded and rebuilt once."""
+        plan = self._plan_bytes if kind == "refit" and self._plan_bytes else self._plan(kind)
+        args = (self._trt, self._runtime, self._logger)
+        try:
+            engine = TrtEngine(*args, plan, self.manifest, self.options.max_batch, source)
+        except BackendError:
+            if self.plan_sources.get(kind) != "cache":
+                raise
+            self.cache.discard(self._key(kind))
+            plan = self._plan(kind)
+            engine = TrtEngine(*args, plan, self.manifest, self.options.max_batch, source)
+        if kind == "refit":
+            self._plan_bytes = plan
+        return engine
+
+    # ---- DoubleBufferedBackend hook -------------------------------------------------------------------
+    def _new_engine(self, tensors: Mapping[str, np.ndarray]) -> TrtEngine:
+        if self._source is None:
+            self._source = _RefitSource(self._onnx_for_build(), self.manifest, self.precision_plan.fp16 == "onnx-copy")
+            self._export_norms = read_norms_file(self.manifest, self.model_dir / NORMS_FILE)
+        engine = self._engine("refit", self._source)
+        assert self._export_norms is not None
+        if any(not np.array_equal(tensors[n], v) for n, v in self._export_norms.items()):
+            try:  # the plan holds the export's parameters; the serving blob differs
+                engine.refit(tensors)
+            except BaseException:
+                engine.close()
+                raise
+        return engine
+
+    # ---- public ---------------------------------------------------------------------------------------
     @property
     def providers(self) -> list[str]:
-        return [f"TensorRT {self._trt.__version__}"]
+        return [f"TensorRT {self._trt.__version__} ({self.device.name}, sm {self.device.compute_capability})"]
+
+    def describe(self) -> dict[str, Any]:
+        """Build facts for reports: versions, device, options, how fp16 was obtained, where the plan came from."""
+        return {
+            "tensorrt": self._trt.__version__,
+            "device": self.device.name,
+            "compute_capability": self.device.compute_capability,
+            "max_batch": self.options.max_batch,
+            "precision": self.options.precision,
+            "fp16_mechanism": self.precision_plan.fp16,
+            "tf32": self.precision_plan.tf32,
+            "refit_mode": self.options.refit_mode,
+            "plan": dict(self.plan_sources),
+            "cache_dir": str(self.cache.root),
+        }
 
     def plain_engine(self) -> Callable[[np.ndarray], np.ndarray]:
-        """A non-refittable engine of the same ONNX (what a plain deployment runs), for ``bench``."""
-        plan = engine_bytes_from_onnx(
-            self.model_dir / self.manifest.model_file,
-            self.manifest,
-            refit=False,
-            max_batch=self._max_batch,
-            fp16=self._fp16,
-        )
-        slot = _Slot(self._trt, self._runtime, plan, self.manifest)
-        return slot.run
+        """A non-refittable engine of the same ONNX and options (what a plain deployment runs), for ``bench``."""
+        engine = self._engine("plain", None)
+        self._extra.append(engine)
+        return engine.run
 
     def close(self) -> None:
         super().close()
-        shutil.rmtree(self._work, ignore_errors=True)
+        extra, self._extra = self._extra, []
+        for e in extra:
+            e.close()
+        if self._source is not None:
+            self._source.close()
+            self._source = None

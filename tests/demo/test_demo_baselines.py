@@ -91,3 +91,20 @@ def test_unknown_baseline(quick_edge, shifted, tmp_path: Path) -> None:  # type:
 
     with pytest.raises(DataError, match="choose from"):
         run_baseline("cema", quick_edge[1], shifted)
+
+
+def test_reset_protocol_starts_each_corruption_from_the_source_model(quick_edge, shifted) -> None:  # type: ignore[no-untyped-def]
+    from cema_deploy.demo.baselines import TentConfig, run_baseline, tent
+
+    _, model = quick_edge
+    strong = TentConfig(optimizer="adam", lr=0.01)  # large steps, so that carrying them over shows
+    reset = run_baseline("tent", model, shifted, protocol="reset", tent_config=strong)
+    first = tent(model, shifted.segments[0].images, config=strong)
+    second = tent(model, shifted.segments[1].images, config=strong)  # fresh: not continued from the first
+    assert np.array_equal(reset.predictions, np.concatenate([first, second]))
+    continual = run_baseline("tent", model, shifted, protocol="continual", tent_config=strong)
+    assert np.array_equal(continual.predictions[:128], first) and not np.array_equal(
+        continual.predictions, reset.predictions
+    )
+    with pytest.raises(Exception, match="protocol must be"):
+        run_baseline("tent", model, shifted, protocol="other")

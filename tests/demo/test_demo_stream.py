@@ -71,21 +71,62 @@ def test_stream_refuses_bad_input(cache: Path, splits) -> None:  # type: ignore[
         corrupted_stream(small[2][:4], small[3][:4], severity=3)
 
 
-def test_imagenet_c_folder_layout(tmp_path: Path) -> None:
+def _imagenet_c_tree(root: Path, corruptions: tuple[str, ...], severities: tuple[int, ...] = (5,), n: int = 3) -> None:
+    """An ImageNet-C-shaped folder tree: <corruption>/<severity>/<wnid>/*.JPEG, each image's mean pixel value
+    encoding (class, index) so that order and labels can be checked after shuffling."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for corruption in ("gaussian_noise", "contrast"):
-        for wnid in ("n01443537", "n01440764"):  # written out of order: classes follow sorted wnids
-            d = tmp_path / corruption / "5" / wnid
-            d.mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(d / f"{i}.JPEG")
-    s = imagenet_c_stream(tmp_path, severity=5, corruptions=("gaussian_noise", "contrast"), size=32)
-    assert [seg.name for seg in s] == ["gaussian_noise", "contrast"]
-    assert s.images.shape == (12, 32, 32, 3) and s.images.dtype == np.uint8
-    assert list(s.segments[0].labels) == [0, 0, 0, 1, 1, 1]
-    limited = imagenet_c_stream(tmp_path, severity=5, corruptions=("contrast",), size=32, limit=4)
-    assert limited.images.shape == (4, 32, 32, 3)
+    for corruption in corruptions:
+        for sev in severities:
+            for c, wnid in enumerate(("n01440764", "n01443537")):
+                d = root / corruption / str(sev) / wnid
+                d.mkdir(parents=True)
+                for i in range(n):
+                    Image.fromarray(np.full((40, 50, 3), 40 * c + 10 * i, np.uint8)).save(d / f"{i}.png")
+
+
+def test_imagenet_c_folders_are_read_lazily_shuffled_and_all_present_corruptions_used(tmp_path: Path) -> None:
+    from cema_deploy.demo.stream import IMAGENET_C_CORRUPTIONS, LazyImages
+
+    _imagenet_c_tree(tmp_path, ("gaussian_noise", "fog", "glass_blur"))
+    s = imagenet_c_stream(tmp_path, severity=5, size=32, seed=0)
+    # every corruption whose folder exists, in the benchmark's order (fog and glass_blur included: real files)
+    assert [seg.name for seg in s] == [
+        c for c in IMAGENET_C_CORRUPTIONS if c in ("gaussian_noise", "fog", "glass_blur")
+    ]
+    seg = s.segments[0]
+    assert isinstance(seg.images, LazyImages) and len(seg.images) == 6  # nothing read yet
+    batch = seg.images[0:4]
+    assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.uint8
+    means = seg.images[0:6].mean(axis=(1, 2, 3))
+    expected = 40 * seg.labels + 10 * np.array([int(p.stem) for p in seg.images.paths])
+    assert np.allclose(means, expected, atol=1)  # each label belongs to its image
+    assert sorted(seg.labels.tolist()) == [0, 0, 0, 1, 1, 1] and seg.labels.tolist() != [0, 0, 0, 1, 1, 1]
+    again = imagenet_c_stream(tmp_path, severity=5, size=32, seed=0)
+    assert again.segments[0].images.paths == seg.images.paths  # seeded
+    other = imagenet_c_stream(tmp_path, severity=5, size=32, seed=1)
+    assert other.segments[0].images.paths != seg.images.paths
+    limited = imagenet_c_stream(tmp_path, severity=5, corruptions=("fog",), size=32, limit=4)
+    assert len(limited) == 4 and sorted(limited.segments[0].labels.tolist()) != [0, 0, 0, 1]  # a shuffled subset
     with pytest.raises(DataError, match="does not exist"):
-        imagenet_c_stream(tmp_path, severity=3, corruptions=("gaussian_noise",))
+        imagenet_c_stream(tmp_path, severity=5, corruptions=("zoom_blur",))
+    with pytest.raises(DataError, match="no ImageNet-C corruption folders for severity 3"):
+        imagenet_c_stream(tmp_path, severity=3)
+    with pytest.raises(DataError, match="reads its images on demand"):
+        _ = s.images
+    chained = s.chained
+    assert len(chained) == 18 and chained[4:8].shape == (4, 32, 32, 3)  # across the seam of two corruptions
+
+
+def test_shuffle_is_seeded_within_corruptions_and_keeps_labels(splits) -> None:  # type: ignore[no-untyped-def]
+    from cema_deploy.demo.stream import Segment, Stream
+
+    x, y = splits[2][:50], splits[3][:50]
+    stream = Stream((Segment("a", x, y), Segment("b", x[::-1].copy(), y[::-1].copy())), severity=5)
+    a, b = stream.shuffled(0), stream.shuffled(0)
+    assert np.array_equal(a.labels, b.labels) and not np.array_equal(a.labels[:50], y)
+    assert not np.array_equal(stream.shuffled(1).labels, a.labels)
+    for seg, orig in zip(a.segments, stream.segments, strict=True):
+        order = [int(np.flatnonzero((orig.images == im).all(axis=(1, 2, 3)))[0]) for im in seg.images[:5]]
+        assert np.array_equal(orig.labels[order], seg.labels[:5])
+    assert a.boundaries == [(0, "a"), (50, "b")]

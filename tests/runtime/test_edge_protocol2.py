@@ -35,8 +35,10 @@ class _Plan(SampleSelector):
         super().__init__(config)
         self.plan, self.i = plan or [], 0
 
-    def select(self, logits: np.ndarray) -> SelectionResult:
-        r = super().select(logits)
+    def select(
+        self, logits: np.ndarray, *, images: np.ndarray | None = None, calibration: bool = False
+    ) -> SelectionResult:
+        r = super().select(logits, images=images, calibration=calibration)
         p = self.plan[self.i] if self.i < len(self.plan) else {}
         self.i += 1
         n = len(logits)
