@@ -593,6 +593,8 @@ class Deployment:
             if c.replay_size > 0 and c.replay_factor > 0 and s.window_len(w_end) >= c.replay_min:
                 replayed = s.sample(c.replay_factor * c.batch_size, self._rng(), end=w_end)
         report = self.cema.adapt(images, replayed)
+        if report.replayed:
+            self.count("mixed_steps")  # cloud steps that replayed 3B samples
         publish = self.cema.steps % c.publish_every == 0 and not self.frozen
         self._commit("steps", publish=publish, seconds=report.seconds, cursor=end, full_steps=self.full_steps + 1)
 
