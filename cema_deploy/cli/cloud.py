@@ -104,6 +104,7 @@ def serve_cmd(
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig, config_from_toml, parse_duration
     from cema_deploy.cloud.engines import get_engine
     from cema_deploy.cloud.state import StateStore, TokenTable
+    from cema_deploy.contract.protocol import MAX_WAIT_S
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -181,6 +182,7 @@ def serve_cmd(
             log_level=log_level,
             access_log=False,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=int(MAX_WAIT_S) + 5,  # an edge's connections idle between long polls and uploads
             **tls,  # type: ignore[arg-type]
         )
     )

@@ -357,9 +357,23 @@ def prometheus_text(rows: list[dict[str, Any]], refused: dict[str, int] | None =
     for labels, m in zip([x[0] for x in per(lambda m: 0)], rows, strict=True):
         lines.append(f"cema_step_seconds_sum{{{labels}}} {m['step_seconds_sum']}")
         lines.append(f"cema_step_seconds_count{{{labels}}} {m['step_seconds_count']}")
-    metric("cema_upload_to_blob_seconds", "summary", "From an upload's acknowledgement to the blob with it.", [])
+    metric(
+        "cema_upload_to_blob_p50_seconds", "gauge", "Upload to blob, median of the newest 10,000.",
+        per(lambda m: m["upload_to_blob_p50_s"]),
+    )  # fmt: skip
+    metric(
+        "cema_upload_to_blob_p99_seconds", "gauge", "Upload to blob, p99 of the newest 10,000.",
+        per(lambda m: m["upload_to_blob_p99_s"]),
+    )  # fmt: skip
+    metric(
+        "cema_publish_delay_p99_seconds", "gauge", "From a blob's creation to polls seeing it (fsynced).",
+        per(lambda m: m["publish_delay_p99_s"]),
+    )  # fmt: skip
+    metric("cema_upload_to_blob_seconds", "histogram", "From an upload's acknowledgement to the blob with it.", [])
     for labels, m in zip([x[0] for x in per(lambda m: 0)], rows, strict=True):
-        lines.append(f'cema_upload_to_blob_seconds{{{labels},quantile="0.5"}} {m["upload_to_blob_p50_s"]}')
-        lines.append(f'cema_upload_to_blob_seconds{{{labels},quantile="0.99"}} {m["upload_to_blob_p99_s"]}')
+        for le, count in m["upload_to_blob_buckets"]:
+            bound = "+Inf" if le == float("inf") else repr(le)
+            lines.append(f'cema_upload_to_blob_seconds_bucket{{{labels},le="{bound}"}} {count}')
+        lines.append(f"cema_upload_to_blob_seconds_sum{{{labels}}} {m['upload_to_blob_sum_s']}")
         lines.append(f"cema_upload_to_blob_seconds_count{{{labels}}} {m['upload_to_blob_count']}")
     return "\n".join(lines) + "\n"

@@ -53,6 +53,8 @@ Signer = Callable[[RefitBlob], RefitBlob]
 _POINTERS = ("cursor", "stats_cursor", "calib_done", "full_steps")
 #: Versions remembered as bad (rolled back), at most.
 _MAX_BAD = 1024
+#: Upper bounds (seconds) of the upload-to-blob histogram: 10 ms x 1.5^i, up to about 10 minutes.
+LATENCY_BUCKETS = tuple(round(0.01 * 1.5**i, 4) for i in range(28))
 
 
 def _pubs(steps: int, n: int, k: int) -> int:
@@ -118,6 +120,9 @@ class Deployment:
         self._awaiting: collections.deque[tuple[int, float]] = collections.deque()  # (adapt end, ack time)
         self._awaiting_cal: collections.deque[tuple[int, float]] = collections.deque()  # (seq, ack time)
         self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
+        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: +Inf
+        self._latency_sum = 0.0
+        self._publish_delays: collections.deque[float] = collections.deque(maxlen=1_000)
         self._seconds = [0.0, 0]
         self._listeners: list[Callable[[int], None]] = []
         self._stop = False
@@ -763,6 +768,18 @@ class Deployment:
             if self.signer is not None:
                 blob = self.signer(blob)
             data = self.store.save_blob(blob)  # the version is taken from here on, even if we crash next
+            # Polls may fetch it now: a crash before the state below is saved restarts from the state before this
+            # step (its samples are adapted on again and published under a newer version; none is reused).
+            with self._cond:
+                self._latest = (version, data)
+                self._publish_delays.append(time.time() - blob.created)
+                now = time.monotonic()
+                while self._awaiting and self._awaiting[0][0] <= book["cursor"]:
+                    self._latency(now - self._awaiting.popleft()[1])
+                while self._awaiting_cal and self._awaiting_cal[0][0] <= book["calib_done"]:
+                    self._latency(now - self._awaiting_cal.popleft()[1])
+            for fn in list(self._listeners):
+                fn(version)
         book["version"] = version
         self.store.save_adapt({"cema": self.cema.state_dict(), "book": book})
         if publish:
@@ -780,14 +797,8 @@ class Deployment:
             done = list(released or [])
             done += self.samples.collect(cursor=self.cursor, stats_cursor=self.stats_cursor)
             if data is not None:
-                self._latest = (version, data)
                 self.counters["blobs"] += 1
                 self._dirty = False
-                now = time.monotonic()
-                while self._awaiting and self._awaiting[0][0] <= self.cursor:
-                    self._latencies.append(now - self._awaiting.popleft()[1])
-                while self._awaiting_cal and self._awaiting_cal[0][0] <= self.calib_done:
-                    self._latencies.append(now - self._awaiting_cal.popleft()[1])
             elif counter != "diverged":
                 self._dirty = True
             state = self._state_json()
@@ -796,9 +807,11 @@ class Deployment:
             self.samples.write(rewrite)
         self.store.save_state(state)
         self._release(done)
-        if data is not None:
-            for fn in list(self._listeners):
-                fn(version)
+
+    def _latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+        self._latency_sum += seconds
+        self._buckets[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
 
     def _release(self, done: list[Upload]) -> None:
         """Delete the files of uploads nothing needs (frames are personal data); keep their keys answerable."""
@@ -860,8 +873,17 @@ class Deployment:
                 "counters": dict(self.counters),
                 "step_seconds_sum": float(self._seconds[0]),
                 "step_seconds_count": int(self._seconds[1]),
+                # over the newest 10,000 uploads; the histogram below counts every upload since the start
                 "upload_to_blob_p50_s": float(np.percentile(lat, 50)) if lat is not None else math.nan,
                 "upload_to_blob_p99_s": float(np.percentile(lat, 99)) if lat is not None else math.nan,
-                "upload_to_blob_count": 0 if lat is None else int(lat.size),
+                "upload_to_blob_buckets": list(
+                    zip([*LATENCY_BUCKETS, math.inf], np.cumsum(self._buckets).tolist(), strict=True)
+                ),
+                "upload_to_blob_sum_s": self._latency_sum,
+                "upload_to_blob_count": int(sum(self._buckets)),
+                # from a blob's creation to polls seeing it (the blob written and fsynced)
+                "publish_delay_p99_s": float(np.percentile(self._publish_delays, 99))
+                if self._publish_delays
+                else math.nan,
                 "bad_versions": len(self.bad),
             }

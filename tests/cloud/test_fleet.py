@@ -129,7 +129,8 @@ batch_size = 8
         assert st["version"] == 0
         metrics = http.get(cloud.url + "/metrics").text
         assert 'cema_blob_version{deployment="cams"' in metrics and 'cema_blob_version{deployment="doors"' in metrics
-        assert 'cema_upload_to_blob_seconds{deployment="cams"' in metrics and 'quantile="0.99"' in metrics
+        assert 'cema_upload_to_blob_p99_seconds{deployment="cams"' in metrics
+        assert 'cema_upload_to_blob_seconds_bucket{deployment="cams",model="' in metrics and 'le="+Inf"} 2' in metrics
         # revoked while serving: refused from the next request on, no restart
         r = CliRunner().invoke(app, ["cloud", "token", "revoke", "cam-1", "--state", str(state)])
         assert r.exit_code == 0, r.output

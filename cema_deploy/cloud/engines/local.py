@@ -105,11 +105,12 @@ class LocalEngine:
             with self._lock:  # registered before the check: a publish in between sets this event
                 event = self._waiters[fingerprint].setdefault(loop, asyncio.Event())
             remaining = deadline - loop.time()
-            if dep.version > after or remaining <= 0:
+            if dep.latest(after) is not None or remaining <= 0:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
-        return dep.version
+        found = dep.latest(after)
+        return found[0] if found is not None else dep.version
 
     def _wake(self, fingerprint: str) -> None:  # on the worker thread, after a publish
         with self._lock:
