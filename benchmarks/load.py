@@ -328,7 +328,7 @@ def _hist_quantile(before: dict[str, dict[str, float]], after: dict[str, dict[st
     rank, lo, prev = q * total, 0.0, 0.0
     for b in bounds:
         if counts[b] >= rank:
-            hi = b if b != float("inf") else lo * 1.5
+            hi = b if b != float("inf") else lo * 1.2
             return lo + (hi - lo) * (rank - prev) / max(counts[b] - prev, 1e-9)
         lo, prev = b, counts[b]
     return lo
@@ -431,8 +431,10 @@ def _run_n(n: int, args: argparse.Namespace, work: Path, console: Any) -> list[d
             d: after[d]["cema_cloud_steps_total"] - before.get(d, {}).get("cema_cloud_steps_total", 0) for d in after
         }
         sustainable = float(np.mean([s / wall for s in steps.values()])) * args.cloud_batch
-        deadline = time.monotonic() + 300  # the probe's backlog drains before the rows start
-        while time.monotonic() < deadline and any(v.get("cema_pending_samples", 0) for v in _metrics(base).values()):
+        deadline = time.monotonic() + 300  # the probe's backlog (all but a partial batch) drains before the rows
+        while time.monotonic() < deadline and any(
+            v.get("cema_pending_samples", 0) >= args.cloud_batch for v in _metrics(base).values()
+        ):
             time.sleep(0.5)
         console.print(
             f"  sustainable: {sustainable:.0f} samples/s per deployment ({sustainable / args.cloud_batch:.2f} steps/s)"

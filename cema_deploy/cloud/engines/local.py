@@ -12,7 +12,7 @@ from typing import Any
 
 from cema_deploy.cloud.config import ServiceConfig
 from cema_deploy.cloud.deployment import Deployment
-from cema_deploy.cloud.engines.base import DeploymentInfo
+from cema_deploy.cloud.engines.base import DeploymentInfo, Engine
 from cema_deploy.cloud.errors import UnknownDeployment
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
@@ -128,3 +128,7 @@ class LocalEngine:
 
     def metrics(self) -> list[dict[str, Any]]:
         return [d.metrics() for d in self._by_fp.values()]
+
+
+def _conforms(engine: LocalEngine) -> Engine:  # mypy checks here that LocalEngine implements the Engine protocol
+    return engine
