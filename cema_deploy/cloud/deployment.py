@@ -118,6 +118,7 @@ class Deployment:
         self._attributed = self.full_steps + (self.samples.adapt_total - self.cursor) // self.config.batch_size
         self._inflight: tuple[str, int] = ("", 0)  # (job, publishes it will make)
         self._inflight_seq = -1  # the calibration in flight
+        self._job_steps = 0  # the method's step counter when the job in flight started
         self._awaiting: collections.deque[tuple[int, float]] = collections.deque()  # (adapt end, ack time)
         self._awaiting_cal: collections.deque[tuple[int, float]] = collections.deque()  # (seq, ack time)
         self._latencies: collections.deque[float] = collections.deque(maxlen=10_000)
@@ -407,7 +408,7 @@ class Deployment:
             return v + sum(1 for u in cals if u.seq <= calibrations_upto) + 1
         v += len(cals) + self._publish_req
         b, k = self.config.batch_size, self.config.publish_every
-        steps = self.cema.steps + (job in ("step", "replay"))
+        steps = self._job_steps + 1 if job in ("step", "replay", "idle") else self.cema.steps
         untaken = self.samples.adapt_total + extra_adapt - self.cursor - (b if job == "step" else 0)
         n = untaken // b + (replay or self._replay_due is not None)
         v += _pubs(steps, n, k)
@@ -570,6 +571,7 @@ class Deployment:
                         timeout=0.5 if self.config.idle_after_s <= 0 else min(0.5, self.config.idle_after_s)
                     )
                 self._inflight = (job, self._publishes(job))
+                self._job_steps = self.cema.steps
             try:
                 getattr(self, f"_do_{job}")()
             except Exception:  # a failed step must not kill the service; its samples stay pending
@@ -771,8 +773,11 @@ class Deployment:
             data = self.store.save_blob(blob)  # the version is taken from here on, even if we crash next
             # Polls may fetch it now: a crash before the state below is saved restarts from the state before this
             # step (its samples are adapted on again and published under a newer version; none is reused).
-            with self._cond:
-                self._latest = (version, data)
+            with self._cond:  # version, pointers and blob become visible together: acks never lag the blob
+                for k in _POINTERS:
+                    setattr(self, k, int(book[k]))
+                self.version, self._latest = version, (version, data)
+                self._inflight = ("committing", 0)  # its publish is done, its pointers advanced
                 self._publish_delays.append(time.time() - blob.created)
                 now = time.monotonic()
                 while self._awaiting and self._awaiting[0][0] <= book["cursor"]:
