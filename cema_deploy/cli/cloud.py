@@ -1,8 +1,7 @@
-"""``cema-deploy cloud``: run the CEMA adaptation service and manage device tokens."""
+"""``cema-deploy cloud``: run the CEMA adaptation service, manage tokens, and the operator's controls."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -13,34 +12,58 @@ from typing import Annotated, Any
 import typer
 
 from cema_deploy.cli._console import console, err_console
+from cema_deploy.exceptions import CemaError
 
 cloud_app = typer.Typer(
-    help="The CEMA cloud: adaptation service (serve) and device tokens (token).", no_args_is_help=True
+    help=(
+        "The CEMA cloud: the adaptation service (serve), bearer tokens (token) and the operator's controls "
+        "(freeze, unfreeze, reset, status)."
+    ),
+    no_args_is_help=True,
 )
 token_app = typer.Typer(
-    help="Per-device bearer tokens (stored as SHA-256 hashes in the state directory).", no_args_is_help=True
+    help="Bearer tokens of devices and operators (stored as SHA-256 hashes in the service state directory).",
+    no_args_is_help=True,
 )
 cloud_app.add_typer(token_app, name="token")
+
+_STATE_HELP = "Service state directory (tokens.json, deployments/NAME/...; created; resumed after a restart)."
 
 
 @cloud_app.command("serve")
 def serve_cmd(
+    config: Annotated[
+        Path | None, typer.Option(help="cloud.toml with one [deployments.NAME] table per deployment.")
+    ] = None,
     edge: Annotated[
-        Path, typer.Option("--edge", help="Export directory of the edge model (from `cema-deploy export`).")
-    ],
+        Path | None,
+        typer.Option(help="One-deployment shorthand: export directory of the edge model (`cema-deploy export`)."),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name with --edge (default: the model name).")] = None,
     teacher: Annotated[str, typer.Option(help="timm name of the foundation (teacher) model.")] = "resnet101",
     teacher_weights: Annotated[
         Path | None, typer.Option(help="Local state dict (.safetensors/.pt) for the teacher.")
     ] = None,
-    state: Annotated[Path, typer.Option(help="State directory (created; resumed after a restart).")] = Path(
-        "cema-state"
-    ),
-    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the service local.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0 = any free port; see --port-file).")] = 8750,
+    state: Annotated[Path | None, typer.Option(help=_STATE_HELP + " Default: cema-state.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1: local only).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="TCP port (default 8750; 0 = any free port, see --port-file).")
+    ] = None,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once the service is ready.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Where deployments run: local (threads here, default).")] = None,
+    device: Annotated[str, typer.Option(help="With --edge: cpu, cuda, cuda:N or auto.")] = "cpu",
+    teacher_dtype: Annotated[
+        str, typer.Option(help="With --edge: autocast of the teacher's forward: float32 (off), bfloat16, float16.")
+    ] = "float32",
     batch_size: Annotated[int, typer.Option(help="B: uploaded samples per adaptation step.")] = 32,
     publish_every: Annotated[int, typer.Option(help="K: publish a refit blob after every K steps.")] = 1,
-    replay_size: Annotated[int, typer.Option(help="Replay buffer size in samples (paper: 10,000).")] = 10_000,
+    replay_size: Annotated[int, typer.Option(help="Replay window in samples (paper: 10,000).")] = 10_000,
+    replay_steps: Annotated[
+        bool, typer.Option(help="The official replay-only step per batch report interval without a cloud step.")
+    ] = True,
+    statistics: Annotated[
+        str, typer.Option(help="Running statistics from 'training' forwards (official) or statistics 'samples'.")
+    ] = "training",
     student_lr: Annotated[
         float | None, typer.Option(help="SGD lr of the edge replica's distillation step (default: the paper's 2.5e-3).")
     ] = None,
@@ -48,69 +71,122 @@ def serve_cmd(
         float | None, typer.Option(help="SGD lr of the teacher's weighted-entropy step (default: the paper's 2.5e-4).")
     ] = None,
     idle_after: Annotated[
-        float, typer.Option(help="Seconds without uploads before an idle replay step (0 = off).")
+        float, typer.Option(help="Also replay after this many seconds without uploads (0 = off; beyond the paper).")
     ] = 0.0,
-    max_upload_bytes: Annotated[int, typer.Option(help="Largest accepted upload body.")] = 16 * 1024 * 1024,
+    pending_cap: Annotated[int, typer.Option(help="Pending samples per deployment before uploads get 429.")] = 4096,
+    keep_blobs: Annotated[int, typer.Option(help="Blob versions (and state snapshots) kept besides version 0.")] = 16,
+    rollback_devices: Annotated[
+        int, typer.Option(help="Distinct devices whose rollback reports mark a version bad.")
+    ] = 2,
+    retention: Annotated[
+        str | None,
+        typer.Option(
+            help="Delete uploaded frames older than this (e.g. 24h, 7d; default: when they leave the replay window)."
+        ),
+    ] = None,
+    max_upload_bytes: Annotated[int | None, typer.Option(help="Largest accepted upload body (default 16 MiB).")] = None,
     signing_key: Annotated[
         Path | None, typer.Option(help="Ed25519 private key (`cema-deploy keys new`) to sign blobs.")
     ] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve https://.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM) of --ssl-certfile.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of replay sampling (drawn per step, so restarts repeat it).")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="Log level (uvicorn and the service).")] = "info",
 ) -> None:
-    """Serve CEMA for one edge model: accept selected samples, adapt, publish refit blobs."""
+    """Serve CEMA: accept samples, adapt, publish refit blobs, for one deployment (--edge) or several (--config)."""
+    import dataclasses
+
     import torch
     import uvicorn
 
-    from cema_deploy.cloud.config import CemaConfig
-    from cema_deploy.cloud.models import replica_from_export, teacher_from_name
-    from cema_deploy.cloud.service import create_app
-    from cema_deploy.cloud.worker import AdaptationService
-    from cema_deploy.contract.manifest import manifest_from_dir
+    from cema_deploy.cloud.api import create_app
+    from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig, config_from_toml, parse_duration
+    from cema_deploy.cloud.engines import get_engine
+    from cema_deploy.cloud.state import StateStore, TokenTable
+    from cema_deploy.contract.protocol import MAX_WAIT_S
 
     if threads > 0:
         torch.set_num_threads(threads)
-    manifest = manifest_from_dir(edge)
-    if teacher_weights is None:
-        err_console.print(
-            f"[yellow]warning:[/] teacher {teacher} is randomly initialised (no --teacher-weights); "
-            "adaptation will distil noise."
+    service_opts: dict[str, Any] = {
+        "state": state,
+        "host": host,
+        "port": port,
+        "engine": engine,
+        "max_upload_bytes": max_upload_bytes,
+        "signing_key": signing_key,
+        "ssl_certfile": ssl_certfile,
+        "ssl_keyfile": ssl_keyfile,
+    }
+    if (config is None) == (edge is None):
+        raise CemaError("Give either --config cloud.toml (several deployments) or --edge DIR (one), not both.")
+    if config is not None:
+        cfg = config_from_toml(config, **service_opts)
+    else:
+        from cema_deploy.contract.manifest import manifest_from_dir
+
+        assert edge is not None
+        method = CemaConfig(
+            batch_size=batch_size,
+            publish_every=publish_every,
+            idle_after_s=idle_after,
+            seed=seed,
+            replay_size=replay_size,
+            replay_steps=replay_steps,
+            statistics=statistics,
         )
-    signer = None
-    if signing_key is not None:
-        import functools
-
-        from cema_deploy.contract.signing import load_private_key, sign_blob
-
-        signer = functools.partial(sign_blob, private_key=load_private_key(signing_key))
-    config = CemaConfig(
-        batch_size=batch_size, publish_every=publish_every, idle_after_s=idle_after, seed=seed, replay_size=replay_size
-    )
-    if student_lr is not None:
-        config = dataclasses.replace(config, student_lr=student_lr)
-    if teacher_lr is not None:
-        config = dataclasses.replace(config, teacher_lr=teacher_lr)
-    service = AdaptationService(
-        state,
-        manifest,
-        teacher_from_name(teacher, num_classes=manifest.num_classes, weights=teacher_weights),
-        replica_from_export(edge, manifest),
-        config=config,
-        signer=signer,
-    )
-    app = create_app(service, max_upload_bytes=max_upload_bytes)
-    # The adaptation thread runs many short torch ops that hold the GIL; a shorter switch interval (default 5 ms)
+        if student_lr is not None:
+            method = dataclasses.replace(method, student_lr=student_lr)
+        if teacher_lr is not None:
+            method = dataclasses.replace(method, teacher_lr=teacher_lr)
+        spec = DeploymentSpec(
+            name=name or manifest_from_dir(edge).model_name.replace("/", "-"),
+            edge=edge,
+            teacher=teacher,
+            teacher_weights=teacher_weights,
+            method=method,
+            device=device,
+            teacher_dtype=teacher_dtype,
+            pending_cap=pending_cap,
+            keep_blobs=keep_blobs,
+            rollback_devices=rollback_devices,
+            retention_s=parse_duration(retention) if retention else 0.0,
+        )
+        cfg = ServiceConfig(deployments=(spec,), **{k: v for k, v in service_opts.items() if v is not None})
+    if (cfg.ssl_certfile is None) != (cfg.ssl_keyfile is None):
+        raise CemaError("TLS needs both --ssl-certfile and --ssl-keyfile (PEM files).")
+    for spec in cfg.deployments:
+        if spec.teacher_weights is None:
+            err_console.print(
+                f"[yellow]warning:[/] {spec.name}: teacher {spec.teacher} is randomly initialised (no teacher "
+                "weights); adaptation will distil noise."
+            )
+    logging.basicConfig(level=log_level.upper())
+    eng = get_engine(cfg.engine).from_config(cfg)
+    app = create_app(eng, TokenTable(StateStore(cfg.state)), max_upload_bytes=cfg.max_upload_bytes)
+    # The adaptation threads run many short torch ops that hold the GIL; a shorter switch interval (default 5 ms)
     # lets the event loop answer blob polls between them (benchmarks/load.py: poll p99 under load).
     sys.setswitchinterval(0.0005)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM / SIGINT
-            service.closing = True  # long polls answer 204 at once; the worker stops after its current step
+            eng.begin_shutdown()  # long polls answer 204 at once; workers stop after their current step
             super().handle_exit(sig, frame)
 
+    tls = {"ssl_certfile": str(cfg.ssl_certfile), "ssl_keyfile": str(cfg.ssl_keyfile)} if cfg.ssl_certfile else {}
     server = _Server(
-        uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=int(MAX_WAIT_S) + 5,  # an edge's connections idle between long polls and uploads
+            **tls,  # type: ignore[arg-type]
+        )
     )
+    scheme = "https" if tls else "http"
 
     def announce() -> None:
         while not server.started and not server.should_exit:
@@ -121,45 +197,150 @@ def serve_cmd(
                 tmp = port_file.with_name(port_file.name + ".tmp")
                 tmp.write_text(str(bound))
                 tmp.replace(port_file)
-            console.print(
-                f"cema-deploy cloud serving {manifest.model_name} ({manifest.fingerprint[:16]}) at "
-                f"http://{host}:{bound} (state {state}, blob version {service.version})",
-                soft_wrap=True,
-            )
+            for d in eng.deployments():
+                st = eng.status(d.fingerprint)
+                console.print(
+                    f"cema-deploy cloud serving {d.name}: {d.model} ({d.fingerprint[:16]}) generation "
+                    f"{st.generation}, blob version {st.version}",
+                    soft_wrap=True,
+                )
+            console.print(f"at {scheme}://{cfg.host}:{bound} (state {cfg.state}, engine {cfg.engine})", soft_wrap=True)
 
-    logging.basicConfig(level=log_level.upper())
-    service.start()
+    eng.start()
     threading.Thread(target=announce, daemon=True).start()
     # uvicorn handles SIGINT/SIGTERM while serving and re-raises them to the previous handlers once it has shut
-    # down; with these no-op handlers the re-raise returns, the worker saves its step and the command exits 0.
+    # down; with these no-op handlers the re-raise returns, the workers save their step and the command exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _sig, _frame: None)
     try:
         server.run()
     finally:
-        service.stop()
-    err_console.print(f"cema-deploy cloud stopped at blob version {service.version}; state kept in {state}")
+        eng.stop()
+    err_console.print(f"cema-deploy cloud stopped; state kept in {cfg.state}")
 
 
 @token_app.command("add")
 def token_add_cmd(
-    device: Annotated[str, typer.Argument(help="Device id, e.g. cam-01.")],
-    state: Annotated[Path, typer.Option(help="State directory of the service.")] = Path("cema-state"),
+    device: Annotated[str, typer.Argument(help="Device (or operator) id, e.g. cam-01.")],
+    deployment: Annotated[
+        list[str] | None, typer.Option("--deployment", help="A deployment this token may use (repeatable).")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="May use every deployment, also ones added later.")] = False,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="An operator's token: the admin routes (reset, freeze) and model list.")
+    ] = False,
+    state: Annotated[Path, typer.Option(help=_STATE_HELP)] = Path("cema-state"),
 ) -> None:
-    """Create a bearer token for DEVICE and print it once (only its hash is stored)."""
+    """Create a bearer token for DEVICE and print it once (only its hash is stored; a running service picks it
+    up at once)."""
     from cema_deploy.cloud.state import StateStore
 
-    token = StateStore(state).add_token(device)
-    console.print(f"token for {device} (shown once; a running service picks it up on first use):")
+    if sum([bool(deployment), all_, admin]) != 1:
+        raise CemaError("Give --deployment NAME (repeatable), --all, or --admin: what may this token do?")
+    token = StateStore(state).add_token(device, deployments=None if all_ else list(deployment or []), admin=admin)
+    what = "admin token" if admin else f"token for {', '.join(deployment or []) or 'all deployments'}"
+    err_console.print(f"{what} of {device} (shown once):")
     print(token)
+
+
+@token_app.command("revoke")
+def token_revoke_cmd(
+    device: Annotated[str, typer.Argument(help="Device (or operator) id.")],
+    state: Annotated[Path, typer.Option(help=_STATE_HELP)] = Path("cema-state"),
+) -> None:
+    """Revoke DEVICE's token; a running service refuses it from its next request on (no restart)."""
+    from cema_deploy.cloud.state import StateStore
+
+    if not StateStore(state).revoke_token(device):
+        raise CemaError(f"{device!r} holds no token in {state / 'tokens.json'}.")
+    err_console.print(f"revoked the token of {device}")
 
 
 @token_app.command("list")
 def token_list_cmd(
-    state: Annotated[Path, typer.Option(help="State directory of the service.")] = Path("cema-state"),
+    state: Annotated[Path, typer.Option(help=_STATE_HELP)] = Path("cema-state"),
 ) -> None:
-    """List the devices that hold a token."""
+    """List the token holders and what each may use."""
     from cema_deploy.cloud.state import StateStore
 
-    for device in StateStore(state).devices():
-        print(device)
+    for g in StateStore(state).grants():
+        print(f"{g.device}\t{'admin' if g.admin else ','.join(g.deployments)}")
+
+
+def _admin(cloud: str, token_file: Path, ca_file: Path | None) -> Any:
+    from cema_deploy.runtime.client import AdminClient
+
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CemaError(f"Cannot read the admin token file {token_file}: {exc}.") from exc
+    return AdminClient(cloud, token, ca_file=str(ca_file) if ca_file else None)
+
+
+_CLOUD = typer.Option(help="URL of the cloud, e.g. http://127.0.0.1:8750.")
+_TOKEN = typer.Option(help="File holding an admin token (`cema-deploy cloud token add NAME --admin`).")
+_CA = typer.Option(help="CA bundle to verify an https:// cloud.")
+
+
+def _action(action: str, name: str, cloud: str, token_file: Path, ca_file: Path | None) -> None:
+    client = _admin(cloud, token_file, ca_file)
+    try:
+        st = getattr(client, action)(name)
+    finally:
+        client.close()
+    print(
+        f"{st.name}: generation {st.generation}, version {st.version}, "
+        f"{'calibrated' if st.calibrated else 'uncalibrated'}, {'frozen' if st.frozen else 'publishing'}"
+    )
+
+
+@cloud_app.command("freeze")
+def freeze_cmd(
+    name: Annotated[str, typer.Argument(help="Deployment name.")],
+    cloud: Annotated[str, _CLOUD],
+    token_file: Annotated[Path, _TOKEN],
+    ca_file: Annotated[Path | None, _CA] = None,
+) -> None:
+    """Stop publishing NAME's blobs (edges keep their version; adaptation goes on and is published on unfreeze)."""
+    _action("freeze", name, cloud, token_file, ca_file)
+
+
+@cloud_app.command("unfreeze")
+def unfreeze_cmd(
+    name: Annotated[str, typer.Argument(help="Deployment name.")],
+    cloud: Annotated[str, _CLOUD],
+    token_file: Annotated[Path, _TOKEN],
+    ca_file: Annotated[Path | None, _CA] = None,
+) -> None:
+    """Resume publishing NAME's blobs (what was learnt while frozen is published at once)."""
+    _action("unfreeze", name, cloud, token_file, ca_file)
+
+
+@cloud_app.command("reset")
+def reset_cmd(
+    name: Annotated[str, typer.Argument(help="Deployment name.")],
+    cloud: Annotated[str, _CLOUD],
+    token_file: Annotated[Path, _TOKEN],
+    ca_file: Annotated[Path | None, _CA] = None,
+) -> None:
+    """Reset NAME: fresh adaptation state, generation + 1, its pending and replayed frames deleted, a blob of the
+    reset state published at once (versions keep rising)."""
+    _action("reset", name, cloud, token_file, ca_file)
+
+
+@cloud_app.command("status")
+def status_cmd(
+    cloud: Annotated[str, _CLOUD],
+    token_file: Annotated[Path, _TOKEN],
+    ca_file: Annotated[Path | None, _CA] = None,
+) -> None:
+    """List the deployments a cloud serves (name, fingerprint, generation, version, calibrated, frozen)."""
+    client = _admin(cloud, token_file, ca_file)
+    try:
+        for st in client.models():
+            print(
+                f"{st.name}\t{st.fingerprint[:16]}\tgeneration {st.generation}\tversion {st.version}\t"
+                f"{'calibrated' if st.calibrated else 'uncalibrated'}\t{'frozen' if st.frozen else 'publishing'}"
+            )
+    finally:
+        client.close()

@@ -1,13 +1,27 @@
-"""Hyperparameters of the CEMA cloud, each defined once, named as in the paper (arXiv 2402.17316) and tagged with
-its equation or the official code's default (chenyaofo/CEMA ``conf/cema.conf``, ``codebase/core/tta/cema.py``)."""
+"""Settings of the CEMA cloud, each defined once.
+
+:class:`CemaConfig` holds the method's hyperparameters, named as in the paper (arXiv 2402.17316) and tagged with
+their equation or the official code's default (chenyaofo/CEMA ``conf/cema.conf``, ``codebase/core/tta/cema.py``).
+:class:`DeploymentSpec` is one deployment of a service (one edge export, its teacher, where it runs and its
+limits); :class:`ServiceConfig` is the whole service, read from ``cloud.toml`` by :func:`config_from_toml`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cema_deploy.exceptions import CloudError
+
+#: Values of :attr:`CemaConfig.statistics`.
+STATISTICS_MODES = ("training", "samples")
+#: Values of :attr:`DeploymentSpec.teacher_dtype` (autocast of the teacher's forward).
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,14 +42,19 @@ class CemaConfig:
     gamma: float = 1.0  # gamma: weight of the weighted CE(replica, argmax teacher) term (Eqn. 7)
     temperature: float = 1.0  # T: distillation softmax temperature, KL scaled by T^2 (Eqn. 7)
     e0_ratio: float = 0.4  # E_0 = e0_ratio * ln C in the sample weight 1/exp(E(x) - E_0) (Eqn. 6-7; E_max)
-    replay_size: int = 10_000  # replay buffer: the last 10,000 uploaded samples (Sec. 3.3; replay_buffer_size)
-    replay_min: int = 256  # replay starts once more than this many samples are stored (official 256)
+    replay_size: int = 10_000  # replay window: the last 10,000 uploaded samples (Sec. 3.3; replay_buffer_size)
+    replay_min: int = 256  # official: a cloud step mixes 3B replayed samples when the window holds >= 256, and a
+    # replay-only step runs when it holds > 256 (``len(history_buffer) < 256`` / ``> 256``)
     replay_factor: int = 3  # each step distils on B new + replay_factor * B replayed samples (official 3B)
-    idle_factor: int = 4  # an idle step distils on idle_factor * B replayed samples (official 4B)
-    idle_after_s: float = 0.0  # seconds without uploads before an idle replay step; 0 disables idle replay
+    idle_factor: int = 4  # a replay-only step distils on idle_factor * B replayed samples (official 4B)
+    replay_steps: bool = True  # official: one replay-only step per edge batch in which no cloud step ran (driven
+    # by batch reports; at most one per report interval, a flag never a queue)
+    idle_after_s: float = 0.0  # beyond the paper: also replay after this many seconds without uploads (0 = off)
     idle_max_steps: int = 8  # idle replay steps between two uploads, at most (bounds CPU use when nothing comes)
     publish_every: int = 1  # K: publish the replica's parameters after every K steps (official K = 1)
     bn_momentum: float = 0.1  # momentum of the running statistics under test-time batch renormalisation (TBR)
+    statistics: str = "training"  # where running statistics come from: "training" (official: training forwards
+    # move them by momentum) or "samples" (beyond the paper: only calibration batches and statistics samples do)
     channels_last: bool = True  # NHWC memory layout for both models: same values, conv ~30 % faster on CPU
     # (measured: resnet18 teacher + resnet10t replica at 32x32, B = 32 + 3B replayed, 0.39 -> 0.27 s per step)
     seed: int = 0  # seeds replay sampling (per step, so a restart draws what an uninterrupted run would)
@@ -62,6 +81,8 @@ class CemaConfig:
         ]
         if not 0 < self.bn_momentum <= 1:
             problems.append(f"bn_momentum = {self.bn_momentum} must be in (0, 1]")
+        if self.statistics not in STATISTICS_MODES:
+            problems.append(f"statistics = {self.statistics!r} must be one of {STATISTICS_MODES}")
         if problems:
             raise CloudError("Invalid CEMA settings: " + "; ".join(problems) + ".")
 
@@ -71,3 +92,196 @@ class CemaConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeploymentSpec:
+    """One deployment: one edge export (one fingerprint) in one domain, its teacher, resources and limits.
+
+    ``state`` is the deployment's subdirectory of the service state directory (default: ``deployments/NAME``).
+    ``cpus``/``gpus`` are what a cluster engine reserves for it (the local engine ignores them). Teacher
+    preprocessing overrides (``teacher_mean``, ``teacher_std``, ``teacher_size``) win over what is recorded with
+    the checkpoint and over timm's pretrained config (see ``models.teacher_input``).
+    """
+
+    name: str
+    edge: Path
+    teacher: str = "resnet101"
+    teacher_weights: Path | None = None
+    method: CemaConfig = field(default_factory=CemaConfig)
+    state: str = ""
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    teacher_dtype: str = "float32"  # autocast of the teacher's forward: float32 (off) | bfloat16 | float16
+    cpus: float = 1.0
+    gpus: float = 0.0
+    pending_cap: int = 4096  # acknowledged samples not yet used, at most; beyond it uploads get 429 + Retry-After
+    keep_blobs: int = 16  # blob versions (and state snapshots) kept besides version 0, the export's own
+    rollback_devices: int = 2  # distinct devices whose rollback reports mark a version bad
+    retention_s: float = 0.0  # delete uploaded frames older than this, seconds (0: when they leave the window)
+    idempotency_keys: int = 10_000  # upload/report idempotency keys remembered (also across restarts)
+    teacher_mean: tuple[float, float, float] | None = None
+    teacher_std: tuple[float, float, float] | None = None
+    teacher_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _NAME.match(self.name):
+            problems.append(f"name {self.name!r} must be 1-64 letters, digits, '.', '-' or '_'")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            problems.append(f"teacher_dtype {self.teacher_dtype!r} must be one of {TEACHER_DTYPES}")
+        for name, low in (("pending_cap", 1), ("keep_blobs", 1), ("rollback_devices", 1), ("idempotency_keys", 0)):
+            if getattr(self, name) < low:
+                problems.append(f"{name} = {getattr(self, name)} must be >= {low}")
+        if self.retention_s < 0 or self.cpus < 0 or self.gpus < 0:
+            problems.append("retention_s, cpus and gpus must be >= 0")
+        if problems:
+            raise CloudError(f"Invalid deployment {self.name!r}: " + "; ".join(problems) + ".")
+        if not self.state:
+            object.__setattr__(self, "state", f"deployments/{self.name}")
+        if Path(self.state).is_absolute() or ".." in Path(self.state).parts:
+            raise CloudError(f"Deployment {self.name!r}: state {self.state!r} must be a relative subdirectory.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    """The whole service: where its state lives, how it is reached, and its deployments."""
+
+    deployments: tuple[DeploymentSpec, ...]
+    state: Path = Path("cema-state")
+    engine: str = "local"
+    host: str = "127.0.0.1"
+    port: int = 8750
+    max_upload_bytes: int = 16 * 1024 * 1024
+    signing_key: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.deployments:
+            raise CloudError("The service has no deployment; add a [deployments.NAME] table or pass --edge.")
+        names = [d.name for d in self.deployments]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise CloudError(f"Deployment names must be unique; {dup} appear more than once.")
+        states = [d.state for d in self.deployments]
+        if len(set(states)) != len(states):
+            raise CloudError("Two deployments share one state subdirectory; give each its own `state`.")
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``"90"``, ``"90s"``, ``"15m"``, ``"24h"``, ``"7d"`` -> seconds.
+
+    Example:
+        >>> parse_duration("2h"), parse_duration(30)
+        (7200.0, 30.0)
+    """
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(text))
+        if m is None:
+            raise CloudError(f"Duration {text!r} is not a number with an optional unit s, m, h or d (e.g. 24h).")
+        value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if value < 0 or not math.isfinite(value):
+        raise CloudError(f"Duration {text!r} must be a finite number of seconds >= 0.")
+    return value
+
+
+_SPEC_KEYS = {f.name for f in dataclasses.fields(DeploymentSpec)} - {"name", "method"}
+_SERVICE_KEYS = {f.name for f in dataclasses.fields(ServiceConfig)} - {"deployments"}
+_METHOD_KEYS = {f.name for f in dataclasses.fields(CemaConfig)}
+
+
+def _unknown(what: str, got: dict[str, Any], known: set[str]) -> None:
+    bad = sorted(set(got) - known)
+    if bad:
+        raise CloudError(f"{what}: unknown keys {bad}; valid keys are {sorted(known)}.")
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        from cema_deploy._lazy import lazy_import
+
+        tomllib = lazy_import("tomli", extra="cloud", purpose="reading cloud.toml")
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CloudError(f"Cannot read the service config {path}: {exc}.") from exc
+    except ValueError as exc:  # tomllib.TOMLDecodeError
+        raise CloudError(f"The service config {path} is not valid TOML: {exc}.") from exc
+    return data
+
+
+def config_from_toml(path: str | Path, **overrides: Any) -> ServiceConfig:
+    """Read ``cloud.toml``: a ``[service]`` table (optional) and one ``[deployments.NAME]`` table per deployment,
+    with ``method`` (CemaConfig fields) and ``resources`` (device, teacher_dtype, cpus, gpus) subtables. Relative
+    paths are relative to the file. ``overrides`` (non-None) replace service keys (the CLI's options).
+
+    Example::
+
+        [service]
+        state = "cema-state"
+        port = 8750
+
+        [deployments.cams-r50]
+        edge = "out/r50"
+        teacher = "resnet101"
+        teacher_weights = "r101.safetensors"
+        pending_cap = 2048
+        [deployments.cams-r50.method]
+        batch_size = 32
+        statistics = "training"
+        [deployments.cams-r50.resources]
+        device = "cuda:0"
+        teacher_dtype = "bfloat16"
+        gpus = 0.5
+    """
+    path = Path(path)
+    data = _load_toml(path)
+    base = path.parent
+    _unknown(f"{path}", data, {"service", "deployments"})
+    service = dict(data.get("service", {}))
+    _unknown(f"{path} [service]", service, _SERVICE_KEYS)
+    for key in ("state", "signing_key", "ssl_certfile", "ssl_keyfile"):
+        if service.get(key) is not None:
+            service[key] = base / Path(service[key])
+    service.update({k: v for k, v in overrides.items() if v is not None})
+    tables = data.get("deployments", {})
+    if not isinstance(tables, dict) or not tables:
+        raise CloudError(f"{path} has no [deployments.NAME] table; add one per edge export.")
+    specs = []
+    for name, table in tables.items():
+        specs.append(spec_from_table(name, dict(table), base=base, where=f"{path} [deployments.{name}]"))
+    try:
+        return ServiceConfig(deployments=tuple(specs), **service)
+    except TypeError as exc:
+        raise CloudError(f"{path} [service]: {exc}.") from exc
+
+
+def spec_from_table(name: str, table: dict[str, Any], *, base: Path, where: str) -> DeploymentSpec:
+    """One ``[deployments.NAME]`` table -> :class:`DeploymentSpec` (paths relative to ``base``)."""
+    method = dict(table.pop("method", {}))
+    resources = dict(table.pop("resources", {}))
+    _unknown(f"{where}.method", method, _METHOD_KEYS)
+    _unknown(f"{where}.resources", resources, {"device", "teacher_dtype", "cpus", "gpus"})
+    table.update(resources)
+    _unknown(where, table, _SPEC_KEYS | {"retention"})
+    if "edge" not in table:
+        raise CloudError(f"{where} lacks `edge`, the export directory of its edge model.")
+    table["edge"] = base / Path(table["edge"])
+    if table.get("teacher_weights") is not None:
+        table["teacher_weights"] = base / Path(table["teacher_weights"])
+    if "retention" in table:
+        table["retention_s"] = parse_duration(table.pop("retention"))
+    for key in ("teacher_mean", "teacher_std", "teacher_size"):
+        if table.get(key) is not None:
+            table[key] = tuple(table[key])
+    try:
+        return DeploymentSpec(name=name, method=CemaConfig(**method), **table)
+    except TypeError as exc:
+        raise CloudError(f"{where}: {exc}.") from exc

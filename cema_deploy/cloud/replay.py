@@ -1,176 +1,314 @@
-"""The cloud's replay buffer (Sec. 3.3: the last 10,000 uploaded samples), in memory or durable on disk.
+"""The deployment's acknowledged uploads, durable on disk, and the replay window CEMA draws from (Sec. 3.3: the
+last 10,000 uploaded samples; the official ``history_buffer``).
 
-:class:`ReplayStore` is also the service's durable log of uploads: each acknowledged upload is one ``.npy`` file
-named by the global index of its first sample, written atomically and fsynced (file and folder) before the upload
-is acknowledged, so a killed process loses no acknowledged sample. Samples are numbered in arrival order; the
-adaptation worker consumes them in order (its cursor lives in the state directory) and replays random ones from
-the newest ``capacity`` it has reached (:class:`ReplayWindow`). Uploads older than that are deleted (``trim``).
+Every acknowledged upload is one safetensors file ``uploads/<seq>.safetensors`` (its images plus metadata: kind,
+generation, idempotency key, the acknowledgement sent, arrival time), written atomically and fsynced before the
+upload is acknowledged, so a killed process loses no acknowledged sample and knows every key it answered.
+
+Samples live in two numbered sequences, each in arrival order: *adapt* samples (``selected`` uploads and the
+selected part of calibration batches), which the deployment adapts on in order (its ``cursor``) and then replays,
+and *statistics* samples, which only move running statistics (beyond the paper). A calibration batch is held
+whole until it was applied; then only its adapt samples are kept. A file is deleted as soon as nothing in it is
+needed: its adapt samples left the replay window (the newest ``capacity`` consumed samples; pending samples never
+push anything out of it), its statistics samples were used, its calibration applied, or it is older than the
+retention. Not thread-safe: the owning deployment holds its lock around every call but :meth:`write`.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
-import threading
-from collections import deque
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from cema_deploy.cloud._atomic import write_atomic
-from cema_deploy.exceptions import CloudError
+from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
+from cema_deploy.exceptions import CloudError, ContractError
+
+_EMPTY = np.zeros((0, 0, 0, 3), np.uint8)
 
 
-class ReplayBuffer(Protocol):
-    """What :class:`~cema_deploy.cloud.cema.Cema` needs of a replay buffer."""
+@dataclass
+class Upload:
+    """One acknowledged upload as held: ``images`` are its adapt samples first, then the rest (the unselected part
+    of a calibration batch not yet applied, or statistics samples)."""
 
-    def __len__(self) -> int: ...
+    seq: int
+    kind: str
+    generation: int
+    images: np.ndarray
+    n_adapt: int
+    adapt_start: int
+    n_stats: int
+    stats_start: int
+    calibration: str = ""  # "start" / "shift" while the calibration is not applied yet
+    key: str = ""
+    ack: str = ""  # the UploadAck sent, as JSON
+    device: str = ""
+    received: float = 0.0
 
-    def sample(self, k: int, rng: np.random.Generator) -> np.ndarray:
-        """``min(k, len(self))`` uint8 ``[H, W, 3]`` samples drawn without replacement."""
-        ...
+    @property
+    def adapt_end(self) -> int:
+        return self.adapt_start + self.n_adapt
+
+    @property
+    def stats_end(self) -> int:
+        return self.stats_start + self.n_stats
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            k: str(getattr(self, k))
+            for k in ("seq", "kind", "generation", "n_adapt", "adapt_start", "n_stats", "stats_start")
+        }
+        meta.update(calibration=self.calibration, key=self.key, ack=self.ack, device=self.device)
+        meta["received"] = repr(float(self.received))
+        return tensors_to_bytes({"images": np.ascontiguousarray(self.images)}, meta, error=ContractError)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str) -> Upload:
+        tensors, meta = tensors_from_bytes(data, source=source, error=ContractError)
+        ints = {k: int(meta[k]) for k in ("seq", "generation", "n_adapt", "adapt_start", "n_stats", "stats_start")}
+        return cls(
+            images=tensors["images"],
+            kind=meta["kind"],
+            calibration=meta.get("calibration", ""),
+            key=meta.get("key", ""),
+            ack=meta.get("ack", ""),
+            device=meta.get("device", ""),
+            received=float(meta.get("received", "0")),
+            **ints,
+        )
 
 
-class MemoryReplay:
-    """The newest ``capacity`` samples in memory (the official ``history_buffer``)."""
-
-    def __init__(self, *, capacity: int = 10_000) -> None:
-        self._samples: deque[np.ndarray] = deque(maxlen=max(capacity, 0))
-
-    def __len__(self) -> int:
-        return len(self._samples)
-
-    def add(self, images: np.ndarray) -> None:
-        self._samples.extend(np.array(images, dtype=np.uint8, copy=True))
-
-    def sample(self, k: int, rng: np.random.Generator) -> np.ndarray:
-        n = len(self._samples)
-        if k <= 0 or n == 0:
-            return np.zeros((0, 0, 0, 3), np.uint8)
-        idx = np.sort(rng.choice(n, size=min(k, n), replace=False))
-        return np.stack([self._samples[int(i)] for i in idx])
-
-
-class ReplayStore:
-    """Uploaded uint8 images ``[H, W, 3]``, in arrival order, durable on disk. Thread-safe.
+class SampleStore:
+    """The uploads of one deployment (see the module docstring).
 
     Example:
-        >>> store = ReplayStore(Path("state/replay"))  # doctest: +SKIP
-        >>> store.append(images); store.read(0, len(images))  # doctest: +SKIP
+        >>> store = SampleStore(Path("state/uploads"), capacity=10_000)  # doctest: +SKIP
+        >>> up = store.new_upload("selected", images, generation=1); store.write(up); store.add(up)  # doctest: +SKIP
     """
 
     def __init__(self, directory: Path, *, capacity: int = 10_000) -> None:
         self.directory = Path(directory)
         self.capacity = capacity
-        self._lock = threading.Lock()
-        self._starts: list[int] = []  # first global index of each upload, ascending
-        self._chunks: list[np.ndarray] = []
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.uploads: dict[int, Upload] = {}
+        self._adapt: list[Upload] = []  # uploads with adapt samples, by adapt_start
+        self._adapt_starts: list[int] = []
+        self._stats: list[Upload] = []
+        self._stats_starts: list[int] = []
+        self.adapt_total = 0
+        self.stats_total = 0
+        self.next_seq = 1
+        legacy = sorted(self.directory.parent.glob("replay/*.npy"))
+        if legacy:
+            raise CloudError(
+                f"{self.directory.parent} holds uploads of the protocol-1 cloud ({legacy[0]}); this version keeps "
+                "them as uploads/*.safetensors. Start this deployment from a new state directory."
+            )
         for tmp in self.directory.glob(".*.tmp"):  # a write interrupted by a crash was never acknowledged
             tmp.unlink(missing_ok=True)
-        for f in sorted(self.directory.glob("*.npy")):
+        for f in sorted(self.directory.glob("*.safetensors")):
             try:
-                start, images = int(f.stem), np.load(f, allow_pickle=False)
-            except (OSError, ValueError) as exc:
+                up = Upload.from_bytes(f.read_bytes(), str(f))
+            except (OSError, ContractError, KeyError, ValueError) as exc:
                 raise CloudError(
-                    f"Replay file {f} is unreadable ({exc}); the state directory was altered. "
+                    f"Upload file {f} is unreadable ({exc}); the state directory was altered. "
                     "Remove the file (its samples are lost) or start from a new --state."
                 ) from exc
-            if self._starts and start != self._starts[-1] + len(self._chunks[-1]):
-                raise CloudError(
-                    f"Replay file {f} does not follow the previous upload; the replay folder was "
-                    "altered. Restore it or start from a new --state."
-                )
-            self._starts.append(start)
-            self._chunks.append(images)
+            self._index(up)
 
+    # ---- appending (the deployment holds its write lock from new_upload to add) ------------------------------
+    def new_upload(
+        self,
+        kind: str,
+        images: np.ndarray,
+        *,
+        generation: int,
+        selected: np.ndarray | None = None,
+        calibration: str = "",
+        key: str = "",
+        device: str = "",
+        received: float = 0.0,
+    ) -> Upload:
+        """The next upload, numbered but not yet visible: adapt samples of ``selected`` kind are all of them, of a
+        calibration batch the ``selected`` ones, of ``statistics`` none."""
+        images = np.asarray(images, dtype=np.uint8)
+        if kind == "statistics":
+            n_adapt, n_stats = 0, len(images)
+        elif kind == "calibration":
+            sel = np.zeros(len(images), bool) if selected is None else np.asarray(selected, bool)
+            images = np.concatenate([images[sel], images[~sel]])
+            n_adapt, n_stats = int(sel.sum()), 0
+        else:
+            n_adapt, n_stats = len(images), 0
+        return Upload(
+            seq=self.next_seq,
+            kind=kind,
+            generation=generation,
+            images=np.array(images, dtype=np.uint8, copy=True),
+            n_adapt=n_adapt,
+            adapt_start=self.adapt_total,
+            n_stats=n_stats,
+            stats_start=self.stats_total,
+            calibration=calibration,
+            key=key,
+            device=device,
+            received=received,
+        )
+
+    def path(self, seq: int) -> Path:
+        return self.directory / f"{seq:012d}.safetensors"
+
+    def write(self, up: Upload) -> None:
+        """Store ``up`` durably (fsynced file and folder when this returns)."""
+        write_atomic(self.path(up.seq), up.to_bytes())
+
+    def add(self, up: Upload) -> None:
+        """Make a written upload visible to the adaptation loop."""
+        self._index(up)
+
+    def _index(self, up: Upload) -> None:
+        self.uploads[up.seq] = up
+        if up.n_adapt:
+            self._adapt.append(up)
+            self._adapt_starts.append(up.adapt_start)
+        if up.n_stats:
+            self._stats.append(up)
+            self._stats_starts.append(up.stats_start)
+        self.adapt_total = max(self.adapt_total, up.adapt_end)
+        self.stats_total = max(self.stats_total, up.stats_end)
+        self.next_seq = max(self.next_seq, up.seq + 1)
+
+    def resume(self, *, adapt_total: int, stats_total: int, next_seq: int) -> None:
+        """Counters saved with the state win when larger (their uploads may all have been deleted)."""
+        self.adapt_total = max(self.adapt_total, adapt_total)
+        self.stats_total = max(self.stats_total, stats_total)
+        self.next_seq = max(self.next_seq, next_seq)
+
+    # ---- reading --------------------------------------------------------------------------------------------
     @property
-    def total(self) -> int:
-        """Samples ever appended (the next sample's global index)."""
-        with self._lock:
-            return self._total_locked()
+    def first_adapt(self) -> int:
+        """Adapt index of the oldest adapt sample held."""
+        return self._adapt[0].adapt_start if self._adapt else self.adapt_total
 
-    @property
-    def first(self) -> int:
-        """Global index of the oldest sample held."""
-        with self._lock:
-            return self._starts[0] if self._starts else 0
+    def read_adapt(self, start: int, end: int) -> np.ndarray:
+        return _read(self._adapt, self._adapt_starts, start, end, lambda u: (u.adapt_start, u.images[: u.n_adapt]))
 
-    def _total_locked(self) -> int:
-        return self._starts[-1] + len(self._chunks[-1]) if self._starts else 0
+    def read_stats(self, start: int, end: int) -> np.ndarray:
+        return _read(self._stats, self._stats_starts, start, end, lambda u: (u.stats_start, u.images))
 
-    def __len__(self) -> int:
-        """Samples held now (pending ones included)."""
-        with self._lock:
-            return self._total_locked() - (self._starts[0] if self._starts else 0)
-
-    def append(self, images: np.ndarray) -> tuple[int, int]:
-        """Store ``images`` durably (fsynced when this returns); returns their global index range ``[start, end)``."""
-        images = np.array(images, dtype=np.uint8, copy=True)
-        buf = io.BytesIO()
-        np.save(buf, images, allow_pickle=False)
-        with self._lock:
-            start = self._total_locked()
-            write_atomic(self.directory / f"{start:012d}.npy", buf.getvalue())
-            self._starts.append(start)
-            self._chunks.append(images)
-            return start, start + len(images)
-
-    def read(self, start: int, end: int) -> np.ndarray:
-        """Samples ``[start, end)``; they must still be held."""
-        with self._lock:
-            first = self._starts[0] if self._starts else 0
-            if start < first or end > self._total_locked() or start > end:
-                raise IndexError(f"samples [{start}, {end}) are not held (held: [{first}, {self._total_locked()}))")
-            i = max(bisect.bisect_right(self._starts, start) - 1, 0)
-            parts = []
-            while i < len(self._starts) and self._starts[i] < end:
-                s, c = self._starts[i], self._chunks[i]
-                parts.append(c[max(start - s, 0) : min(end - s, len(c))])
-                i += 1
-        return np.concatenate(parts) if parts else np.zeros((0, 0, 0, 3), np.uint8)
+    def upload_end(self, index: int) -> int:
+        """End (adapt index) of the upload holding adapt sample ``index``."""
+        i = bisect.bisect_right(self._adapt_starts, index) - 1
+        return self._adapt[i].adapt_end if i >= 0 else index + 1
 
     def window(self, end: int) -> tuple[int, int]:
-        """``[lo, end)``: the newest ``capacity`` samples held below ``end``."""
-        with self._lock:
-            first = self._starts[0] if self._starts else 0
-        return max(end - self.capacity, first), end
+        """``[lo, end)``: the newest ``capacity`` adapt samples held below ``end``."""
+        end = min(end, self.adapt_total)
+        return max(end - self.capacity, self.first_adapt, 0), max(end, 0)
 
-    def sample(self, k: int, rng: np.random.Generator, *, below: int | None = None) -> np.ndarray:
-        """``k`` samples drawn without replacement from the newest ``capacity`` held below index ``below``."""
-        lo, end = self.window(self.total if below is None else below)
-        if end - lo <= 0 or k <= 0:
-            return np.zeros((0, 0, 0, 3), np.uint8)
-        idx = np.sort(rng.choice(end - lo, size=min(k, end - lo), replace=False)) + lo
-        with self._lock:
-            out = []
-            for g in idx:
-                i = bisect.bisect_right(self._starts, int(g)) - 1
-                out.append(self._chunks[i][int(g) - self._starts[i]])
+    def window_len(self, end: int) -> int:
+        lo, hi = self.window(end)
+        return max(hi - lo, 0)
+
+    def sample(self, k: int, rng: np.random.Generator, *, end: int) -> np.ndarray:
+        """``min(k, window)`` samples drawn without replacement from :meth:`window` ``(end)``."""
+        lo, hi = self.window(end)
+        if hi <= lo or k <= 0:
+            return _EMPTY
+        idx = np.sort(rng.choice(hi - lo, size=min(k, hi - lo), replace=False)) + lo
+        out = []
+        for g in idx:
+            u = self._adapt[bisect.bisect_right(self._adapt_starts, int(g)) - 1]
+            out.append(u.images[int(g) - u.adapt_start])
         return np.stack(out)
 
-    def trim(self, keep_from: int) -> None:
-        """Delete whole uploads that lie entirely before ``keep_from`` and before the newest ``capacity``."""
-        with self._lock:
-            limit = min(keep_from, self._total_locked() - self.capacity)
-            while self._starts and self._starts[0] + len(self._chunks[0]) <= limit:
-                start = self._starts.pop(0)
-                self._chunks.pop(0)
-                (self.directory / f"{start:012d}.npy").unlink(missing_ok=True)
+    def pending_calibrations(self) -> list[Upload]:
+        return [u for u in self.uploads.values() if u.calibration]
+
+    def held(self) -> int:
+        """Samples held in files (adapt, statistics and calibration samples)."""
+        return sum(len(u.images) for u in self.uploads.values())
+
+    # ---- releasing ------------------------------------------------------------------------------------------
+    def applied(self, up: Upload) -> Upload | None:
+        """Mark ``up``'s calibration applied: only its adapt samples are kept. Returns the upload to rewrite (call
+        :meth:`write`), or ``None`` when nothing of it is needed any more (call :meth:`release`)."""
+        up.calibration = ""
+        up.images = up.images[: up.n_adapt]
+        return up if up.n_adapt else None
+
+    def collect(self, *, cursor: int, stats_cursor: int, expire_before: float = 0.0) -> list[Upload]:
+        """Uploads nothing needs any more, removed from the index (their files are the caller's to delete). With
+        ``expire_before``, uploads received earlier go too, whatever they hold (the retention)."""
+        keep_from = cursor - self.capacity
+
+        def needed(u: Upload) -> bool:
+            if u.received < expire_before:
+                return False
+            return bool(
+                u.calibration or (u.n_adapt and u.adapt_end > keep_from) or (u.n_stats and u.stats_end > stats_cursor)
+            )
+
+        done = [u for u in self.uploads.values() if not needed(u)]
+        self._remove(done)
+        return done
+
+    def take_all(self) -> list[Upload]:
+        """Every upload (an operator reset discards them all)."""
+        done = list(self.uploads.values())
+        self._remove(done)
+        return done
+
+    def _remove(self, done: list[Upload]) -> None:
+        if not done:
+            return
+        gone = {u.seq for u in done}
+        for u in done:
+            del self.uploads[u.seq]
+        self._adapt = [u for u in self._adapt if u.seq not in gone]
+        self._adapt_starts = [u.adapt_start for u in self._adapt]
+        self._stats = [u for u in self._stats if u.seq not in gone]
+        self._stats_starts = [u.stats_start for u in self._stats]
+
+    def delete_files(self, done: list[Upload]) -> None:
+        for u in done:
+            self.path(u.seq).unlink(missing_ok=True)
 
 
-class ReplayWindow:
-    """The replay buffer as CEMA sees it: the newest ``capacity`` samples of ``store`` below ``end`` (the end of
-    the batch being adapted), so that seeded draws do not depend on how many uploads are still pending."""
+def _read(
+    chunks: list[Upload], starts: list[int], start: int, end: int, get: Callable[[Upload], tuple[int, np.ndarray]]
+) -> np.ndarray:
+    parts = []
+    i = max(bisect.bisect_right(starts, start) - 1, 0)
+    covered = start
+    while i < len(chunks) and covered < end:
+        s, imgs = get(chunks[i])
+        lo, hi = max(start - s, 0), min(end - s, len(imgs))
+        if lo < hi:
+            if s + lo != covered:
+                break
+            parts.append(imgs[lo:hi])
+            covered = s + hi
+        i += 1
+    if covered != end or start > end:
+        raise IndexError(f"samples [{start}, {end}) are not all held")
+    return np.concatenate(parts) if parts else _EMPTY
 
-    def __init__(self, store: ReplayStore, end: int = 0) -> None:
-        self.store = store
-        self.end = end
 
-    def __len__(self) -> int:
-        lo, end = self.store.window(self.end)
-        return max(end - lo, 0)
-
-    def sample(self, k: int, rng: np.random.Generator) -> np.ndarray:
-        return self.store.sample(k, rng, below=self.end)
+def keys_journal_lines(path: Path, limit: int) -> list[tuple[str, str]]:
+    """The newest ``limit`` (key, ack JSON) pairs of a ``keys.jsonl`` journal (unreadable lines skipped)."""
+    if not path.exists() or limit <= 0:
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[-limit:]:
+        try:
+            item = json.loads(line)
+            out.append((str(item["key"]), str(item["ack"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out

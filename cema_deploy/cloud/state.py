@@ -1,16 +1,20 @@
-"""The cloud's state directory. Every file is written atomically (see ``_atomic``), so a killed process restarts
+"""The cloud's state on disk. Every file is written atomically (see ``_atomic``), so a killed process restarts
 where it was and never re-issues a version number.
 
 ::
 
-    STATE/
-      state.json          version counter, sample cursor, step and request counters
-      blobs/v00000001.safetensors ...   every published refit blob
-      adapt_state.pt      teacher + replica normalization tensors, BN statistics, optimizer states, and the
-                          cursor/steps/version they belong to (written before state.json, so it wins on restart)
-      replay/             acknowledged uploads, pending ones included (see replay.py)
-      tokens.json         per-device bearer tokens, as SHA-256 hashes only
-      reports.jsonl       rollback / refusal reports from edges
+    STATE/                          the service (``--state``)
+      tokens.json                   device and admin bearer tokens (SHA-256 hashes only) and what each may use
+      deployments/NAME/             one deployment (or the ``state`` subdirectory its table names)
+        state.json                  version, generation, cursors, counters, bad versions
+        adapt_state.pt              both models' normalization tensors and optimizer states, with the cursors and
+                                    version they belong to (written before state.json, so it wins on restart)
+        blobs/v00000042.safetensors the newest ``keep_blobs`` published refit blobs (version 0 is the export's own
+                                    params.safetensors)
+        snapshots/v00000042.pt      adapt_state.pt as it was when that version was published (for rollbacks)
+        uploads/000000000123.safetensors   acknowledged uploads still needed (see replay.py): uploaded frames
+        keys.jsonl                  idempotency keys of uploads whose files were deleted (bounded)
+        reports.jsonl               rollback / refusal reports from edges
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +35,135 @@ from cema_deploy.cloud._atomic import write_atomic
 from cema_deploy.contract.blob import RefitBlob, blob_to_bytes
 from cema_deploy.exceptions import CloudError
 
+ALL = "*"
+
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What one bearer token may do: use ``deployments`` (names; ``"*"`` = all), and the admin routes."""
+
+    device: str
+    deployments: tuple[str, ...]
+    admin: bool = False
+
+    def allows(self, deployment: str) -> bool:
+        return ALL in self.deployments or deployment in self.deployments
+
+
 class StateStore:
-    """Reads and writes one state directory."""
+    """The service-level state directory: tokens, and where each deployment keeps its state.
+
+    Example:
+        >>> token = StateStore("cema-state").add_token("cam-01", deployments=["cams"])  # doctest: +SKIP
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        self.tokens_path = self.directory / "tokens.json"
+        self._lock = threading.Lock()
+
+    def deployment_dir(self, subdirectory: str) -> Path:
+        return self.directory / subdirectory
+
+    # ---- tokens -------------------------------------------------------------------------------------------
+    def _tokens(self) -> dict[str, dict[str, Any]]:
+        if not self.tokens_path.exists():
+            return {}
+        try:
+            return dict(json.loads(self.tokens_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CloudError(f"{self.tokens_path} is unreadable ({exc}); fix it or add the tokens again.") from exc
+
+    def add_token(self, device_id: str, *, deployments: list[str] | None = None, admin: bool = False) -> str:
+        """Create a bearer token for ``device_id`` allowed to use ``deployments`` (names; ``None``: all) or, with
+        ``admin``, the operator routes; only its SHA-256 is stored, the token is returned once. Replaces any token
+        the device had."""
+        if not device_id or len(device_id) > 128 or not device_id.replace("-", "").replace("_", "").isalnum():
+            raise CloudError(f"Device id {device_id!r} must be 1-128 letters, digits, '-' or '_'.")
+        scope = [ALL] if deployments is None else sorted(set(deployments))
+        if not scope and not admin:
+            raise CloudError(f"Token for {device_id!r} would allow nothing; name a deployment, --all or --admin.")
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            tokens = self._tokens()
+            entry = {"sha256": _hash(token), "created": time.time(), "deployments": [] if admin else scope}
+            tokens[device_id] = {**entry, "admin": admin}
+            write_atomic(self.tokens_path, json.dumps(tokens, indent=1).encode())
+        return token
+
+    def revoke_token(self, device_id: str) -> bool:
+        """Remove ``device_id``'s token; a running service refuses it from its next request on."""
+        with self._lock:
+            tokens = self._tokens()
+            if device_id not in tokens:
+                return False
+            del tokens[device_id]
+            write_atomic(self.tokens_path, json.dumps(tokens, indent=1).encode())
+        return True
+
+    def grants(self) -> list[Grant]:
+        return [_grant(k, v) for k, v in sorted(self._tokens().items())]
+
+    def devices(self) -> list[str]:
+        return sorted(self._tokens())
+
+
+def _grant(device: str, entry: dict[str, Any]) -> Grant:
+    return Grant(device, tuple(entry.get("deployments", [ALL])), bool(entry.get("admin", False)))
+
+
+class TokenTable:
+    """The service's view of ``tokens.json``, re-read whenever the file changes (so an added or revoked token
+    takes effect at the next request, without a restart). Thread-safe."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._sig: tuple[int, int, int] | None = None
+        self._table: dict[str, Grant] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, token: str) -> Grant | None:
+        # Looking up the token's SHA-256 leaks at most timing about hashes, never about the token itself, so a
+        # dict lookup (O(1) for a fleet of any size) is as safe as comparing against every stored hash.
+        self._refresh()
+        digest = _hash(token)
+        grant = self._table.get(digest)
+        return grant if grant is not None and hmac.compare_digest(digest, _hash(token)) else None
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.store.tokens_path)
+            sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            sig = None
+        if sig == self._sig:
+            return
+        with self._lock:
+            tokens = self.store._tokens() if sig is not None else {}
+            self._table = {v["sha256"]: _grant(k, v) for k, v in tokens.items()}
+            self._sig = sig
+
+
+class DeploymentStore:
+    """Reads and writes one deployment's state directory (see the module docstring)."""
+
+    def __init__(self, directory: str | Path, *, keep_blobs: int = 16) -> None:
+        self.directory = Path(directory)
         self.blobs = self.directory / "blobs"
-        self.blobs.mkdir(parents=True, exist_ok=True)
+        self.snapshots = self.directory / "snapshots"
+        self.keep_blobs = keep_blobs
+        for d in (self.blobs, self.snapshots):
+            d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
     # ---- counters -------------------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any]:
         path = self.directory / "state.json"
-        state: dict[str, Any] = {"version": 0, "cursor": 0, "steps": 0}
+        state: dict[str, Any] = {"version": 0}
         if path.exists():
             try:
                 state.update(json.loads(path.read_text()))
@@ -63,20 +181,27 @@ class StateStore:
         return self.blobs / f"v{version:08d}.safetensors"
 
     def save_blob(self, blob: RefitBlob) -> bytes:
+        """Write a new version (refused if it exists: versions are never reused), then delete blobs older than the
+        newest ``keep_blobs``."""
         if self.blob_path(blob.version).exists():
             raise CloudError(f"Blob version {blob.version} already exists in {self.blobs}; versions are never reused.")
         data = blob_to_bytes(blob)
         write_atomic(self.blob_path(blob.version), data)
+        for old in self.blob_versions()[: -self.keep_blobs]:
+            self.blob_path(old).unlink(missing_ok=True)
         return data
 
+    def blob_versions(self) -> list[int]:
+        return sorted(int(p.stem[1:]) for p in self.blobs.glob("v*.safetensors") if p.stem[1:].isdigit())
+
     def newest_blob_version(self) -> int:
-        versions = [int(p.stem[1:]) for p in self.blobs.glob("v*.safetensors") if p.stem[1:].isdigit()]
-        return max(versions, default=0)
+        versions = self.blob_versions()
+        return versions[-1] if versions else 0
 
     def blob_bytes(self, version: int) -> bytes:
         return self.blob_path(version).read_bytes()
 
-    # ---- adaptation state (torch) -----------------------------------------------------------------------
+    # ---- adaptation state (torch) ---------------------------------------------------------------------
     def save_adapt(self, state: dict[str, Any]) -> None:
         import io
 
@@ -86,10 +211,10 @@ class StateStore:
         torch.save(state, buf)
         write_atomic(self.directory / "adapt_state.pt", buf.getvalue())
 
-    def load_adapt(self) -> dict[str, Any] | None:
+    def load_adapt(self, path: Path | None = None) -> dict[str, Any] | None:
         import torch
 
-        path = self.directory / "adapt_state.pt"
+        path = path or self.directory / "adapt_state.pt"
         if not path.exists():
             return None
         try:
@@ -98,43 +223,33 @@ class StateStore:
             raise CloudError(f"{path} is unreadable ({exc!s:.200}); restore it or use a new --state.") from exc
         return loaded
 
-    # ---- tokens ---------------------------------------------------------------------------------------
-    def _tokens(self) -> dict[str, dict[str, Any]]:
-        path = self.directory / "tokens.json"
-        if not path.exists():
-            return {}
+    def snapshot(self, version: int) -> None:
+        """Keep adapt_state.pt as it is now as the state behind ``version`` (a hard link: no copy), and drop the
+        snapshots older than the newest ``keep_blobs``."""
+        src, dst = self.directory / "adapt_state.pt", self.snapshot_path(version)
+        dst.unlink(missing_ok=True)
         try:
-            return dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError) as exc:
-            raise CloudError(f"{path} is unreadable ({exc}); fix it or add the device tokens again.") from exc
+            os.link(src, dst)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(src, dst)
+        versions = sorted(int(p.stem[1:]) for p in self.snapshots.glob("v*.pt") if p.stem[1:].isdigit())
+        for old in versions[: -self.keep_blobs]:
+            self.snapshot_path(old).unlink(missing_ok=True)
 
-    def add_token(self, device_id: str) -> str:
-        """Create a bearer token for ``device_id``; only its SHA-256 is stored, the token is returned once."""
-        if not device_id or len(device_id) > 128 or not device_id.replace("-", "").replace("_", "").isalnum():
-            raise CloudError(f"Device id {device_id!r} must be 1-128 letters, digits, '-' or '_'.")
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            tokens = self._tokens()
-            tokens[device_id] = {"sha256": _hash(token), "created": time.time()}
-            write_atomic(self.directory / "tokens.json", json.dumps(tokens, indent=1).encode())
-        return token
+    def snapshot_path(self, version: int) -> Path:
+        return self.snapshots / f"v{version:08d}.pt"
 
-    def devices(self) -> list[str]:
-        return sorted(self._tokens())
+    # ---- idempotency keys of deleted uploads, reports -------------------------------------------------------
+    def journal_keys(self, items: list[tuple[str, str]]) -> None:
+        if not items:
+            return
+        with self._lock, open(self.directory / "keys.jsonl", "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"key": k, "ack": a}) + "\n" for k, a in items))
 
-    def token_table(self) -> dict[str, str]:
-        """``sha256 -> device id`` for the service's authentication."""
-        return {v["sha256"]: k for k, v in self._tokens().items()}
+    def compact_keys(self, keep: list[tuple[str, str]]) -> None:
+        data = "".join(json.dumps({"key": k, "ack": a}) + "\n" for k, a in keep)
+        write_atomic(self.directory / "keys.jsonl", data.encode())
 
-    @staticmethod
-    def device_for(token: str, table: dict[str, str]) -> str | None:
-        # Looking up the token's SHA-256 leaks at most timing about hashes, never about the token itself, so a
-        # dict lookup (O(1) for a fleet of any size) is as safe as comparing against every stored hash.
-        digest = _hash(token)
-        device = table.get(digest)
-        return device if device is not None and hmac.compare_digest(digest, _hash(token)) else None
-
-    # ---- reports --------------------------------------------------------------------------------------
     def append_report(self, report: dict[str, Any]) -> None:
         with self._lock, open(self.directory / "reports.jsonl", "a") as f:
             f.write(json.dumps(report) + "\n")

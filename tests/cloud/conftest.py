@@ -1,5 +1,6 @@
 """The service on 127.0.0.1 for the tests: a real ``cema-deploy cloud serve`` process (``cloud_factory``), or the
-same app under ``uvicorn.Server`` in a thread of the test process (``serve_in_thread``, no start-up cost)."""
+same app under ``uvicorn.Server`` in a thread of the test process (``serve_in_thread``, no start-up cost), and
+in-process deployments (``make_deployment``) for the adaptation loop itself."""
 
 from __future__ import annotations
 
@@ -18,46 +19,69 @@ from typing import Any
 import numpy as np
 import pytest
 
+#: The one-deployment shorthand names the deployment after the model.
+NAME = "test_resnet"
+
+
+def dep_dir(state: Path, name: str = NAME) -> Path:
+    """Where a deployment of the service at ``state`` keeps its own state."""
+    return state / "deployments" / name
+
+
+def make_deployment(
+    edge: Path, teacher: Path, state: Path, *, name: str = NAME, spec: dict[str, Any] | None = None, **method: Any
+) -> Any:
+    """A :class:`Deployment` of ``edge`` with the tiny teacher, its state under ``state`` (not started)."""
+    from cema_deploy.cloud.config import CemaConfig, DeploymentSpec
+    from cema_deploy.cloud.deployment import Deployment
+
+    d = DeploymentSpec(
+        name=name,
+        edge=edge,
+        teacher="test_resnet",
+        teacher_weights=teacher,
+        method=CemaConfig(**method),
+        **(spec or {}),
+    )
+    return Deployment.from_spec(d, state)
+
 
 @dataclass
 class InThread:
     url: str
     state: Path
-    service: Any
+    engine: Any
     server: Any
     thread: threading.Thread
+
+    @property
+    def service(self) -> Any:  # the first deployment
+        return next(iter(self.engine._by_name.values()))
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
-        self.service.stop()
+        self.engine.stop()
 
 
 @contextlib.contextmanager
-def serve_in_thread(
-    edge: Path, teacher: Path, state: Path, *, max_upload_bytes: int = 16 << 20, **config: Any
+def serve_deployments(
+    deployments: list[Any], state: Path, *, max_upload_bytes: int = 16 << 20, start: bool = True
 ) -> Iterator[InThread]:
-    """``create_app(AdaptationService(...))`` served by uvicorn on a free port of 127.0.0.1 in a thread."""
+    """``create_app(LocalEngine(deployments))`` served by uvicorn on a free port of 127.0.0.1 in a thread
+    (``start=False``: the deployments' workers are not started)."""
     import uvicorn
 
-    from cema_deploy.cloud.config import CemaConfig
-    from cema_deploy.cloud.models import replica_from_export, teacher_from_name
-    from cema_deploy.cloud.service import create_app
-    from cema_deploy.cloud.worker import AdaptationService
-    from cema_deploy.contract.manifest import manifest_from_dir
+    from cema_deploy.cloud.api import create_app
+    from cema_deploy.cloud.engines.local import LocalEngine
+    from cema_deploy.cloud.state import StateStore, TokenTable
 
-    manifest = manifest_from_dir(edge)
-    service = AdaptationService(
-        state,
-        manifest,
-        teacher_from_name("test_resnet", num_classes=10, weights=teacher),
-        replica_from_export(edge, manifest),
-        config=CemaConfig(**config),
-    )
-    service.start()
+    engine = LocalEngine(deployments)
+    if start:
+        engine.start()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(service, max_upload_bytes=max_upload_bytes),
+            create_app(engine, TokenTable(StateStore(state)), max_upload_bytes=max_upload_bytes),
             host="127.0.0.1",
             port=0,
             log_level="warning",
@@ -72,11 +96,22 @@ def serve_in_thread(
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    running = InThread(f"http://127.0.0.1:{port}", state, service, server, thread)
+    running = InThread(f"http://127.0.0.1:{port}", state, engine, server, thread)
     try:
         yield running
     finally:
         running.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    edge: Path, teacher: Path, state: Path, *, max_upload_bytes: int = 16 << 20, **config: Any
+) -> Iterator[InThread]:
+    """One deployment of ``edge`` served in a thread."""
+    with serve_deployments(
+        [make_deployment(edge, teacher, state, **config)], state, max_upload_bytes=max_upload_bytes
+    ) as s:
+        yield s
 
 
 @dataclass
@@ -99,30 +134,35 @@ class Cloud:
                 self.proc.kill()
 
 
-def start_cloud(edge: Path, teacher: Path, state: Path, *extra: str, port: int = 0, timeout: float = 120.0) -> Cloud:
+def start_cloud(
+    edge: Path | None,
+    teacher: Path,
+    state: Path,
+    *extra: str,
+    port: int = 0,
+    timeout: float = 120.0,
+    https: bool = False,
+) -> Cloud:
+    """``cema-deploy cloud serve`` as a subprocess; ``edge=None`` when ``extra`` holds ``--config``."""
     port_file = state.parent / f"{state.name}.port"
     port_file.unlink(missing_ok=True)
     log = state.parent / f"{state.name}.log"
+    one = []
+    if edge is not None:
+        one = ["--edge", str(edge), "--teacher", "test_resnet", "--teacher-weights", str(teacher), "--batch-size", "8"]
     cmd = [
         sys.executable,
         "-m",
         "cema_deploy",
         "cloud",
         "serve",
-        "--edge",
-        str(edge),
-        "--teacher",
-        "test_resnet",
-        "--teacher-weights",
-        str(teacher),
+        *one,
         "--state",
         str(state),
         "--port",
         str(port),
         "--port-file",
         str(port_file),
-        "--batch-size",
-        "8",
         "--threads",
         "1",
         "--log-level",
@@ -137,7 +177,25 @@ def start_cloud(edge: Path, teacher: Path, state: Path, *extra: str, port: int =
             proc.kill()
             raise RuntimeError(f"cloud did not start:\n{log.read_text()}")
         time.sleep(0.1)
-    return Cloud(f"http://127.0.0.1:{port_file.read_text()}", state, proc, log)
+    scheme = "https" if https or "--ssl-certfile" in extra else "http"
+    return Cloud(f"{scheme}://127.0.0.1:{port_file.read_text()}", state, proc, log)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny models run fastest on one thread, and a shared 2-core machine makes torch's thread pool spin
+    (measured under load 8: 1-7 s per step with 2 threads, 0.1 s with 1); cloud subprocesses get --threads 1."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -157,8 +215,10 @@ def cloud_factory(tmp_path: Path, exported, teacher_ckpt: Path) -> Iterator[Call
     edge, _ = exported("bn")
     started: list[Cloud] = []
 
-    def make(*extra: str, state: Path | None = None, port: int = 0) -> Cloud:
-        cloud = start_cloud(edge, teacher_ckpt, state or tmp_path / "state", *extra, port=port)
+    def make(*extra: str, state: Path | None = None, port: int = 0, one: bool = True, https: bool = False) -> Cloud:
+        cloud = start_cloud(
+            edge if one else None, teacher_ckpt, state or tmp_path / "state", *extra, port=port, https=https
+        )
         started.append(cloud)
         return cloud
 
@@ -169,3 +229,9 @@ def cloud_factory(tmp_path: Path, exported, teacher_ckpt: Path) -> Iterator[Call
 
 def images(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def batch(manifest: Any, n: int = 8, seed: int = 0, **kw: Any) -> Any:
+    from cema_deploy.contract.samples import SampleBatch
+
+    return SampleBatch(images=images(n, seed), fingerprint=manifest.fingerprint, edge_version=0, **kw)

@@ -25,25 +25,18 @@ def _samples_body(ctx: Any, value: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, exported, teacher_ckpt):  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.config import CemaConfig
-    from cema_deploy.cloud.models import replica_from_export, teacher_from_name
-    from cema_deploy.cloud.service import create_app
-    from cema_deploy.cloud.worker import AdaptationService
-    from cema_deploy.contract.manifest import manifest_from_dir
+    from cema_deploy.cloud.api import create_app
+    from cema_deploy.cloud.engines.local import LocalEngine
+    from cema_deploy.cloud.state import StateStore, TokenTable
+    from tests.cloud.conftest import make_deployment
 
     edge, _ = exported("bn")
-    manifest = manifest_from_dir(edge)
     state = tmp_path_factory.mktemp("fuzz-state")
-    service = AdaptationService(
-        state,
-        manifest,
-        teacher_from_name("test_resnet", num_classes=10, weights=teacher_ckpt),
-        replica_from_export(edge, manifest),
-        config=CemaConfig(batch_size=8),
-    )
-    token = service.store.add_token("fuzzer")
-    app = create_app(service, max_upload_bytes=1 << 20)
-    FUZZ.update(service=service, token=token, fp=manifest.fingerprint, state=Path(state))
+    service = make_deployment(edge, teacher_ckpt, state, batch_size=8)
+    token = StateStore(state).add_token("fuzzer")
+    admin = StateStore(state).add_token("ops", admin=True)
+    app = create_app(LocalEngine([service]), TokenTable(StateStore(state)), max_upload_bytes=1 << 20)
+    FUZZ.update(service=service, token=token, admin=admin, fp=service.fingerprint, state=Path(state))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
@@ -63,4 +56,5 @@ def test_no_5xx_and_no_state_change(case: Any) -> None:
         case.query = {**(case.query or {}), "wait": 0}  # no long polls in a fuzz run
     response = case.call(headers=headers)
     assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
-    assert service.version == 0 and service.replay.total == 0  # random bytes are never accepted as samples
+    # random bytes are never accepted as samples, and no admin action ran without an admin token
+    assert service.version == 0 and service.samples.adapt_total == 0 and service.generation == 1

@@ -8,7 +8,7 @@ import socket
 import numpy as np
 import pytest
 
-from tests.cloud.conftest import images
+from tests.cloud.conftest import dep_dir, images
 from tests.conftest import needs_torch
 
 pytestmark = [needs_torch, pytest.mark.network]
@@ -39,7 +39,7 @@ def test_edge_uploads_refits_and_matches_the_replica(cloud_factory, exported) ->
     import torch
 
     from cema_deploy.cloud.models import replica_from_export
-    from cema_deploy.cloud.replay import ReplayStore
+    from cema_deploy.cloud.replay import SampleStore
     from cema_deploy.cloud.state import StateStore
     from cema_deploy.contract.blob import blob_from_path
     from cema_deploy.contract.manifest import manifest_from_dir
@@ -60,11 +60,11 @@ def test_edge_uploads_refits_and_matches_the_replica(cloud_factory, exported) ->
         m = rt.metrics()
         version = rt.version
     # bytes on the wire: the cloud holds exactly the uint8 images the edge selected (PNG is lossless)
-    assert np.array_equal(ReplayStore(cloud.state / "replay").read(0, 24), x)
+    assert np.array_equal(SampleStore(dep_dir(cloud.state) / "uploads").read_adapt(0, 24), x)
     assert m["uplink"]["uploaded"] == 24 + 6 or m["uplink"]["uploaded"] >= 24
     # the refitted edge equals the replica (eval mode) with the published parameters
     replica = replica_from_export(out, manifest)
-    blob = blob_from_path(cloud.state / "blobs" / f"v{version:08d}.safetensors")
+    blob = blob_from_path(dep_dir(cloud.state) / "blobs" / f"v{version:08d}.safetensors")
     state = replica.state_dict()
     state.update({k: torch.from_numpy(v) for k, v in blob.tensors.items()})
     replica.load_state_dict(state)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.cloud.conftest import images
+from tests.cloud.conftest import dep_dir, images
 from tests.cloud.test_edge_cloud import _edge
 from tests.conftest import needs_torch
 
@@ -15,8 +15,8 @@ pytestmark = [needs_torch, pytest.mark.network]
 
 
 def test_cloud_killed_mid_stream(cloud_factory, exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.replay import ReplayStore
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.replay import SampleStore
+    from cema_deploy.cloud.state import DeploymentStore, StateStore
 
     out, _ = exported("bn")
     with socket.socket() as s:
@@ -46,17 +46,23 @@ def test_cloud_killed_mid_stream(cloud_factory, exported, tmp_path) -> None:  # 
         cloud = cloud_factory(state=state, port=port)
         stream(10, 200)
         assert rt.uplink.flush(timeout=60)
-        newest = StateStore(state).newest_blob_version()
+        newest = DeploymentStore(dep_dir(state)).newest_blob_version()
         deadline = time.time() + 60
-        while time.time() < deadline and (rt.version < newest or newest < StateStore(state).newest_blob_version()):
-            newest = StateStore(state).newest_blob_version()
+        while time.time() < deadline and (
+            rt.version < newest or newest < DeploymentStore(dep_dir(state)).newest_blob_version()
+        ):
+            newest = DeploymentStore(dep_dir(state)).newest_blob_version()
             time.sleep(0.1)
-        assert rt.version == StateStore(state).newest_blob_version()  # the edge converged to the newest blob
+        assert (
+            rt.version == DeploymentStore(dep_dir(state)).newest_blob_version()
+        )  # the edge converged to the newest blob
         acked = rt.uplink.counters.uploaded
         m = rt.metrics()
     assert failures == 0 and acked >= acked_before_kill + 80
-    assert ReplayStore(state / "replay").total >= acked  # no acknowledged upload lost (a lost ack may duplicate)
+    # no acknowledged upload lost; a retry whose ack was lost is answered from its idempotency key, never stored twice
+    assert SampleStore(dep_dir(state) / "uploads").adapt_total == acked
     assert versions == sorted(versions)  # the edge's parameter version never went back
-    names = sorted(p.name for p in (state / "blobs").glob("v*.safetensors"))
-    assert len(names) == len(set(names)) and int(names[-1][1:9]) == len(names)  # 1..N, none reused or skipped
+    versions = DeploymentStore(dep_dir(state)).blob_versions()
+    newest = versions[-1]  # none reused or skipped; the newest 16 kept (retention)
+    assert versions == list(range(newest - len(versions) + 1, newest + 1)) and len(versions) == min(newest, 16)
     assert m["refused"] == {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cema_deploy.contract.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
-from tests.cloud.conftest import images
+from tests.cloud.conftest import dep_dir, images
 from tests.conftest import needs_torch
 
 pytestmark = [needs_torch, pytest.mark.network]
@@ -50,7 +50,8 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
             samples_url(cloud.url, fp), content=_body(manifest, 5), headers={**auth, "Content-Type": SAMPLES_MEDIA_TYPE}
         )
         assert r.status_code == 202, r.text
-        assert r.json() == {"accepted": 5, "pending": 5, "buffered": 5, "version": 0, "target_version": 0}
+        ack = {"generation": 1, "calibrated": False, "duplicate": False}
+        assert r.json() == {"accepted": 5, "pending": 5, "buffered": 5, "version": 0, "target_version": 0, **ack}
         r = http.post(samples_url(cloud.url, fp), content=_body(manifest, 6, seed=1, encoding="raw"), headers=auth)
         assert r.status_code == 202 and r.json()["target_version"] == 1  # 11 pending: one step of B=8
         r = http.get(blob_url(cloud.url, fp), params={"after": 0, "wait": 30}, headers=auth)
@@ -61,7 +62,7 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
         v0 = blob_from_bytes((exported("bn")[0] / "params.safetensors").read_bytes())
         assert any(np.abs(blob.tensors[k] - v0.tensors[k]).max() > 0 for k in blob.tensors)
         r = http.post(samples_url(cloud.url, fp), content=_body(manifest, 5, seed=2), headers=auth)
-        assert r.json() == {"accepted": 5, "pending": 8, "buffered": 16, "version": 1, "target_version": 2}
+        assert r.json() == {"accepted": 5, "pending": 8, "buffered": 16, "version": 1, "target_version": 2, **ack}
         r = http.get(blob_url(cloud.url, fp), params={"after": 1, "wait": 30}, headers=auth)
         blob2 = blob_from_bytes(r.content)
         validate_blob(blob2, manifest, newer_than=1)
@@ -72,7 +73,8 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
         )
         assert r.status_code == 202
         metrics = http.get(cloud.url + "/metrics").text
-        assert f'cema_blob_version{{model="{fp[:16]}"}} 2' in metrics and "cema_samples_total" in metrics
+        assert f'cema_blob_version{{deployment="test_resnet",model="{fp[:16]}"}} 2' in metrics
+        assert "cema_samples_total" in metrics and "cema_upload_to_blob_seconds_count" in metrics
         assert 'kind="rollback"} 1' in metrics
         assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 2}
         assert "/v1/models/{fingerprint}/samples" in http.get(cloud.url + "/openapi.json").json()["paths"]
@@ -101,8 +103,14 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
             ({PROTOCOL_HEADER: "2"}, good, url, 401, "Missing bearer token"),
             ({**auth, PROTOCOL_HEADER: "1"}, good, url, 400, "speaks cema protocol '1'; this side speaks protocol 2"),
             ({"Authorization": auth["Authorization"]}, good, url, 400, "sent no X-Cema-Protocol header"),
-            ({"Authorization": "Bearer not-a-token", PROTOCOL_HEADER: "2"}, good, url, 401, "Unknown bearer token"),
-            (auth, good, samples_url(cloud.url, "ab" * 32), 404, "No model with fingerprint"),
+            (
+                {"Authorization": "Bearer not-a-token", PROTOCOL_HEADER: "2"},
+                good,
+                url,
+                401,
+                "Unknown or revoked bearer token",
+            ),
+            (auth, good, samples_url(cloud.url, "ab" * 32), 404, "No deployment with fingerprint"),
             (auth, b"\x00" * 100, url, 400, "Malformed sample upload"),
             (auth, good[:-10], url, 400, "Malformed sample upload"),
             (auth, _body(manifest, 2, fingerprint="cd" * 32), url, 400, "bound to fingerprint"),
@@ -120,8 +128,8 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
                 r = http.get(blob_url(cloud.url, fp), params=params, headers=auth)
                 assert r.status_code == 400 and r.json()["detail"], params
             assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 0}
-            assert not list((cloud.state / "replay").glob("*.npy"))
-            assert cloud.service.version == 0 and cloud.service.replay.total == 0
+            assert not list((dep_dir(cloud.state) / "uploads").glob("*"))
+            assert cloud.service.version == 0 and cloud.service.samples.adapt_total == 0
             # the first accepted upload finds nothing left behind by the refusals
             r = http.post(url, content=_body(manifest, 1), headers=auth)
             assert r.status_code == 202 and r.json() == {
@@ -130,6 +138,9 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
                 "buffered": 1,
                 "version": 0,
                 "target_version": 0,
+                "generation": 1,
+                "calibrated": False,
+                "duplicate": False,
             }
             metrics = http.get(cloud.url + "/metrics").text
             assert 'status="413"} 2' in metrics and 'status="401"} 2' in metrics
@@ -138,7 +149,7 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
 def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_factory, exported) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.replay import ReplayStore
+    from cema_deploy.cloud.replay import SampleStore
     from cema_deploy.contract.blob import blob_from_bytes
     from cema_deploy.contract.protocol import blob_url, samples_url
 
@@ -155,9 +166,9 @@ def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_f
         r = http.get(blob_url(cloud.url, fp), params={"after": 0, "wait": 30}, headers=auth)
         first = int(r.headers["X-Cema-Version"])
     cloud.kill()  # SIGKILL, possibly mid-step
-    stored = ReplayStore(cloud.state / "replay").read(0, 24)
+    stored = SampleStore(dep_dir(cloud.state) / "uploads").read_adapt(0, 24)
     assert np.array_equal(stored, np.concatenate(acked))  # every acknowledged sample survived, in order
-    before = {p.name for p in (cloud.state / "blobs").glob("v*.safetensors")}
+    before = {p.name for p in (dep_dir(cloud.state) / "blobs").glob("v*.safetensors")}
     newest_before = max(int(n[1:9]) for n in before)
     cloud2 = cloud_factory(state=cloud.state)
     with httpx.Client(timeout=60) as http:
@@ -178,7 +189,7 @@ def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_f
             after = blob_from_bytes(r.content).version
             versions.append(after)
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
-    after_names = sorted(p.name for p in (cloud.state / "blobs").glob("v*.safetensors"))
+    after_names = sorted(p.name for p in (dep_dir(cloud.state) / "blobs").glob("v*.safetensors"))
     assert set(before) <= set(after_names)  # nothing overwritten; new versions continue past the old newest
     assert int(after_names[-1][1:9]) >= newest_before + 3
     # SIGTERM with a long poll in flight: the poll ends at once (204) and the process exits 0 within seconds
@@ -212,12 +223,12 @@ def test_token_cli_prints_the_token_once_and_stores_only_its_hash(tmp_path) -> N
     from cema_deploy.cli import app
 
     state = tmp_path / "state"
-    r = CliRunner().invoke(app, ["cloud", "token", "add", "cam-07", "--state", str(state)])
+    r = CliRunner().invoke(app, ["cloud", "token", "add", "cam-07", "--all", "--state", str(state)])
     assert r.exit_code == 0, r.output
     token = r.output.strip().splitlines()[-1]
     stored = (state / "tokens.json").read_text()
     assert len(token) >= 40 and token not in stored and hashlib.sha256(token.encode()).hexdigest() in stored
     r = CliRunner().invoke(app, ["cloud", "token", "list", "--state", str(state)])
-    assert r.exit_code == 0 and r.output.split() == ["cam-07"]
-    r = CliRunner().invoke(app, ["cloud", "token", "add", "bad id!", "--state", str(state)])
+    assert r.exit_code == 0 and r.output.split() == ["cam-07", "*"]
+    r = CliRunner().invoke(app, ["cloud", "token", "add", "bad id!", "--all", "--state", str(state)])
     assert r.exit_code == 1 and "must be 1-128 letters" in str(r.exception)  # main() prints it as one line

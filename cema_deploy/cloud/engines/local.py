@@ -1,0 +1,134 @@
+"""The embedded default engine: each deployment is a :class:`~cema_deploy.cloud.deployment.Deployment` with its
+worker thread in this process. Long polls park on one :class:`asyncio.Event` per deployment and event loop, set
+from the worker thread when it publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+from cema_deploy.cloud.config import ServiceConfig
+from cema_deploy.cloud.deployment import Deployment
+from cema_deploy.cloud.engines.base import DeploymentInfo, Engine
+from cema_deploy.cloud.errors import UnknownDeployment
+from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
+from cema_deploy.contract.samples import SampleBatch
+from cema_deploy.exceptions import CloudError
+
+
+class LocalEngine:
+    """Deployments as threads of this process (an :class:`~cema_deploy.cloud.engines.base.Engine`).
+
+    Example:
+        >>> engine = LocalEngine.from_config(config)  # doctest: +SKIP
+        >>> engine.start(); engine.status(fp).version  # doctest: +SKIP
+    """
+
+    def __init__(self, deployments: list[Deployment]) -> None:
+        by_fp: dict[str, Deployment] = {}
+        for dep in deployments:
+            other = by_fp.get(dep.fingerprint)
+            if other is not None:
+                raise CloudError(
+                    f"Deployments {other.name!r} and {dep.name!r} serve one export (fingerprint "
+                    f"{dep.fingerprint[:16]}…); a fingerprint has one adaptation state. Export the model again for "
+                    "the second domain (a new fingerprint) or serve it once."
+                )
+            by_fp[dep.fingerprint] = dep
+        self._by_fp = by_fp
+        self._by_name = {d.name: d for d in deployments}
+        self.closing = False
+        self._waiters: dict[str, dict[asyncio.AbstractEventLoop, asyncio.Event]] = {fp: {} for fp in by_fp}
+        self._lock = threading.Lock()
+        for fp, dep in by_fp.items():
+            dep.add_listener(lambda _version, fp=fp: self._wake(fp))  # type: ignore[misc]
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> LocalEngine:
+        """Load every deployment of ``config`` (models, state) in this process."""
+        state = Path(config.state)
+        deps = [Deployment.from_spec(spec, state, signing_key=config.signing_key) for spec in config.deployments]
+        return cls(deps)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for dep in self._by_fp.values():
+            dep.start()
+
+    def begin_shutdown(self) -> None:
+        self.closing = True
+        for dep in self._by_fp.values():
+            dep.closing = True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.begin_shutdown()
+        for dep in self._by_fp.values():
+            dep.stop(timeout)
+
+    # ---- lookups ------------------------------------------------------------------------------------------
+    def deployment(self, fingerprint: str) -> Deployment:
+        dep = self._by_fp.get(fingerprint)
+        if dep is None:
+            raise UnknownDeployment(f"No deployment with fingerprint {fingerprint[:24]!r} is served here.", 404)
+        return dep
+
+    def by_name(self, name: str) -> Deployment:
+        dep = self._by_name.get(name)
+        if dep is None:
+            raise UnknownDeployment(f"No deployment named {name!r}; served: {sorted(self._by_name)}.", 404)
+        return dep
+
+    def deployments(self) -> list[DeploymentInfo]:
+        return [DeploymentInfo(**d.info()) for d in self._by_fp.values()]
+
+    # ---- the Engine protocol ------------------------------------------------------------------------------
+    def status(self, fingerprint: str) -> DeploymentStatus:
+        return self.deployment(fingerprint).status()
+
+    def upload(self, fingerprint: str, batch: SampleBatch, *, device: str, idempotency_key: str) -> UploadAck:
+        return self.deployment(fingerprint).upload(batch, device=device, idempotency_key=idempotency_key)
+
+    def batch_report(self, fingerprint: str, report: BatchReport, *, device: str, idempotency_key: str) -> BatchAck:
+        return self.deployment(fingerprint).batch_report(report, device=device, idempotency_key=idempotency_key)
+
+    def latest(self, fingerprint: str, after: int) -> tuple[int, bytes] | None:
+        return self.deployment(fingerprint).latest(after)
+
+    async def wait_version(self, fingerprint: str, after: int, timeout: float) -> int:
+        dep = self.deployment(fingerprint)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.closing:
+            with self._lock:  # registered before the check: a publish in between sets this event
+                event = self._waiters[fingerprint].setdefault(loop, asyncio.Event())
+            remaining = deadline - loop.time()
+            if dep.latest(after) is not None or remaining <= 0:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
+        found = dep.latest(after)
+        return found[0] if found is not None else dep.version
+
+    def _wake(self, fingerprint: str) -> None:  # on the worker thread, after a publish
+        with self._lock:
+            waiting = list(self._waiters[fingerprint].items())
+            self._waiters[fingerprint].clear()
+        for loop, event in waiting:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(event.set)
+
+    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
+        self.deployment(fingerprint).edge_report(report, device=device)
+
+    def admin(self, name: str, action: str) -> DeploymentStatus:
+        return self.by_name(name).admin(action)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [d.metrics() for d in self._by_fp.values()]
+
+
+def _conforms(engine: LocalEngine) -> Engine:  # mypy checks here that LocalEngine implements the Engine protocol
+    return engine
