@@ -65,11 +65,14 @@ class CloudLink(Protocol):
 
 
 def is_loopback_url(url: str | None) -> bool:
-    """True for a cloud on this machine (``localhost``, 127.0.0.0/8, ``::1``) and for an in-process link
-    (``url`` None): traffic that never crosses a network."""
+    """True for a cloud on this machine (``localhost``, 127.0.0.0/8, ``::1``) and for an in-process link (``url``
+    None, or not an ``http(s)://`` URL, e.g. ``local:{deployment}``): traffic that never crosses a network."""
     if url is None:
         return True
-    host = urlsplit(url).hostname or ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return True
+    host = parts.hostname or ""
     if host == "localhost":
         return True
     try:

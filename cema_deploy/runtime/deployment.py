@@ -58,6 +58,7 @@ class Deployment(UplinkListener):
         self.status_errors = 0
         self.status_due = client is not None  # read the status before calibrating (at start, on a new generation)
         self._calibrating = False  # a calibration batch is queued or in flight
+        self._seen_calibrated = -1  # the generation the cloud has said (or acknowledged) is calibrated
         self._status_gone = False  # the cloud has no status route (an older cloud): stop asking
         self._lock = threading.Lock()
         self._status_lock = threading.Lock()
@@ -106,8 +107,12 @@ class Deployment(UplinkListener):
                 if new:
                     self._calibrating = False
                     self.status_due = self.client is not None and not self._status_gone
-            if calibrated is not None:
-                self.calibrated = calibrated
+            if calibrated:
+                self.calibrated, self._seen_calibrated = True, generation
+            elif calibrated is False and self._seen_calibrated != generation:
+                # A generation, once calibrated, stays so until a reset (a new generation): an answer made before
+                # the cloud applied a calibration (it does so after acknowledging it) must not undo it.
+                self.calibrated = False
         if new:
             log.warning("deployment generation %d (seen in %s): the cloud was reset; starting a fresh selector%s",
                         generation, source, "" if calibrated else " and calibrating")  # fmt: skip
@@ -142,7 +147,7 @@ class Deployment(UplinkListener):
             with self._lock:
                 self._calibrating = False
                 if batch.calibration == "start" and ack.generation in (0, self.generation):
-                    self.calibrated = True
+                    self.calibrated, self._seen_calibrated = True, self.generation
             if self.on_calibration_done is not None:
                 self.on_calibration_done(ack.target_version)
 

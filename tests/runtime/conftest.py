@@ -53,6 +53,9 @@ class ProtocolState:
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)  # idempotency key -> the answer stored
     duplicates: int = 0  # requests answered from ``acks`` (a retry of something already stored)
     status_requests: int = 0
+    #: False: a calibration upload does not mark the deployment calibrated (a cloud that applies it later, after
+    #: acknowledging it; its answers say "uncalibrated" meanwhile)
+    calibrate_on_upload: bool = True
     #: status to answer the next N sample uploads with, e.g. [503, (429, {"Retry-After": "0.3"}), "lost_ack"]
     upload_failures: list[Failure] = field(default_factory=list)
     batch_failures: list[Failure] = field(default_factory=list)  # the same for batch reports
@@ -196,7 +199,7 @@ def _handler(state: ProtocolState) -> type[BaseHTTPRequestHandler]:
                     return 409, state.status_json()
             target = state.on_upload(batch) if state.on_upload is not None else None
             with state.lock:
-                if batch.kind == KIND_CALIBRATION and batch.calibration == "start":
+                if batch.kind == KIND_CALIBRATION and batch.calibration == "start" and state.calibrate_on_upload:
                     state.calibrated = True
                 state.uploads.append(body)
                 state.batches.append(batch)

@@ -148,6 +148,18 @@ def test_calibration_at_start_and_its_rerun_in_sync_mode(exported, protocol_serv
     assert m["calibrations"] == {"start": 1} and m["calibrated"] is True and m["sync_timeouts"] == 0
 
 
+def test_answers_made_before_the_cloud_applied_a_calibration_do_not_undo_it(exported, protocol_server) -> None:  # type: ignore[no-untyped-def]
+    out, v0, srv = _setup(exported, protocol_server)
+    srv.state.calibrated = False
+    srv.state.calibrate_on_upload = False  # every answer of this cloud says "uncalibrated", even after it
+    _publish_on_calibration(srv, v0)
+    with _runtime(out, srv, SampleSelector(KEEP_ALL), sync=True) as rt:
+        steps = [rt.process(images(8, seed=i)) for i in range(3)]
+        m = rt.metrics()
+    assert [s.calibration for s in steps] == ["start", "", ""] and m["calibrations"] == {"start": 1}
+    assert [b.kind for b in srv.state.batches] == ["calibration", "selected", "selected", "selected", "selected"]
+
+
 def blob_from_bytes_tensors(data: bytes) -> dict[str, np.ndarray]:
     from cema_deploy.contract.blob import blob_from_bytes
 

@@ -171,5 +171,5 @@ def test_unsigned_blobs_from_a_non_loopback_cloud(exported, allow_unsigned, capl
 
 def test_what_counts_as_loopback() -> None:
     assert all(map(is_loopback_url, [None, "http://127.0.0.1:8750", "https://localhost", "http://[::1]:80",
-                                     "http://127.3.4.5"]))  # fmt: skip
+                                     "http://127.3.4.5", "local:cams"]))  # fmt: skip
     assert not any(map(is_loopback_url, ["https://10.0.0.2:8750", "https://cloud.example.org", "http://0.0.0.0"]))
