@@ -1,10 +1,11 @@
-"""Published edge numbers: refittable vs BN-folded engine, edge step vs bare inference, hot refit.
+"""Published edge numbers: refittable vs BN-folded engine, edge step vs bare inference, hot and sustained refits.
 
 Exports resnet18 and resnet50 (random init; weights do not change speed) with a BN-folded reference, then runs
 ``cema-deploy bench``'s measurement (``cema_deploy.bench.run_bench``) on every backend available here and
 writes one JSON file per model. Only the public API is used.
 
     python benchmarks/bench_backends.py --models resnet18,resnet50 --batch 1,16 --out benchmarks/results
+    python benchmarks/bench_backends.py --models resnet50 --batch 1 --sustained-refit 60 --refit-every 1
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--refit-repeats", type=int, default=3, help="hot refits timed under load (medians)")
+    ap.add_argument("--sustained-refit", type=float, default=0.0, metavar="SECONDS", help="0 = off")
+    ap.add_argument("--refit-every", type=float, default=1.0, metavar="S")
+    ap.add_argument("--min-refit-interval", type=float, default=0.0, metavar="S")
     args = ap.parse_args()
     backends = args.backend.split(",") if args.backend else available_backends()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -45,6 +50,10 @@ def main() -> None:
                 batches=[int(b) for b in args.batch.split(",")],
                 rounds=args.rounds,
                 seconds_per_round=args.seconds,
+                refit_repeats=args.refit_repeats,
+                sustained_refit_s=args.sustained_refit,
+                refit_every_s=args.refit_every,
+                min_refit_interval_s=args.min_refit_interval,
             )
             report["command"] = shlex.join(["python", *sys.argv])
             print_report(report)

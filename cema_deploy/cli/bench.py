@@ -44,13 +44,43 @@ def bench_cmd(
     precision: Annotated[
         str | None, typer.Option(help="trt: fp32 (TF32 off), tf32 or fp16; ort-trt: fp32 or fp16 (default fp32).")
     ] = None,
+    refit_path: Annotated[
+        str,
+        typer.Option(
+            help="ort-cpu/ort-cuda: how a refit builds its session: auto, prepared (ORT CPU) or plain (see the docs)."
+        ),
+    ] = "auto",
+    spinning: Annotated[
+        bool,
+        typer.Option(
+            "--spinning/--no-spinning",
+            help="Let ONNX Runtime's intra-op threads spin-wait between operators (ORT's own default; off here).",
+        ),
+    ] = False,
+    refit_repeats: Annotated[
+        int, typer.Option(min=1, help="Hot refits timed under load (figures are medians over them).")
+    ] = 3,
+    sustained_refit: Annotated[
+        float,
+        typer.Option(
+            metavar="SECONDS", min=0, help="Also refit continuously for this long (0 = off), through RefitScheduler."
+        ),
+    ] = 0.0,
+    refit_every: Annotated[
+        float, typer.Option(metavar="S", min=0.01, help="With --sustained-refit: a new blob every S seconds.")
+    ] = 1.0,
+    min_refit_interval: Annotated[
+        float, typer.Option(metavar="S", min=0, help="With --sustained-refit: pause between two builds.")
+    ] = 0.0,
 ) -> None:
     """Measure throughput (images/s) and latency p50/p90/p99 of an export per backend and batch size.
 
     In the same run, as ratios: the refittable engine against the BN-folded reference export (export with
     --folded-reference to get it), the full edge step (inference + entropy + selection) against bare
-    inference, and PyTorch eager when torch is installed. Then a hot refit is timed from blob received to new
-    parameters serving while inference keeps running, counting failed requests.
+    inference, and PyTorch eager when torch is installed. Then hot refits are timed from blob received to new
+    parameters serving while inference keeps running, counting failed requests, against an idle plain session
+    build timed in the same run. --sustained-refit S refits every --refit-every seconds for S seconds and
+    reports throughput and p99 against steady, failed requests and RSS.
     """
     from cema_deploy.bench import run_bench
 
@@ -66,6 +96,11 @@ def bench_cmd(
             progress=on_step,
             max_batch=max_batch,
             precision=precision,
+            refit_repeats=refit_repeats,
+            sustained_refit_s=sustained_refit,
+            refit_every_s=refit_every,
+            min_refit_interval_s=min_refit_interval,
+            backend_options={"refit_path": refit_path, "allow_spinning": spinning},
         )
     print_report(report)
     if json_file is not None:
@@ -107,12 +142,27 @@ def print_report(report: dict[str, Any]) -> None:
         )
     console.print(rt)
     for r in report["refit"]:
+        tg = r["targets"]
         console.print(
-            f"[bold]refit[/] {r['backend']}: blob {r['blob_bytes']:,} B, version {r['version'][0]} -> "
-            f"{r['version'][1]}, received->serving {r['received_to_serving_ms']:.0f} ms (parse {r['parse_ms']:.1f}, "
-            f"validate {r['validate_ms']:.1f}, build {r['build_ms']:.0f}), first response with the new version "
-            f"{r['received_to_first_new_response_ms']:.0f} ms; {r['requests_during_refit']} requests during it, "
+            f"[bold]refit[/] {r['backend']} ({r['refit_path']}, median of {r['repeats']}): blob {r['blob_bytes']:,} B, "
+            f"version {r['version'][0]} -> {r['version'][1]}, received->serving {r['received_to_serving_ms']:.0f} ms "
+            f"(parse {r['parse_ms']:.1f}, validate {r['validate_ms']:.1f}, build {r['build_ms']:.0f}, warm-up "
+            f"{r['warmup_ms']:.0f}) vs idle plain build {r['idle_build_ms']:.0f} ms "
+            f"(x{tg['serving_vs_idle_build']:.2f}); "
+            f"first response with the new version {r['received_to_first_new_response_ms']:.0f} ms "
+            f"(x{tg['first_new_vs_build_plus_p99']:.2f} of build + warm-up + steady p99; it took "
+            f"{r['first_new_response_latency_ms']:.0f} ms); {r['requests_during_refit']:.0f} requests during it, "
             f"{r['failed_requests']} failed; throughput {r['throughput_during_refit']} vs steady "
             f"{r['steady_throughput']} img/s; max latency {r['max_latency_during_refit_ms']:.1f} ms vs steady p99 "
-            f"{r['steady_p99_ms']:.1f} ms"
+            f"{r['steady_p99_ms']:.1f} ms (x{tg['max_latency_vs_steady_p99']:.2f})"
+        )
+    s = report.get("sustained_refit")
+    if s:
+        console.print(
+            f"[bold]sustained refits[/] {s['backend']} ({s['refit_path']}): {s['seconds']:.0f} s, a blob every "
+            f"{s['refit_every_s']:g} s: {s['refits']} applied, {s['refits_coalesced']} coalesced, "
+            f"{s['refits_failed']} failed; {s['failed_requests']} of {s['requests']} requests failed; throughput "
+            f"{s['throughput']} vs steady {s['steady_throughput']} img/s (x{s['throughput_ratio']}); p99 "
+            f"{s['p99_ms']:.1f} vs steady {s['steady_p99_ms']:.1f} ms; RSS {s['rss_after_10s_mb']:.0f} MB after "
+            f"10 s, {s['rss_mb']:.0f} MB at the end ({s['rss_growth_pct']:+.1f} %)"
         )

@@ -3,9 +3,14 @@
 A backend holds one immutable *engine state* (an engine/session plus the parameters it was built with and
 their version). ``infer`` reads the current state once and runs on it, so a request that started before a
 swap finishes on the old parameters. ``refit`` validates the blob against the manifest, builds a new engine
-off the serving path (on the calling thread; use ``refit_async`` to build on a worker) and replaces the
-state reference in one assignment. A blob that fails validation or building raises and changes nothing. The
-previous state is kept for ``rollback``.
+off the serving path (on the calling thread; :class:`~cema_deploy.runtime.refit.RefitScheduler` or
+``refit_async`` build on a worker), runs one warm-up inference on it at the shape last served, and replaces
+the state reference in one assignment. A blob that fails validation, building or the warm-up raises and
+changes nothing.
+
+Resident engines: the serving state and the previous one (for ``rollback`` and ``infer_previous``), plus
+the one being built during a refit. An engine that leaves the backend is freed once the requests running on
+it return.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class RefitReport:
     new_version: int
     validate_s: float
     build_s: float
+    warmup_s: float = 0.0  # the warm-up inference at the serving shape, after the build, before the swap
 
 
 class Backend(ABC):
@@ -60,10 +66,20 @@ class Backend(ABC):
         self._executor: ThreadPoolExecutor | None = None
         blob = blob_from_path(self.model_dir / self.manifest.params_file)
         validate_blob(blob, self.manifest)
+        self._prepare(blob.tensors)
         self._state = EngineState(self._build(blob.tensors), blob.version, blob.tensors)
         self._previous: EngineState | None = None
+        self._serving_shape: tuple[int, ...] = (1, *self.manifest.input.shape[1:])
 
     # ---- subclass hooks -------------------------------------------------------------------------------
+    def _prepare(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Once, before the first build: work every later build can reuse (default: none)."""
+        return None
+
+    def build_plain(self, tensors: Mapping[str, np.ndarray]) -> Any:
+        """An engine built as a fresh deployment builds it, without what ``_prepare`` made (for benchmarks)."""
+        return self._build(tensors)
+
     @abstractmethod
     def _build(self, tensors: Mapping[str, np.ndarray]) -> Any:
         """Build an engine whose refittable tensors hold ``tensors``. Must not touch the serving state."""
@@ -82,15 +98,37 @@ class Backend(ABC):
     def providers(self) -> list[str]:
         return [self.name]
 
+    @property
+    def previous_version(self) -> int | None:
+        """Version of the parameters that served before the last refit (still resident), None when none."""
+        prev = self._previous
+        return None if prev is None else prev.version
+
+    @property
+    def serving_shape(self) -> tuple[int, ...]:
+        """The batch shape served last: the shape the next refit's warm-up inference runs at."""
+        return self._serving_shape
+
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Logits for one NCHW float32 batch, computed entirely with one version's parameters."""
         state = self._state  # one read: a concurrent swap cannot mix versions within this call
+        self._serving_shape = x.shape
         return self._run(state.engine, x)
 
     def infer_versioned(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """Like :meth:`infer`, also returning the parameter version that produced the logits."""
         state = self._state
+        self._serving_shape = x.shape
         return self._run(state.engine, x), state.version
+
+    def infer_previous(self, x: np.ndarray) -> np.ndarray | None:
+        """Logits of the parameters that served before the last refit (:attr:`previous_version`), or None.
+
+        For comparing old and new parameters on the same inputs off the serving path (e.g. a rollback
+        check); it does not change the serving shape the next refit warms up at.
+        """
+        prev = self._previous
+        return None if prev is None else self._run(prev.engine, x)
 
     def refit(self, blob: RefitBlob) -> RefitReport:
         """Validate ``blob``, build a new engine with it, then swap it in atomically.
@@ -105,9 +143,17 @@ class Backend(ABC):
             t1 = time.perf_counter()
             engine = self._build_checked(blob.tensors)
             t2 = time.perf_counter()
-            self._previous = old
+            self._warm_up(engine)
+            t3 = time.perf_counter()
+            self._previous = old  # the state before it (if any) leaves: at most two engines stay resident
             self._state = EngineState(engine, blob.version, blob.tensors)
-            return RefitReport(old_version=old.version, new_version=blob.version, validate_s=t1 - t0, build_s=t2 - t1)
+            return RefitReport(
+                old_version=old.version,
+                new_version=blob.version,
+                validate_s=t1 - t0,
+                build_s=t2 - t1,
+                warmup_s=t3 - t2,
+            )
 
     def refit_async(self, blob: RefitBlob) -> Future[RefitReport]:
         """:meth:`refit` on a background worker; the future raises what ``refit`` would."""
@@ -142,6 +188,17 @@ class Backend(ABC):
         self.close()
 
     # ---- helpers --------------------------------------------------------------------------------------
+    def _warm_up(self, engine: Any) -> None:
+        """One inference at the shape served last, so the first request on ``engine`` is not its cold start."""
+        x = np.zeros(self._serving_shape, np.float32)
+        try:
+            self._run(engine, x)
+        except Exception as exc:
+            raise RefitError(
+                f"The new {self.name} engine failed its warm-up inference at shape {tuple(x.shape)} "
+                f"({type(exc).__name__}: {exc}); the previous parameters keep serving."
+            ) from exc
+
     def _build_checked(self, tensors: Mapping[str, np.ndarray]) -> Any:
         try:
             return self._build(tensors)

@@ -67,13 +67,41 @@ def test_ratios_are_present_for_every_batch(report: dict[str, Any]) -> None:
 @needs_torch
 def test_hot_refit_serves_the_new_version_without_failed_requests(report: dict[str, Any]) -> None:
     (refit,) = report["refit"]
-    assert refit["backend"] == "ort-cpu"
-    assert refit["version"] == [0, 1]
+    assert refit["backend"] == "ort-cpu" and refit["refit_path"] == "prepared"
+    assert refit["repeats"] == report["settings"]["refit_repeats"] == len(refit["trials"]) == 3
+    assert refit["version"] == [0, 3]
     assert refit["failed_requests"] == 0
     assert refit["requests_during_refit"] >= 1
-    assert 0 < refit["build_ms"] <= refit["received_to_serving_ms"]
-    assert refit["received_to_serving_ms"] <= refit["received_to_first_new_response_ms"]
+    for t in refit["trials"]:
+        assert t["build_ms"] > 0 and t["warmup_ms"] > 0
+        assert t["build_ms"] + t["warmup_ms"] <= t["received_to_serving_ms"] <= t["received_to_first_new_response_ms"]
+        assert t["version"][1] == t["version"][0] + 1
     assert refit["blob_bytes"] > 0 and refit["steady_throughput"] > 0
+    assert len(refit["idle_build_ms_all"]) == 3 and refit["idle_build_ms"] > 0
+    assert set(refit["targets"]) == {
+        "serving_vs_idle_build",
+        "max_latency_vs_steady_p99",
+        "first_new_vs_build_plus_p99",
+    }
+    assert all(v > 0 for v in refit["targets"].values())
+
+
+@needs_torch
+def test_sustained_refits_report_throughput_latency_and_rss(folded_export: Path, tmp_path: Path) -> None:
+    """The sustained path runs briefly through RefitScheduler (figures are checked for shape, not speed)."""
+    path = tmp_path / "sustained.json"
+    args = ["bench", str(folded_export), "--backend", "ort-cpu", "--batch", "1", "--rounds", "1", "--seconds", "0.05"]
+    args += ["--no-torch", "--refit-repeats", "1", "--sustained-refit", "1.5", "--refit-every", "0.25"]
+    r = runner.invoke(app, [*args, "--min-refit-interval", "0.05", "--json", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "sustained refits" in r.output
+    s = json.loads(path.read_text())["sustained_refit"]
+    assert s["backend"] == "ort-cpu" and s["refit_path"] == "prepared"
+    assert s["failed_requests"] == 0 and s["refits_failed"] == 0 and s["refit_errors"] == []
+    assert s["refits"] >= 1 and s["refits"] + s["refits_coalesced"] == s["refits_submitted"]
+    assert s["throughput_ratio"] > 0 and 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert s["steady_p99_ms"] > 0 and s["rss_mb"] > 0 and s["rss_after_10s_mb"] > 0
+    assert isinstance(s["rss_growth_pct"], float) and s["rss_samples"]
 
 
 @needs_torch

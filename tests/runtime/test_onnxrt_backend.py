@@ -1,4 +1,5 @@
-"""The ONNX Runtime backend: parity, hot refit under concurrent load, bad blobs, rollback."""
+"""The ONNX Runtime backend: parity, hot refit under concurrent load (prepared and plain refit paths), bad
+blobs, rollback, the warm swap and the previous engine kept for comparison."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from cema_deploy.contract import RefitBlob, blob_from_bytes, blob_from_path, blob_to_bytes, manifest_from_dir
 from cema_deploy.exceptions import (
+    BackendError,
     BackendUnavailableError,
     BlobSchemaError,
     BlobValueError,
@@ -126,7 +128,8 @@ def test_build_failure_is_refit_error_and_changes_nothing(setup, tmp_path):
     copy_dir = tmp_path / "m"
     shutil.copytree(out, copy_dir)
     _, tensors = _perturbed(model, manifest, 3)
-    with get_backend("ort-cpu", copy_dir) as be:
+    with get_backend("ort-cpu", copy_dir, refit_path="plain") as be:
+        assert be.refit_path == "plain"
         before = be.infer(x)
         (copy_dir / "model.onnx").write_bytes(b"not an onnx file")
         with pytest.raises(RefitError, match=r"previous parameters keep serving|failed"):
@@ -135,7 +138,85 @@ def test_build_failure_is_refit_error_and_changes_nothing(setup, tmp_path):
         np.testing.assert_array_equal(be.infer(x), before)
 
 
-def test_refit_under_concurrent_load(setup):
+@pytest.mark.parametrize("kind", ["bn", "gn", "ln"])
+def test_prepared_refits_match_plain_sessions(exported, kind):
+    """The prepared path (ORT's optimised graph saved once, fused initializers computed in numpy) gives the
+    logits of a plain session built with the same tensors, at every batch size, for BN, GN and LN models."""
+    out, model = exported(kind)
+    manifest = manifest_from_dir(out)
+    x = np.random.default_rng(1).standard_normal((3, *manifest.input.shape[1:])).astype(np.float32)
+    _, tensors = _perturbed(model, manifest, 4)
+    new_model, _ = _perturbed(model, manifest, 4)
+    with (
+        get_backend("ort-cpu", out, refit_path="prepared") as fast,
+        get_backend("ort-cpu", out, refit_path="plain") as plain,
+    ):
+        assert (fast.refit_path, fast.prepare_error, plain.refit_path) == ("prepared", None, "plain")
+        for be in (fast, plain):
+            be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
+        np.testing.assert_allclose(fast.infer(x), plain.infer(x), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(fast.infer(x[:1]), _ref(new_model, x[:1]), atol=1e-4, rtol=0)
+
+
+def test_prepared_refits_do_not_read_the_model_file_again(setup, tmp_path):
+    """The prepared graph is held in memory: a refit still works when model.onnx is gone."""
+    import shutil
+
+    out, model, manifest, x = setup
+    copy_dir = tmp_path / "m"
+    shutil.copytree(out, copy_dir)
+    new_model, tensors = _perturbed(model, manifest, 5)
+    with get_backend("ort-cpu", copy_dir) as be:
+        assert be.refit_path == "prepared"
+        (copy_dir / "model.onnx").unlink()
+        be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
+        np.testing.assert_allclose(be.infer(x), _ref(new_model, x), atol=1e-4, rtol=0)
+
+
+def test_unknown_refit_path_is_a_clean_error(setup):
+    out, *_ = setup
+    with pytest.raises(BackendError, match="Unknown refit path 'fast'; expected one of"):
+        get_backend("ort-cpu", out, refit_path="fast")
+
+
+def test_previous_engine_stays_resident_for_comparison(setup):
+    """infer_previous gives the logits of the parameters that served before the last refit; after a
+    rollback (or before any refit) there is none."""
+    out, model, manifest, x = setup
+    with get_backend("ort-cpu", out) as be:
+        assert be.previous_version is None and be.infer_previous(x) is None
+        m1, t1 = _perturbed(model, manifest, 6)
+        m2, t2 = _perturbed(m1, manifest, 7)
+        be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1))
+        assert be.previous_version == 0
+        np.testing.assert_allclose(be.infer_previous(x), _ref(model, x), atol=1e-4, rtol=0)
+        be.refit(RefitBlob(tensors=t2, fingerprint=manifest.fingerprint, version=2))
+        assert (be.version, be.previous_version) == (2, 1)  # version 0's engine has left: two resident
+        np.testing.assert_allclose(be.infer_previous(x), _ref(m1, x), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(be.infer(x), _ref(m2, x), atol=1e-4, rtol=0)
+        # version 3 is built into the arrays version 0's engine left behind (prepared path): the two
+        # resident engines must still compute exactly their own parameters
+        m3, t3 = _perturbed(m2, manifest, 9)
+        be.refit(RefitBlob(tensors=t3, fingerprint=manifest.fingerprint, version=3))
+        np.testing.assert_allclose(be.infer_previous(x), _ref(m2, x), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(be.infer(x), _ref(m3, x), atol=1e-4, rtol=0)
+        assert be.rollback() == 2
+        assert be.previous_version is None and be.infer_previous(x) is None
+
+
+def test_refit_warms_the_new_engine_up_at_the_serving_shape(setup):
+    """The report times the warm-up inference, run at the batch shape served last, before the swap."""
+    out, model, manifest, x = setup
+    _, tensors = _perturbed(model, manifest, 8)
+    with get_backend("ort-cpu", out) as be:
+        be.infer(x[:2])
+        report = be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
+        assert report.warmup_s > 0 and report.build_s > 0
+        assert be.serving_shape == (2, *manifest.input.shape[1:])
+
+
+@pytest.mark.parametrize("mode", ["prepared", "plain"])
+def test_refit_under_concurrent_load(setup, mode):
     """Four threads infer while refits swap parameters: every response equals either the old or the new
     reference (never a mix), none fails, and the new parameters serve once the refit returns."""
     out, model, manifest, x = setup
@@ -149,7 +230,8 @@ def test_refit_under_concurrent_load(setup):
     errors: list[BaseException] = []
     seen: dict[int, int] = {}
     stop = threading.Event()
-    with get_backend("ort-cpu", out) as be:
+    with get_backend("ort-cpu", out, refit_path=mode) as be:
+        assert be.refit_path == mode
 
         def worker() -> None:
             try:
