@@ -300,20 +300,8 @@ def run_cloud_method(
     for m in metrics:
         for k, v in m.get("refused", {}).items():
             refused[k] = refused.get(k, 0) + int(v)
-    sel = {
-        k: total(k, "selection")
-        for k in (
-            "seen",
-            "selected",
-            "unreliable",
-            "low_info",
-            "redundant",
-            "not_drawn",
-            "statistics",
-            "calibration",
-            "uploaded",
-        )
-    }
+    sel = {k: total(k, "selection") for k in ("seen", "selected", "unreliable", "low_info", "redundant", "not_drawn")}
+    frames = {f"{k}_frames": total(k, "selection") for k in ("uploaded", "calibration", "statistics")}
     return MethodRun(
         correct=predictions == stream.labels,
         uploaded=uploaded,
@@ -324,6 +312,7 @@ def run_cloud_method(
             "edge_fps": float(np.mean([m["fps"] for m in metrics])),
             "final_version": int(metrics[-1]["version"]),
             **sel,
+            **frames,
             "rollbacks": total("rollbacks"),
             "refused": refused,
             "selection_config": metrics[0].get("selection_config", {}),
