@@ -1,3 +1,4 @@
 from cema_deploy.cli import main
 
-main()
+if __name__ == "__main__":  # not when multiprocessing (spawn) imports this module in a worker
+    main()

@@ -48,6 +48,17 @@ def demo_cmd(
         int | None, typer.Option(help="W: samples before CEMA's E_max adapts (default 128 reset, 512 continual).")
     ] = None,
     sync: Annotated[bool, typer.Option(help="Edge waits for each blob (reproducible on slow machines).")] = True,
+    frontier: Annotated[
+        bool,
+        typer.Option(
+            help="Instead: sweep the uploaded share of every rule (in-process, no HTTP) and write frontier.json/png; "
+            "--protocol both runs both protocols. Hours on 2 cores for 3 seeds."
+        ),
+    ] = False,
+    rules: Annotated[
+        str, typer.Option(help="--frontier: comma-separated rules (cema, eata_style, random, entropy_top, cema_stats).")
+    ] = "cema,eata_style,random,entropy_top,cema_stats",
+    workers: Annotated[int, typer.Option(min=1, help="--frontier: runs at once (one core each).")] = 2,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Run CEMA end to end on ImageNet-C corruptions of scikit-learn's digits (no download).
@@ -65,6 +76,26 @@ def demo_cmd(
     from cema_deploy.demo.report import print_table, write_outputs
     from cema_deploy.demo.run import DEFAULT_METHOD, DemoConfig, run_demo
 
+    if frontier:
+        from cema_deploy.demo.frontier import run_frontier
+        from cema_deploy.demo.run import DEFAULT_METHOD
+
+        protocols = ("reset", "continual") if protocol == "both" else (protocol,)
+        with step_progress(quiet=json_out) as on_step:
+            paths = run_frontier(
+                out,
+                rules=[r.strip() for r in rules.split(",")],
+                protocols=protocols,
+                severities=[int(x) for x in severity.split(",")],
+                seeds=range(seed, seed + seeds),
+                default=DEFAULT_METHOD,
+                workers=workers,
+                train_seed=train_seed,
+                on_step=on_step,
+            )
+        for p in paths:
+            console.print(f"wrote {p}")
+        return
     chosen = methods.split(",") if methods is not None else None
     if chosen is None:
         chosen = ["no_adapt", "bn_adapt", "tent", "eata_style", "cema", DEFAULT_METHOD]

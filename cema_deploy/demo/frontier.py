@@ -164,3 +164,289 @@ def write_frontier(
 
 Runner = Callable[[str, float, str, int, int], tuple[float, float]]
 """``runner(rule, knob, protocol, severity, seed) -> (accuracy %, share %)``."""
+
+
+# ---- the in-process runner ----------------------------------------------------------------------------------
+#: Rules of the frontier: (selection preset, what the knob sets, cloud statistics source).
+RULES: dict[str, tuple[str, str, str]] = {
+    "cema": ("cema", "budget", "training"),
+    "eata_style": ("eata", "e0_ratio", "training"),
+    "random": ("random", "share", "training"),
+    "entropy_top": ("entropy-top", "share", "training"),
+    "cema_stats": ("cema", "budget", "samples"),
+}
+STATS_SHARE = 0.05  # cema_stats: uniform share of frames sent as statistics samples
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """One frontier run: a rule at a knob value on one stream (protocol, severity, seed)."""
+
+    rule: str
+    knob: float
+    protocol: str
+    severity: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol}/{self.severity}/{self.rule}/{self.knob:g}/{self.seed}"
+
+
+def _selector_config(job: Job, warmup: int, d_margin: float | None) -> Any:
+    from cema_deploy.runtime.selection import SelectionConfig
+    from cema_deploy.runtime.shift import ShiftConfig
+
+    preset, knob, stats = RULES[job.rule]
+    kw: dict[str, Any] = {knob: job.knob} if knob != "share" else {"share": job.knob}
+    if stats == "samples":
+        kw["stats_share"] = STATS_SHARE
+    shift = ShiftConfig() if job.protocol == "continual" else None  # continual: every rule recalibrates on shift
+    return SelectionConfig.preset(preset, 10, warmup=warmup, d_margin=d_margin, shift=shift, seed=job.seed, **kw)
+
+
+def run_job(
+    job: Job,
+    *,
+    work: Path,
+    edge_dir: Path,
+    teacher: tuple[str, Path],
+    stream: Any,
+    replay_size: int = 400,
+    edge_batch: int = 64,
+    cloud_batch: int = 32,
+) -> dict[str, Any]:
+    """One frontier point on one seed, in-process: the real EdgeRuntime (ORT) and the real local deployment,
+    joined by LocalLink, in sync mode. Returns accuracy %, uploaded share % (all kinds) and counters."""
+    import shutil
+
+    from cema_deploy.cloud.config import CemaConfig, DeploymentSpec
+    from cema_deploy.cloud.deployment import Deployment
+    from cema_deploy.cloud.engines.local import LocalEngine
+    from cema_deploy.cloud.local_link import LocalLink
+    from cema_deploy.demo.run import WARMUP
+    from cema_deploy.runtime.edge import EdgeRuntime
+    from cema_deploy.runtime.registry import get_backend
+    from cema_deploy.runtime.selection import SampleSelector
+
+    state = work / job.key.replace("/", "_")
+    shutil.rmtree(state, ignore_errors=True)
+    stats = RULES[job.rule][2]
+    spec = DeploymentSpec(
+        name="frontier",
+        edge=edge_dir,
+        teacher=teacher[0],
+        teacher_weights=teacher[1],
+        method=CemaConfig(batch_size=cloud_batch, replay_size=replay_size, seed=job.seed, statistics=stats),
+    )
+    engine = LocalEngine([Deployment.from_spec(spec, state)])
+    engine.start()
+    backend = get_backend("ort-cpu", edge_dir, intra_op_threads=1)
+    cfg = _selector_config(job, WARMUP[job.protocol], None)
+    correct = seen = uploaded = rollbacks = 0
+    fp = backend.manifest.fingerprint
+    try:
+        parts = [[s] for s in stream.segments] if job.protocol == "reset" else [list(stream.segments)]
+        for i, segments in enumerate(parts):
+            if job.protocol == "reset" and i > 0:
+                engine.admin("frontier", "reset")
+            link = LocalLink(engine, fp, f"frontier-{job.seed}")
+            rt = EdgeRuntime(
+                backend,
+                SampleSelector(cfg),
+                client=link,
+                poll_wait_s=1.0,
+                sync=True,
+                upload_batch=cloud_batch,
+                selector_factory=lambda: SampleSelector(cfg),
+            )
+            try:
+                for seg in segments:
+                    for a in range(0, len(seg.labels), edge_batch):
+                        step = rt.process(np.asarray(seg.images[a : a + edge_batch]))
+                        if not rt.sync(timeout=300):
+                            raise RuntimeError(f"{job.key}: sync timed out")
+                        correct += int((step.predictions == seg.labels[a : a + edge_batch]).sum())
+                m = rt.metrics()
+                seen += m["frames"]
+                uploaded += sum(m["uploaded"].values())
+                rollbacks += int(m["rollbacks"])
+            finally:
+                rt.close()
+    finally:
+        backend.close()
+        engine.stop()
+        shutil.rmtree(state, ignore_errors=True)
+    return {
+        "key": job.key,
+        **asdict(job),
+        "accuracy": 100 * correct / seen,
+        "share": 100 * uploaded / seen,
+        "rollbacks": rollbacks,
+        "frames": seen,
+    }
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(
+    edge_dir: str,
+    teacher: tuple[str, str],
+    per_corruption: int | None,
+    corruptions: tuple[str, ...],
+    train_seed: int,
+    work: str,
+) -> None:
+    import logging
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("cema_deploy").setLevel(logging.ERROR)  # one warning per runtime x 13 corruptions: noise here
+    from cema_deploy.demo.stream import digits_splits
+
+    _WORKER.update(
+        edge_dir=Path(edge_dir),
+        teacher=(teacher[0], Path(teacher[1])),
+        splits=digits_splits(train_seed),
+        per_corruption=per_corruption,
+        corruptions=corruptions,
+        work=Path(work),
+        streams={},
+    )
+
+
+def _stream(severity: int, seed: int) -> Any:
+    from cema_deploy.demo.stream import corrupted_stream
+
+    key = (severity, seed)
+    if key not in _WORKER["streams"]:
+        _, _, x, y = _WORKER["splits"]
+        n = _WORKER["per_corruption"]
+        x, y = (x, y) if n is None else (x[:n], y[:n])
+        _WORKER["streams"][key] = corrupted_stream(
+            x, y, severity=severity, corruptions=_WORKER["corruptions"], seed=seed
+        ).shuffled(seed)
+    return _WORKER["streams"][key]
+
+
+def _run_in_worker(job: Job) -> dict[str, Any]:
+    return run_job(
+        job,
+        work=_WORKER["work"],
+        edge_dir=_WORKER["edge_dir"],
+        teacher=_WORKER["teacher"],
+        stream=_stream(job.severity, job.seed),
+    )
+
+
+def jobs_for(
+    rules: Sequence[str],
+    protocols: Sequence[str],
+    severities: Sequence[int],
+    seeds: Sequence[int],
+    sweep: dict[str, tuple[float, ...]] | None = None,
+) -> list[Job]:
+    """Every (rule, knob, protocol, severity, seed), cheapest first within a seed (low shares run fast)."""
+    sweep = sweep or SWEEP
+    return [
+        Job(rule=r, knob=k, protocol=p, severity=s, seed=seed)
+        for seed in seeds
+        for p in protocols
+        for s in severities
+        for r in rules
+        for k in sweep[r]
+    ]
+
+
+def run_frontier(
+    out_dir: Path,
+    *,
+    rules: Sequence[str],
+    protocols: Sequence[str],
+    severities: Sequence[int],
+    seeds: Sequence[int],
+    default: str,
+    workers: int = 2,
+    per_corruption: int | None = None,
+    corruptions: tuple[str, ...] | None = None,
+    train_seed: int = 0,
+    on_step: Callable[[str], None] = lambda _m: None,
+) -> list[Path]:
+    """Sweep, aggregate over seeds, and write frontier.json/png. Runs are appended to ``frontier_runs.jsonl``
+    as they finish, and runs already there are not repeated (a long sweep resumes where it stopped)."""
+    import multiprocessing as mp
+
+    from cema_deploy.demo.baselines import run_baseline
+    from cema_deploy.demo.models import load_model, resolve_models
+    from cema_deploy.demo.stream import CORRUPTIONS, corrupted_stream, digits_splits
+    from cema_deploy.export.to_onnx import export_timm
+
+    corruptions = corruptions or CORRUPTIONS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = digits_splits(train_seed)
+    models = resolve_models(None, None, splits, seed=train_seed)
+    edge_model = load_model(models.edge.name, models.edge.checkpoint)
+    edge_dir = out_dir / "edge-model"
+    if not (edge_dir / "manifest.json").exists():
+        export_timm(models.edge.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
+    log = out_dir / "frontier_runs.jsonl"
+    done = {json.loads(line)["key"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
+    todo = [j for j in jobs_for(rules, protocols, severities, seeds) if j.key not in done]
+    on_step(f"frontier: {len(todo)} runs to go ({len(done)} done) on {workers} worker(s)")
+    ctx = mp.get_context("spawn")
+    init = (
+        str(edge_dir),
+        (models.teacher.name, str(models.teacher.checkpoint)),
+        per_corruption,
+        corruptions,
+        train_seed,
+        str(out_dir / "work"),
+    )
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool, open(log, "a") as f:
+        for i, res in enumerate(pool.imap_unordered(_run_in_worker, todo), 1):
+            done[res["key"]] = res
+            f.write(json.dumps(res) + "\n")
+            f.flush()
+            on_step(f"frontier {i}/{len(todo)}: {res['key']} -> {res['accuracy']:.1f} % at {res['share']:.1f} %")
+    panels: dict[str, dict[str, list[Point]]] = {}
+    baselines_out: dict[str, dict[str, float]] = {}
+    for p in protocols:
+        for s in severities:
+            name = f"{p}/{s}"
+            panels[name] = {}
+            for r in rules:
+                pts = []
+                for k in SWEEP[r]:
+                    runs = [
+                        (done[j.key]["accuracy"], done[j.key]["share"])
+                        for j in jobs_for([r], [p], [s], seeds)
+                        if math.isclose(j.knob, k)
+                    ]
+                    pts.append(point_from_runs(k, runs))
+                panels[name][r] = pts
+            accs: dict[str, list[float]] = {"no_adapt": [], "bn_adapt": []}
+            for seed in seeds:
+                x, y = splits[2], splits[3]
+                if per_corruption is not None:
+                    x, y = x[:per_corruption], y[:per_corruption]
+                stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed).shuffled(seed)
+                for b in accs:
+                    accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
+            baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}
+    main = next(iter(panels))
+    meta = {
+        "seeds": list(seeds),
+        "baselines": baselines_out,
+        "best_rule": {k: best_rule(v, (10, 20, 40)) for k, v in panels.items()},
+        "sweep": {r: list(SWEEP[r]) for r in rules},
+        "stats_share": STATS_SHARE,
+        "models": {
+            "edge": models.edge.name,
+            "edge_clean_accuracy": 100 * models.edge.clean_accuracy,
+            "teacher": models.teacher.name,
+            "teacher_clean_accuracy": 100 * models.teacher.clean_accuracy,
+        },
+    }
+    return write_frontier(panels, default, main, out_dir, meta)
