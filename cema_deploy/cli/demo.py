@@ -42,7 +42,7 @@ def demo_cmd(
         ),
     ] = None,
     share: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Upload share of the random and entropy_top rules.")
+        float, typer.Option(min=0.0, max=1.0, help="Upload share of the random (default) and entropy_top rules.")
     ] = 0.1,
     warmup: Annotated[
         int | None, typer.Option(help="W: samples before CEMA's E_max adapts (default 128 reset, 512 continual).")

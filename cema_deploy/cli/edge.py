@@ -48,10 +48,16 @@ def selection_config(
             margin = float(d_margin)
         except ValueError as exc:
             raise CemaError(f"--d-margin must be 'auto', 'off' or a number in (0, 1], got {d_margin!r}.") from exc
+        if not 0 < margin <= 1:  # refused whichever rule runs, not only where the redundancy rule reads it
+            raise CemaError(f"--d-margin must be 'auto', 'off' or a number in (0, 1], got {d_margin!r}.")
     if selection not in PRESETS:
         raise CemaError(f"--selection must be one of {', '.join(PRESETS)}, got {selection!r}.")
     if upload_share is not None and selection not in ("random", "entropy-top"):
         raise CemaError(f"--upload-share applies to --selection random or entropy-top, not {selection!r}.")
+    if upload_share is None and upload_budget is None and selection in ("random", "entropy-top"):
+        from cema_deploy.runtime.selection import DEFAULT_SHARE
+
+        upload_share = DEFAULT_SHARE
     return SelectionConfig.preset(
         selection,
         num_classes,
@@ -97,13 +103,17 @@ def run_cmd(
     selection: Annotated[
         str,
         typer.Option(
-            help="Which frames go up: cema (the paper: dynamic E_max, E_min, redundancy), eata (fixed E_0 + "
-            "redundancy; also what the official release config runs), random (a uniform --upload-share), "
-            "entropy-top (highest entropy first, --upload-share), all."
+            help="Which frames go up: random (the default: a uniform --upload-share, the rule that won the "
+            "accuracy-uplink frontier, README), cema (the paper: dynamic E_max, E_min, redundancy), eata (fixed "
+            "E_0 + redundancy; also what the official release config runs), entropy-top (highest entropy first, "
+            "--upload-share), all."
         ),
-    ] = "cema",
+    ] = "random",
     upload_share: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="Share of frames random/entropy-top upload.")
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of frames random/entropy-top upload (default 0.1, or --upload-budget)."
+        ),
     ] = None,
     upload_budget: Annotated[
         float | None,

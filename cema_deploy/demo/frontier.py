@@ -2,10 +2,13 @@
 and spread over seeds (``cema-deploy demo --frontier``).
 
 Each point is one rule at one setting of its knob, run over the demo's stream under one protocol and severity, on
-every seed: ``cema`` by its upload budget (the paper's rules, E_max's scale steered, E_min and redundancy kept),
-``eata_style`` by E_0, ``random`` and ``entropy_top`` by their share, ``cema_stats`` (CEMA's rule plus a uniform 5 %
-of statistics samples, from which alone the cloud estimates BatchNorm statistics) by budget. The *share* of a
-point is what was measured, calibration batches and statistics samples included, not the knob.
+every seed: ``cema`` by its upload budget (the paper's rules, E_max's scale steered, E_min kept;
+a budget of 1.0 is no budget: the paper's rule as it is), ``eata_style`` by E_0, ``random`` and ``entropy_top`` by
+their share, ``cema_stats`` (CEMA's rule plus a uniform 5 % of statistics samples, from which alone the cloud
+estimates BatchNorm statistics) by budget. The *share* of a point is what was measured, calibration batches and
+statistics samples included, not the knob. The redundancy rule (EATA Eqn. 6) is off for every rule here
+(``d_margin=None``; FACTS.md: its threshold was made for 1,000 classes; on 10 classes nearly every softmax vector lies
+close to the moving average); the demo runs it with ``d_margin="auto"``. ``frontier.json`` records ``d_margin``.
 
 The runs are in-process: the edge is the real :class:`~cema_deploy.runtime.edge.EdgeRuntime` on an ONNX Runtime
 session, the cloud the real local engine's deployment, joined by :class:`~cema_deploy.cloud.local_link.LocalLink`
@@ -31,11 +34,11 @@ from cema_deploy._lazy import lazy_import
 
 #: Knob values per rule (what each point asks for; the measured share is what is plotted).
 SWEEP: dict[str, tuple[float, ...]] = {
-    "cema": (0.05, 0.1, 0.2, 0.4, 0.8),  # upload budget
+    "cema": (0.05, 0.1, 0.2, 0.4, 1.0),  # upload budget; 1.0: no budget (the paper's rule as it is)
     "eata_style": (0.1, 0.2, 0.3, 0.4, 0.6),  # E_0 / ln C (0.4: its natural setting)
     "random": (0.02, 0.05, 0.1, 0.2, 0.4, 0.8),  # share
     "entropy_top": (0.02, 0.05, 0.1, 0.2, 0.4),  # share
-    "cema_stats": (0.05, 0.1, 0.2, 0.4),  # upload budget, with 5 % statistics samples
+    "cema_stats": (0.05, 0.1, 0.2, 0.4, 1.0),  # upload budget (1.0: none), with 5 % statistics samples
 }
 #: EATA-style's natural setting, the reference of the headline.
 EATA_NATURAL = 0.4
@@ -198,7 +201,9 @@ def _selector_config(job: Job, warmup: int, d_margin: float | None) -> Any:
     from cema_deploy.runtime.shift import ShiftConfig
 
     preset, knob, stats = RULES[job.rule]
-    kw: dict[str, Any] = {knob: job.knob} if knob != "share" else {"share": job.knob}
+    kw: dict[str, Any] = {knob: job.knob}
+    if knob == "budget" and job.knob >= 1.0:
+        kw["budget"] = None  # a budget of every frame: no budget, the paper's E_max as it is (Eqn. 4)
     if stats == "samples":
         kw["stats_share"] = STATS_SHARE
     shift = ShiftConfig() if job.protocol == "continual" else None  # continual: every rule recalibrates on shift
@@ -372,10 +377,12 @@ def run_frontier(
     per_corruption: int | None = None,
     corruptions: tuple[str, ...] | None = None,
     train_seed: int = 0,
+    sweep: dict[str, tuple[float, ...]] | None = None,
     on_step: Callable[[str], None] = lambda _m: None,
 ) -> list[Path]:
     """Sweep, aggregate over seeds, and write frontier.json/png. Runs are appended to ``frontier_runs.jsonl``
-    as they finish, and runs already there are not repeated (a long sweep resumes where it stopped)."""
+    as they finish, and runs already there are not repeated (a long sweep resumes where it stopped). ``sweep``
+    replaces :data:`SWEEP`'s knob values for the rules it names."""
     import multiprocessing as mp
 
     from cema_deploy.demo.baselines import run_baseline
@@ -384,6 +391,7 @@ def run_frontier(
     from cema_deploy.export.to_onnx import export_timm
 
     corruptions = corruptions or CORRUPTIONS
+    sweep = {**SWEEP, **(sweep or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = digits_splits(train_seed)
     models = resolve_models(None, None, splits, seed=train_seed)
@@ -393,7 +401,7 @@ def run_frontier(
         export_timm(models.edge.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
     log = out_dir / "frontier_runs.jsonl"
     done = {json.loads(line)["key"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
-    todo = [j for j in jobs_for(rules, protocols, severities, seeds) if j.key not in done]
+    todo = [j for j in jobs_for(rules, protocols, severities, seeds, sweep) if j.key not in done]
     on_step(f"frontier: {len(todo)} runs to go ({len(done)} done) on {workers} worker(s)")
     ctx = mp.get_context("spawn")
     init = (
@@ -418,10 +426,10 @@ def run_frontier(
             panels[name] = {}
             for r in rules:
                 pts = []
-                for k in SWEEP[r]:
+                for k in sweep[r]:
                     runs = [
                         (done[j.key]["accuracy"], done[j.key]["share"])
-                        for j in jobs_for([r], [p], [s], seeds)
+                        for j in jobs_for([r], [p], [s], seeds, sweep)
                         if math.isclose(j.knob, k)
                     ]
                     pts.append(point_from_runs(k, runs))
@@ -440,8 +448,9 @@ def run_frontier(
         "seeds": list(seeds),
         "baselines": baselines_out,
         "best_rule": {k: best_rule(v, (10, 20, 40)) for k, v in panels.items()},
-        "sweep": {r: list(SWEEP[r]) for r in rules},
+        "sweep": {r: list(sweep[r]) for r in rules},
         "stats_share": STATS_SHARE,
+        "d_margin": None,
         "models": {
             "edge": models.edge.name,
             "edge_clean_accuracy": 100 * models.edge.clean_accuracy,

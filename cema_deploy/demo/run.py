@@ -45,6 +45,7 @@ from cema_deploy.demo.stream import (
     digits_splits,
 )
 from cema_deploy.exceptions import CemaError
+from cema_deploy.runtime.selection import DEFAULT_SHARE
 
 PROTOCOLS = ("reset", "continual")
 #: W of the dynamic E_max per protocol (Eqn. 4). The paper's W counts samples of a 50,000-image corruption; a
@@ -61,7 +62,7 @@ SELECTION_ARGS: dict[str, list[str]] = {
     "entropy_top": ["--selection", "entropy-top"],
 }
 #: The default rule of the toolkit, as the demo runs it (see README "Which selection rule").
-DEFAULT_METHOD = "random"
+DEFAULT_METHOD = "random"  # runtime.selection.DEFAULT_PRESET, by its demo name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +78,7 @@ class DemoConfig:
     edge_batch: int = 64  # official edge batch
     cloud_batch: int = 32  # official cloud batch B
     warmup: int | None = None  # W for CEMA's dynamic E_max; None: WARMUP[protocol]
-    share: float = 0.1  # upload share of the share rules (random, entropy_top)
+    share: float = DEFAULT_SHARE  # upload share of the share rules (random, entropy_top)
     d_margin: str = "off"  # redundancy rule in the selective methods
     # Replay buffer, scaled to the stream. The paper's 10,000 samples hold less than what one ImageNet-C
     # corruption uploads (14,434-22,002 of 50,000 per corruption in the authors' log), so replay draws from the

@@ -69,6 +69,13 @@ REASONS = ("kept", "unreliable", "low_info", "redundant", "not_drawn")
 #: ``entropy``: the threshold rules (cema, eata); the others pick a share of each batch.
 RULES = ("entropy", "random", "entropy-top", "all")
 PRESETS = ("cema", "eata", "random", "entropy-top", "all")
+#: The toolkit's default rule (``edge run`` without ``--selection``; the demo's ``random``): the rule that won the
+#: accuracy-uplink frontier (``cema-deploy demo --frontier``; README "Which selection rule is the default"). On
+#: the demo's streams a uniform share matched or beat CEMA's and EATA's selective rules at every share measured;
+#: the paper's rule stays the ``cema`` preset. ``DEFAULT_SHARE``: the share it uploads when none is given (with
+#: the calibration batches about 12 % of frames on the demo's 899-frame corruptions).
+DEFAULT_PRESET = "random"
+DEFAULT_SHARE = 0.1
 
 #: Defaults, as fractions of ln C where the paper scales by the class count.
 E0_RATIO = 0.4  # E_0 = 0.4 ln C (Eqn. 3; official config ent_high_margin=0.4)

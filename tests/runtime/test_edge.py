@@ -257,7 +257,7 @@ def test_edge_run_cli_offline(exported, tmp_path) -> None:  # type: ignore[no-un
     m = json.loads((tmp_path / "m.json").read_text())
     s = m["selection"]
     assert m["frames"] == 20 and s["seen"] == 20 and m["uplink"] == {} and m["uploaded_pct"] == 0.0
-    assert s["seen"] == s["selected"] + s["unreliable"] + s["low_info"] + s["redundant"]
+    assert s["seen"] == s["selected"] + s["unreliable"] + s["low_info"] + s["redundant"] + s["not_drawn"]
     with get_backend("ort-cpu", out) as be:
         want = be.infer(normalize(_images(20), manifest_from_dir(out).preprocess)).argmax(1)
     with np.load(tmp_path / "p.npz") as p:
@@ -273,7 +273,7 @@ def test_edge_run_cli_offline(exported, tmp_path) -> None:  # type: ignore[no-un
         (["--cloud", "http://127.0.0.1:9"], "needs a device token"),
         (["--labels", str(tmp_path / "s.npy")], "expected a 1-D array"),
         (["--predictions", str(tmp_path / "p.txt")], "--predictions must end in"),
-        (["--d-margin", "2"], "d_margin must be in"),
+        (["--d-margin", "2"], "--d-margin must be"),
         (["--encoding", "gif"], "--encoding must be one of"),
     ):
         r = CliRunner().invoke(app, [*args, *extra])
@@ -456,7 +456,8 @@ def test_edge_run_cli_with_a_cloud(exported, protocol_server, tmp_path) -> None:
 
     out, srv = _publishing_cloud(exported, protocol_server, tmp_path, n=24, seed=4)
     r = CliRunner().invoke(app, [
-        "edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token-file",
+        "edge", "run", str(out), "--selection", "cema",
+        "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token-file",
         str(tmp_path / "token"), "--batch", "8", "--sync", "--encoding", "raw", "--e0-ratio", "1.5", "--e-min-ratio",
         "0", "--d-margin", "off", "--device-id", "cam-9", "--predictions", str(tmp_path / "p.npz"),
         "--json", str(tmp_path / "m.json"), "--quiet",
@@ -485,7 +486,8 @@ def test_edge_run_cli_refuses_unsigned_blobs_with_a_public_key(exported, protoco
     _publish_on_upload(srv, v0)  # this cloud publishes unsigned blobs
     np.save(tmp_path / "s.npy", _images(16, seed=5))
     r = CliRunner().invoke(app, [
-        "edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token", "t0k",
+        "edge", "run", str(out), "--selection", "cema",
+        "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token", "t0k",
         "--batch", "8", "--sync", "--sync-timeout", "20", "--e0-ratio", "1.5", "--d-margin", "off",
         "--public-key", str(pub), "--json", str(tmp_path / "m.json"), "--quiet",
     ])  # fmt: skip
@@ -503,7 +505,8 @@ def test_edge_run_works_where_torch_cannot_be_imported(exported, protocol_server
     import sys
 
     out, srv = _publishing_cloud(exported, protocol_server, tmp_path, n=16, seed=6)
-    args = ["edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token-file",
+    args = ["edge", "run", str(out), "--selection", "cema",
+            "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--token-file",
             str(tmp_path / "token"), "--batch", "8", "--sync", "--e0-ratio", "1.5", "--e-min-ratio", "0",
             "--d-margin", "off", "--json", str(tmp_path / "m.json"), "--quiet"]  # fmt: skip
     code = (

@@ -103,7 +103,8 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def _edge_run(out: Path, tmp: Path, srv: Any, source: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cema_deploy", "edge", "run", str(out), "--source", str(tmp / source), "--cloud",
+    return [sys.executable, "-m", "cema_deploy", "edge", "run", str(out), "--selection", "cema",
+            "--source", str(tmp / source), "--cloud",
             srv.url, "--token", srv.state.token, "--batch", "8", "--sync", "--sync-timeout", "30", "--e0-ratio", "1.5",
             "--e-min-ratio", "0", "--d-margin", "off", "--warmup", "16", "--rollback-window", "32", "--state",
             str(tmp / "state"), "--quiet", *extra]  # fmt: skip
@@ -176,7 +177,8 @@ def test_sigterm_saves_the_state_on_the_way_out(exported, tmp_path) -> None:  # 
     out, _ = exported("bn")
     np.save(tmp_path / "s.npy", _diverse(16, seed=4))
     # a cloud that is down and --sync: the run waits (here up to 60 s a batch) until it is told to stop
-    args = [sys.executable, "-m", "cema_deploy", "edge", "run", str(out), "--source", str(tmp_path / "s.npy"),
+    args = [sys.executable, "-m", "cema_deploy", "edge", "run", str(out), "--selection", "cema",
+            "--source", str(tmp_path / "s.npy"),
             "--batch", "8", "--cloud", f"http://127.0.0.1:{_free_port()}", "--token", "t", "--sync", "--sync-timeout",
             "60", "--state", str(tmp_path / "state"), "--state-interval", "0.2", "--quiet"]  # fmt: skip
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,

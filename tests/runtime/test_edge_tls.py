@@ -105,7 +105,8 @@ def test_edge_run_over_https_with_ca_file(exported, protocol_server, tmp_path) -
     _publish_on_upload(srv, v0)
     np.save(tmp_path / "s.npy", images(16, seed=4))
     r = CliRunner().invoke(app, [
-        "edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--ca-file", str(ca),
+        "edge", "run", str(out), "--selection", "cema",
+        "--source", str(tmp_path / "s.npy"), "--cloud", srv.url, "--ca-file", str(ca),
         "--token", "t0k", "--batch", "8", "--sync", "--e0-ratio", "1.5", "--d-margin", "off", "--e-min-ratio", "0",
         "--json", str(tmp_path / "m.json"), "--quiet",
     ])  # fmt: skip

@@ -204,3 +204,20 @@ def test_state_round_trip_with_budget_shift_and_draws() -> None:
         ra, rb = a.select(z, images=frames), b.select(z, images=frames)
         assert np.array_equal(ra.mask, rb.mask) and np.array_equal(ra.stats_mask, rb.stats_mask)
     assert a.state_dict() == b.state_dict()
+
+
+def test_edge_run_defaults_to_the_frontier_winner_with_its_share() -> None:
+    """`edge run` without --selection runs DEFAULT_PRESET; a share rule without --upload-share or a budget takes
+    DEFAULT_SHARE, and a budget replaces the share rather than stacking on it."""
+    import inspect
+
+    from cema_deploy.cli.edge import run_cmd, selection_config
+    from cema_deploy.runtime.selection import DEFAULT_PRESET, DEFAULT_SHARE
+
+    assert inspect.signature(run_cmd).parameters["selection"].default == DEFAULT_PRESET
+    common = {"e0_ratio": 0.4, "e_min_ratio": 0.02, "d_margin": "auto", "warmup": 16}
+    cfg = selection_config(10, selection=DEFAULT_PRESET, **common)
+    assert (cfg.rule, cfg.share, cfg.budget) == ("random", DEFAULT_SHARE, None)
+    cfg = selection_config(10, selection="random", upload_budget=0.3, **common)
+    assert (cfg.share, cfg.budget) == (None, 0.3)
+    assert selection_config(10, selection="cema", **common).rule == "entropy"
