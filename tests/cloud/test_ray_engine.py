@@ -224,3 +224,60 @@ def _blob_versions(state: Path) -> dict[int, float]:
     """Version -> modification time of the blobs of "cams" on disk (version 0 is the export's own)."""
     blobs = dep_dir(state, "cams") / "blobs"
     return {int(p.stem[1:]): p.stat().st_mtime for p in blobs.glob("v*.safetensors")}
+
+
+def test_without_ray_engine_ray_names_the_cluster_extra(exported, teacher_ckpt, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from typer.testing import CliRunner
+
+    from cema_deploy.cli import app
+    from cema_deploy.exceptions import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as on an install without the cluster extra
+    monkeypatch.delitem(sys.modules, "cema_deploy.cloud.engines.ray_engine", raising=False)
+    args = ["cloud", "serve", "--edge", str(exported("bn")[0]), "--teacher", "test_resnet"]
+    args += ["--teacher-weights", str(teacher_ckpt), "--state", str(tmp_path / "state")]
+    r = CliRunner().invoke(app, [*args, "--engine", "ray"])
+    assert r.exit_code == 1 and isinstance(r.exception, MissingExtraError), r.output
+    assert "pip install 'cema-deploy[cluster]'" in str(r.exception)
+    r = CliRunner().invoke(app, [*args, "--ray-address", "auto"])
+    assert r.exit_code == 1 and "--ray-address auto needs --engine ray" in str(r.exception)
+
+
+def test_cloud_serve_engine_ray_joins_the_cluster_and_a_new_ingress_serves_the_same_actor(
+    cluster: Cluster, exported, teacher_ckpt, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from cema_deploy.cloud.engines.ray_engine import NAMESPACE
+    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.contract.manifest import manifest_from_dir
+    from cema_deploy.runtime.client import CloudClient
+    from tests.cloud.conftest import start_cloud
+
+    edge = exported("gn")[0]  # a third fingerprint; fewer than B samples are sent, so it never steps
+    m = manifest_from_dir(edge)
+    state = tmp_path / "state"
+    token = StateStore(state).add_token("cam-9")
+    address = ray.get_runtime_context().gcs_address
+    first = start_cloud(edge, teacher_ckpt, state, "--engine", "ray", "--ray-address", address)
+    try:
+        assert f"engine ray: deployments run as Ray actors on {address}" in first.log.read_text()
+        with CloudClient(first.url, token, m.fingerprint) as client:
+            ack = client.upload(batch(m, 4, seed=7), idempotency_key="before-the-ingress-died")
+        assert ack.accepted == 4 and not ack.duplicate
+        actor = ray.get_actor(f"deployment-{m.fingerprint}", namespace=NAMESPACE)
+        pid = ray.get(actor.info.remote())["pid"]
+        first.kill()  # SIGKILL: the ingress holds no state; the actor belongs to the cluster
+        second = start_cloud(edge, teacher_ckpt, state, "--engine", "ray", "--ray-address", address)
+        try:
+            with CloudClient(second.url, token, m.fingerprint) as client:
+                again = client.upload(batch(m, 4, seed=7), idempotency_key="before-the-ingress-died")
+                assert again.duplicate and client.status().name == "test_efficientnet_gn"
+            assert ray.get(actor.info.remote())["pid"] == pid  # the same actor, attached to
+        finally:
+            second.stop()
+        assert _keys_on_disk(dep_dir(state, "test_efficientnet_gn")) == ["before-the-ingress-died"]
+    finally:
+        first.stop()
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(f"deployment-{m.fingerprint}", namespace=NAMESPACE), no_restart=True)
