@@ -281,3 +281,27 @@ def test_cloud_serve_engine_ray_joins_the_cluster_and_a_new_ingress_serves_the_s
         first.stop()
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(f"deployment-{m.fingerprint}", namespace=NAMESPACE), no_restart=True)
+
+
+def test_while_an_actor_restarts_a_call_past_the_retry_bound_gets_503_with_retry_after(cluster: Cluster) -> None:
+    import httpx
+
+    from cema_deploy.contract.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, RETRY_AFTER_HEADER, model_url
+
+    fp = cluster.manifests["doors"].fingerprint
+    before = cluster.engine.status(fp).version
+    headers = {"Authorization": f"Bearer {cluster.token}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+    url = model_url(cluster.url, fp)
+    retry_s, cluster.engine.retry_s = cluster.engine.retry_s, 0.0  # no retry: the first failure answers
+    try:
+        ray.kill(cluster.engine.handle(fp), no_restart=False)
+        deadline = time.monotonic() + 20
+        while (r := httpx.get(url, headers=headers, timeout=30)).status_code == 200:
+            assert time.monotonic() < deadline, "the restart was never observed"
+            time.sleep(0.02)
+        assert r.status_code == 503 and int(r.headers[RETRY_AFTER_HEADER]) >= 1, r.text
+        assert "is unavailable" in r.json()["detail"]
+    finally:
+        cluster.engine.retry_s = retry_s
+    r = httpx.get(url, headers=headers, timeout=60)  # retried until the actor is back
+    assert r.status_code == 200 and r.json()["version"] >= before
