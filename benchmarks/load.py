@@ -97,7 +97,8 @@ def _cli(*args: str) -> list[str]:
 
 
 class _Resources(threading.Thread):
-    """The cloud process's CPU and RSS every half second (psutil)."""
+    """CPU and RSS of the cloud process and all its descendants every half second (psutil): with ``--engine ray``
+    the deployments run in Ray's worker processes, children of the raylet the service started."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -108,15 +109,26 @@ class _Resources(threading.Thread):
         self.rss: list[tuple[float, int]] = []
         self._stop_evt = threading.Event()
         self.t0 = time.monotonic()
-        self.proc.cpu_percent(None)
+        self._seen: dict[int, Any] = {}
 
     def run(self) -> None:
         while not self._stop_evt.wait(0.5):
             try:
-                self.cpu.append(self.proc.cpu_percent(None))
-                self.rss.append((time.monotonic() - self.t0, self.proc.memory_info().rss))
+                procs = [self.proc, *self.proc.children(recursive=True)]
             except Exception:  # the process went away
                 return
+            cpu = rss = 0.0
+            for p in procs:
+                try:
+                    if p.pid not in self._seen:  # the first reading of a process only sets its baseline
+                        self._seen[p.pid] = p
+                        p.cpu_percent(None)
+                    cpu += self._seen[p.pid].cpu_percent(None)
+                    rss += p.memory_info().rss
+                except Exception:  # a worker that exited meanwhile
+                    continue
+            self.cpu.append(cpu)
+            self.rss.append((time.monotonic() - self.t0, int(rss)))
 
     def stop(self) -> dict[str, float]:
         self._stop_evt.set()
@@ -128,6 +140,7 @@ class _Resources(threading.Thread):
             "rss_mb": round(max(mb), 1),
             "rss_mb_at_20s": round(at20, 1),
             "rss_mb_end": round(mb[-1], 1),
+            "processes": len(self._seen),
         }
 
 
@@ -522,7 +535,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deployments", default="1,4", help="comma-separated deployment counts N")
     ap.add_argument("--edges", default="32,128", help="comma-separated edges per deployment M")
-    ap.add_argument("--engine", default="local", help="engine of cloud serve (local; ray once registered)")
+    ap.add_argument(
+        "--engine", default="local", choices=("local", "ray"), help="engine of cloud serve (ray: a local Ray cluster)"
+    )
     ap.add_argument("--max-edges", type=int, default=1024, help="bound on N x M")
     ap.add_argument("--seconds", type=float, default=20.0, help="duration of each (N, M) row")
     ap.add_argument("--probe-seconds", type=float, default=10.0, help="duration of the sustainable-rate probe")

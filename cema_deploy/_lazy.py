@@ -18,6 +18,7 @@ EXTRA_OF: dict[str, str] = {
     "tensorrt": "trt",
     "fastapi": "cloud",
     "uvicorn": "cloud",
+    "ray": "cluster",
     "httpx": "edge",
     "PIL": "edge",
     "sklearn": "demo",

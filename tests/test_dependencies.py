@@ -10,7 +10,9 @@ import cema_deploy.contract
 import cema_deploy.runtime
 
 EDGE_PACKAGES = ("cema_deploy.contract", "cema_deploy.runtime")
-FORBIDDEN = ("torch", "timm", "torchvision", "onnx", "onnxscript", "fastapi", "cema_deploy.export", "cema_deploy.cloud")
+FORBIDDEN = (
+    "torch", "timm", "torchvision", "onnx", "onnxscript", "fastapi", "ray", "cema_deploy.export", "cema_deploy.cloud"
+)  # fmt: skip
 
 
 def _edge_modules() -> list[str]:
@@ -46,7 +48,16 @@ def test_cli_help_imports_no_heavy_package():
         "import sys\nsys.argv=['cema-deploy','--help']\nfrom cema_deploy.cli import app\n"
         "try:\n    app(standalone_mode=False)\nexcept SystemExit:\n    pass"
     )
-    assert not any(m.split(".")[0] in ("torch", "timm", "onnx", "onnxruntime", "fastapi") for m in loaded)
+    assert not any(m.split(".")[0] in ("torch", "timm", "onnx", "onnxruntime", "fastapi", "ray") for m in loaded)
+
+
+def test_the_engine_registry_imports_ray_only_when_chosen():
+    loaded = _imports_in_subprocess(
+        "from cema_deploy.cloud.engines import get_engine, list_engines\n"
+        "assert list_engines() == ['local', 'ray']\nget_engine('local')"
+    )
+    assert "cema_deploy.cloud.engines.local" in loaded
+    assert not any(m.split(".")[0] == "ray" or m.endswith("ray_engine") for m in loaded)
 
 
 def test_import_linter_contracts_hold():

@@ -50,7 +50,21 @@ def serve_cmd(
         int | None, typer.Option(help="TCP port (default 8750; 0 = any free port, see --port-file).")
     ] = None,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here once the service is ready.")] = None,
-    engine: Annotated[str | None, typer.Option(help="Where deployments run: local (threads here, default).")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="Where deployments run: local (threads of this process, the default) or ray (one Ray actor per "
+            "deployment, restarted on failure, CPUs/GPUs from its table; needs the cluster extra). See the "
+            "README, Scaling out."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine ray: the cluster to join: auto (a node started by `ray start`), ray://HOST:10001 "
+            "or HOST:6379. Default: start a local Ray on 127.0.0.1 for this process."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="With --edge: cpu, cuda, cuda:N or auto.")] = "cpu",
     teacher_dtype: Annotated[
         str, typer.Option(help="With --edge: autocast of the teacher's forward: float32 (off), bfloat16, float16.")
@@ -91,7 +105,9 @@ def serve_cmd(
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve https://.")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM) of --ssl-certfile.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of replay sampling (drawn per step, so restarts repeat it).")] = 0,
-    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="torch CPU threads (0 = torch's default; a Ray actor uses its table's cpus).")
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="Log level (uvicorn and the service).")] = "info",
 ) -> None:
     """Serve CEMA: accept samples, adapt, publish refit blobs, for one deployment (--edge) or several (--config)."""
@@ -113,6 +129,7 @@ def serve_cmd(
         "host": host,
         "port": port,
         "engine": engine,
+        "ray_address": ray_address,
         "max_upload_bytes": max_upload_bytes,
         "signing_key": signing_key,
         "ssl_certfile": ssl_certfile,
@@ -161,8 +178,14 @@ def serve_cmd(
                 f"[yellow]warning:[/] {spec.name}: teacher {spec.teacher} is randomly initialised (no teacher "
                 "weights); adaptation will distil noise."
             )
+    if cfg.ray_address is not None and cfg.engine != "ray":
+        raise CemaError(f"--ray-address {cfg.ray_address} needs --engine ray (the engine is {cfg.engine!r}).")
     logging.basicConfig(level=log_level.upper())
-    eng = get_engine(cfg.engine).from_config(cfg)
+    engine_cls = get_engine(cfg.engine)  # a missing extra fails here, in one sentence
+    if cfg.engine == "ray":
+        where = cfg.ray_address or "a local Ray on 127.0.0.1 (started now; pass --ray-address to join a cluster)"
+        err_console.print(f"engine ray: deployments run as Ray actors on {where}", soft_wrap=True)
+    eng = engine_cls.from_config(cfg)
     app = create_app(eng, TokenTable(StateStore(cfg.state)), max_upload_bytes=cfg.max_upload_bytes)
     # The adaptation threads run many short torch ops that hold the GIL; a shorter switch interval (default 5 ms)
     # lets the event loop answer blob polls between them (benchmarks/load.py: poll p99 under load).

@@ -174,7 +174,8 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
     @app.get(protocol.MODEL_PATH, responses={401: {}, 404: {}})
     async def model(fingerprint: str, request: Request) -> JSONResponse:
         _auth(request, fingerprint, read=True)
-        return JSONResponse(engine.status(fingerprint).to_json())
+        status = await asyncio.to_thread(engine.status, fingerprint)  # a cluster engine's status is a remote call
+        return JSONResponse(status.to_json())
 
     @app.post(
         protocol.SAMPLES_PATH,
@@ -281,11 +282,12 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
 
     @app.get(protocol.HEALTH_PATH)
     async def health() -> dict[str, Any]:
+        rows = await asyncio.to_thread(engine.metrics)
         return {
             "status": "ok",
             "version": __version__,
             "protocol": protocol.PROTOCOL_VERSION,
-            "models": {m["fingerprint"]: m["version"] for m in engine.metrics()},
+            "models": {m["fingerprint"]: m["version"] for m in rows},
         }
 
     @app.get(protocol.METRICS_PATH, response_class=PlainTextResponse)

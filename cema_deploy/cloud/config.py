@@ -149,6 +149,7 @@ class ServiceConfig:
     deployments: tuple[DeploymentSpec, ...]
     state: Path = Path("cema-state")
     engine: str = "local"
+    ray_address: str | None = None  # --engine ray: "auto", "ray://HOST:10001" or HOST:PORT; None starts a local Ray
     host: str = "127.0.0.1"
     port: int = 8750
     max_upload_bytes: int = 16 * 1024 * 1024

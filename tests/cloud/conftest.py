@@ -70,15 +70,24 @@ def serve_deployments(
 ) -> Iterator[InThread]:
     """``create_app(LocalEngine(deployments))`` served by uvicorn on a free port of 127.0.0.1 in a thread
     (``start=False``: the deployments' workers are not started)."""
-    import uvicorn
-
-    from cema_deploy.cloud.api import create_app
     from cema_deploy.cloud.engines.local import LocalEngine
-    from cema_deploy.cloud.state import StateStore, TokenTable
 
     engine = LocalEngine(deployments)
     if start:
         engine.start()
+    with serve_engine(engine, state, max_upload_bytes=max_upload_bytes) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serve_engine(engine: Any, state: Path, *, max_upload_bytes: int = 16 << 20) -> Iterator[InThread]:
+    """``create_app(engine)`` (started) served by uvicorn on a free port of 127.0.0.1 in a thread; the engine is
+    stopped on exit."""
+    import uvicorn
+
+    from cema_deploy.cloud.api import create_app
+    from cema_deploy.cloud.state import StateStore, TokenTable
+
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(engine, TokenTable(StateStore(state)), max_upload_bytes=max_upload_bytes),

@@ -1,10 +1,10 @@
-"""Engines host a service's deployments: ``local`` (threads in this process, the embedded default); a cluster
-engine (Ray actors, one per fingerprint) registers here the same way. Looked up by name, imported only when
+"""Engines host a service's deployments: ``local`` (threads in this process, the embedded default) and ``ray``
+(Ray actors, one per fingerprint; the ``cluster`` extra). Looked up by name, imported only when
 chosen (habit 6 in STYLE.md); the HTTP API talks only to :class:`~cema_deploy.cloud.engines.base.Engine`.
 
 Example:
     >>> sorted(list_engines())
-    ['local']
+    ['local', 'ray']
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cema_deploy.exceptions import CloudError
 #: name -> "module:class"; the class has ``from_config(ServiceConfig) -> Engine``.
 ENGINES: dict[str, str] = {
     "local": "cema_deploy.cloud.engines.local:LocalEngine",
+    "ray": "cema_deploy.cloud.engines.ray_engine:RayEngine",
 }
 
 
