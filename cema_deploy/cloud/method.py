@@ -294,6 +294,10 @@ class StepReport:
     seconds: float
 
 
+def _has_group_norm(*models: nn.Module) -> bool:
+    return any(isinstance(m, nn.GroupNorm) for model in models for m in model.modules())
+
+
 class Cema:
     """The teacher, the edge replica and their optimizers on one ``device``; the caller picks what to replay.
 
@@ -318,6 +322,10 @@ class Cema:
         pre = manifest.preprocess
         self.teacher_input = teacher_input or TeacherInput(mean=pre.mean, std=pre.std, size=tuple(pre.size))  # type: ignore[arg-type]
         fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+        if fmt is torch.channels_last and self.device.type == "cpu" and _has_group_norm(teacher, student):
+            # torch 2.13's CPU GroupNorm backward in channels_last crashed the process (SIGSEGV) on a GroupNorm
+            # export; the plain layout gives the same values. Reproduced by tests/cloud (GroupNorm deployment).
+            fmt = torch.contiguous_format
         track = config.statistics == "training"
         teacher = teacher.to(self.device, memory_format=fmt)  # type: ignore[call-overload]
         student = student.to(self.device, memory_format=fmt)  # type: ignore[call-overload]

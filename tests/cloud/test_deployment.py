@@ -301,3 +301,20 @@ def test_the_edge_runtime_adapts_through_the_in_process_link(exported, teacher_c
         assert full.value.status == 429 and full.value.retryable and full.value.retry_after >= 1
     finally:
         engine.stop()
+
+
+def test_a_group_norm_deployment_adapts_with_the_default_layout(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The default config (channels_last) on a GroupNorm export: torch's CPU GroupNorm backward in channels_last
+    crashed the whole process here; the method trains such models in the plain layout and publishes a step."""
+    edge, _ = exported("gn")
+    dep = make_deployment(edge, teacher_ckpt, tmp_path / "s", batch_size=8)
+    assert dep.cema.config.channels_last  # the default, kept; the layout falls back for GroupNorm only
+    dep.start()
+    try:
+        for i in range(2):
+            dep.upload(batch(dep.manifest, 4, seed=i))
+        assert dep.wait_idle(60)
+        assert dep.version >= 1
+        assert all(np.isfinite(t).all() for t in _blob(dep, dep.version).tensors.values())
+    finally:
+        dep.stop()
