@@ -105,17 +105,22 @@ def headline(methods: dict[str, list[Point]], default: str) -> dict[str, Any]:
     }
 
 
-def best_rule(methods: dict[str, list[Point]], shares: Sequence[float]) -> str:
-    """The rule with the highest mean interpolated accuracy over ``shares`` (the tuning criterion); rules whose
-    curve does not cover a share are judged at their nearest point."""
+def best_rule(methods: dict[str, list[Point]], shares: Sequence[float], slack: float = 1.25) -> str | None:
+    """The rule with the highest mean interpolated accuracy over ``shares`` (the tuning criterion), among the
+    rules whose measured curve spans them (lowest point at most ``slack`` x the lowest share, highest point at
+    least the highest share): a curve is never extrapolated, so a rule measured at one setting competes only
+    where it was measured. None when no curve spans ``shares``."""
+
+    def spans(curve: list[Point]) -> bool:
+        got = [p.share for p in curve]
+        return bool(got) and min(got) <= slack * min(shares) and max(got) >= max(shares)
 
     def acc_at(curve: list[Point], share: float) -> float:
         pts = sorted(curve, key=lambda p: p.share)
-        xs, ys = [p.share for p in pts], [p.accuracy for p in pts]
-        return float(np.interp(share, xs, ys))
+        return float(np.interp(share, [p.share for p in pts], [p.accuracy for p in pts]))
 
-    scores = {m: float(np.mean([acc_at(c, s) for s in shares])) for m, c in methods.items() if c}
-    return max(scores, key=lambda m: scores[m])
+    scores = {m: float(np.mean([acc_at(c, s) for s in shares])) for m, c in methods.items() if spans(c)}
+    return max(scores, key=lambda m: scores[m]) if scores else None
 
 
 def write_frontier(
