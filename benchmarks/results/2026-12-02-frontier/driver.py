@@ -1,0 +1,23 @@
+"""Lab driver for the frontier sweeps (not shipped): python frontier.py OUT SEEDS PROTOCOLS SEVERITIES RULES SWEEPJSON"""
+import json
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":
+    from cema_deploy.demo.frontier import run_frontier
+
+    out, seeds, protocols, sevs, rules, sweep = sys.argv[1:7]
+    t0 = time.time()
+    paths = run_frontier(
+        Path(out),
+        rules=rules.split(","),
+        protocols=protocols.split(","),
+        severities=[int(s) for s in sevs.split(",")],
+        seeds=[int(s) for s in seeds.split(",")],
+        default="random",
+        workers=int(sys.argv[7]) if len(sys.argv) > 7 else 2,
+        sweep={k: tuple(v) for k, v in json.loads(sweep).items()},
+        on_step=lambda m: print(f"[{time.time() - t0:7.0f}s] {m}", flush=True),
+    )
+    print(paths, f"{time.time() - t0:.0f}s")
