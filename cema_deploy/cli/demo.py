@@ -59,6 +59,13 @@ def demo_cmd(
         str, typer.Option(help="--frontier: comma-separated rules (cema, eata_style, random, entropy_top, cema_stats).")
     ] = "cema,eata_style,random,entropy_top,cema_stats",
     workers: Annotated[int, typer.Option(min=1, help="--frontier: runs at once (one core each).")] = 2,
+    sweep: Annotated[
+        str | None,
+        typer.Option(
+            help="--frontier: knob values per rule instead of the built-in sweep, e.g. 'random=0.05,0.2;cema=1' "
+            "(cema/cema_stats: upload budget, 1 = none; eata_style: E_0 / ln C; random/entropy_top: share)."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Run CEMA end to end on ImageNet-C corruptions of scikit-learn's digits (no download).
@@ -77,7 +84,7 @@ def demo_cmd(
     from cema_deploy.demo.run import DEFAULT_METHOD, DemoConfig, run_demo
 
     if frontier:
-        from cema_deploy.demo.frontier import run_frontier
+        from cema_deploy.demo.frontier import parse_sweep, run_frontier
         from cema_deploy.demo.run import DEFAULT_METHOD
 
         protocols = ("reset", "continual") if protocol == "both" else (protocol,)
@@ -91,6 +98,7 @@ def demo_cmd(
                 default=DEFAULT_METHOD,
                 workers=workers,
                 train_seed=train_seed,
+                sweep=parse_sweep(sweep) if sweep else None,
                 on_step=on_step,
             )
         for p in paths:

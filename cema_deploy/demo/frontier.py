@@ -44,6 +44,26 @@ SWEEP: dict[str, tuple[float, ...]] = {
 EATA_NATURAL = 0.4
 
 
+def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
+    """``'random=0.05,0.2;cema=1'`` -> ``{"random": (0.05, 0.2), "cema": (1.0,)}`` (``demo --sweep``)."""
+    from cema_deploy.exceptions import CemaError
+
+    out: dict[str, tuple[float, ...]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        rule, sep, values = part.partition("=")
+        rule = rule.strip()
+        if not sep or rule not in SWEEP:
+            raise CemaError(f"--sweep expects RULE=V1,V2;... with RULE one of {', '.join(SWEEP)}; got {part!r}.")
+        try:
+            knobs = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError as exc:
+            raise CemaError(f"--sweep: the values of {rule} must be numbers, got {values!r}.") from exc
+        if not knobs or any(not 0 < k <= 1 for k in knobs):
+            raise CemaError(f"--sweep: {rule} needs values in (0, 1], got {values!r}.")
+        out[rule] = knobs
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class Point:
     """One rule at one knob value, over seeds."""

@@ -98,3 +98,13 @@ def test_one_real_run_resets_per_corruption_and_measures_the_share(quick_edge, s
     assert 100 * (2 * 64 + 2 * 8) / 256 <= res["share"] <= 100 * (2 * 64 + 2 * 28) / 256
     assert not (tmp_path / "work" / job.key.replace("/", "_")).exists()  # the run's state is cleaned up
     assert np.isfinite(res["accuracy"])
+
+
+def test_sweep_option_parses_rules_and_refuses_bad_input() -> None:
+    from cema_deploy.demo.frontier import parse_sweep
+    from cema_deploy.exceptions import CemaError
+
+    assert parse_sweep("random=0.05,0.2; cema=1;") == {"random": (0.05, 0.2), "cema": (1.0,)}
+    for bad in ("random", "tent=0.1", "random=x", "random=", "eata_style=1.5"):
+        with pytest.raises(CemaError):
+            parse_sweep(bad)
