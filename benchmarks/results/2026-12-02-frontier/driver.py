@@ -1,4 +1,10 @@
-"""Lab driver for the frontier sweeps (not shipped): python frontier.py OUT SEEDS PROTOCOLS SEVERITIES RULES SWEEPJSON"""
+"""The driver of the 2026-12-02 frontier sweeps (run_frontier with a reduced sweep):
+
+    python driver.py OUT SEEDS PROTOCOLS SEVERITIES RULES SWEEP_JSON [WORKERS]
+
+`cema-deploy demo --frontier --sweep ...` does the same from the CLI.
+"""
+
 import json
 import sys
 import time
