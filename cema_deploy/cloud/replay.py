@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cema_deploy.cloud._atomic import write_atomic
+from cema_deploy._atomic import write_atomic
 from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
 from cema_deploy.exceptions import CloudError, ContractError
 

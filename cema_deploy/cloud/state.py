@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cema_deploy.cloud._atomic import write_atomic
+from cema_deploy._atomic import write_atomic
 from cema_deploy.contract.blob import RefitBlob, blob_to_bytes
 from cema_deploy.exceptions import CloudError
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from cema_deploy._atomic import write_atomic
 from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.blob import RefitBlob, blob_digest, blob_from_bytes, blob_to_bytes, digest_from_header
 from cema_deploy.contract.safetensors_io import header_from_bytes, header_json
@@ -87,8 +88,8 @@ def new_key_pair(directory: str | os.PathLike[str], *, overwrite: bool = False) 
     public_pem = private_key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(priv_path, private_pem, 0o600)
-        _write_atomic(pub_path, public_pem, 0o644)
+        write_atomic(priv_path, private_pem, mode=0o600)
+        write_atomic(pub_path, public_pem, mode=0o644)
     except OSError as exc:
         raise SigningKeyError(f"Cannot write the key pair to {directory}: {exc}.") from exc
     return priv_path, pub_path
@@ -240,22 +241,6 @@ def _read_key_file(path: Path, kind: str) -> bytes:
         raise SigningKeyError(
             f"Cannot read the {kind} key {path}: {exc}. Create a key pair with `cema-deploy keys new --out DIR`."
         ) from exc
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have cleared bits we want, never set ones we don't
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 __all__ = [

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cema_deploy._atomic import write_atomic
 from cema_deploy.exceptions import CemaError
 
 __all__ = ["EdgeState", "EdgeStateError", "EdgeStateStore"]
@@ -44,25 +44,6 @@ class EdgeState:
     rolled_back: dict[str, str] = field(default_factory=dict)  # version -> reason
     selector: dict[str, Any] | None = None
     saved_at: float = 0.0
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temporary file in the same folder, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class EdgeStateStore:

@@ -1,0 +1,37 @@
+"""Crash-safe file writes: write to a temporary file in the same folder, fsync, rename, fsync the folder.
+
+Standard library only: the edge runtime, the contract (signing keys) and the cloud share it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a crash at any point leaves the old or the new file, never a mix.
+    The file is created readable by its owner only (``mkstemp``) and gets ``mode`` before any byte is written, so
+    a private key is never readable by others, not even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)  # exactly ``mode``: the umask neither clears nor sets bits here
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
