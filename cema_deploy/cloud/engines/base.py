@@ -10,11 +10,29 @@ subscription, never with one call per poll.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from cema_deploy.cloud.errors import UnknownDeployment
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
+
+T = TypeVar("T")
+
+
+def by_fingerprint(table: Mapping[str, T], fingerprint: str) -> T:
+    """``table[fingerprint]``, or the 404 every engine gives for a fingerprint it does not serve."""
+    if fingerprint not in table:
+        raise UnknownDeployment(f"No deployment with fingerprint {fingerprint[:24]!r} is served here.", 404)
+    return table[fingerprint]
+
+
+def by_name(table: Mapping[str, T], name: str) -> T:
+    """``table[name]``, or the 404 every engine gives for a deployment name it does not serve."""
+    if name not in table:
+        raise UnknownDeployment(f"No deployment named {name!r}; served: {sorted(table)}.", 404)
+    return table[name]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,8 +12,7 @@ from typing import Any
 
 from cema_deploy.cloud.config import ServiceConfig
 from cema_deploy.cloud.deployment import Deployment
-from cema_deploy.cloud.engines.base import DeploymentInfo, Engine
-from cema_deploy.cloud.errors import UnknownDeployment
+from cema_deploy.cloud.engines.base import DeploymentInfo, Engine, by_fingerprint, by_name
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CloudError
@@ -70,16 +69,10 @@ class LocalEngine:
 
     # ---- lookups ------------------------------------------------------------------------------------------
     def deployment(self, fingerprint: str) -> Deployment:
-        dep = self._by_fp.get(fingerprint)
-        if dep is None:
-            raise UnknownDeployment(f"No deployment with fingerprint {fingerprint[:24]!r} is served here.", 404)
-        return dep
+        return by_fingerprint(self._by_fp, fingerprint)
 
     def by_name(self, name: str) -> Deployment:
-        dep = self._by_name.get(name)
-        if dep is None:
-            raise UnknownDeployment(f"No deployment named {name!r}; served: {sorted(self._by_name)}.", 404)
-        return dep
+        return by_name(self._by_name, name)
 
     def deployments(self) -> list[DeploymentInfo]:
         return [DeploymentInfo(**d.info()) for d in self._by_fp.values()]

@@ -43,8 +43,8 @@ from typing import Any
 
 from cema_deploy._lazy import lazy_import
 from cema_deploy.cloud.config import DeploymentSpec, ServiceConfig
-from cema_deploy.cloud.engines.base import DeploymentInfo, Engine
-from cema_deploy.cloud.errors import Refused, UnknownDeployment
+from cema_deploy.cloud.engines.base import DeploymentInfo, Engine, by_fingerprint, by_name
+from cema_deploy.cloud.errors import Refused
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CemaError, CloudError
@@ -279,16 +279,10 @@ class RayEngine:
     # ---- calls to the actors ------------------------------------------------------------------------------
     def handle(self, fingerprint: str) -> Any:
         """The actor handle of a deployment (for operators and tests: ``ray.kill(engine.handle(fp))``)."""
-        h = self._handles.get(fingerprint)
-        if h is None:
-            raise UnknownDeployment(f"No deployment with fingerprint {fingerprint[:24]!r} is served here.", 404)
-        return h
+        return by_fingerprint(self._handles, fingerprint)
 
     def _fp_of(self, name: str) -> str:
-        fp = self._by_name.get(name)
-        if fp is None:
-            raise UnknownDeployment(f"No deployment named {name!r}; served: {sorted(self._by_name)}.", 404)
-        return fp
+        return by_name(self._by_name, name)
 
     def _call(self, fingerprint: str, method: str, *args: Any, retry: bool = True) -> Any:
         """``ray.get`` of one actor call; retried while the actor restarts, then 503 + Retry-After."""
