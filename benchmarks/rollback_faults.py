@@ -3,7 +3,7 @@
 Given an export, a stream (.npy of uint8 frames, labels optional) and the blobs of an adaptation run (the cloud's
 ``--state`` folder ``blobs/``), each trial takes a consecutive pair of real blobs (v_k serving, v_k+1 arriving) and
 a window of W consecutive frames from where v_k served in the stream (blob k of K is placed at k/K of the stream),
-injects one fault into v_k+1 and asks the edge's rule (``cema_deploy.runtime.rollback.judge``: mutual information
+injects one fault into v_k+1 and asks the edge's rule (``runtime.updates.rollback.judge``: mutual information
 between input and prediction, previous vs new parameters on the same frames) whether to roll back:
 
 * ``none``: v_k+1 unmodified (a rollback here is a false rollback)
@@ -34,9 +34,9 @@ import numpy as np
 
 from cema_deploy.contract.blob import RefitBlob, blob_from_path
 from cema_deploy.contract.manifest import manifest_from_dir
-from cema_deploy.runtime.onnxrt import session_from_onnx
-from cema_deploy.runtime.preprocess import images_at_model_size, normalize
-from cema_deploy.runtime.rollback import RollbackConfig, information, judge
+from cema_deploy.runtime.backends.onnxrt import session_from_onnx
+from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
+from cema_deploy.runtime.updates.rollback import RollbackConfig, information, judge
 
 FAULTS = ("none", "var_x2", "var_x10", "var_x100", "gamma_flip", "other_seed")
 MARGINS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)

@@ -19,7 +19,7 @@ def _edge_modules() -> list[str]:
     mods = []
     for pkg in (cema_deploy.contract, cema_deploy.runtime):
         mods.append(pkg.__name__)
-        mods += [m.name for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + ".")]
+        mods += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
     return mods
 
 
@@ -36,8 +36,10 @@ def _imports_in_subprocess(code: str) -> set[str]:
 
 def test_edge_modules_import_without_torch():
     mods = _edge_modules()
-    assert "cema_deploy.runtime.onnxrt" in mods and "cema_deploy.contract.blob" in mods
-    assert {"cema_deploy.runtime.uplink", "cema_deploy.runtime.edge", "cema_deploy.runtime.sources"} <= set(mods)
+    assert "cema_deploy.runtime.backends.onnxrt" in mods and "cema_deploy.contract.blob" in mods
+    assert {"cema_deploy.runtime.link.uplink", "cema_deploy.runtime.edge", "cema_deploy.runtime.frames.sources"} <= set(
+        mods
+    )
     loaded = _imports_in_subprocess("\n".join(f"import {m}" for m in mods))
     bad = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN or m.startswith(FORBIDDEN[-2:]))
     assert not bad, f"edge modules imported {bad[:5]}"

@@ -291,7 +291,7 @@ def token_list_cmd(
 
 
 def _admin(cloud: str, token_file: Path, ca_file: Path | None) -> Any:
-    from cema_deploy.runtime.client import AdminClient
+    from cema_deploy.runtime.link.client import AdminClient
 
     try:
         token = token_file.read_text(encoding="utf-8").strip()

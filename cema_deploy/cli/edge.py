@@ -35,8 +35,8 @@ def selection_config(
 ) -> Any:
     """The selector's config from CLI-style options (``d_margin``: ``auto``, ``off`` or a number in (0, 1])."""
     from cema_deploy.exceptions import CemaError
-    from cema_deploy.runtime.selection import PRESETS, SelectionConfig
-    from cema_deploy.runtime.shift import ShiftConfig
+    from cema_deploy.runtime.selection.rules import PRESETS, SelectionConfig
+    from cema_deploy.runtime.selection.shift import ShiftConfig
 
     margin: float | Literal["auto"] | None
     if d_margin == "auto":
@@ -55,7 +55,7 @@ def selection_config(
     if upload_share is not None and selection not in ("random", "entropy-top"):
         raise CemaError(f"--upload-share applies to --selection random or entropy-top, not {selection!r}.")
     if upload_share is None and upload_budget is None and selection in ("random", "entropy-top"):
-        from cema_deploy.runtime.selection import DEFAULT_SHARE
+        from cema_deploy.runtime.selection.rules import DEFAULT_SHARE
 
         upload_share = DEFAULT_SHARE
     return SelectionConfig.preset(
@@ -189,12 +189,12 @@ def run_cmd(
     """
     from cema_deploy.contract.samples import ENCODINGS
     from cema_deploy.exceptions import CemaError
-    from cema_deploy.runtime.client import CloudClient, is_loopback_url
+    from cema_deploy.runtime.backends.registry import get_backend
     from cema_deploy.runtime.edge import EdgeRuntime
-    from cema_deploy.runtime.registry import get_backend
-    from cema_deploy.runtime.rollback import RollbackConfig
-    from cema_deploy.runtime.selection import SampleSelector
-    from cema_deploy.runtime.sources import batches_from_source, count_images, labels_from_path
+    from cema_deploy.runtime.frames.sources import batches_from_source, count_images, labels_from_path
+    from cema_deploy.runtime.link.client import CloudClient, is_loopback_url
+    from cema_deploy.runtime.selection.rules import SampleSelector
+    from cema_deploy.runtime.updates.rollback import RollbackConfig
 
     if encoding not in ENCODINGS:
         raise CemaError(f"--encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}.")
@@ -336,7 +336,7 @@ def _warn_unsigned(cloud: str, allow_unsigned: bool, loopback: bool) -> None:
 
 
 def _metrics_server(rt: Any, host: str, port: int) -> Any:
-    from cema_deploy.runtime.metrics_http import MetricsServer, prometheus_text
+    from cema_deploy.runtime.metrics import MetricsServer, prometheus_text
 
     server = MetricsServer(lambda: prometheus_text(rt.metrics(), rt.latency), host=host, port=port)
     err_console.print(f"metrics on {server.url}")

@@ -222,8 +222,8 @@ class Job:
 
 
 def _selector_config(job: Job, warmup: int, d_margin: float | None) -> Any:
-    from cema_deploy.runtime.selection import SelectionConfig
-    from cema_deploy.runtime.shift import ShiftConfig
+    from cema_deploy.runtime.selection.rules import SelectionConfig
+    from cema_deploy.runtime.selection.shift import ShiftConfig
 
     preset, knob, stats = RULES[job.rule]
     kw: dict[str, Any] = {knob: job.knob}
@@ -255,9 +255,9 @@ def run_job(
     from cema_deploy.cloud.engines.local import LocalEngine
     from cema_deploy.cloud.local_link import LocalLink
     from cema_deploy.demo.run import WARMUP
+    from cema_deploy.runtime.backends.registry import get_backend
     from cema_deploy.runtime.edge import EdgeRuntime
-    from cema_deploy.runtime.registry import get_backend
-    from cema_deploy.runtime.selection import SampleSelector
+    from cema_deploy.runtime.selection.rules import SampleSelector
 
     state = work / job.key.replace("/", "_")
     shutil.rmtree(state, ignore_errors=True)

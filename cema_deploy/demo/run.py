@@ -45,7 +45,7 @@ from cema_deploy.demo.stream import (
     digits_splits,
 )
 from cema_deploy.exceptions import CemaError
-from cema_deploy.runtime.selection import DEFAULT_SHARE
+from cema_deploy.runtime.selection.rules import DEFAULT_SHARE
 
 PROTOCOLS = ("reset", "continual")
 #: W of the dynamic E_max per protocol (Eqn. 4). The paper's W counts samples of a 50,000-image corruption; a
@@ -176,7 +176,7 @@ class _Cloud:
 
     def reset(self) -> int:
         """Reset the (single) deployment as an operator would; returns its new generation."""
-        from cema_deploy.runtime.client import AdminClient
+        from cema_deploy.runtime.link.client import AdminClient
 
         admin = AdminClient(self.url, self.admin_file.read_text().strip())
         try:

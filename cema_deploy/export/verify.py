@@ -27,7 +27,7 @@ def verify_export(out_dir: Path, model: Any, manifest: Manifest, *, atol: float 
     onnx = lazy_import("onnx", extra="export")
     from onnx import numpy_helper
 
-    from cema_deploy.runtime.onnxrt import session_from_onnx
+    from cema_deploy.runtime.backends.onnxrt import session_from_onnx
 
     model_path = out_dir / manifest.model_file
     try:

@@ -3,18 +3,18 @@
 Serving never waits on the network or on a refit (except in ``sync`` mode, which exists for reproducible runs).
 The jobs live in their own modules, wired together here:
 
-* :mod:`~cema_deploy.runtime.uplink`: one FIFO of uploads and batch reports (protocol 2: a
+* :mod:`~cema_deploy.runtime.link.uplink`: one FIFO of uploads and batch reports (protocol 2: a
   :class:`~cema_deploy.contract.messages.BatchReport` after every edge batch, after its uploads), on disk with a
-  state folder (:mod:`~cema_deploy.runtime.spool`).
-* :mod:`~cema_deploy.runtime.deployment`: generation and calibration. While the deployment is uncalibrated the
+  state folder (:mod:`~cema_deploy.runtime.link.spool`).
+* :mod:`~cema_deploy.runtime.updates.generation`: generation and calibration. While the deployment is uncalibrated the
   next edge batch goes up whole as ``calibration="start"``; ``SelectionResult.shift`` sends that batch as
   ``calibration="shift"`` (``recalibrate``); a newer generation (any acknowledgement, a 409) starts a fresh
   selector. Frames of ``SelectionResult.stats_mask`` go up as ``statistics`` samples.
-* :mod:`~cema_deploy.runtime.intake`: poll, verify the signature before parsing, validate, refit scheduler;
+* :mod:`~cema_deploy.runtime.updates.intake`: poll, verify the signature before parsing, validate, refit scheduler;
   refusals counted, reported and never fetched again.
-* :mod:`~cema_deploy.runtime.rollback`: each refit judged against the previous parameters on the same recent
+* :mod:`~cema_deploy.runtime.updates.rollback`: each refit judged against the previous parameters on the same recent
   frames (mutual information between input and prediction); a drop beyond the margin rolls it back.
-* :mod:`~cema_deploy.runtime.state`: with ``state_dir`` the selector, refused versions, generation and serving
+* :mod:`~cema_deploy.runtime.updates.state`: with ``state_dir`` the selector, refused versions, generation and serving
   blob survive restarts (written on an interval, on every refit, rollback or refusal, and on close).
 
 Never imports torch.
@@ -36,16 +36,16 @@ from cema_deploy.contract.blob import blob_from_bytes
 from cema_deploy.contract.messages import BatchReport, EdgeReport
 from cema_deploy.contract.samples import KIND_STATISTICS
 from cema_deploy.exceptions import CemaError
-from cema_deploy.runtime.base import Backend
-from cema_deploy.runtime.client import CloudLink, EdgeConfigError, is_loopback_url
-from cema_deploy.runtime.deployment import Deployment
-from cema_deploy.runtime.intake import REFUSAL_REASONS, BlobIntake
-from cema_deploy.runtime.metrics_http import LatencyHistogram
-from cema_deploy.runtime.preprocess import images_at_model_size, normalize
-from cema_deploy.runtime.rollback import Judgement, RollbackConfig, RollbackMonitor
-from cema_deploy.runtime.selection import SampleSelector, SelectionResult
-from cema_deploy.runtime.state import EdgeState, EdgeStateStore
-from cema_deploy.runtime.uplink import Uplink
+from cema_deploy.runtime.backends.base import Backend
+from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
+from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, is_loopback_url
+from cema_deploy.runtime.link.uplink import Uplink
+from cema_deploy.runtime.metrics import LatencyHistogram
+from cema_deploy.runtime.selection.rules import SampleSelector, SelectionResult
+from cema_deploy.runtime.updates.generation import GenerationTracker
+from cema_deploy.runtime.updates.intake import REFUSAL_REASONS, BlobIntake
+from cema_deploy.runtime.updates.rollback import Judgement, RollbackConfig, RollbackMonitor
+from cema_deploy.runtime.updates.state import EdgeState, EdgeStateStore
 
 __all__ = ["REFUSAL_REASONS", "EdgeRuntime", "EdgeStep", "RollbackConfig"]
 
@@ -139,7 +139,7 @@ class EdgeRuntime:
         self._calib_lock = threading.Lock()
         self._calib_window = False
         self._calib_target: int | None = None
-        self.deployment = Deployment(client, recalibrate=recalibrate, on_new_generation=self._on_new_generation,
+        self.deployment = GenerationTracker(client, recalibrate=recalibrate, on_new_generation=self._on_new_generation,
                                      on_calibration_done=self._on_calibration_done)  # fmt: skip
         unsigned_refused = not allow_unsigned and not is_loopback_url(getattr(client, "base_url", None))
         self.intake = BlobIntake(

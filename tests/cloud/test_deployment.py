@@ -86,7 +86,7 @@ def test_replay_due_is_a_flag_never_a_queue(exported, teacher_ckpt, tmp_path) ->
 def test_calibration_sets_merges_and_recalibrates_and_publishes_at_once(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from cema_deploy.runtime.preprocess import normalize
+    from cema_deploy.runtime.frames.preprocess import normalize
     from tests.cloud.test_method import _bn_stats, _first_forward_stats
 
     edge, _ = exported("bn")
@@ -265,10 +265,10 @@ def test_the_edge_runtime_adapts_through_the_in_process_link(exported, teacher_c
     from cema_deploy.cloud.engines.local import LocalEngine
     from cema_deploy.cloud.local_link import LocalLink
     from cema_deploy.exceptions import UplinkError
-    from cema_deploy.runtime.client import StaleGenerationError
+    from cema_deploy.runtime.backends.registry import get_backend
     from cema_deploy.runtime.edge import EdgeRuntime
-    from cema_deploy.runtime.registry import get_backend
-    from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
+    from cema_deploy.runtime.link.client import StaleGenerationError
+    from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig
 
     edge, _ = exported("bn")
     dep = make_deployment(edge, teacher_ckpt, tmp_path / "s", batch_size=8, spec={"pending_cap": 24})

@@ -16,10 +16,10 @@ pytestmark = [needs_torch, pytest.mark.network]
 
 def _edge(out, url, token, **kw):  # type: ignore[no-untyped-def]
     from cema_deploy.contract.manifest import manifest_from_dir
-    from cema_deploy.runtime.client import CloudClient
+    from cema_deploy.runtime.backends.registry import get_backend
     from cema_deploy.runtime.edge import EdgeRuntime
-    from cema_deploy.runtime.registry import get_backend
-    from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
+    from cema_deploy.runtime.link.client import CloudClient
+    from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig
 
     fp = manifest_from_dir(out).fingerprint
     keep_all = SelectionConfig(num_classes=10, e0=np.log(10) + 1, e_min=None, d_margin=None)  # every sample goes up
@@ -43,7 +43,7 @@ def test_edge_uploads_refits_and_matches_the_replica(cloud_factory, exported) ->
     from cema_deploy.cloud.state import StateStore
     from cema_deploy.contract.blob import blob_from_path
     from cema_deploy.contract.manifest import manifest_from_dir
-    from cema_deploy.runtime.preprocess import normalize
+    from cema_deploy.runtime.frames.preprocess import normalize
 
     out, _ = exported("bn")
     manifest = manifest_from_dir(out)

@@ -146,7 +146,7 @@ def test_the_pending_cap_answers_429_with_retry_after_then_recovers(exported, te
     from cema_deploy.cloud.state import StateStore
     from cema_deploy.contract.protocol import samples_url
     from cema_deploy.exceptions import UplinkError
-    from cema_deploy.runtime.client import CloudClient
+    from cema_deploy.runtime.link.client import CloudClient
 
     edge, _ = exported("bn")
     state = tmp_path / "state"

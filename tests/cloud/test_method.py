@@ -177,8 +177,8 @@ def test_blob_tensors_reproduce_the_replica_eval_output(exported) -> None:  # ty
     from cema_deploy.cloud.models import replica_from_export
     from cema_deploy.contract.blob import RefitBlob, validate_blob
     from cema_deploy.contract.manifest import manifest_from_dir
-    from cema_deploy.runtime.preprocess import normalize
-    from cema_deploy.runtime.registry import get_backend
+    from cema_deploy.runtime.backends.registry import get_backend
+    from cema_deploy.runtime.frames.preprocess import normalize
     from tests.cloud.conftest import images
     from tests.conftest import tiny_model
 
@@ -279,7 +279,7 @@ def test_calibration_is_the_official_first_forward_layer_by_layer_and_merges_by_
     from cema_deploy.cloud.method import Cema
     from cema_deploy.cloud.models import replica_from_export
     from cema_deploy.contract.manifest import manifest_from_dir
-    from cema_deploy.runtime.preprocess import normalize
+    from cema_deploy.runtime.frames.preprocess import normalize
     from tests.cloud.conftest import images
     from tests.conftest import tiny_model
 
@@ -319,7 +319,7 @@ def test_statistics_samples_mode_keeps_training_forwards_off_the_running_statist
     from cema_deploy.cloud.method import Cema
     from cema_deploy.cloud.models import replica_from_export
     from cema_deploy.contract.manifest import manifest_from_dir
-    from cema_deploy.runtime.preprocess import normalize
+    from cema_deploy.runtime.frames.preprocess import normalize
     from tests.cloud.conftest import images
     from tests.conftest import tiny_model
 

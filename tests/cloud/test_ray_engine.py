@@ -33,7 +33,7 @@ class Cluster:
     manifests: dict[str, Any]  # deployment name -> manifest
 
     def client(self, name: str, **kw: Any) -> Any:
-        from cema_deploy.runtime.client import CloudClient
+        from cema_deploy.runtime.link.client import CloudClient
 
         return CloudClient(self.url, self.token, self.manifests[name].fingerprint, device_id="cam-1", **kw)
 
@@ -251,7 +251,7 @@ def test_cloud_serve_engine_ray_joins_the_cluster_and_a_new_ingress_serves_the_s
     from cema_deploy.cloud.engines.ray_engine import NAMESPACE
     from cema_deploy.cloud.state import StateStore
     from cema_deploy.contract.manifest import manifest_from_dir
-    from cema_deploy.runtime.client import CloudClient
+    from cema_deploy.runtime.link.client import CloudClient
     from tests.cloud.conftest import start_cloud
 
     edge = exported("gn")[0]  # a third fingerprint; fewer than B samples are sent, so it never steps

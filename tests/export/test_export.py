@@ -10,7 +10,7 @@ from cema_deploy.contract import blob_from_path, manifest_from_dir
 from cema_deploy.exceptions import ModelError
 from cema_deploy.export.norms import collect_norm_params, count_norm_layers
 from cema_deploy.export.to_onnx import export_timm
-from cema_deploy.runtime.onnxrt import session_from_onnx
+from cema_deploy.runtime.backends.onnxrt import session_from_onnx
 from tests.conftest import tiny_model
 
 

@@ -17,14 +17,14 @@ from cema_deploy.contract.blob import RefitBlob, blob_from_path, blob_to_bytes
 from cema_deploy.contract.manifest import manifest_from_dir
 from cema_deploy.contract.samples import SampleBatch, samples_from_bytes
 from cema_deploy.exceptions import CemaError, SignatureError
-from cema_deploy.runtime.client import CloudClient
+from cema_deploy.runtime.backends.onnxrt import session_from_onnx
+from cema_deploy.runtime.backends.registry import get_backend
 from cema_deploy.runtime.edge import EdgeRuntime, RollbackConfig
-from cema_deploy.runtime.onnxrt import session_from_onnx
-from cema_deploy.runtime.preprocess import normalize
-from cema_deploy.runtime.registry import get_backend
-from cema_deploy.runtime.rollback import information
-from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
-from cema_deploy.runtime.sources import SourceError, batches_from_source, count_images, labels_from_path
+from cema_deploy.runtime.frames.preprocess import normalize
+from cema_deploy.runtime.frames.sources import SourceError, batches_from_source, count_images, labels_from_path
+from cema_deploy.runtime.link.client import CloudClient
+from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig
+from cema_deploy.runtime.updates.rollback import information
 from tests.conftest import needs_torch
 from tests.runtime.conftest import images, until
 
@@ -290,7 +290,7 @@ def test_uploads_on_the_wire_are_exactly_the_selected_images(exported, protocol_
     srv = protocol_server(manifest.fingerprint)
     x = _images(48, seed=7)
     with get_backend("ort-cpu", out) as be:  # thresholds from this stream's own entropies: a real mix of decisions
-        from cema_deploy.runtime.entropy import softmax_entropy
+        from cema_deploy.runtime.selection.entropy import softmax_entropy
 
         ent = softmax_entropy(be.infer(normalize(x, manifest.preprocess)))
     cfg = SelectionConfig(num_classes=10, e0=float(np.quantile(ent, 0.75)), e_min=float(np.quantile(ent, 0.2)),

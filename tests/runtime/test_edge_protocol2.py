@@ -13,13 +13,13 @@ import pytest
 from cema_deploy.contract.blob import RefitBlob, blob_from_path, blob_to_bytes
 from cema_deploy.contract.manifest import manifest_from_dir
 from cema_deploy.contract.samples import SampleBatch
-from cema_deploy.runtime.client import CloudClient
+from cema_deploy.runtime.backends.onnxrt import session_from_onnx
+from cema_deploy.runtime.backends.registry import get_backend
 from cema_deploy.runtime.edge import EdgeRuntime
-from cema_deploy.runtime.onnxrt import session_from_onnx
-from cema_deploy.runtime.preprocess import normalize
-from cema_deploy.runtime.registry import get_backend
-from cema_deploy.runtime.rollback import RollbackConfig
-from cema_deploy.runtime.selection import SampleSelector, SelectionConfig, SelectionResult
+from cema_deploy.runtime.frames.preprocess import normalize
+from cema_deploy.runtime.link.client import CloudClient
+from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig, SelectionResult
+from cema_deploy.runtime.updates.rollback import RollbackConfig
 from tests.conftest import needs_torch
 from tests.runtime.conftest import images
 
@@ -236,8 +236,9 @@ def test_an_older_cloud_without_the_status_route(exported, protocol_server) -> N
 def test_the_blob_that_answers_a_calibration_is_not_judged(exported, protocol_server) -> None:  # type: ignore[no-untyped-def]
     # A calibration re-initialises the statistics by design; the previous parameters are no reference for it.
     # Here it carries no information at all, after an informative blob: judged, it would be rolled back.
-    from tests.runtime.test_edge import _diverse
     from tests.runtime.test_edge_state import _gamma_blob
+
+    from tests.runtime.test_edge import _diverse
 
     out, v0, srv = _setup(exported, protocol_server)
 

@@ -18,10 +18,10 @@ from cema_deploy.contract.blob import RefitBlob, blob_from_path, blob_to_bytes
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import UplinkError
-from cema_deploy.runtime.client import CloudClient, EdgeConfigError, is_loopback_url
+from cema_deploy.runtime.backends.registry import get_backend
 from cema_deploy.runtime.edge import EdgeRuntime
-from cema_deploy.runtime.registry import get_backend
-from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
+from cema_deploy.runtime.link.client import CloudClient, EdgeConfigError, is_loopback_url
+from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig
 from tests.conftest import needs_torch
 from tests.runtime.conftest import images
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from cema_deploy.contract.blob import RefitBlob, blob_from_path, blob_to_bytes
+from cema_deploy.runtime.backends.registry import get_backend
 from cema_deploy.runtime.edge import EdgeRuntime
-from cema_deploy.runtime.metrics_http import LatencyHistogram, MetricsServer, prometheus_text
-from cema_deploy.runtime.registry import get_backend
-from cema_deploy.runtime.selection import SampleSelector, SelectionConfig
+from cema_deploy.runtime.metrics import LatencyHistogram, MetricsServer, prometheus_text
+from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig
 from tests.conftest import needs_torch
 from tests.runtime.conftest import images
 

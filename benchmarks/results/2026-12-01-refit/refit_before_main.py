@@ -14,7 +14,7 @@ import numpy as np
 
 from cema_deploy.bench import measure_refit
 from cema_deploy.runtime import get_backend
-from cema_deploy.runtime.onnxrt import session_from_onnx
+from cema_deploy.runtime.backends.onnxrt import session_from_onnx
 
 model_dir, reps = sys.argv[1], int(sys.argv[2])
 with get_backend("ort-cpu", model_dir) as be:

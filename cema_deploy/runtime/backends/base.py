@@ -1,0 +1,213 @@
+"""The backend interface: run a batch, apply a refit blob atomically, report and roll back the version.
+
+A backend holds one immutable *engine state* (an engine/session plus the parameters it was built with and
+their version). ``infer`` reads the current state once and runs on it, so a request that started before a
+swap finishes on the old parameters. ``refit`` validates the blob against the manifest, builds a new engine
+off the serving path (on the calling thread; :class:`~cema_deploy.runtime.updates.scheduler.RefitScheduler` or
+``refit_async`` build on a worker), runs one warm-up inference on it at the shape last served, and replaces
+the state reference in one assignment. A blob that fails validation, building or the warm-up raises and
+changes nothing.
+
+Resident engines: the serving state and the previous one (for ``rollback`` and ``infer_previous``), plus
+the one being built during a refit. An engine that leaves the backend is freed once the requests running on
+it return.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from cema_deploy.contract.blob import RefitBlob, blob_from_path, validate_blob
+from cema_deploy.contract.manifest import Manifest, manifest_from_dir
+from cema_deploy.exceptions import BlobError, CemaError, RefitError
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """One set of parameters built into an engine. Never mutated; replaced whole."""
+
+    engine: Any
+    version: int
+    tensors: Mapping[str, np.ndarray]
+    applied_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefitReport:
+    """What a refit did: versions and how long validation and the build took (seconds)."""
+
+    old_version: int
+    new_version: int
+    validate_s: float
+    build_s: float
+    warmup_s: float = 0.0  # the warm-up inference at the serving shape, after the build, before the swap
+
+
+class Backend(ABC):
+    """Base of every inference backend. Subclasses implement ``_build`` and ``_run`` only."""
+
+    name: str = "backend"
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, manifest: Manifest | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest = manifest or manifest_from_dir(self.model_dir)
+        self._refit_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        blob = blob_from_path(self.model_dir / self.manifest.params_file)
+        validate_blob(blob, self.manifest)
+        self._prepare(blob.tensors)
+        self._state = EngineState(self._build(blob.tensors), blob.version, blob.tensors)
+        self._previous: EngineState | None = None
+        self._serving_shape: tuple[int, ...] = (1, *self.manifest.input.shape[1:])
+
+    # ---- subclass hooks -------------------------------------------------------------------------------
+    def _prepare(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Once, before the first build: work every later build can reuse (default: none)."""
+        return None
+
+    def build_plain(self, tensors: Mapping[str, np.ndarray]) -> Any:
+        """An engine built as a fresh deployment builds it, without what ``_prepare`` made (for benchmarks)."""
+        return self._build(tensors)
+
+    @abstractmethod
+    def _build(self, tensors: Mapping[str, np.ndarray]) -> Any:
+        """Build an engine whose refittable tensors hold ``tensors``. Must not touch the serving state."""
+
+    @abstractmethod
+    def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
+        """Run one batch on ``engine``; returns logits [N, C]."""
+
+    # ---- public API -----------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Version of the parameters serving now (0 = the export's own)."""
+        return self._state.version
+
+    @property
+    def providers(self) -> list[str]:
+        return [self.name]
+
+    @property
+    def previous_version(self) -> int | None:
+        """Version of the parameters that served before the last refit (still resident), None when none."""
+        prev = self._previous
+        return None if prev is None else prev.version
+
+    @property
+    def serving_shape(self) -> tuple[int, ...]:
+        """The batch shape served last: the shape the next refit's warm-up inference runs at."""
+        return self._serving_shape
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Logits for one NCHW float32 batch, computed entirely with one version's parameters."""
+        state = self._state  # one read: a concurrent swap cannot mix versions within this call
+        self._serving_shape = x.shape
+        return self._run(state.engine, x)
+
+    def infer_versioned(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Like :meth:`infer`, also returning the parameter version that produced the logits."""
+        state = self._state
+        self._serving_shape = x.shape
+        return self._run(state.engine, x), state.version
+
+    def infer_previous(self, x: np.ndarray) -> np.ndarray | None:
+        """Logits of the parameters that served before the last refit (:attr:`previous_version`), or None.
+
+        For comparing old and new parameters on the same inputs off the serving path (e.g. a rollback
+        check); it does not change the serving shape the next refit warms up at.
+        """
+        prev = self._previous
+        return None if prev is None else self._run(prev.engine, x)
+
+    def refit(self, blob: RefitBlob) -> RefitReport:
+        """Validate ``blob``, build a new engine with it, then swap it in atomically.
+
+        Raises a :class:`~cema_deploy.exceptions.BlobError` (bad blob) or :class:`RefitError` (build failed);
+        either way the old parameters keep serving.
+        """
+        with self._refit_lock:  # refits are serialised; inference is not blocked
+            old = self._state
+            t0 = time.perf_counter()
+            validate_blob(blob, self.manifest, newer_than=old.version)
+            t1 = time.perf_counter()
+            engine = self._build_checked(blob.tensors)
+            t2 = time.perf_counter()
+            self._warm_up(engine)
+            t3 = time.perf_counter()
+            self._previous = old  # the state before it (if any) leaves: at most two engines stay resident
+            self._state = EngineState(engine, blob.version, blob.tensors)
+            return RefitReport(
+                old_version=old.version,
+                new_version=blob.version,
+                validate_s=t1 - t0,
+                build_s=t2 - t1,
+                warmup_s=t3 - t2,
+            )
+
+    def refit_async(self, blob: RefitBlob) -> Future[RefitReport]:
+        """:meth:`refit` on a background worker; the future raises what ``refit`` would."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-refit")
+        return self._executor.submit(self.refit, blob)
+
+    def rollback(self) -> int:
+        """Restore the parameters that served before the last refit; returns the version now serving."""
+        with self._refit_lock:
+            if self._previous is None:
+                raise RefitError("Nothing to roll back to: no refit has been applied since the backend started.")
+            self._state, self._previous = self._previous, None
+            return self._state.version
+
+    @property
+    def tensors(self) -> Mapping[str, np.ndarray]:
+        """The refittable tensors serving now."""
+        return self._state.tensors
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ---- helpers --------------------------------------------------------------------------------------
+    def _warm_up(self, engine: Any) -> None:
+        """One inference at the shape served last, so the first request on ``engine`` is not its cold start."""
+        x = np.zeros(self._serving_shape, np.float32)
+        try:
+            self._run(engine, x)
+        except Exception as exc:
+            raise RefitError(
+                f"The new {self.name} engine failed its warm-up inference at shape {tuple(x.shape)} "
+                f"({type(exc).__name__}: {exc}); the previous parameters keep serving."
+            ) from exc
+
+    def _build_checked(self, tensors: Mapping[str, np.ndarray]) -> Any:
+        try:
+            return self._build(tensors)
+        except BlobError:
+            raise
+        except CemaError as exc:
+            raise RefitError(f"Building the engine with new parameters failed: {exc}") from exc
+        except Exception as exc:
+            raise RefitError(
+                f"Building the {self.name} engine with new parameters failed ({type(exc).__name__}: {exc}); "
+                "the previous parameters keep serving."
+            ) from exc
