@@ -28,6 +28,13 @@ PUBLIC = {
     "cema_deploy.runtime": ["Backend", "EngineState", "RefitReport", "get_backend", "list_backends"],
     "cema_deploy.export": ["ExportResult", "create_timm_model", "export_timm", "load_weights"],
     "cema_deploy.cloud.deployment": ["LATENCY_BUCKETS", "Deployment"],
+    "cema_deploy.bench": [
+        "available_backends",
+        "measure_refit",
+        "measure_sustained_refit",
+        "print_report",
+        "run_bench",
+    ],
 }
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from cema_deploy.contract.manifest import FOLDED_FILE
 from cema_deploy.runtime.backends.base import Backend
 from cema_deploy.runtime.timing import Timing
 
-FOLDED_FILE = "reference_folded.onnx"
 #: Pause before each engine's turn in the interleaved measurement (seconds).
 SETTLE_S = 0.05
 Progress = Callable[[str], None]
