@@ -22,13 +22,14 @@ NORMS_FILE = "model.norms.bin"
 ALIGN = 64
 
 
-def norms_layout(manifest: Manifest) -> list[tuple[str, int, int]]:
-    """(name, offset, nbytes) of every refittable tensor in the norms file."""
+def norms_layout(manifest: Manifest, *, itemsize: int | None = None) -> list[tuple[str, int, int]]:
+    """(name, offset, nbytes) of every refittable tensor in the norms file; ``itemsize`` bytes per value instead of
+    the manifest dtype's (2: TensorRT's fp16 copy, same order and alignment)."""
     out: list[tuple[str, int, int]] = []
     offset = 0
     for p in manifest.refittable:
         offset += -offset % ALIGN
-        nbytes = p.numel * np.dtype(p.dtype).itemsize
+        nbytes = p.numel * (np.dtype(p.dtype).itemsize if itemsize is None else itemsize)
         out.append((p.name, offset, nbytes))
         offset += nbytes
     return out

@@ -36,7 +36,7 @@ import numpy as np
 from cema_deploy._atomic import PUBLIC_FILE_MODE, write_atomic
 from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.manifest import Manifest
-from cema_deploy.contract.norms_file import ALIGN, NORMS_FILE
+from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout
 from cema_deploy.exceptions import BackendError, RefitError
 
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -48,13 +48,7 @@ COPY_FORMAT = 1
 
 def fp16_norms_layout(manifest: Manifest) -> list[tuple[str, int, int]]:
     """(name, offset, nbytes) of each refittable tensor in the fp16 copy's norms file."""
-    out: list[tuple[str, int, int]] = []
-    offset = 0
-    for p in manifest.refittable:
-        offset += -offset % ALIGN
-        out.append((p.name, offset, p.numel * 2))
-        offset += p.numel * 2
-    return out
+    return norms_layout(manifest, itemsize=2)
 
 
 def write_fp16_norms(
