@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cema_deploy.bench import available_backends, run_bench
-from cema_deploy.cli.bench import print_report
+from cema_deploy.bench import available_backends, print_report, run_bench
 from cema_deploy.export import export_timm
 
 

@@ -8,11 +8,15 @@ import os
 import tempfile
 from pathlib import Path
 
+#: The mode of files every side may read (exports, manifests, blobs): what a default umask (022) gives a new file.
+PUBLIC_FILE_MODE = 0o644
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+
+def write_atomic(path: Path, data: bytes, *, mode: int | None = None, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash at any point leaves the old or the new file, never a mix.
     The file is created readable by its owner only (``mkstemp``) and gets ``mode`` before any byte is written, so
-    a private key is never readable by others, not even for a moment."""
+    a private key is never readable by others, not even for a moment. ``durable=False`` skips the two fsyncs: a
+    reader still never sees half a file, but a crash may lose it (scratch files, such as a refit's norms file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -21,12 +25,14 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:

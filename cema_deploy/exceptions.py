@@ -26,10 +26,16 @@ safetensors, torch or httpx are re-raised as one of these with ``raise ... from 
     │   ├── BackendUnavailableError   the backend's package or device is missing
     │   └── RefitError             new parameters could not be built; the old ones keep serving
     ├── UplinkError                talking to the cloud failed
+    │   └── StaleGenerationError   an upload for an older generation (409): the deployment was reset
     └── CloudError                 the adaptation service refused or failed a request
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cema_deploy.contract.messages import DeploymentStatus
 
 
 class CemaError(Exception):
@@ -119,6 +125,16 @@ class UplinkError(CemaError):
         self.retryable = retryable
         self.status = status
         self.retry_after = retry_after
+
+
+class StaleGenerationError(UplinkError):
+    """The cloud refused an upload made for an older generation (409): the deployment was reset. ``current``
+    is the deployment as the cloud sees it now; start its generation (fresh selector, calibrate if needed).
+    Raised by both links of the edge (HTTP and in-process), so it lives here, with the tree."""
+
+    def __init__(self, message: str, *, current: DeploymentStatus) -> None:
+        super().__init__(message, retryable=False, status=409)
+        self.current = current
 
 
 class CloudError(CemaError):

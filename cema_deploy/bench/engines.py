@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from cema_deploy.contract.manifest import FOLDED_FILE
 from cema_deploy.runtime.backends.base import Backend
-from cema_deploy.runtime.timing import Timing
 
-FOLDED_FILE = "reference_folded.onnx"
 #: Pause before each engine's turn in the interleaved measurement (seconds).
 SETTLE_S = 0.05
 Progress = Callable[[str], None]
@@ -101,15 +100,6 @@ def torch_eager_engine(model_dir: Path) -> Callable[[np.ndarray], Any] | None:
 
 def random_input(shape: tuple[int, ...], batch: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
-
-
-def _ratio(num: Timing | None, den: Timing | None, *, median: bool = False) -> float | None:
-    """Throughput of ``num`` over that of ``den``: mean throughput, or ``median`` (p50 latency of den / num)."""
-    if num is None or den is None:
-        return None
-    if median:
-        return round(den.p50_ms / num.p50_ms, 4) if num.p50_ms > 0 else None
-    return round(num.throughput / den.throughput, 4) if den.throughput > 0 else None
 
 
 def machine_info() -> dict[str, Any]:

@@ -85,18 +85,24 @@ def measure_refit(
     return out
 
 
+def _steady_latencies(backend: Backend, x: np.ndarray, seconds: float) -> list[float]:
+    """Seconds per ``backend.infer(x)``, back to back for ``seconds``: the steady state a refit is compared with."""
+    out: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        backend.infer(x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
 def _refit_trial(backend: Backend, x: np.ndarray, *, steady_s: float, after_s: float, up: bool) -> dict[str, Any]:
     factor = np.float32(1.01 if up else 1 / 1.01)
     tensors = {k: (v * factor if k.endswith(".weight") else v) for k, v in backend.tensors.items()}
     data = blob_to_bytes(
         RefitBlob(tensors=tensors, fingerprint=backend.manifest.fingerprint, version=backend.version + 1)
     )
-    steady: list[float] = []
-    t_end = time.perf_counter() + steady_s
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        backend.infer(x)
-        steady.append(time.perf_counter() - t0)
+    steady = _steady_latencies(backend, x, steady_s)
 
     done = threading.Event()
     result: dict[str, Any] = {}
@@ -188,12 +194,7 @@ def measure_sustained_refit(
 
     steady_s = min(10.0, max(1.0, seconds / 4)) if steady_s is None else steady_s
     batch = int(x.shape[0])
-    steady: list[float] = []
-    t_end = time.perf_counter() + steady_s
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        backend.infer(x)
-        steady.append(time.perf_counter() - t0)
+    steady = _steady_latencies(backend, x, steady_s)
     base = dict(backend.tensors)
     variants = [
         {k: (v * np.float32(f) if k.endswith(".weight") else v) for k, v in base.items()} for f in (1.01, 1 / 1.01)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -82,7 +82,7 @@ def bench_cmd(
     build timed in the same run. --sustained-refit S refits every --refit-every seconds for S seconds and
     reports throughput and p99 against steady, failed requests and RSS.
     """
-    from cema_deploy.bench import run_bench
+    from cema_deploy.bench import print_report, run_bench
 
     with step_progress() as on_step:
         report = run_bench(
@@ -102,67 +102,8 @@ def bench_cmd(
             min_refit_interval_s=min_refit_interval,
             backend_options={"refit_path": refit_path, "allow_spinning": spinning},
         )
-    print_report(report)
+    print_report(report, console)
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {json_file}")
-
-
-def print_report(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"{report['model']} — throughput (img/s) and latency (ms)")
-    for col in ("backend", "engine", "batch", "img/s", "p50", "p90", "p99"):
-        t.add_column(col, justify="right" if col not in ("backend", "engine") else "left")
-    for r in report["rows"]:
-        t.add_row(
-            r["backend"],
-            r["engine"],
-            str(r["batch"]),
-            f"{r['throughput']:.1f}",
-            f"{r['p50_ms']:.2f}",
-            f"{r['p90_ms']:.2f}",
-            f"{r['p99_ms']:.2f}",
-        )
-    console.print(t)
-    rt = Table(title="Ratios, same run: mean throughput (median-latency throughput)")
-    for col in ("backend", "batch", "refittable / folded", "edge step / bare", "torch eager / refittable"):
-        rt.add_column(col, justify="right" if col != "backend" else "left")
-
-    def cell(r: dict[str, Any], key: str) -> str:
-        mean, p50 = r.get(key), r.get(key + "_p50")
-        return "n/a" if mean is None else f"{mean:.3f} ({p50:.3f})" if p50 is not None else f"{mean:.3f}"
-
-    for r in report["ratios"]:
-        rt.add_row(
-            r["backend"],
-            str(r["batch"]),
-            *(cell(r, k) for k in ("refittable_vs_folded", "edge_step_vs_bare", "torch_eager_vs_refittable")),
-        )
-    console.print(rt)
-    for r in report["refit"]:
-        tg = r["targets"]
-        console.print(
-            f"[bold]refit[/] {r['backend']} ({r['refit_path']}, median of {r['repeats']}): blob {r['blob_bytes']:,} B, "
-            f"version {r['version'][0]} -> {r['version'][1]}, received->serving {r['received_to_serving_ms']:.0f} ms "
-            f"(parse {r['parse_ms']:.1f}, validate {r['validate_ms']:.1f}, build {r['build_ms']:.0f}, warm-up "
-            f"{r['warmup_ms']:.0f}) vs idle plain build {r['idle_build_ms']:.0f} ms "
-            f"(x{tg['serving_vs_idle_build']:.2f}); "
-            f"first response with the new version {r['received_to_first_new_response_ms']:.0f} ms "
-            f"(x{tg['first_new_vs_build_plus_p99']:.2f} of build + warm-up + steady p99; it took "
-            f"{r['first_new_response_latency_ms']:.0f} ms); {r['requests_during_refit']:.0f} requests during it, "
-            f"{r['failed_requests']} failed; throughput {r['throughput_during_refit']} vs steady "
-            f"{r['steady_throughput']} img/s; max latency {r['max_latency_during_refit_ms']:.1f} ms vs steady p99 "
-            f"{r['steady_p99_ms']:.1f} ms (x{tg['max_latency_vs_steady_p99']:.2f})"
-        )
-    s = report.get("sustained_refit")
-    if s:
-        console.print(
-            f"[bold]sustained refits[/] {s['backend']} ({s['refit_path']}): {s['seconds']:.0f} s, a blob every "
-            f"{s['refit_every_s']:g} s: {s['refits']} applied, {s['refits_coalesced']} coalesced, "
-            f"{s['refits_failed']} failed; {s['failed_requests']} of {s['requests']} requests failed; throughput "
-            f"{s['throughput']} vs steady {s['steady_throughput']} img/s (x{s['throughput_ratio']}); p99 "
-            f"{s['p99_ms']:.1f} vs steady {s['steady_p99_ms']:.1f} ms; RSS {s['rss_after_10s_mb']:.0f} MB after "
-            f"10 s, {s['rss_mb']:.0f} MB at the end ({s['rss_growth_pct']:+.1f} %)"
-        )

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from cema_deploy import __version__
+from cema_deploy._prometheus import Exposition, Labels, number
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine
 from cema_deploy.cloud.errors import Refused
 from cema_deploy.cloud.state import Grant, TokenTable
@@ -303,15 +304,11 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
 
 def prometheus_text(rows: list[dict[str, Any]], refused: dict[str, int] | None = None) -> str:
     """Deployment metrics (one label set per deployment) in Prometheus text exposition format 0.0.4."""
-    lines: list[str] = []
+    out = Exposition()
+    metric = out.metric
 
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{{{labels}}} {value}" for labels, value in samples)
-
-    def per(key: Any) -> list[tuple[str, float]]:
-        return [(f'deployment="{m["name"]}",model="{m["fingerprint"][:16]}"', key(m)) for m in rows]
+    def per(key: Any) -> list[tuple[dict[str, str], float]]:
+        return [({"deployment": m["name"], "model": m["fingerprint"][:16]}, key(m)) for m in rows]
 
     def counter(name: str) -> Any:
         return lambda m: m["counters"].get(name, 0)
@@ -341,24 +338,24 @@ def prometheus_text(rows: list[dict[str, Any]], refused: dict[str, int] | None =
     metric("cema_pending_cap", "gauge", "Pending samples allowed before 429.", per(lambda m: m["pending_cap"]))
     metric("cema_replay_samples", "gauge", "Samples in the replay window.", per(lambda m: m["replay_window"]))
     metric("cema_held_samples", "gauge", "Uploaded samples held on disk (frames).", per(lambda m: m["held"]))
-    statuses: list[tuple[str, float]] = []
+    statuses: list[tuple[Labels, float]] = []
     for m in rows:
         for k, v in sorted(m["counters"].items()):
             if k.startswith("refused:"):
-                statuses.append((f'deployment="{m["name"]}",status="{k.split(":")[1]}"', v))
-    statuses += [(f'deployment="",status="{k}"', v) for k, v in sorted((refused or {}).items())]
-    metric("cema_requests_refused_total", "counter", "Requests answered with 4xx.", statuses or [('status=""', 0)])
-    reports = [
-        (f'deployment="{m["name"]}",kind="{k.split(":")[1]}"', v)
+                statuses.append(({"deployment": m["name"], "status": k.split(":")[1]}, v))
+    statuses += [({"deployment": "", "status": k}, v) for k, v in sorted((refused or {}).items())]
+    metric("cema_requests_refused_total", "counter", "Requests answered with 4xx.", statuses or [({"status": ""}, 0)])
+    reports: list[tuple[Labels, float]] = [
+        ({"deployment": m["name"], "kind": k.split(":")[1]}, v)
         for m in rows
         for k, v in sorted(m["counters"].items())
         if k.startswith("report:")
     ]
-    metric("cema_edge_reports_total", "counter", "Rollback/refusal reports from edges.", reports or [('kind=""', 0)])
+    metric("cema_edge_reports_total", "counter", "Rollback/refusal reports from edges.", reports or [({"kind": ""}, 0)])
     metric("cema_step_seconds", "summary", "Time per adaptation job.", [])
     for labels, m in zip([x[0] for x in per(lambda m: 0)], rows, strict=True):
-        lines.append(f"cema_step_seconds_sum{{{labels}}} {m['step_seconds_sum']}")
-        lines.append(f"cema_step_seconds_count{{{labels}}} {m['step_seconds_count']}")
+        out.sample("cema_step_seconds_sum", labels, m["step_seconds_sum"])
+        out.sample("cema_step_seconds_count", labels, m["step_seconds_count"])
     metric(
         "cema_upload_to_blob_p50_seconds", "gauge", "Upload to blob, median of the newest 10,000.",
         per(lambda m: m["upload_to_blob_p50_s"]),
@@ -374,8 +371,7 @@ def prometheus_text(rows: list[dict[str, Any]], refused: dict[str, int] | None =
     metric("cema_upload_to_blob_seconds", "histogram", "From an upload's acknowledgement to the blob with it.", [])
     for labels, m in zip([x[0] for x in per(lambda m: 0)], rows, strict=True):
         for le, count in m["upload_to_blob_buckets"]:
-            bound = "+Inf" if le == float("inf") else repr(le)
-            lines.append(f'cema_upload_to_blob_seconds_bucket{{{labels},le="{bound}"}} {count}')
-        lines.append(f"cema_upload_to_blob_seconds_sum{{{labels}}} {m['upload_to_blob_sum_s']}")
-        lines.append(f"cema_upload_to_blob_seconds_count{{{labels}}} {m['upload_to_blob_count']}")
-    return "\n".join(lines) + "\n"
+            out.sample("cema_upload_to_blob_seconds_bucket", {**labels, "le": number(float(le))}, count)
+        out.sample("cema_upload_to_blob_seconds_sum", labels, m["upload_to_blob_sum_s"])
+        out.sample("cema_upload_to_blob_seconds_count", labels, m["upload_to_blob_count"])
+    return out.text()

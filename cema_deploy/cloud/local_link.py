@@ -1,7 +1,7 @@
 """An in-process :class:`~cema_deploy.runtime.link.client.CloudLink`: the edge runtime calls a local engine's
 deployment directly (no HTTP, no encoding), so benchmarks run the same ``EdgeRuntime`` against the same
 deployment code in one process. Refusals map to the same :class:`~cema_deploy.exceptions.UplinkError` the HTTP
-client raises (429 retryable with ``retry_after``, 409 :class:`~cema_deploy.runtime.link.client.StaleGenerationError`,
+client raises (429 retryable with ``retry_after``, 409 :class:`~cema_deploy.exceptions.StaleGenerationError`,
 other 4xx not retryable), so the uplink behaves as it does over the network."""
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from cema_deploy.cloud.engines.local import LocalEngine
 from cema_deploy.cloud.errors import Refused, StaleGeneration
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
-from cema_deploy.exceptions import UplinkError
-from cema_deploy.runtime.link.client import StaleGenerationError
+from cema_deploy.exceptions import StaleGenerationError, UplinkError
 
 _T = TypeVar("_T")
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cema_deploy._atomic import PUBLIC_FILE_MODE, write_atomic
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.names import is_variance_name
 from cema_deploy.contract.safetensors_io import header_and_chunks, header_json, tensors_from_bytes, tensors_to_bytes
@@ -118,14 +119,9 @@ def blob_to_bytes(blob: RefitBlob) -> bytes:
 
 
 def save_blob(blob: RefitBlob, path: str | os.PathLike[str]) -> Path:
-    """Write atomically (temp file + rename): a reader never sees half a blob."""
+    """Write crash-safely (:func:`~cema_deploy._atomic.write_atomic`): a reader never sees half a blob."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob_to_bytes(blob))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, blob_to_bytes(blob), mode=PUBLIC_FILE_MODE)
     return path
 
 

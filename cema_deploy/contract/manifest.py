@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cema_deploy._atomic import PUBLIC_FILE_MODE, write_atomic
 from cema_deploy.contract.names import NORM_KINDS
 from cema_deploy.exceptions import ManifestError
 
@@ -18,6 +19,8 @@ MANIFEST_FORMAT = "cema-manifest/1"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 PARAMS_FILE = "params.safetensors"
+#: The optional BN-folded export of the same weights (a plain deployment's engine), for benchmarks.
+FOLDED_FILE = "reference_folded.onnx"
 #: Largest manifest.json read (a ResNet-50 manifest is ~60 KB).
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
@@ -115,9 +118,7 @@ class Manifest:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = Path(directory) / MANIFEST_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, (self.to_json() + "\n").encode("utf-8"), mode=PUBLIC_FILE_MODE)
         return path
 
     @classmethod

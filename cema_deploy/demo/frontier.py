@@ -17,6 +17,10 @@ demo``) runs the same rules over real HTTP with separate processes.
 
 Headline: the share of EATA-style's uploads (at its natural setting, E_0 = 0.4 ln C) that the default rule needs
 to reach EATA-style's accuracy, read off the default rule's curve by linear interpolation.
+
+This module is the sweep (the knobs, the jobs, the in-process runner, :func:`run_frontier`); the arithmetic of the
+points and the report (``frontier.json``, ``frontier.png``) are :mod:`cema_deploy.demo.frontier_report`, whose names
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -30,7 +34,32 @@ from typing import Any
 
 import numpy as np
 
-from cema_deploy._lazy import lazy_import
+from cema_deploy.demo.frontier_report import (
+    EATA_NATURAL,
+    Point,
+    best_rule,
+    headline,
+    needed_share,
+    point_from_runs,
+    write_frontier,
+)
+
+__all__ = [
+    "EATA_NATURAL",
+    "RULES",
+    "SWEEP",
+    "Job",
+    "Point",
+    "best_rule",
+    "headline",
+    "jobs_for",
+    "needed_share",
+    "parse_sweep",
+    "point_from_runs",
+    "run_frontier",
+    "run_job",
+    "write_frontier",
+]
 
 #: Knob values per rule (what each point asks for; the measured share is what is plotted).
 SWEEP: dict[str, tuple[float, ...]] = {
@@ -40,8 +69,6 @@ SWEEP: dict[str, tuple[float, ...]] = {
     "entropy_top": (0.02, 0.05, 0.1, 0.2, 0.4),  # share
     "cema_stats": (0.05, 0.1, 0.2, 0.4, 1.0),  # upload budget (1.0: none), with 5 % statistics samples
 }
-#: EATA-style's natural setting, the reference of the headline.
-EATA_NATURAL = 0.4
 
 
 def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
@@ -62,132 +89,6 @@ def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
             raise CemaError(f"--sweep: {rule} needs values in (0, 1], got {values!r}.")
         out[rule] = knobs
     return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class Point:
-    """One rule at one knob value, over seeds."""
-
-    knob: float
-    share: float  # % of frames uploaded, mean over seeds
-    share_spread: float | None
-    accuracy: float  # %, mean over seeds
-    spread: float | None  # standard deviation of the accuracy over seeds (points)
-    seeds: int
-
-
-def _sd(values: np.ndarray) -> float | None:
-    return float(values.std(ddof=1)) if len(values) > 1 else None
-
-
-def point_from_runs(knob: float, runs: Sequence[tuple[float, float]]) -> Point:
-    """``runs``: (accuracy %, share %) per seed."""
-    acc = np.array([a for a, _ in runs], np.float64)
-    share = np.array([s for _, s in runs], np.float64)
-    return Point(
-        knob=knob,
-        share=float(share.mean()),
-        share_spread=_sd(share),
-        accuracy=float(acc.mean()),
-        spread=_sd(acc),
-        seeds=len(runs),
-    )
-
-
-def needed_share(curve: Sequence[Point], accuracy: float) -> float | None:
-    """The smallest share at which ``curve`` (sorted by share, linearly interpolated) reaches ``accuracy``; None
-    when no point does."""
-    pts = sorted(curve, key=lambda p: p.share)
-    for i, p in enumerate(pts):
-        if p.accuracy >= accuracy:
-            if i == 0:
-                return p.share
-            q = pts[i - 1]
-            if q.accuracy >= accuracy or p.accuracy == q.accuracy:
-                return p.share
-            return q.share + (accuracy - q.accuracy) * (p.share - q.share) / (p.accuracy - q.accuracy)
-    return None
-
-
-def headline(methods: dict[str, list[Point]], default: str) -> dict[str, Any]:
-    """The default rule's share needed to reach EATA-style's natural-setting accuracy, as a fraction of EATA's."""
-    eata = next((p for p in methods.get("eata_style", []) if math.isclose(p.knob, EATA_NATURAL)), None)
-    if eata is None or default not in methods:
-        return {}
-    need = needed_share(methods[default], eata.accuracy)
-    return {
-        "default": default,
-        "eata_style_share": eata.share,
-        "eata_style_accuracy": eata.accuracy,
-        "default_share_needed": need,
-        "ratio": None if need is None else need / eata.share,
-        "default_best_accuracy": max(p.accuracy for p in methods[default]),
-    }
-
-
-def best_rule(methods: dict[str, list[Point]], shares: Sequence[float], slack: float = 1.25) -> str | None:
-    """The rule with the highest mean interpolated accuracy over ``shares`` (the tuning criterion), among the
-    rules whose measured curve spans them (lowest point at most ``slack`` x the lowest share, highest point at
-    least the highest share): a curve is never extrapolated, so a rule measured at one setting competes only
-    where it was measured. None when no curve spans ``shares``."""
-
-    def spans(curve: list[Point]) -> bool:
-        got = [p.share for p in curve]
-        return bool(got) and min(got) <= slack * min(shares) and max(got) >= max(shares)
-
-    def acc_at(curve: list[Point], share: float) -> float:
-        pts = sorted(curve, key=lambda p: p.share)
-        return float(np.interp(share, [p.share for p in pts], [p.accuracy for p in pts]))
-
-    scores = {m: float(np.mean([acc_at(c, s) for s in shares])) for m, c in methods.items() if spans(c)}
-    return max(scores, key=lambda m: scores[m]) if scores else None
-
-
-def write_frontier(
-    panels: dict[str, dict[str, list[Point]]], default: str, main: str, out_dir: Path, meta: dict[str, Any]
-) -> list[Path]:
-    """``frontier.json`` (``{"default", "methods" (the main panel), "panels", "headline", ...}``) and
-    ``frontier.png`` (one subplot per panel, mean accuracy against mean share, error bars = spread)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    as_json = {k: {m: [asdict(p) for p in pts] for m, pts in v.items()} for k, v in panels.items()}
-    doc = {
-        "default": default,
-        "main_panel": main,
-        "methods": as_json[main],
-        "panels": as_json,
-        "headline": {k: headline(v, default) for k, v in panels.items()},
-        **meta,
-    }
-    path = out_dir / "frontier.json"
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False))
-    matplotlib = lazy_import("matplotlib", extra="demo", purpose="the frontier plot")
-    matplotlib.use("Agg")
-    plt = lazy_import("matplotlib.pyplot", extra="demo")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, (name, methods) in zip(axes[0], panels.items(), strict=True):
-        for m, pts in methods.items():
-            pts = sorted(pts, key=lambda p: p.share)
-            ax.errorbar(
-                [p.share for p in pts],
-                [p.accuracy for p in pts],
-                yerr=[p.spread or 0 for p in pts],
-                marker="o",
-                ms=3,
-                capsize=2,
-                lw=2.2 if m == default else 1.2,
-                label=m + (" (default)" if m == default else ""),
-            )
-        for ref, style in (("no_adapt", ":"), ("bn_adapt", "--")):
-            if ref in meta.get("baselines", {}).get(name, {}):
-                ax.axhline(meta["baselines"][name][ref], color="grey", ls=style, lw=0.8, label=ref)
-        ax.set(title=name, xlabel="frames uploaded %", ylabel="accuracy %", xscale="log")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = out_dir / "frontier.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return [path, png]
 
 
 Runner = Callable[[str, float, str, int, int], tuple[float, float]]

@@ -22,6 +22,7 @@ from cema_deploy import __version__
 from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.blob import RefitBlob, save_blob
 from cema_deploy.contract.manifest import (
+    FOLDED_FILE,
     MODEL_FILE,
     PARAMS_FILE,
     InputSpec,
@@ -29,7 +30,7 @@ from cema_deploy.contract.manifest import (
     Preprocess,
     RefittableParam,
 )
-from cema_deploy.contract.norms_file import norms_layout, write_norms_file
+from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout, write_norms_file
 from cema_deploy.exceptions import ExportError, ModelError
 from cema_deploy.export.fingerprint import fingerprint_from_model
 from cema_deploy.export.norms import collect_norm_params
@@ -41,11 +42,6 @@ OUTPUT_NAME = "logits"
 #: 0 BatchNormalization nodes after optimisation and run at 0.98-1.00x a BN-folded export (resnet18, CPU).
 #: ``benchmarks/bench_backends.py`` re-checks it for your ORT version.
 DEFAULT_OPSET = 17
-#: The refittable initializers live in this side file, referenced as ONNX external data: ONNX Runtime's
-#: ``SessionOptions.add_external_initializers`` replaces only initializers stored that way (FACTS.md).
-NORMS_FILE = "model.norms.bin"
-#: The optional BN-folded export of the same weights (a plain deployment's engine), for benchmarks.
-FOLDED_FILE = "reference_folded.onnx"
 #: Above this many bytes of weights, the model is written with external data (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_500_000_000
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from cema_deploy._prometheus import Exposition, number
 from cema_deploy.contract.protocol import METRICS_MEDIA_TYPE, METRICS_PATH
 from cema_deploy.exceptions import CemaError
 
@@ -49,28 +50,12 @@ class LatencyHistogram:
         return out, total, acc
 
 
-def _num(v: float) -> str:
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float) and math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if isinstance(v, float) else str(int(v))
-
-
-def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) -> str:
     """The Prometheus text exposition of an edge runtime's metrics dict (see ``EdgeRuntime.metrics``)."""
-    lines: list[str] = []
+    out = Exposition()
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP cema_edge_{name} {help_}")
-        lines.append(f"# TYPE cema_edge_{name} {kind}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            lines.append(f"cema_edge_{name}{{{lab}}} {_num(value)}" if lab else f"cema_edge_{name} {_num(value)}")
+        out.metric(f"cema_edge_{name}", kind, help_, samples)
 
     up = m.get("uplink") or {}
     sel = m.get("selection") or {}
@@ -83,12 +68,12 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
     )
     if latency is not None:
         buckets, total, count = latency.snapshot()
-        lines.append("# HELP cema_edge_batch_latency_seconds Serving latency of one batch (infer and select).")
-        lines.append("# TYPE cema_edge_batch_latency_seconds histogram")
+        name = "cema_edge_batch_latency_seconds"
+        out.header(name, "histogram", "Serving latency of one batch (infer and select).")
         for le, c in buckets:
-            lines.append(f'cema_edge_batch_latency_seconds_bucket{{le="{_num(le)}"}} {c}')
-        lines.append(f"cema_edge_batch_latency_seconds_sum {_num(float(total))}")
-        lines.append(f"cema_edge_batch_latency_seconds_count {count}")
+            out.sample(f"{name}_bucket", {"le": number(le)}, c)
+        out.sample(f"{name}_sum", {}, float(total))
+        out.sample(f"{name}_count", {}, count)
     metric(
         "selection_total",
         "counter",
@@ -178,7 +163,7 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
         [({"reason": r}, v) for r, v in sorted((m.get("calibrations") or {}).items())],
     )
     metric("poll_errors_total", "counter", "Failed blob polls.", [({}, m.get("poll_errors", 0))])
-    return "\n".join(lines) + "\n"
+    return out.text()
 
 
 class MetricsServer:

@@ -264,10 +264,9 @@ def test_two_deployments_with_one_fingerprint_are_refused(exported, teacher_ckpt
 def test_the_edge_runtime_adapts_through_the_in_process_link(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from cema_deploy.cloud.engines.local import LocalEngine
     from cema_deploy.cloud.local_link import LocalLink
-    from cema_deploy.exceptions import UplinkError
+    from cema_deploy.exceptions import StaleGenerationError, UplinkError
     from cema_deploy.runtime.backends.registry import get_backend
     from cema_deploy.runtime.edge import EdgeRuntime
-    from cema_deploy.runtime.link.client import StaleGenerationError
     from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig
 
     edge, _ = exported("bn")

@@ -1,18 +1,16 @@
 """The embedded default engine: each deployment is a :class:`~cema_deploy.cloud.deployment.Deployment` with its
-worker thread in this process. Long polls park on one :class:`asyncio.Event` per deployment and event loop, set
+worker thread in this process. Long polls park in :class:`~cema_deploy.cloud.engines.polls.ParkedPolls`, woken
 from the worker thread when it publishes."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
 from pathlib import Path
 from typing import Any
 
 from cema_deploy.cloud.config import ServiceConfig
 from cema_deploy.cloud.deployment import Deployment
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine, by_fingerprint, by_name
+from cema_deploy.cloud.engines.polls import ParkedPolls
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CloudError
@@ -40,10 +38,9 @@ class LocalEngine:
         self._by_fp = by_fp
         self._by_name = {d.name: d for d in deployments}
         self.closing = False
-        self._waiters: dict[str, dict[asyncio.AbstractEventLoop, asyncio.Event]] = {fp: {} for fp in by_fp}
-        self._lock = threading.Lock()
+        self._polls = ParkedPolls(by_fp)
         for fp, dep in by_fp.items():
-            dep.add_listener(lambda _version, fp=fp: self._wake(fp))  # type: ignore[misc]
+            dep.add_listener(lambda _version, fp=fp: self._polls.wake(fp))  # type: ignore[misc]
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> LocalEngine:
@@ -92,26 +89,9 @@ class LocalEngine:
 
     async def wait_version(self, fingerprint: str, after: int, timeout: float) -> int:
         dep = self.deployment(fingerprint)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not self.closing:
-            with self._lock:  # registered before the check: a publish in between sets this event
-                event = self._waiters[fingerprint].setdefault(loop, asyncio.Event())
-            remaining = deadline - loop.time()
-            if dep.latest(after) is not None or remaining <= 0:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
+        await self._polls.wait(fingerprint, lambda: dep.latest(after) is not None, timeout, lambda: self.closing)
         found = dep.latest(after)
         return found[0] if found is not None else dep.version
-
-    def _wake(self, fingerprint: str) -> None:  # on the worker thread, after a publish
-        with self._lock:
-            waiting = list(self._waiters[fingerprint].items())
-            self._waiters[fingerprint].clear()
-        for loop, event in waiting:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(event.set)
 
     def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
         self.deployment(fingerprint).edge_report(report, device=device)

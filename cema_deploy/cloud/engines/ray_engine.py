@@ -44,6 +44,7 @@ from typing import Any
 from cema_deploy._lazy import lazy_import
 from cema_deploy.cloud.config import DeploymentSpec, ServiceConfig
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine, by_fingerprint, by_name
+from cema_deploy.cloud.engines.polls import ParkedPolls
 from cema_deploy.cloud.errors import Refused
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
@@ -82,19 +83,11 @@ class DeploymentActor:
         self.spec, self.service_state = spec, service_state
         key = Path(signing_key) if signing_key else None
         self.dep = Deployment.from_spec(spec, Path(service_state), signing_key=key)
-        self._events: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-        self._lock = threading.Lock()
+        self._polls = ParkedPolls([""])
         self.waiting = 0  # wait_for_version calls in progress
         self.wait_calls = 0
-        self.dep.add_listener(lambda _version: self._wake())
+        self.dep.add_listener(lambda _version: self._polls.wake(""))
         self.dep.start()
-
-    def _wake(self) -> None:  # on the deployment's worker thread, after a publish
-        with self._lock:
-            events = list(self._events)
-        for loop, event in events:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(event.set)
 
     async def info(self) -> dict[str, Any]:
         return {**self.dep.info(), "spec": self.spec, "service_state": self.service_state, "pid": os.getpid()}
@@ -120,24 +113,10 @@ class DeploymentActor:
 
     async def wait_for_version(self, after: int, timeout: float) -> tuple[int, bytes | None]:
         """The newest version and its blob once the version is above ``after``, or after ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         self.waiting += 1
         self.wait_calls += 1
         try:
-            while not self.dep.closing:
-                event = asyncio.Event()
-                with self._lock:  # registered before the check: a publish in between sets this event
-                    self._events.add((loop, event))
-                try:
-                    remaining = deadline - loop.time()
-                    if self.dep.version > after or remaining <= 0:
-                        break
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
-                finally:
-                    with self._lock:
-                        self._events.discard((loop, event))
+            await self._polls.wait("", lambda: self.dep.version > after, timeout, lambda: self.dep.closing)
         finally:
             self.waiting -= 1
         found = self.dep.latest(-1)
@@ -199,7 +178,7 @@ class RayEngine:
         self.keep_actors, self.started_ray, self.retry_s = keep_actors, started_ray, retry_s
         self.closing = False
         self._latest: dict[str, tuple[int, bytes | None]] = {}
-        self._waiters: dict[str, dict[asyncio.AbstractEventLoop, asyncio.Event]] = {fp: {} for fp in handles}
+        self._polls = ParkedPolls(handles)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -259,7 +238,7 @@ class RayEngine:
     def begin_shutdown(self) -> None:
         self.closing = True
         for fp in self._handles:
-            self._wake(fp)
+            self._polls.wake(fp)
 
     def stop(self, timeout: float = 30.0) -> None:
         self.begin_shutdown()
@@ -328,15 +307,7 @@ class RayEngine:
             delay = 0.1
             if found[0] > after:
                 self._latest[fingerprint] = found
-                self._wake(fingerprint)
-
-    def _wake(self, fingerprint: str) -> None:
-        with self._lock:
-            waiting = list(self._waiters[fingerprint].items())
-            self._waiters[fingerprint].clear()
-        for loop, event in waiting:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(event.set)
+                self._polls.wake(fingerprint)
 
     # ---- the Engine protocol ------------------------------------------------------------------------------
     def deployments(self) -> list[DeploymentInfo]:
@@ -363,19 +334,12 @@ class RayEngine:
         return (version, data) if data is not None and version > after else None
 
     async def wait_version(self, fingerprint: str, after: int, timeout: float) -> int:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         with self._lock:
             self.parked[fingerprint] += 1
         try:
-            while not self.closing:
-                with self._lock:  # registered before the check: a refresh in between sets this event
-                    event = self._waiters[fingerprint].setdefault(loop, asyncio.Event())
-                remaining = deadline - loop.time()
-                if self.latest(fingerprint, after) is not None or remaining <= 0:
-                    break
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(event.wait(), timeout=min(remaining, 1.0))
+            await self._polls.wait(
+                fingerprint, lambda: self.latest(fingerprint, after) is not None, timeout, lambda: self.closing
+            )
         finally:
             with self._lock:
                 self.parked[fingerprint] -= 1

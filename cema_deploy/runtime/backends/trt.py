@@ -34,13 +34,11 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.contract.manifest import Manifest
-from cema_deploy.contract.norms_file import norms_layout, write_norms_file
+from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout, write_norms_file
 from cema_deploy.exceptions import BackendError, BackendUnavailableError, RefitError
 from cema_deploy.runtime.backends import trt_build as tb
 from cema_deploy.runtime.backends.trt_fp16 import COPY_FORMAT, fp16_copy_of_onnx, write_fp16_norms
 from cema_deploy.runtime.backends.trt_slots import DoubleBufferedBackend
-
-NORMS_FILE = "model.norms.bin"
 
 
 def _cudart() -> Any:
@@ -111,10 +109,11 @@ class _RefitSource:
         self.onnx = self.work / onnx_path.name
 
     def write(self, tensors: Mapping[str, np.ndarray]) -> Path:
+        # a scratch copy in a temporary folder: atomic (the refitter never reads half a file), no fsync
         if self.fp16:
-            write_fp16_norms(self.manifest, tensors, self.work / NORMS_FILE)
+            write_fp16_norms(self.manifest, tensors, self.work / NORMS_FILE, durable=False)
         else:
-            write_norms_file(self.manifest, tensors, self.work / NORMS_FILE)
+            write_norms_file(self.manifest, tensors, self.work / NORMS_FILE, durable=False)
         return self.onnx
 
     def close(self) -> None:

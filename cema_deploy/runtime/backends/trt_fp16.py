@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from cema_deploy._atomic import PUBLIC_FILE_MODE, write_atomic
 from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.manifest import Manifest
-from cema_deploy.contract.norms_file import ALIGN
+from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout
 from cema_deploy.exceptions import BackendError, RefitError
 
-NORMS_FILE = "model.norms.bin"
 FP16_MAX = float(np.finfo(np.float16).max)
 #: (op type, input index) that ONNX requires in float32 whatever the compute type; those initializers stay.
 FP32_ONLY_INPUTS = frozenset({("Resize", 2), ("Upsample", 1)})
@@ -48,17 +48,14 @@ COPY_FORMAT = 1
 
 def fp16_norms_layout(manifest: Manifest) -> list[tuple[str, int, int]]:
     """(name, offset, nbytes) of each refittable tensor in the fp16 copy's norms file."""
-    out: list[tuple[str, int, int]] = []
-    offset = 0
-    for p in manifest.refittable:
-        offset += -offset % ALIGN
-        out.append((p.name, offset, p.numel * 2))
-        offset += p.numel * 2
-    return out
+    return norms_layout(manifest, itemsize=2)
 
 
-def write_fp16_norms(manifest: Manifest, tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> Path:
-    """Cast ``tensors`` (validated float32 refit tensors) to float16 into the copy's norms-file layout."""
+def write_fp16_norms(
+    manifest: Manifest, tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str], *, durable: bool = True
+) -> Path:
+    """Cast ``tensors`` (validated float32 refit tensors) to float16 into the copy's norms-file layout (written as
+    :func:`~cema_deploy.contract.norms_file.write_norms_file` writes)."""
     path = Path(path)
     layout = fp16_norms_layout(manifest)
     buf = bytearray(layout[-1][1] + layout[-1][2] if layout else 0)
@@ -71,9 +68,7 @@ def write_fp16_norms(manifest: Manifest, tensors: Mapping[str, np.ndarray], path
                 "be served by an fp16 engine. Use --precision fp32."
             )
         buf[offset : offset + nbytes] = np.ascontiguousarray(src.astype(np.float16)).tobytes()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(bytes(buf))
-    os.replace(tmp, path)
+    write_atomic(path, bytes(buf), mode=PUBLIC_FILE_MODE, durable=durable)
     return path
 
 

@@ -23,7 +23,7 @@ from cema_deploy._lazy import lazy_import
 from cema_deploy.contract import protocol
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import ENCODINGS, SampleBatch, samples_to_bytes
-from cema_deploy.exceptions import CemaError, ProtocolError, ProtocolMismatchError, UplinkError
+from cema_deploy.exceptions import CemaError, ProtocolError, ProtocolMismatchError, StaleGenerationError, UplinkError
 
 __all__ = ["AdminClient", "CloudClient", "CloudLink", "EdgeConfigError", "StaleGenerationError", "is_loopback_url"]
 
@@ -35,15 +35,6 @@ MAX_RETRY_AFTER_S = 300.0
 
 class EdgeConfigError(CemaError, ValueError):
     """An edge runtime, uplink or client option out of range."""
-
-
-class StaleGenerationError(UplinkError):
-    """The cloud refused an upload made for an older generation (409): the deployment was reset. ``current``
-    is the deployment as the cloud sees it now; start its generation (fresh selector, calibrate if needed)."""
-
-    def __init__(self, message: str, *, current: DeploymentStatus) -> None:
-        super().__init__(message, retryable=False, status=409)
-        self.current = current
 
 
 class CloudLink(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["log_softmax", "softmax", "softmax_entropy"]
+__all__ = ["entropy_of_mean", "log_softmax", "softmax", "softmax_entropy"]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -45,3 +45,19 @@ def softmax_entropy(logits: np.ndarray) -> np.ndarray:
     out: np.ndarray = np.maximum(-terms.sum(axis=1), 0.0)
     out[np.isnan(logp).any(axis=1)] = np.nan  # NaN/+inf logits: undefined, and must not look confident
     return out
+
+
+def entropy_of_mean(probs: np.ndarray) -> float:
+    """``H(mean_i p_i)``, natural log: the entropy of a batch's mean prediction over the rows of probabilities
+    ``[N, C]`` (ln C when they spread evenly over the classes, 0 when every row is the same one-hot). Classes
+    with mean probability 0 contribute 0. Used by the shift detector (``exp`` of it: the effective number of
+    classes) and by the rollback rule (mutual information ``H(mean p) - mean H(p)``).
+
+    Example:
+        >>> round(entropy_of_mean(np.eye(4)), 6) == round(float(np.log(4)), 6)
+        True
+    """
+    pm = np.asarray(probs, dtype=np.float64).mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(pm > 0.0, pm * np.log(pm), 0.0)
+    return float(-terms.sum())

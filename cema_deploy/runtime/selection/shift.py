@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.exceptions import CemaError
+from cema_deploy.runtime.selection.entropy import entropy_of_mean
 
 #: Names of the per-frame input features, in order.
 FEATURES = ("luminance_mean", "luminance_std", "gradient_energy")
@@ -83,8 +84,7 @@ def frame_features(images: np.ndarray) -> np.ndarray:
 
 def effective_classes(probs: np.ndarray) -> float:
     """``exp(H(mean_i p_i))``: how many classes a batch's predictions spread over (1: all on one class)."""
-    p = np.clip(probs.mean(axis=0), 1e-12, None)
-    return float(math.exp(-(p * np.log(p)).sum()))
+    return math.exp(entropy_of_mean(probs))
 
 
 class ShiftDetector:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 from cema_deploy.contract.messages import BatchAck, BatchReport, UploadAck
 from cema_deploy.contract.samples import KIND_CALIBRATION, SampleBatch
-from cema_deploy.exceptions import UplinkError
-from cema_deploy.runtime.link.client import CloudLink, StaleGenerationError
+from cema_deploy.exceptions import StaleGenerationError, UplinkError
+from cema_deploy.runtime.link.client import CloudLink
 from cema_deploy.runtime.link.uplink import UplinkListener
 
 __all__ = ["GenerationTracker"]

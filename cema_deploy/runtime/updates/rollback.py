@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.exceptions import CemaError
-from cema_deploy.runtime.selection.entropy import softmax
+from cema_deploy.runtime.selection.entropy import entropy_of_mean, softmax
 
 log = logging.getLogger("cema_deploy.edge")
 
@@ -82,8 +82,7 @@ def information(logits: np.ndarray) -> float:
     p = softmax(logits[finite].astype(np.float64))
     logp = np.log(np.clip(p, 1e-300, None))
     mean_entropy = float(-(p * logp).sum(axis=1).mean())
-    pm = p.mean(axis=0)
-    return float(-(pm * np.log(np.clip(pm, 1e-300, None))).sum()) - mean_entropy
+    return entropy_of_mean(p) - mean_entropy
 
 
 @dataclass(frozen=True)

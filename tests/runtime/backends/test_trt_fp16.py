@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from cema_deploy.contract import blob_from_path, manifest_from_dir
+from cema_deploy.contract.norms_file import NORMS_FILE
 from cema_deploy.exceptions import RefitError
 from cema_deploy.runtime.backends.onnxrt import session_from_onnx
-from cema_deploy.runtime.backends.trt_fp16 import NORMS_FILE, fp16_copy_of_onnx, fp16_norms_layout, write_fp16_norms
+from cema_deploy.runtime.backends.trt_fp16 import fp16_copy_of_onnx, fp16_norms_layout, write_fp16_norms
 from tests.conftest import needs_torch
 
 pytestmark = needs_torch

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cema_deploy.runtime.selection.entropy import log_softmax, softmax, softmax_entropy
+from cema_deploy.runtime.selection.entropy import entropy_of_mean, log_softmax, softmax, softmax_entropy
 
 
 def _h(z: list[float]) -> float:
@@ -67,3 +67,14 @@ def test_undefined_rows_are_nan_not_confident() -> None:
     e = softmax_entropy(z)
     assert np.isnan(e[:3]).all()
     assert e[3] == pytest.approx(math.log(2))  # a masked class is fine
+
+
+def test_entropy_of_the_mean_prediction() -> None:
+    C = 10
+    assert entropy_of_mean(np.eye(C)) == pytest.approx(math.log(C))  # spread evenly over every class
+    assert entropy_of_mean(np.tile(np.eye(C)[3], (8, 1))) == 0.0  # every row on one class: collapse
+    half = np.array([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert entropy_of_mean(half) == pytest.approx(math.log(2))  # classes never predicted add 0, not NaN
+    p = softmax(np.random.default_rng(1).normal(size=(16, C)))
+    pm = p.mean(axis=0)
+    assert entropy_of_mean(p) == pytest.approx(float(-(pm * np.log(pm)).sum()))
