@@ -265,7 +265,11 @@ def token_add_cmd(
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="May use every deployment, also ones added later.")] = False,
     admin: Annotated[
-        bool, typer.Option("--admin", help="An operator's token: the admin routes (reset, freeze) and model list.")
+        bool,
+        typer.Option(
+            "--admin",
+            help="An operator's token: the admin routes (status, reset, freeze, publish, pin) and model list.",
+        ),
     ] = False,
     rotate: Annotated[
         bool, typer.Option(help="Replace the token DEVICE holds (its old token stops working at once).")
@@ -491,7 +495,8 @@ def pin_cmd(
     ca_file: Annotated[Path | None, _CA] = None,
 ) -> None:
     """Serve version N's parameters (published as a new, higher version) and publish nothing newer until
-    `cloud unpin`; adaptation continues from N's state, unpublished. Reset, freeze and publish wait for unpin."""
+    `cloud unpin`; adaptation continues from N's state, unpublished. Reset, freeze, unfreeze and publish are
+    refused until unpin."""
     client = _admin(cloud, token_file, ca_file)
     try:
         st = client.pin(name, version)
