@@ -418,8 +418,7 @@ def reset_cmd(
                 raise CemaError(f"{preview} stdin is not a terminal, so nothing was asked or deleted: pass --yes.")
             err_console.print(preview, soft_wrap=True, markup=False)
             if not typer.confirm("Reset?", default=False, err=True):
-                err_console.print("not reset; nothing deleted")
-                raise typer.Exit(1)
+                raise CemaError(f"{name} was not reset; nothing was deleted.")
         st = client.reset(name)
     finally:
         client.close()

@@ -214,10 +214,38 @@ def test_reset_says_what_it_deletes_and_needs_yes_without_a_terminal(exported, t
         assert r.exit_code == 1 and "deletes 3 uploads (19 frames, 3 samples not yet adapted on)" in said  # type: ignore[attr-defined]
         assert "generation 1 -> 2" in said and "pass --yes" in said
         assert dep.generation == 1 and len(list((dep_dir(state) / "uploads").glob("*.safetensors"))) == 3
+        # at a terminal it asks; "n" deletes nothing
+        said, rc = _at_a_terminal(["cloud", "reset", "test_resnet", "--cloud", cloud.url, *ops], answer="n\n")
+        assert rc == 1 and "deletes 3 uploads" in said and "Reset? [y/N]" in said and "was not reset" in said, said
+        assert dep.generation == 1 and len(list((dep_dir(state) / "uploads").glob("*.safetensors"))) == 3
         r = _cli("cloud", "reset", "test_resnet", "--cloud", cloud.url, *ops, "--yes")
         assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
         assert "reset; deleted 3 uploads (19 frames); generation 2, version 3" in r.output  # type: ignore[attr-defined]
         assert dep.generation == 2 and not list((dep_dir(state) / "uploads").glob("*.safetensors"))
+
+
+def _at_a_terminal(args: list[str], *, answer: str) -> tuple[str, int]:
+    """Run ``cema-deploy ARGS`` with a pseudo-terminal as stdin and stderr, typing ``answer``."""
+    import pty
+
+    main, sub = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cema_deploy", *args], stdin=sub, stdout=subprocess.PIPE, stderr=sub, text=True
+    )
+    os.close(sub)
+    os.write(main, answer.encode())
+    out, _ = proc.communicate(timeout=120)
+    said = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        said += chunk
+    os.close(main)
+    return said.decode(errors="replace") + out, proc.returncode
 
 
 # ---- 8. see and undo ---------------------------------------------------------------------------------------------
