@@ -17,7 +17,7 @@ from cema_deploy.exceptions import CemaError
 cloud_app = typer.Typer(
     help=(
         "The CEMA cloud: the adaptation service (serve), bearer tokens (token) and the operator's controls "
-        "(freeze, unfreeze, reset, status)."
+        "(status, publish, pin, unpin, freeze, unfreeze, reset)."
     ),
     no_args_is_help=True,
 )
@@ -108,7 +108,13 @@ def serve_cmd(
     threads: Annotated[
         int, typer.Option(help="torch CPU threads (0 = torch's default; a Ray actor uses its table's cpus).")
     ] = 0,
-    log_level: Annotated[str, typer.Option(help="Log level (uvicorn and the service).")] = "info",
+    log_level: Annotated[
+        str,
+        typer.Option(
+            help="Log level of uvicorn and the service: debug, info (one line per step, publish and edge report), "
+            "warning (operator actions, rollbacks, errors), error."
+        ),
+    ] = "info",
 ) -> None:
     """Serve CEMA: accept samples, adapt, publish refit blobs, for one deployment (--edge) or several (--config)."""
     import dataclasses
@@ -119,6 +125,7 @@ def serve_cmd(
     from cema_deploy.cloud.api import create_app
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig, config_from_toml, parse_duration
     from cema_deploy.cloud.engines import get_engine
+    from cema_deploy.cloud.lock import hold_service_state
     from cema_deploy.cloud.state import StateStore, TokenTable
     from cema_deploy.contract.protocol import MAX_WAIT_S
 
@@ -180,7 +187,13 @@ def serve_cmd(
             )
     if cfg.ray_address is not None and cfg.engine != "ray":
         raise CemaError(f"--ray-address {cfg.ray_address} needs --engine ray (the engine is {cfg.engine!r}).")
-    logging.basicConfig(level=log_level.upper())
+    level = log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise CemaError(f"--log-level {log_level!r} is not one of debug, info, warning, error, critical.")
+    # One writer per state, before any model is loaded or port bound (cema_deploy/cloud/lock.py).
+    locks = hold_service_state(cfg)
+    StateStore(cfg.state).record_deployments({s.name: s.state for s in cfg.deployments})  # for `token add`
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_cls = get_engine(cfg.engine)  # a missing extra fails here, in one sentence
     if cfg.engine == "ray":
         where = cfg.ray_address or "a local Ray on 127.0.0.1 (started now; pass --ray-address to join a cluster)"
@@ -202,7 +215,7 @@ def serve_cmd(
             app,
             host=cfg.host,
             port=cfg.port,
-            log_level=log_level,
+            log_level=level.lower(),
             access_log=False,
             timeout_graceful_shutdown=5,
             timeout_keep_alive=int(MAX_WAIT_S) + 5,  # an edge's connections idle between long polls and uploads
@@ -239,6 +252,8 @@ def serve_cmd(
         server.run()
     finally:
         eng.stop()
+        for lock in locks:
+            lock.release()
     err_console.print(f"cema-deploy cloud stopped; state kept in {cfg.state}")
 
 
@@ -250,19 +265,60 @@ def token_add_cmd(
     ] = None,
     all_: Annotated[bool, typer.Option("--all", help="May use every deployment, also ones added later.")] = False,
     admin: Annotated[
-        bool, typer.Option("--admin", help="An operator's token: the admin routes (reset, freeze) and model list.")
+        bool,
+        typer.Option(
+            "--admin",
+            help="An operator's token: the admin routes (status, reset, freeze, publish, pin) and model list.",
+        ),
     ] = False,
+    rotate: Annotated[
+        bool, typer.Option(help="Replace the token DEVICE holds (its old token stops working at once).")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(help="Grant a --deployment no `cloud serve` of this state has served yet (e.g. added later)."),
+    ] = False,
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            help="Refused by the cloud after this: a duration (12h, 30d) or a date (2027-01-31, "
+            "2027-01-31T12:00; UTC). Default: never expires."
+        ),
+    ] = None,
     state: Annotated[Path, typer.Option(help=_STATE_HELP)] = Path("cema-state"),
 ) -> None:
     """Create a bearer token for DEVICE and print it once (only its hash is stored; a running service picks it
     up at once)."""
+    from cema_deploy.cli._operator import parse_expiry, utc
     from cema_deploy.cloud.state import StateStore
 
     if sum([bool(deployment), all_, admin]) != 1:
         raise CemaError("Give --deployment NAME (repeatable), --all, or --admin: what may this token do?")
-    token = StateStore(state).add_token(device, deployments=None if all_ else list(deployment or []), admin=admin)
+    store = StateStore(state)
+    held = device in store.devices()
+    if held and not rotate:
+        raise CemaError(
+            f"{device!r} already holds a token in {store.tokens_path}; pass --rotate to replace it (its old token "
+            "stops working at once), or choose another device id."
+        )
+    if deployment and not force:
+        known = store.known_deployments()
+        unknown = sorted(set(deployment) - set(known))
+        if unknown:
+            raise CemaError(
+                f"No `cloud serve` of {state} has served {', '.join(map(repr, unknown))}; served: "
+                f"{', '.join(known) or 'none yet'}. Check the name (the deployment of `serve --edge DIR` is the "
+                "model name unless --name), start the service first, or pass --force to grant it anyway."
+            )
+    when = parse_expiry(expires) if expires is not None else None
+    token = store.add_token(
+        device, deployments=None if all_ else list(deployment or []), admin=admin, rotate=rotate, expires=when
+    )
     what = "admin token" if admin else f"token for {', '.join(deployment or []) or 'all deployments'}"
-    err_console.print(f"{what} of {device} (shown once):")
+    until = f", expires {utc(when)}" if when is not None else ""
+    if held:
+        err_console.print(f"replaced the token of {device}: its old token stops working now", soft_wrap=True)
+    err_console.print(f"{what} of {device}{until} (shown once):", soft_wrap=True)
     print(token)
 
 
@@ -284,10 +340,12 @@ def token_list_cmd(
     state: Annotated[Path, typer.Option(help=_STATE_HELP)] = Path("cema-state"),
 ) -> None:
     """List the token holders and what each may use."""
+    from cema_deploy.cli._operator import utc
     from cema_deploy.cloud.state import StateStore
 
     for g in StateStore(state).grants():
-        print(f"{g.device}\t{'admin' if g.admin else ','.join(g.deployments)}")
+        expiry = "" if g.expires is None else f"\t{'expired' if g.expired() else 'expires'} {utc(g.expires)}"
+        print(f"{g.device}\t{'admin' if g.admin else ','.join(g.deployments)}{expiry}")
 
 
 def _admin(cloud: str, token_file: Path, ca_file: Path | None) -> Any:
@@ -345,10 +403,37 @@ def reset_cmd(
     cloud: Annotated[str, _CLOUD],
     token_file: Annotated[Path, _TOKEN],
     ca_file: Annotated[Path | None, _CA] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (needed when stdin is not a terminal).")] = False,
 ) -> None:
     """Reset NAME: fresh adaptation state, generation + 1, its pending and replayed frames deleted, a blob of the
-    reset state published at once (versions keep rising)."""
-    _action("reset", name, cloud, token_file, ca_file)
+    reset state published at once (versions keep rising). Says what it deletes and asks first, unless --yes."""
+    from cema_deploy.cli._operator import reset_preview
+
+    client = _admin(cloud, token_file, ca_file)
+    try:
+        row = _fleet_row(client, name)
+        preview = reset_preview(row)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise CemaError(f"{preview} stdin is not a terminal, so nothing was asked or deleted: pass --yes.")
+            err_console.print(preview, soft_wrap=True, markup=False)
+            if not typer.confirm("Reset?", default=False, err=True):
+                raise CemaError(f"{name} was not reset; nothing was deleted.")
+        st = client.reset(name)
+    finally:
+        client.close()
+    print(
+        f"{st.name}: reset; deleted {row.get('uploads_held', 0)} uploads ({row.get('frames_held', 0)} frames); "
+        f"generation {st.generation}, version {st.version}, uncalibrated"
+    )
+
+
+def _fleet_row(client: Any, name: str) -> dict[str, Any]:
+    rows = client.fleet()
+    for row in rows:
+        if row.get("name") == name:
+            return dict(row)
+    raise CemaError(f"The cloud serves no deployment named {name!r}; served: {[r.get('name') for r in rows]}.")
 
 
 @cloud_app.command("status")
@@ -356,14 +441,78 @@ def status_cmd(
     cloud: Annotated[str, _CLOUD],
     token_file: Annotated[Path, _TOKEN],
     ca_file: Annotated[Path | None, _CA] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="JSON instead of text: to PATH, or to stdout without PATH (or with -).")
+    ] = False,
+    path: Annotated[str | None, typer.Argument(help="With --json: the file to write (- or none: stdout).")] = None,
 ) -> None:
-    """List the deployments a cloud serves (name, fingerprint, generation, version, calibrated, frozen)."""
+    """Per deployment: newest version, generation, calibrated, frozen or pinned, held uploads and kept versions;
+    per device: the version it serves, when it was last seen, its uploads, refusals and rollbacks."""
+    from cema_deploy.cli._operator import status_lines, write_json
+
+    if path is not None and not json_out:
+        raise CemaError(f"A PATH ({path!r}) is only taken with --json: `cloud status --json {path}`.")
     client = _admin(cloud, token_file, ca_file)
     try:
-        for st in client.models():
-            print(
-                f"{st.name}\t{st.fingerprint[:16]}\tgeneration {st.generation}\tversion {st.version}\t"
-                f"{'calibrated' if st.calibrated else 'uncalibrated'}\t{'frozen' if st.frozen else 'publishing'}"
-            )
+        rows = client.fleet()
     finally:
         client.close()
+    if json_out:
+        write_json({"deployments": rows}, path)
+        return
+    for line in status_lines(rows):
+        print(line)
+
+
+_VERSION = typer.Option(help="A kept version (see `cloud status`; 0: the export's own parameters).", min=0)
+
+
+@cloud_app.command("publish")
+def publish_cmd(
+    name: Annotated[str, typer.Argument(help="Deployment name.")],
+    version: Annotated[int, _VERSION],
+    cloud: Annotated[str, _CLOUD],
+    token_file: Annotated[Path, _TOKEN],
+    ca_file: Annotated[Path | None, _CA] = None,
+) -> None:
+    """Return NAME to the state behind kept version N and publish it as a new, higher version (edges apply it);
+    adaptation goes on from there."""
+    client = _admin(cloud, token_file, ca_file)
+    try:
+        st = client.publish(name, version)
+    finally:
+        client.close()
+    print(f"{st.name}: the state of version {version} published as version {st.version}; adaptation goes on from it")
+
+
+@cloud_app.command("pin")
+def pin_cmd(
+    name: Annotated[str, typer.Argument(help="Deployment name.")],
+    version: Annotated[int, _VERSION],
+    cloud: Annotated[str, _CLOUD],
+    token_file: Annotated[Path, _TOKEN],
+    ca_file: Annotated[Path | None, _CA] = None,
+) -> None:
+    """Serve version N's parameters (published as a new, higher version) and publish nothing newer until
+    `cloud unpin`; adaptation continues from N's state, unpublished. Reset, freeze, unfreeze and publish are
+    refused until unpin."""
+    client = _admin(cloud, token_file, ca_file)
+    try:
+        st = client.pin(name, version)
+    finally:
+        client.close()
+    print(
+        f"{st.name}: pinned to version {version}, served as version {st.version}; nothing newer is published "
+        f"until `cema-deploy cloud unpin {st.name}`"
+    )
+
+
+@cloud_app.command("unpin")
+def unpin_cmd(
+    name: Annotated[str, typer.Argument(help="Deployment name.")],
+    cloud: Annotated[str, _CLOUD],
+    token_file: Annotated[Path, _TOKEN],
+    ca_file: Annotated[Path | None, _CA] = None,
+) -> None:
+    """End NAME's pin: what was learnt while pinned is published at once (unless it was frozen before the pin)."""
+    _action("unpin", name, cloud, token_file, ca_file)

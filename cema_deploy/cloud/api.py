@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -29,6 +32,12 @@ from cema_deploy.contract import protocol
 from cema_deploy.contract.messages import BatchReport, EdgeReport
 from cema_deploy.contract.samples import samples_from_bytes
 from cema_deploy.exceptions import CemaError, ProtocolError
+
+
+def _quietly(fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Call a bookkeeping ``fn`` that must never fail a request (the operator's per-device records)."""
+    with contextlib.suppress(CemaError):
+        fn(*args, **kwargs)
 
 
 def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +135,7 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
             {"detail": f"Malformed request ({where[:300]}); see /docs for the expected form."}, status_code=400
         )
 
-    def _grant(request: Request) -> Grant:
+    def _grant(request: Request, fingerprint: str | None = None) -> Grant:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Refused(
@@ -137,12 +146,23 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
         grant = tokens.lookup(token.strip())
         if grant is None:
             raise Refused("Unknown or revoked bearer token; ask the operator for a device token.", 401)
+        if grant.expired():
+            if fingerprint in infos:  # counted for the operator against the device (cloud status)
+                _quietly(engine.seen, fingerprint, grant.device, refused=True)
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(grant.expires or 0))
+            raise Refused(
+                f"The bearer token of {grant.device!r} expired at {when}; ask the operator for a new one "
+                f"(`cema-deploy cloud token add {grant.device} --rotate ...`).",
+                401,
+            )
         return grant
 
     def _auth(request: Request, fingerprint: str, *, read: bool = False) -> tuple[Grant, DeploymentInfo]:
-        grant = _grant(request)
+        grant = _grant(request, fingerprint)
         info = infos.get(fingerprint)
         if info is None or not (grant.allows(info.name) or (read and grant.admin)):
+            if info is not None and not grant.admin:
+                _quietly(engine.seen, fingerprint, grant.device, refused=True)
             raise Refused(f"No deployment with fingerprint {fingerprint[:24]!r} is served to this token.", 404)
         return grant, info
 
@@ -236,10 +256,11 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
         protocol.BLOB_PATH, responses={200: {"content": {protocol.BLOB_MEDIA_TYPE: {}}}, 204: {}, 401: {}, 404: {}}
     )
     async def blob(fingerprint: str, request: Request, after: int = 0, wait: float = 0.0) -> Response:
-        _auth(request, fingerprint)
+        grant, _ = _auth(request, fingerprint)
         if after < 0 or not 0 <= wait <= protocol.MAX_WAIT_S or math.isnan(wait):
             raise Refused(f"'after' must be >= 0 and 'wait' within [0, {protocol.MAX_WAIT_S}] seconds.", 400)
         polls[fingerprint, "blob_polls"] += 1
+        _quietly(engine.seen, fingerprint, grant.device, version=after)  # an edge polls after the one it serves
         found = engine.latest(fingerprint, after)
         if found is None and wait > 0 and not engine.closing:
             await engine.wait_version(fingerprint, after, wait)
@@ -267,19 +288,34 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
         await asyncio.to_thread(engine.edge_report, fingerprint, edge_report, device=grant.device)
         return JSONResponse({"recorded": True}, status_code=202)
 
-    @app.post(protocol.ADMIN_PATH, responses={401: {}, 403: {}, 404: {}})
-    async def admin(name: str, action: str, request: Request) -> JSONResponse:
+    def _admin_grant(request: Request, what: str) -> Grant:
         grant = _grant(request)
         if not grant.admin:
             raise Refused(
-                f"{action} needs an admin token (`cema-deploy cloud token add NAME --admin`); "
+                f"{what} needs an admin token (`cema-deploy cloud token add NAME --admin`); "
                 f"{grant.device!r} holds a device token.",
                 403,
             )
+        return grant
+
+    @app.post(protocol.ADMIN_PATH, responses={400: {}, 401: {}, 403: {}, 404: {}, 409: {}})
+    async def admin(name: str, action: str, request: Request, version: int | None = None) -> JSONResponse:
+        _admin_grant(request, action)
         if action not in protocol.ADMIN_ACTIONS:
             raise Refused(f"Unknown admin action {action!r}; expected one of {protocol.ADMIN_ACTIONS}.", 404)
-        status = await asyncio.to_thread(engine.admin, name, action)
+        if (version is not None) != (action in protocol.VERSIONED_ADMIN_ACTIONS):
+            raise Refused(
+                f"{action} takes ?version=N" if version is None else f"{action} takes no version (got {version}).",
+                400,
+            )
+        status = await asyncio.to_thread(engine.admin, name, action, version)
         return JSONResponse(status.to_json())
+
+    @app.get(protocol.ADMIN_STATUS_PATH, responses={401: {}, 403: {}})
+    async def admin_status(request: Request) -> JSONResponse:
+        _admin_grant(request, "The operator's status")
+        rows = await asyncio.to_thread(lambda: [engine.operator_status(fp) for fp in infos])
+        return JSONResponse({"deployments": rows})
 
     @app.get(protocol.HEALTH_PATH)
     async def health() -> dict[str, Any]:

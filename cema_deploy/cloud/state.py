@@ -4,9 +4,12 @@ where it was and never re-issues a version number.
 ::
 
     STATE/                          the service (``--state``)
-      tokens.json                   device and admin bearer tokens (SHA-256 hashes only) and what each may use
+      tokens.json                   device and admin bearer tokens (SHA-256 hashes only), what each may use, expiry
+      deployments.json              the deployments served from this state (name -> state subdirectory)
+      serve.lock                    held by the one ``cloud serve`` writing this state (see ``lock.py``)
       deployments/NAME/             one deployment (or the ``state`` subdirectory its table names)
-        state.json                  version, generation, cursors, counters, bad versions
+        deployment.lock             held by the one process writing this deployment (``cloud serve`` or its actor)
+        state.json                  version, generation, cursors, counters, bad versions, pin, devices seen
         adapt_state.pt              both models' normalization tensors and optimizer states, with the cursors and
                                     version they belong to (written before state.json, so it wins on restart)
         blobs/v00000042.safetensors the newest ``keep_blobs`` published refit blobs (version 0 is the export's own
@@ -49,9 +52,13 @@ class Grant:
     device: str
     deployments: tuple[str, ...]
     admin: bool = False
+    expires: float | None = None  # Unix time after which the cloud refuses the token (401); None: never
 
     def allows(self, deployment: str) -> bool:
         return ALL in self.deployments or deployment in self.deployments
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires is not None and (time.time() if now is None else now) >= self.expires
 
 
 class StateStore:
@@ -78,10 +85,19 @@ class StateStore:
         except (OSError, ValueError, TypeError) as exc:
             raise CloudError(f"{self.tokens_path} is unreadable ({exc}); fix it or add the tokens again.") from exc
 
-    def add_token(self, device_id: str, *, deployments: list[str] | None = None, admin: bool = False) -> str:
+    def add_token(
+        self,
+        device_id: str,
+        *,
+        deployments: list[str] | None = None,
+        admin: bool = False,
+        rotate: bool = False,
+        expires: float | None = None,
+    ) -> str:
         """Create a bearer token for ``device_id`` allowed to use ``deployments`` (names; ``None``: all) or, with
-        ``admin``, the operator routes; only its SHA-256 is stored, the token is returned once. Replaces any token
-        the device had."""
+        ``admin``, the operator routes, refused by the cloud after ``expires`` (Unix time; ``None``: never); only
+        its SHA-256 is stored, the token is returned once. A device that holds a token is refused unless
+        ``rotate``, which replaces it (the old token stops working at once)."""
         if not device_id or len(device_id) > 128 or not device_id.replace("-", "").replace("_", "").isalnum():
             raise CloudError(f"Device id {device_id!r} must be 1-128 letters, digits, '-' or '_'.")
         scope = [ALL] if deployments is None else sorted(set(deployments))
@@ -90,7 +106,14 @@ class StateStore:
         token = secrets.token_urlsafe(32)
         with self._lock:
             tokens = self._tokens()
+            if device_id in tokens and not rotate:
+                raise CloudError(
+                    f"{device_id!r} already holds a token (in {self.tokens_path}); pass --rotate to replace it (its "
+                    "old token stops working at once), or choose another device id."
+                )
             entry = {"sha256": _hash(token), "created": time.time(), "deployments": [] if admin else scope}
+            if expires is not None:
+                entry["expires"] = float(expires)
             tokens[device_id] = {**entry, "admin": admin}
             write_atomic(self.tokens_path, json.dumps(tokens, indent=1).encode())
         return token
@@ -111,9 +134,47 @@ class StateStore:
     def devices(self) -> list[str]:
         return sorted(self._tokens())
 
+    # ---- deployments served from this state -------------------------------------------------------------------
+    def record_deployments(self, deployments: dict[str, str]) -> None:
+        """Remember the deployments served from this state (name -> state subdirectory), so that ``token add``
+        can refuse a name no service knows."""
+        with self._lock:
+            known = {**self._registry(), **deployments}
+            write_atomic(self.registry_path, json.dumps(known, indent=1, sort_keys=True).encode())
+
+    def known_deployments(self) -> list[str]:
+        """Deployments ever served from this state: those recorded at ``cloud serve`` and, for states written
+        before the record existed, the subdirectories of ``deployments/`` that hold a ``state.json``."""
+        found = set(self._registry())
+        root = self.directory / "deployments"
+        if root.is_dir():
+            found |= {d.name for d in root.iterdir() if (d / "state.json").exists()}
+        return sorted(found)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.directory / "deployments.json"
+
+    def _registry(self) -> dict[str, str]:
+        try:
+            loaded = json.loads(self.registry_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise CloudError(
+                f"{self.registry_path} is unreadable ({exc}); delete it (`cloud serve` writes it again)."
+            ) from exc
+        return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
+
 
 def _grant(device: str, entry: dict[str, Any]) -> Grant:
-    return Grant(device, tuple(entry.get("deployments", [ALL])), bool(entry.get("admin", False)))
+    expires = entry.get("expires")
+    return Grant(
+        device,
+        tuple(entry.get("deployments", [ALL])),
+        bool(entry.get("admin", False)),
+        float(expires) if expires is not None else None,
+    )
 
 
 class TokenTable:

@@ -41,6 +41,15 @@ by one on every operator reset, its blob *version* rises on every publish and ne
                                                        200 DeploymentStatus.
 ``POST /v1/admin/deployments/{name}/freeze``           admin token only: stop publishing (edges keep their
 ``POST /v1/admin/deployments/{name}/unfreeze``         version); unfreeze resumes. 200 DeploymentStatus.
+``POST /v1/admin/deployments/{name}/publish``          admin token only, ``?version=N``: the state behind kept
+                                                       version N published anew as a new, higher version. ``pin``:
+``POST /v1/admin/deployments/{name}/pin``              the same, then nothing newer until ``unpin`` (which
+``POST /v1/admin/deployments/{name}/unpin``            publishes what was learnt meanwhile). 200 DeploymentStatus;
+                                                       404 version not kept; 409 refused while pinned.
+``GET /v1/admin/deployments``                          admin token only: 200 JSON ``{"deployments": [...]}``, per
+                                                       deployment its status, pin, held uploads, kept versions and
+                                                       per device the version served, last seen, uploads,
+                                                       refusals and rollbacks (``cloud status``).
 ``GET /v1/health``                                     200 JSON ``{"status": "ok", "protocol": 2, "models": {fp:
                                                        version}}``; no token, no protocol header needed.
 ``GET /metrics``                                       Prometheus text format 0.0.4; no token.
@@ -64,7 +73,10 @@ BATCHES_PATH = API_PREFIX + "/models/{fingerprint}/batches"
 BLOB_PATH = API_PREFIX + "/models/{fingerprint}/blob"
 REPORTS_PATH = API_PREFIX + "/models/{fingerprint}/reports"
 ADMIN_PATH = API_PREFIX + "/admin/deployments/{name}/{action}"
-ADMIN_ACTIONS = ("reset", "freeze", "unfreeze")
+ADMIN_ACTIONS = ("reset", "freeze", "unfreeze", "publish", "pin", "unpin")
+#: Admin actions that take ``?version=N`` (and the others take none).
+VERSIONED_ADMIN_ACTIONS = ("publish", "pin")
+ADMIN_STATUS_PATH = API_PREFIX + "/admin/deployments"
 HEALTH_PATH = API_PREFIX + "/health"
 METRICS_PATH = "/metrics"
 

@@ -257,7 +257,7 @@ def test_operator_reset_and_freeze_from_the_cli(exported, teacher_ckpt, tmp_path
         r = httpx.post(admin_url(cloud.url, "test_resnet", "reset"), headers=_headers(token))
         assert r.status_code == 403 and "needs an admin token" in r.json()["detail"]
         cli = ["--cloud", cloud.url, "--token-file", str(ops)]
-        r = CliRunner().invoke(app, ["cloud", "reset", "test_resnet", *cli])
+        r = CliRunner().invoke(app, ["cloud", "reset", "test_resnet", *cli, "--yes"])
         assert r.exit_code == 0, r.output
         assert "generation 2, version 3, uncalibrated" in r.output
         # the reset blob is the state at start (the export's own tensors); replay and pending were deleted
@@ -282,5 +282,5 @@ def test_operator_reset_and_freeze_from_the_cli(exported, teacher_ckpt, tmp_path
         assert r.exit_code == 0 and "publishing" in r.output
         assert dep.wait_idle(60) and dep.version == 5
         r = CliRunner().invoke(app, ["cloud", "status", *cli])
-        assert r.exit_code == 0 and r.output.startswith("test_resnet\t") and "generation 2\tversion 5" in r.output
+        assert r.exit_code == 0 and r.output.startswith("test_resnet: ") and "version 5, generation 2" in r.output
     assert images(1).shape == (1, 64, 64, 3)

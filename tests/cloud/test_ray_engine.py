@@ -5,6 +5,7 @@ upload and never reuses a version; parked long polls share one subscription per 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -305,3 +306,30 @@ def test_while_an_actor_restarts_a_call_past_the_retry_bound_gets_503_with_retry
         cluster.engine.retry_s = retry_s
     r = httpx.get(url, headers=headers, timeout=60)  # retried until the actor is back
     assert r.status_code == 200 and r.json()["version"] >= before
+
+
+def test_operator_status_devices_pin_and_unpin_through_ray_actors(cluster: Cluster) -> None:
+    import httpx
+
+    from cema_deploy.cloud.lock import DEPLOYMENT_LOCK
+    from cema_deploy.contract.protocol import blob_url
+
+    m = cluster.manifests["doors"]
+    fp = m.fingerprint
+    headers = {"Authorization": f"Bearer {cluster.token}", "X-Cema-Protocol": "2"}
+    with cluster.client("doors") as client:
+        client.upload(batch(m, B, seed=70), idempotency_key="operator-1")
+        assert client.fetch_blob(after=0, wait=60) is not None
+    newest = cluster.engine.status(fp).version
+    assert httpx.get(blob_url(cluster.url, fp), params={"after": newest}, headers=headers, timeout=30).status_code
+    row = cluster.engine.operator_status(fp)  # flushes the polls the ingress buffered
+    assert row["devices"]["cam-1"]["version"] == newest and row["devices"]["cam-1"]["uploads"] >= 1
+    pinned = cluster.engine.admin("doors", "pin", 0)
+    assert pinned.version == newest + 1 and pinned.frozen
+    assert cluster.engine.operator_status(fp)["pinned"] == 0
+    assert cluster.engine.admin("doors", "unpin").version >= newest + 1
+    assert cluster.engine.operator_status(fp)["pinned"] is None
+    # the actor holds its deployment state's lock, named in the file
+    lock = json.loads((dep_dir(cluster.state, "doors") / DEPLOYMENT_LOCK).read_text())
+    pid = ray.get(cluster.engine.handle(fp).info.remote())["pid"]
+    assert lock["what"] == "Ray actor of doors" and lock["pid"] == pid

@@ -28,8 +28,8 @@ class AdminMixin(PublishingMixin):
                 return
             devices = self._rollbacks.setdefault(v, set())
             devices.add(device)
-            if len(devices) < self.spec.rollback_devices or self._restore is not None:
-                return
+            if len(devices) < self.spec.rollback_devices or self._restore is not None or self.pinned is not None:
+                return  # while pinned the operator chose the version: nothing is marked bad
             older = [x for x in self.store.blob_versions() if x < v and x not in self.bad]
             good = next((x for x in reversed(older) if self.store.snapshot_path(x).exists()), 0)
             self._restore = (v, good)

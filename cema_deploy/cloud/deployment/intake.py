@@ -138,7 +138,7 @@ class IntakeMixin(DeploymentState):
         (reset, restore, calibrations, an unfreeze publish), the full batches pending, optionally the statistics
         batches and a replay-only step, in the worker's order."""
         job, pub = self._inflight
-        v = self.version + pub + len(self._reset_waiters) + (self._restore is not None)
+        v = self.version + pub + len(self._reset_waiters) + (self._restore is not None) + (self._republish is not None)
         if self.frozen:
             return v
         cals = [u for u in self.samples.pending_calibrations() if u.seq != self._inflight_seq]

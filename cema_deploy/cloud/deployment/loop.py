@@ -1,6 +1,7 @@
 """The deployment itself: the class that joins the rooms (intake, calibration, publishing, admin; the fields in
 :mod:`~cema_deploy.cloud.deployment.state`), its lifecycle, and the step scheduler: one worker thread picks the
-next job in a fixed order (reset, restore, calibration, publish, step, statistics, replay, idle, sweep) and runs
+next job in a fixed order (reset, restore, republish, calibration, publish, step, statistics, replay, idle, sweep)
+and runs
 it, so adaptation is serialised per fingerprint."""
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from cema_deploy.cloud.config import DeploymentSpec
 from cema_deploy.cloud.deployment.admin import AdminMixin
 from cema_deploy.cloud.deployment.calibration import CalibrationMixin
 from cema_deploy.cloud.deployment.intake import IntakeMixin
+from cema_deploy.cloud.deployment.operator import OperatorMixin
 from cema_deploy.cloud.deployment.state import log
 
 
-class Deployment(IntakeMixin, CalibrationMixin, AdminMixin):
+class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
     """One deployment (see :mod:`cema_deploy.cloud.deployment`). Thread-safe.
 
     Example:
@@ -96,6 +98,8 @@ class Deployment(IntakeMixin, CalibrationMixin, AdminMixin):
             return "reset"
         if self._restore is not None:
             return "restore"
+        if self._republish is not None:
+            return "republish"
         if s.pending_calibrations():
             return "calibration"
         if self._publish_req:
@@ -118,7 +122,7 @@ class Deployment(IntakeMixin, CalibrationMixin, AdminMixin):
         return None
 
     def _publishes(self, job: str) -> int:
-        if job in ("reset", "restore", "publish"):
+        if job in ("reset", "restore", "publish", "republish"):
             return 1
         if self.frozen or job == "sweep":
             return 0

@@ -12,6 +12,20 @@ from cema_deploy.cloud.deployment.state import _POINTERS, DeploymentState, log
 from cema_deploy.cloud.replay import Upload
 from cema_deploy.contract.blob import RefitBlob
 
+#: The counter of each job, as its log line names it.
+_JOB_NAMES = {
+    "steps": "cloud step",
+    "replay_steps": "replay-only step",
+    "idle_steps": "idle replay step",
+    "statistics_updates": "statistics update",
+    "calibrations": "calibration",
+    "publishes": "publish",
+    "restores": "restore",
+    "resets": "reset",
+    "republishes": "republish",
+    "diverged": "diverged step",
+}
+
 
 class PublishingMixin(DeploymentState):
     """Polls, publishes and retention of a :class:`~cema_deploy.cloud.deployment.Deployment`."""
@@ -128,6 +142,25 @@ class PublishingMixin(DeploymentState):
             self.samples.write(rewrite)
         self.store.save_state(state)
         self._release(done)
+        self._log_commit(counter, seconds, version if data is not None else None)
+
+    def _log_commit(self, counter: str, seconds: float, published: int | None) -> None:
+        """One line per job (INFO; ``cloud serve --log-level warning`` silences it)."""
+        if published is not None:
+            outcome = f"published version {published}"
+        else:
+            why = "pinned" if self.pinned is not None else "frozen" if self.frozen else "diverged"
+            if why == "diverged" and counter != "diverged":
+                why = f"publishes every {self.config.publish_every} steps"
+            outcome = f"not published ({why})"
+        log.info(
+            "%s: %s done (%.2f s, method step %d): %s",
+            self.name,
+            _JOB_NAMES.get(counter, counter),
+            seconds,
+            self.cema.steps,
+            outcome,
+        )
 
     def _release(self, done: list[Upload]) -> None:
         """Delete the files of uploads nothing needs (frames are personal data); keep their keys answerable."""

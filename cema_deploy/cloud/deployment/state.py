@@ -34,6 +34,10 @@ class DeploymentState:
     calibration, publishing, admin) act on them and :class:`~cema_deploy.cloud.deployment.loop.Deployment` joins
     them with the worker. Fields that change are guarded by ``_cond``."""
 
+    #: The version the operator pinned (None: not pinned) and the republish job due; kept by ``operator.py``.
+    pinned: int | None = None
+    _republish: tuple[int, threading.Event, list[str]] | None = None
+
     def __init__(
         self,
         spec: DeploymentSpec,

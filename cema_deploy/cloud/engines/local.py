@@ -96,8 +96,14 @@ class LocalEngine:
     def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
         self.deployment(fingerprint).edge_report(report, device=device)
 
-    def admin(self, name: str, action: str) -> DeploymentStatus:
-        return self.by_name(name).admin(action)
+    def seen(self, fingerprint: str, device: str, *, version: int | None = None, refused: bool = False) -> None:
+        self.deployment(fingerprint).seen(device, version=version, refused=refused)
+
+    def admin(self, name: str, action: str, version: int | None = None) -> DeploymentStatus:
+        return self.by_name(name).admin(action, version=version)
+
+    def operator_status(self, fingerprint: str) -> dict[str, Any]:
+        return self.deployment(fingerprint).operator_status()
 
     def metrics(self) -> list[dict[str, Any]]:
         return [d.metrics() for d in self._by_fp.values()]

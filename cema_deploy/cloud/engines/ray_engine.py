@@ -46,6 +46,7 @@ from cema_deploy.cloud.config import DeploymentSpec, ServiceConfig
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine, by_fingerprint, by_name
 from cema_deploy.cloud.engines.polls import ParkedPolls
 from cema_deploy.cloud.errors import Refused
+from cema_deploy.cloud.lock import DEPLOYMENT_LOCK, hold_state
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CemaError, CloudError
@@ -64,6 +65,10 @@ RETRY_S = 30.0
 CALL_TIMEOUT_S = 360.0
 #: How long creating (or attaching to) the actors may take: models load, resources must be free.
 CREATE_TIMEOUT_S = 600.0
+#: Polls seen by an ingress are sent to the deployment's actor at most this often, seconds.
+SEEN_FLUSH_S = 1.0
+#: How long a (re)started actor waits for the lock of its deployment state held by a process still exiting.
+LOCK_WAIT_S = 30.0
 
 
 class DeploymentActor:
@@ -82,6 +87,10 @@ class DeploymentActor:
         logging.basicConfig(level=logging.WARNING)
         self.spec, self.service_state = spec, service_state
         key = Path(signing_key) if signing_key else None
+        # One writer per deployment state, before the models load; a restart may overlap the dying process.
+        self._state_lock = hold_state(
+            Path(service_state) / spec.state, DEPLOYMENT_LOCK, what=f"Ray actor of {spec.name}", wait_s=LOCK_WAIT_S
+        )
         self.dep = Deployment.from_spec(spec, Path(service_state), signing_key=key)
         self._polls = ParkedPolls([""])
         self.waiting = 0  # wait_for_version calls in progress
@@ -104,8 +113,16 @@ class DeploymentActor:
     async def edge_report(self, report: EdgeReport, device: str) -> None:
         await asyncio.to_thread(self.dep.edge_report, report, device=device)
 
-    async def admin(self, action: str) -> DeploymentStatus:
-        return await asyncio.to_thread(self.dep.admin, action)
+    async def admin(self, action: str, version: int | None = None) -> DeploymentStatus:
+        return await asyncio.to_thread(self.dep.admin, action, version=version)
+
+    async def seen_many(self, entries: list[tuple[str, int | None, bool]]) -> None:
+        """Polls and ingress refusals buffered by an ingress: (device, version, refused), oldest first."""
+        for device, version, refused in entries:
+            self.dep.seen(device, version=version, refused=refused)
+
+    async def operator_status(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.dep.operator_status)
 
     async def metrics(self) -> dict[str, Any]:
         row = await asyncio.to_thread(self.dep.metrics)
@@ -183,6 +200,8 @@ class RayEngine:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.subscription_calls: dict[str, int] = dict.fromkeys(handles, 0)
+        self._seen: dict[str, list[tuple[str, int | None, bool]]] = {}
+        self._seen_sent: dict[str, float] = {}
         self.parked: dict[str, int] = dict.fromkeys(handles, 0)
 
     @classmethod
@@ -348,9 +367,33 @@ class RayEngine:
     def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
         self._call(fingerprint, "edge_report", report, device)
 
-    def admin(self, name: str, action: str) -> DeploymentStatus:
-        status: DeploymentStatus = self._call(self._fp_of(name), "admin", action, retry=action != "reset")
+    def seen(self, fingerprint: str, device: str, *, version: int | None = None, refused: bool = False) -> None:
+        # Buffered in the ingress and sent at most once per SEEN_FLUSH_S per deployment, without waiting: a poll
+        # never costs an actor round trip.
+        with self._lock:
+            self._seen.setdefault(fingerprint, []).append((device, version, refused))
+            due = time.monotonic() - self._seen_sent.get(fingerprint, 0.0) >= SEEN_FLUSH_S
+        if due:
+            self._flush_seen(fingerprint)
+
+    def _flush_seen(self, fingerprint: str) -> None:
+        with self._lock:
+            entries = self._seen.pop(fingerprint, [])
+            self._seen_sent[fingerprint] = time.monotonic()
+        if entries:
+            with contextlib.suppress(ray.exceptions.RayError):
+                self.handle(fingerprint).seen_many.remote(entries[-10_000:])
+
+    def admin(self, name: str, action: str, version: int | None = None) -> DeploymentStatus:
+        # reset, publish and pin are not idempotent: never retried
+        retry = action in ("freeze", "unfreeze", "unpin")
+        status: DeploymentStatus = self._call(self._fp_of(name), "admin", action, version, retry=retry)
         return status
+
+    def operator_status(self, fingerprint: str) -> dict[str, Any]:
+        self._flush_seen(fingerprint)
+        row: dict[str, Any] = self._call(fingerprint, "operator_status")
+        return row
 
     def metrics(self) -> list[dict[str, Any]]:
         rows = []

@@ -347,6 +347,26 @@ class AdminClient:
     def unfreeze(self, name: str) -> DeploymentStatus:
         return self._action(name, "unfreeze")
 
+    def publish(self, name: str, version: int) -> DeploymentStatus:
+        """Publish the state behind kept ``version`` anew as a new, higher version."""
+        return self._action(name, "publish", version)
+
+    def pin(self, name: str, version: int) -> DeploymentStatus:
+        """Serve ``version``'s state (as a new version) and publish nothing newer until :meth:`unpin`."""
+        return self._action(name, "pin", version)
+
+    def unpin(self, name: str) -> DeploymentStatus:
+        return self._action(name, "unpin")
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """The operator's status of every deployment (``GET /v1/admin/deployments``): plain JSON objects."""
+        r = self._http.request("GET", self._http.base_url + protocol.ADMIN_STATUS_PATH, ok=(200,))
+        body = self._http.json_of(r, "GET /v1/admin/deployments")
+        rows = body.get("deployments") if isinstance(body, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
+            raise UplinkError("The cloud's operator status does not follow the protocol.", retryable=False)
+        return rows
+
     def models(self) -> list[DeploymentStatus]:
         r = self._http.request("GET", self._http.base_url + protocol.MODELS_PATH, ok=(200,))
         body = self._http.json_of(r, "GET /v1/models")
@@ -358,8 +378,9 @@ class AdminClient:
     def close(self) -> None:
         self._http.close()
 
-    def _action(self, name: str, action: str) -> DeploymentStatus:
-        r = self._http.request("POST", protocol.admin_url(self._http.base_url, name, action), ok=(200,))
+    def _action(self, name: str, action: str, version: int | None = None) -> DeploymentStatus:
+        params = {"version": version} if version is not None else None
+        r = self._http.request("POST", protocol.admin_url(self._http.base_url, name, action), ok=(200,), params=params)
         try:
             return DeploymentStatus.from_json(self._http.json_of(r, f"{action} {name}"))
         except ProtocolError as exc:
