@@ -165,7 +165,8 @@ def test_unsigned_blobs_from_a_non_loopback_cloud(exported, allow_unsigned, capl
         assert m["version"] == 1 and m["unsigned_applied"] == 1 and m["refused"] == {}
         assert any("UNSIGNED" in rec.getMessage() for rec in caplog.records)
     else:
-        assert m["version"] == 0 and m["refused"] == {"signature": 1} and m["refused_upto"] == 1
+        # counted, reported once (the version the header announced), never remembered: the floor stays at 0
+        assert m["version"] == 0 and m["refused"]["signature"] >= 1 and m["refused_upto"] == 0
         assert [(r.kind, r.version) for r in link.reports] == [("refused", 1)]
         assert "--allow-unsigned" in link.reports[0].reason and "loopback" in link.reports[0].reason
 
