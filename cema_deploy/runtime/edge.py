@@ -161,6 +161,8 @@ class EdgeRuntime:
                 spool_dir=self._store.spool_dir if self._store is not None else None,
                 max_spool_bytes=max_spool_bytes, listener=self.deployment,
             )  # fmt: skip
+            if self.uplink.calibration_queued:  # restored from the spool: its blob is exempt like any calibration's
+                self.ledger.calibration_queued()
             self.intake.start()
         self._state_thread: threading.Thread | None = None
         if self._store is not None:

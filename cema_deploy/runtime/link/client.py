@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import ssl
 import threading
 from typing import Any, Protocol
@@ -26,6 +27,8 @@ from cema_deploy.contract.samples import ENCODINGS, SampleBatch, samples_to_byte
 from cema_deploy.exceptions import CemaError, ProtocolError, ProtocolMismatchError, UplinkError
 
 __all__ = ["AdminClient", "CloudClient", "CloudLink", "EdgeConfigError", "StaleGenerationError", "is_loopback_url"]
+
+log = logging.getLogger("cema_deploy.edge")
 
 #: Statuses worth retrying besides 5xx: request timeout and rate limiting.
 RETRYABLE_4XX = (408, 429)
@@ -112,6 +115,10 @@ class _Http:
         if not base_url.startswith(("http://", "https://")):
             raise UplinkError(f"Cloud URL {base_url!r} must start with http:// or https://.", retryable=False)
         self.base_url = base_url.rstrip("/")
+        if self.base_url.startswith("http://") and not is_loopback_url(self.base_url):
+            log.warning("the cloud at %s is reached over plain http:// on an address that is not a loopback one: the "
+                        "token and every uploaded frame cross the network unencrypted and readable; use https:// "
+                        "(--ca-file for a private CA) or a tunnel to a loopback address", self.base_url)  # fmt: skip
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.httpx = httpx
         self.client = httpx.Client(

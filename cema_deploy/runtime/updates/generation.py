@@ -173,6 +173,11 @@ class GenerationTracker(UplinkListener):
         if self.on_cloud_version is not None:
             self.on_cloud_version(version)
 
+    def on_restored(self, kind: str, calibration: str) -> None:
+        if kind == KIND_CALIBRATION:  # a calibration batch spooled by the last run goes first: it is the one
+            with self._lock:
+                self._calibrating = True
+
     def on_dropped(self, kind: str, calibration: str) -> None:
         if kind == KIND_CALIBRATION:
             with self._lock:
