@@ -283,8 +283,9 @@ class CloudClient:
         :data:`~cema_deploy.contract.protocol.MAX_WAIT_S`).
 
         Returns ``(version announced in the X-Cema-Version header, raw body bytes)`` or ``None`` (204). The bytes
-        are not parsed here: the caller verifies a signature first and takes the version from the parsed blob;
-        the header only tells it which version to stop asking for when the blob is refused.
+        are not parsed here: the caller verifies a signature first and takes the version from the parsed blob.
+        The header is unauthenticated: it names the answer in logs and reports, and moves nothing the edge
+        remembers (see :mod:`cema_deploy.runtime.updates.ledger`).
         """
         wait = min(max(0.0, float(wait)), protocol.MAX_WAIT_S)
         httpx = self._http.httpx
