@@ -168,16 +168,19 @@ class VersionLedger:
         self.check_epoch(blob)
         with self._lock:
             if blob.epoch > self._epoch:
-                old = self._epoch
+                old, first = self._epoch, self._epoch == 0 and self._floor() == 0  # a fresh edge: nothing to drop
                 self._epoch, self._refused_upto, self._submitted_upto = blob.epoch, 0, 0
                 self._refused.clear()
                 self._rolled_back.clear()
                 self._hint = self._hint_max = self._probed = None
                 self._behind = False
-                self._rebaselines += 1
-                log.warning("cloud epoch %d -> %d (seen in %s, verified): a new cloud state; re-baselined, versions "
-                            "of epoch %d are followed from v%d on", old, blob.epoch, source, blob.epoch,
-                            blob.version)  # fmt: skip
+                if first:
+                    log.info("following cloud epoch %d (seen in %s, verified)", blob.epoch, source)
+                else:
+                    self._rebaselines += 1
+                    log.warning("cloud epoch %d -> %d (seen in %s, verified): a new cloud state; re-baselined, "
+                                "versions of epoch %d are followed from v%d on", old, blob.epoch, source, blob.epoch,
+                                blob.version)  # fmt: skip
             floor = self._floor()
             if blob.version <= floor:
                 raise StaleBlobError(
