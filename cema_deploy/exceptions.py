@@ -18,6 +18,7 @@ safetensors, torch or httpx are re-raised as one of these with ``raise ... from 
     │       ├── BlobSchemaError        names, shapes or dtypes differ from the manifest
     │       ├── BlobValueError         NaN/Inf, negative variance
     │       ├── StaleBlobError         version not newer than the one serving (replay)
+    │       │   └── StaleEpochError        made by an older cloud state (epoch) than the one serving
     │       └── SignatureError         unsigned, wrongly signed or altered blob
     ├── ModelError                 unknown model name, unreadable checkpoint
     ├── ExportError                the ONNX export failed
@@ -84,6 +85,10 @@ class BlobValueError(BlobError):
 
 class StaleBlobError(BlobError):
     """The blob's version is not newer than the version already serving (a replay)."""
+
+
+class StaleEpochError(StaleBlobError):
+    """The blob's epoch (the cloud state that minted it) is older than the epoch this edge follows."""
 
 
 class SignatureError(BlobError):

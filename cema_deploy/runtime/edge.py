@@ -11,7 +11,10 @@ The jobs live in their own modules, wired together here:
   ``calibration="shift"`` (``recalibrate``); a newer generation (any acknowledgement, a 409) starts a fresh
   selector. Frames of ``SelectionResult.stats_mask`` go up as ``statistics`` samples.
 * :mod:`~cema_deploy.runtime.updates.intake`: poll, verify the signature before parsing, validate, refit scheduler;
-  refusals counted, reported and never fetched again.
+  refusals counted and reported.
+* :mod:`~cema_deploy.runtime.updates.ledger`: the one owner of the versions: the cloud epoch followed, the refusal
+  floor (moved only by verified metadata), refusals, rollbacks and the calibration exemption; the intake, the
+  uplink's acknowledgements and the rollback guard report to it.
 * :mod:`~cema_deploy.runtime.updates.rollback`: each refit judged against the previous parameters on the same recent
   frames (mutual information between input and prediction); a drop beyond the margin rolls it back.
 * :mod:`~cema_deploy.runtime.updates.state`: with ``state_dir`` the selector, refused versions, generation and serving
@@ -44,6 +47,7 @@ from cema_deploy.runtime.metrics import LatencyHistogram
 from cema_deploy.runtime.selection.rules import SampleSelector, SelectionResult
 from cema_deploy.runtime.updates.generation import GenerationTracker
 from cema_deploy.runtime.updates.intake import REFUSAL_REASONS, BlobIntake
+from cema_deploy.runtime.updates.ledger import VersionLedger, previous_stamp, serving_stamp
 from cema_deploy.runtime.updates.rollback import Judgement, RollbackConfig, RollbackMonitor
 from cema_deploy.runtime.updates.state import EdgeState, EdgeStateStore
 
@@ -122,8 +126,6 @@ class EdgeRuntime:
         self._selector_factory = selector_factory or (lambda: type(selector)(selector.config))
         self.frames, self.busy_s, self.sync_timeouts, self.selector_resets = 0, 0.0, 0, 0
         self.latency = LatencyHistogram()
-        self.rolled_back: dict[int, str] = {}
-        self.rollbacks_by_reason: dict[str, int] = {}
         self.restored_version = 0  # serving version restored from state_dir at start (0: none)
         self._reset_due = False
         self._started = time.monotonic()
@@ -133,20 +135,16 @@ class EdgeRuntime:
         self._stop = threading.Event()
         self._state_wake = threading.Event()
         self.uplink: Uplink | None = None
-        # Blobs that answer a calibration batch re-initialise the statistics by design: the previous parameters
-        # are no reference for them, so they are accepted unjudged. The window opens when a calibration batch is
-        # queued and closes once a blob of at least its acknowledged target version was applied.
-        self._calib_lock = threading.Lock()
-        self._calib_window = False
-        self._calib_target: int | None = None
+        self.ledger = VersionLedger(lambda: serving_stamp(backend))
         self.deployment = GenerationTracker(client, recalibrate=recalibrate, on_new_generation=self._on_new_generation,
-                                     on_calibration_done=self._on_calibration_done)  # fmt: skip
+                                            on_calibration_done=self.ledger.calibration_done,
+                                            on_cloud_version=self.ledger.cloud_says)  # fmt: skip
         unsigned_refused = not allow_unsigned and not is_loopback_url(getattr(client, "base_url", None))
         self.intake = BlobIntake(
             backend, self.manifest, client=client, verifier=verifier, swap_lock=self._swap_lock,
             require_signature=verifier is None and client is not None and unsigned_refused, poll_wait_s=poll_wait_s,
-            min_refit_interval_s=min_refit_interval_s, report=self._report, on_applied=self._on_applied,
-            on_changed=self._state_changed, before_poll=self._before_poll,
+            ledger=self.ledger, min_refit_interval_s=min_refit_interval_s, report=self._report,
+            on_applied=self._on_applied, on_changed=self._state_changed, before_poll=self._before_poll,
         )  # fmt: skip
         self._store = EdgeStateStore(state_dir) if state_dir is not None else None
         if self._store is not None:
@@ -163,6 +161,8 @@ class EdgeRuntime:
                 spool_dir=self._store.spool_dir if self._store is not None else None,
                 max_spool_bytes=max_spool_bytes, listener=self.deployment,
             )  # fmt: skip
+            if self.uplink.calibration_queued:  # restored from the spool: its blob is exempt like any calibration's
+                self.ledger.calibration_queued()
             self.intake.start()
         self._state_thread: threading.Thread | None = None
         if self._store is not None:
@@ -217,8 +217,7 @@ class EdgeRuntime:
         reason = start or ("shift" if sel.shift and self.deployment.claim_shift() else "")
         n, selected = len(at_size), int(sel.mask.sum())
         if reason:  # the whole batch, once: its selected samples are adapted on from it
-            with self._calib_lock:
-                self._calib_window, self._calib_target = True, None
+            self.ledger.calibration_queued()
             up.put_calibration(at_size, sel.entropy, sel.mask, version=version, generation=gen, reason=reason)
             uploaded = n
         else:
@@ -238,12 +237,18 @@ class EdgeRuntime:
 
     @property
     def refused(self) -> Any:
-        """Refused blobs by reason (a Counter)."""
+        """Refused blobs by reason (a Counter, a copy)."""
         return self.intake.refused
 
     @property
     def refused_upto(self) -> int:
-        return self.intake.refused_upto
+        """Versions of the followed epoch up to this one are never applied (verified refusals and rollbacks)."""
+        return self.ledger.refused_upto
+
+    @property
+    def epoch(self) -> int:
+        """The cloud epoch this edge follows (0: a cloud without epochs, or none seen yet)."""
+        return self.ledger.epoch
 
     @property
     def blobs_applied(self) -> int:
@@ -255,14 +260,16 @@ class EdgeRuntime:
 
     @property
     def rollbacks(self) -> int:
-        return sum(self.rollbacks_by_reason.values())
+        return sum(self.ledger.snapshot().rollbacks.values())
 
     # ---- waiting (reproducible runs) ------------------------------------------------------------------
     def wait_for_version(self, version: int, timeout: float = 60.0) -> bool:
-        """Block until parameters of at least ``version`` serve, or that version was refused or rolled back
-        (True), or ``timeout`` seconds passed (False)."""
+        """Block until parameters of at least ``version`` (of the followed epoch) serve, or that version was refused
+        or rolled back, or the cloud answered with something that could not be applied nor remembered (an
+        unverifiable answer, a replay: True, waiting longer cannot help), or ``timeout`` seconds passed (False)."""
         deadline = time.monotonic() + timeout
-        while self.backend.version < version and self.intake.refused_upto < version:
+        fruitless = self.ledger.fruitless
+        while not self.ledger.done(version) and self.ledger.fruitless == fruitless:
             if time.monotonic() > deadline or self._stop.is_set():
                 return False
             time.sleep(0.005)
@@ -281,7 +288,7 @@ class EdgeRuntime:
 
         ok = self.uplink.flush(left())
         target = self.uplink.max_target_version
-        if ok and target > self.backend.version:
+        if ok and not self.ledger.done(target):
             ok = self.wait_for_version(target, left())
         ok = ok and self.monitor.wait_judged(left())
         if self.deployment.status_due:  # a new generation was seen: know its calibration before the next batch
@@ -302,22 +309,11 @@ class EdgeRuntime:
             self.deployment.read_status()
 
     def _on_applied(self, version: int) -> None:
-        with self._calib_lock:
-            exempt = self._calib_window
-            if exempt and self._calib_target is not None and version >= self._calib_target:
-                self._calib_window = False
-        if exempt:
+        if self.ledger.exempt(version):
             log.info("v%d answers a calibration batch: accepted without a rollback judgement", version)
             self.monitor.accept(version)
         else:
             self.monitor.applied(version)
-
-    def _on_calibration_done(self, target: int | None) -> None:
-        with self._calib_lock:
-            if target is None or self.backend.version >= target:  # lost, or its blob already serves
-                self._calib_window, self._calib_target = False, None
-            else:
-                self._calib_target = target
 
     def _on_judged(self, j: Judgement) -> None:
         """RollbackMonitor callback (its thread): roll ``j.version`` back if judged bad and still serving."""
@@ -325,14 +321,16 @@ class EdgeRuntime:
             log.debug("%s", j.describe())
             return
         with self._swap_lock:
-            self.intake.refused_upto = max(self.intake.refused_upto, j.version)  # never again, nor anything older
-            if self.backend.version != j.version:
-                return  # a newer refit replaced it already
+            serving, previous = serving_stamp(self.backend), previous_stamp(self.backend)
+            if serving[1] != j.version:  # a newer refit replaced it already: never again, nor anything older
+                if previous is not None and previous[1] == j.version:
+                    self.ledger.rolled_back(previous, j.reason, swapped=False)
+                return
             restored = self.backend.rollback()
-            self.rollbacks_by_reason[j.reason] = self.rollbacks_by_reason.get(j.reason, 0) + 1
-            self.rolled_back[j.version] = j.describe()
+            same_epoch = self.ledger.rolled_back(serving, j.reason, detail=j.describe(), swapped=True)
         log.warning("rolled back v%d, serving v%d again: %s", j.version, restored, j.describe())
-        self._report(EdgeReport(kind="rollback", version=j.version, reason=j.describe()))
+        if same_epoch:  # a version of an epoch the cloud left behind means nothing to it
+            self._report(EdgeReport(kind="rollback", version=j.version, reason=j.describe()))
         self._state_changed()
 
     def _report(self, report: EdgeReport) -> None:
@@ -351,36 +349,42 @@ class EdgeRuntime:
         st, data = loaded
         d, ik = self.deployment, self.intake
         d.generation, d.calibrated = st.generation, st.calibrated
-        ik.refused_upto = st.refused_upto
-        ik.refused_versions = {int(k): v for k, v in st.refused.items()}
-        self.rolled_back = {int(k): v for k, v in st.rolled_back.items()}
         if st.selector is not None:
             self.selector.load_state_dict(st.selector)
-        if data is None or st.serving_version <= 0:
-            return
-        try:
-            if ik.verifier is not None:
-                ik.verifier(data)
-            blob = blob_from_bytes(data, source=f"the saved serving blob v{st.serving_version}")
-            self.backend.refit(blob)
-        except CemaError as exc:
-            log.warning("not serving the saved blob v%d: %s; serving the export's parameters", st.serving_version, exc)
-            return
-        ik.blob_bytes[blob.version] = data
-        self.restored_version = blob.version
-        log.info("restored from %s: serving v%d, generation %d, refused up to v%d", store.directory, blob.version,
-                 st.generation, st.refused_upto)  # fmt: skip
+        serving_epoch = 0
+        if data is not None and st.serving_version > 0:
+            try:
+                if ik.verifier is not None:
+                    ik.verifier(data)
+                blob = blob_from_bytes(data, source=f"the saved serving blob v{st.serving_version}")
+                self.backend.refit(blob)
+            except CemaError as exc:
+                log.warning("not serving the saved blob v%d: %s; serving the export's parameters", st.serving_version,
+                            exc)  # fmt: skip
+            else:
+                ik.blob_bytes[blob.stamp] = data
+                self.restored_version, serving_epoch = blob.version, blob.epoch
+        self.ledger.restore(
+            epoch=max(st.epoch, serving_epoch),
+            refused={int(k): v for k, v in st.refused.items()},
+            rolled_back={int(k): v for k, v in st.rolled_back.items()},
+            saved_upto=st.refused_upto,
+        )
+        if self.restored_version:
+            log.info("restored from %s: serving v%d (epoch %d), generation %d, refused up to v%d", store.directory,
+                     self.restored_version, self.ledger.epoch, st.generation, self.ledger.refused_upto)  # fmt: skip
 
     def state(self) -> EdgeState:
         """What ``state_dir`` holds (a consistent snapshot; the serving blob's bytes are written beside it)."""
         with self._sel_lock:
             selector = self.selector.state_dict()
+        led = self.ledger.snapshot()
+        serving_epoch, serving_version = serving_stamp(self.backend)
         return EdgeState(
             fingerprint=self.manifest.fingerprint, generation=self.deployment.generation,
-            calibrated=self.deployment.calibrated, serving_version=self.backend.version,
-            refused_upto=self.intake.refused_upto,
-            refused={str(k): v for k, v in self.intake.refused_versions.items()},
-            rolled_back={str(k): v for k, v in self.rolled_back.items()}, selector=selector, saved_at=time.time(),
+            calibrated=self.deployment.calibrated, serving_version=serving_version, serving_epoch=serving_epoch,
+            epoch=led.epoch, refused_upto=led.refused_upto, refused={str(k): v for k, v in led.refused.items()},
+            rolled_back={str(k): v for k, v in led.rolled_back.items()}, selector=selector, saved_at=time.time(),
         )  # fmt: skip
 
     def save_state(self) -> bool:
@@ -390,7 +394,7 @@ class EdgeRuntime:
         with self._save_lock:
             with self._swap_lock:
                 st = self.state()
-                data = self.intake.blob_bytes.get(st.serving_version)
+                data = self.intake.blob_bytes.get((st.serving_epoch, st.serving_version))
             try:
                 self._store.save(st, data)
             except (OSError, CemaError) as exc:
@@ -412,17 +416,21 @@ class EdgeRuntime:
     def metrics(self) -> dict[str, Any]:
         """Counters as plain numbers (JSON-serialisable): frames, fps (frames per second spent in ``process``),
         wall_fps, selected % (the selector's, since its start), uploaded % (all kinds, over frames run here) and
-        uploaded frames by kind, uplink counters, serving version, blobs applied, refusals and rollbacks by
-        reason, generation and calibration, mean entropy and the selection counters."""
+        uploaded frames by kind, uplink counters, serving version and epoch, blobs applied, refusals (and
+        unverifiable answers) and rollbacks by reason, generation and calibration, mean entropy and the selection
+        counters. Safe to call from any thread: what other threads write is copied under their locks."""
         c = self.selector.counters
         up = asdict(self.uplink.counters) if self.uplink is not None else {}
         ik, d, last = self.intake, self.deployment, self.monitor.last
+        led = self.ledger.snapshot()  # one consistent copy: the poller, the refit worker and the monitor write it
+        calibrations = d.calibrations_snapshot()
         now = time.monotonic()
         return {
             "frames": self.frames,
             "fps": self.frames / self.busy_s if self.busy_s else 0.0,
             "wall_fps": self.frames / (now - self._started),
             "version": self.backend.version,
+            "epoch": led.epoch,
             "selection": c.as_dict(),
             "selected_pct": 100.0 * c.selected / c.seen if c.seen else 0.0,
             "uploaded_pct": 100.0 * up.get("uploaded", 0) / self.frames if self.frames else 0.0,
@@ -431,16 +439,18 @@ class EdgeRuntime:
             "queued_now": self.uplink.queued_now if self.uplink is not None else 0,
             "spool_bytes": self.uplink.spool_bytes if self.uplink is not None else 0,
             "blobs_applied": ik.blobs_applied,
-            "refused": dict(ik.refused),
-            "refused_versions": sorted(ik.refused_versions),
-            "refused_upto": ik.refused_upto,
-            "rollbacks": self.rollbacks,
-            "rollbacks_by_reason": dict(self.rollbacks_by_reason),
-            "rolled_back": sorted(self.rolled_back),
+            "refused": led.refusals,
+            "refused_versions": sorted(led.refused),
+            "refused_upto": led.refused_upto,
+            "unverified": led.unverified,
+            "rebaselines": led.rebaselines,
+            "rollbacks": sum(led.rollbacks.values()),
+            "rollbacks_by_reason": led.rollbacks,
+            "rolled_back": sorted(led.rolled_back),
             "last_judgement": asdict(last) if last is not None else None,
             "generation": d.generation,
             "calibrated": d.calibrated,
-            "calibrations": dict(d.calibrations),
+            "calibrations": calibrations,
             "selector_resets": self.selector_resets,
             "restored_version": self.restored_version,
             "seconds_since_last_blob": now - (ik.last_blob_at or self._started),

@@ -77,7 +77,7 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
     metric(
         "selection_total",
         "counter",
-        "Frames by the selection rule that decided them (kept = selected).",
+        "Frames by the selection rule that decided them (kept = selected; not_drawn: a share rule did not draw it).",
         [
             ({"rule": r}, sel.get(k, 0))
             for r, k in (
@@ -85,6 +85,7 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
                 ("unreliable", "unreliable"),
                 ("low_info", "low_info"),
                 ("redundant", "redundant"),
+                ("not_drawn", "not_drawn"),
             )
         ],
     )

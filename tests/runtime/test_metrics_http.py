@@ -67,3 +67,50 @@ def test_metrics_over_http_match_the_runtime(exported) -> None:  # type: ignore[
     assert got["cema_edge_serving_version"] == 5 and got["cema_edge_uplink_queue_samples"] == 0
     assert 0 <= got["cema_edge_seconds_since_last_blob"] < got["cema_edge_frames_total"] * 1e6  # a number, not NaN
     assert np.isfinite(got['cema_edge_frames_per_second{basis="busy"}'])
+
+
+@needs_torch
+def test_frames_a_share_rule_did_not_draw_have_their_series(exported) -> None:  # type: ignore[no-untyped-def]
+    out, _ = exported("bn")
+    with EdgeRuntime(
+        get_backend("ort-cpu", out), SampleSelector(SelectionConfig.preset("random", 10, share=0.25))
+    ) as rt:
+        for i in range(3):
+            rt.process(images(8, seed=i))
+        m = rt.metrics()
+    got = _parse(prometheus_text(m))
+    assert m["selection"]["not_drawn"] == 18 and got['cema_edge_selection_total{rule="not_drawn"}'] == 18
+    assert sum(v for k, v in got.items() if k.startswith("cema_edge_selection_total")) == m["frames"] == 24
+
+
+@needs_torch
+def test_metrics_are_one_consistent_snapshot_while_other_threads_write(exported) -> None:  # type: ignore[no-untyped-def]
+    import sys
+    import threading
+
+    out, _ = exported("bn")
+    v0 = blob_from_path(out / "params.safetensors")
+    cfg = SelectionConfig.for_classes(10, d_margin=None)
+    seen: list[tuple[int, int, int, int]] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: any window shows
+    try:
+        with EdgeRuntime(get_backend("ort-cpu", out), SampleSelector(cfg)) as rt:
+            done = threading.Event()
+
+            def refuse_many() -> None:  # the poller's part: one verified refusal after another
+                for v in range(1, 301):
+                    rt.apply_blob_bytes(blob_to_bytes(RefitBlob(tensors=v0.tensors, fingerprint="ff" * 32, version=v)))
+                done.set()
+
+            t = threading.Thread(target=refuse_many)
+            t.start()
+            while not done.is_set():
+                m = rt.metrics()
+                seen.append((sum(m["refused"].values()), len(m["refused_versions"]), m["refused_upto"],
+                             max(m["refused_versions"], default=0)))  # fmt: skip
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(seen) > 100 and seen[-1][0] <= 300
+    assert [s for s in seen if s[0] != s[1] or s[2] != s[3]] == []  # counts, versions and floor agree every time

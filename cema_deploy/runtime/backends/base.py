@@ -30,7 +30,7 @@ import numpy as np
 
 from cema_deploy.contract.blob import RefitBlob, blob_from_path, validate_blob
 from cema_deploy.contract.manifest import Manifest, manifest_from_dir
-from cema_deploy.exceptions import BlobError, CemaError, RefitError
+from cema_deploy.exceptions import BlobError, CemaError, RefitError, StaleBlobError
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class EngineState:
     version: int
     tensors: Mapping[str, np.ndarray]
     applied_at: float = field(default_factory=time.time)
+    epoch: int = 0  # the cloud state that minted ``version`` (RefitBlob.epoch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +68,7 @@ class Backend(ABC):
         blob = blob_from_path(self.model_dir / self.manifest.params_file)
         validate_blob(blob, self.manifest)
         self._prepare(blob.tensors)
-        self._state = EngineState(self._build(blob.tensors), blob.version, blob.tensors)
+        self._state = EngineState(self._build(blob.tensors), blob.version, blob.tensors, epoch=blob.epoch)
         self._previous: EngineState | None = None
         self._serving_shape: tuple[int, ...] = (1, *self.manifest.input.shape[1:])
 
@@ -93,6 +94,12 @@ class Backend(ABC):
     def version(self) -> int:
         """Version of the parameters serving now (0 = the export's own)."""
         return self._state.version
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        """``(epoch, version)`` of the parameters serving now: how the edge orders versions."""
+        state = self._state
+        return state.epoch, state.version
 
     @property
     def providers(self) -> list[str]:
@@ -139,14 +146,19 @@ class Backend(ABC):
         with self._refit_lock:  # refits are serialised; inference is not blocked
             old = self._state
             t0 = time.perf_counter()
-            validate_blob(blob, self.manifest, newer_than=old.version)
+            if blob.stamp <= (old.epoch, old.version):  # (epoch, version), lexicographically
+                raise StaleBlobError(
+                    f"Blob (epoch {blob.epoch}, v{blob.version}) is not newer than the serving (epoch {old.epoch}, "
+                    f"v{old.version}); refusing a replay."
+                )
+            validate_blob(blob, self.manifest)
             t1 = time.perf_counter()
             engine = self._build_checked(blob.tensors)
             t2 = time.perf_counter()
             self._warm_up(engine)
             t3 = time.perf_counter()
             self._previous = old  # the state before it (if any) leaves: at most two engines stay resident
-            self._state = EngineState(engine, blob.version, blob.tensors)
+            self._state = EngineState(engine, blob.version, blob.tensors, epoch=blob.epoch)
             return RefitReport(
                 old_version=old.version,
                 new_version=blob.version,

@@ -145,6 +145,7 @@ class OrtTrtBackend(OnnxrtBackend):
             raise BackendError(f"ort-trt supports precision {' or '.join(PRECISIONS)}, got {precision!r}.")
         self.precision = precision
         self.cache_root = Path(cache_dir) if cache_dir else tb.default_cache_dir().parent / "ort-trt"
+        #: Engine cache folders in use, oldest first: at most KEEP_ENGINE_DIRS (those prune_engine_dirs keeps).
         self.engine_dirs: list[Path] = []
         super().__init__(model_dir, provider="ort-trt", manifest=manifest, intra_op_threads=intra_op_threads)
 
@@ -165,7 +166,10 @@ class OrtTrtBackend(OnnxrtBackend):
             path = Path(opts["trt_engine_cache_path"])
             path.mkdir(parents=True, exist_ok=True)
             os.utime(path)
+            if path in self.engine_dirs:  # the same weights again (a rollback target rebuilt): most recent last
+                self.engine_dirs.remove(path)
             self.engine_dirs.append(path)
+            del self.engine_dirs[:-KEEP_ENGINE_DIRS]  # the folders left on disk: serving + rollback target
             prune_engine_dirs(path)
             Path(opts["trt_timing_cache_path"]).mkdir(parents=True, exist_ok=True)
         return [opts, *({} for _ in PROVIDERS["ort-trt"][1:])]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import ssl
 import threading
 from typing import Any, Protocol
@@ -26,6 +27,8 @@ from cema_deploy.contract.samples import ENCODINGS, SampleBatch, samples_to_byte
 from cema_deploy.exceptions import CemaError, ProtocolError, ProtocolMismatchError, StaleGenerationError, UplinkError
 
 __all__ = ["AdminClient", "CloudClient", "CloudLink", "EdgeConfigError", "StaleGenerationError", "is_loopback_url"]
+
+log = logging.getLogger("cema_deploy.edge")
 
 #: Statuses worth retrying besides 5xx: request timeout and rate limiting.
 RETRYABLE_4XX = (408, 429)
@@ -103,6 +106,10 @@ class _Http:
         if not base_url.startswith(("http://", "https://")):
             raise UplinkError(f"Cloud URL {base_url!r} must start with http:// or https://.", retryable=False)
         self.base_url = base_url.rstrip("/")
+        if self.base_url.startswith("http://") and not is_loopback_url(self.base_url):
+            log.warning("the cloud at %s is reached over plain http:// on an address that is not a loopback one: the "
+                        "token and every uploaded frame cross the network unencrypted and readable; use https:// "
+                        "(--ca-file for a private CA) or a tunnel to a loopback address", self.base_url)  # fmt: skip
         self.timeout_s, self.connect_timeout_s = timeout_s, connect_timeout_s
         self.httpx = httpx
         self.client = httpx.Client(
@@ -267,8 +274,9 @@ class CloudClient:
         :data:`~cema_deploy.contract.protocol.MAX_WAIT_S`).
 
         Returns ``(version announced in the X-Cema-Version header, raw body bytes)`` or ``None`` (204). The bytes
-        are not parsed here: the caller verifies a signature first and takes the version from the parsed blob;
-        the header only tells it which version to stop asking for when the blob is refused.
+        are not parsed here: the caller verifies a signature first and takes the version from the parsed blob.
+        The header is unauthenticated: it names the answer in logs and reports, and moves nothing the edge
+        remembers (see :mod:`cema_deploy.runtime.updates.ledger`).
         """
         wait = min(max(0.0, float(wait)), protocol.MAX_WAIT_S)
         httpx = self._http.httpx

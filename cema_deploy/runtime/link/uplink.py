@@ -106,6 +106,9 @@ class UplinkListener:
     def on_dropped(self, kind: str, calibration: str) -> None:
         """Samples of ``kind`` were dropped without reaching the cloud (full queue, refusal, 409)."""
 
+    def on_restored(self, kind: str, calibration: str) -> None:
+        """Samples of ``kind`` left in the spool by an earlier run are queued again (called at start)."""
+
 
 @dataclass(eq=False)  # identity: entries are found and removed by identity, never compared by value
 class _Entry:
@@ -286,6 +289,12 @@ class Uplink:
             return replace(self._counters, bytes_sent=int(getattr(self.client, "bytes_sent", 0)))
 
     @property
+    def calibration_queued(self) -> bool:
+        """True while a calibration batch waits in the queue (or spool)."""
+        with self._cond:
+            return any(e.kind == KIND_CALIBRATION for e in self._q)
+
+    @property
     def queued_now(self) -> int:
         """Samples waiting in the queue (or spool) or in the upload being sent."""
         with self._cond:
@@ -414,6 +423,18 @@ class Uplink:
         if self._q:
             log.info("upload spool %s: %d samples and %d reports from an earlier run", spool.directory,
                      self._q_samples, self._q_reports)  # fmt: skip
+        lost: list[tuple[str, str]] = []
+        with self._cond:
+            held, before = self._q_bytes, self._counters.dropped_spool
+            self._enforce_bounds(None, lost)  # a bound lowered since (--spool-mb): the oldest entries go, counted
+        if lost:
+            log.warning("upload spool %s held %d bytes, above its bound of %d: dropped the oldest %d samples",
+                        spool.directory, held, self.max_spool_bytes, self._counters.dropped_spool - before)  # fmt: skip
+        for kind, calibration in lost:
+            self.listener.on_dropped(kind, calibration)
+        for e in self._q:  # the owner learns of a calibration batch in flight (it must not queue another)
+            if e.is_samples:
+                self.listener.on_restored(e.kind, e.calibration)
 
     def _enforce_bounds(self, newest: _Entry | None, lost: list[tuple[str, str]]) -> None:
         """Drop the oldest samples (or whole spooled entries / calibration batches) while a bound is exceeded;

@@ -47,6 +47,7 @@ class GenerationTracker(UplinkListener):
         calibrated: bool | None = None,
         on_new_generation: Callable[[int], None] | None = None,
         on_calibration_done: Callable[[int | None], None] | None = None,
+        on_cloud_version: Callable[[int], None] | None = None,
     ) -> None:
         self.client, self.recalibrate = client, recalibrate
         self.generation = generation  # 0: not known yet
@@ -54,6 +55,8 @@ class GenerationTracker(UplinkListener):
         self.on_new_generation = on_new_generation
         #: Called with the calibration upload's ``target_version`` once acknowledged (None: it was lost).
         self.on_calibration_done = on_calibration_done
+        #: Called with the newest version a status read or an acknowledgement names (unsigned: a hint only).
+        self.on_cloud_version = on_cloud_version
         self.calibrations: collections.Counter[str] = collections.Counter()
         self.status_errors = 0
         self.status_due = client is not None  # read the status before calibrating (at start, on a new generation)
@@ -91,6 +94,7 @@ class GenerationTracker(UplinkListener):
                 continue
             self.status_due = False
             self.observe(status.generation, status.calibrated, "status")
+            self._cloud_version(status.version)
             return True
 
     def observe(self, generation: int, calibrated: bool | None, source: str) -> None:
@@ -119,6 +123,11 @@ class GenerationTracker(UplinkListener):
             if self.on_new_generation is not None:
                 self.on_new_generation(generation)
 
+    def calibrations_snapshot(self) -> dict[str, int]:
+        """Calibration batches queued so far, by reason (a copy taken under the lock)."""
+        with self._lock:
+            return dict(self.calibrations)
+
     def begin_batch(self) -> tuple[str, int]:
         """For the edge batch about to be selected: ``("start", generation)`` when it goes up whole as the
         deployment's calibration batch (counted; one in flight at a time), else ``("", generation)``. The
@@ -143,6 +152,7 @@ class GenerationTracker(UplinkListener):
     # ---- UplinkListener (the uplink thread) ----------------------------------------------------------------
     def on_upload_ack(self, batch: SampleBatch, ack: UploadAck) -> None:
         self.observe(ack.generation, ack.calibrated, "an upload acknowledgement")
+        self._cloud_version(ack.version)
         if batch.kind == KIND_CALIBRATION:
             with self._lock:
                 self._calibrating = False
@@ -153,9 +163,20 @@ class GenerationTracker(UplinkListener):
 
     def on_batch_ack(self, report: BatchReport, ack: BatchAck) -> None:
         self.observe(ack.generation, ack.calibrated, "a batch report acknowledgement")
+        self._cloud_version(ack.version)
 
     def on_stale_generation(self, exc: StaleGenerationError) -> None:
         self.observe(exc.current.generation, exc.current.calibrated, "a 409 answer")
+        self._cloud_version(exc.current.version)
+
+    def _cloud_version(self, version: int) -> None:
+        if self.on_cloud_version is not None:
+            self.on_cloud_version(version)
+
+    def on_restored(self, kind: str, calibration: str) -> None:
+        if kind == KIND_CALIBRATION:  # a calibration batch spooled by the last run goes first: it is the one
+            with self._lock:
+                self._calibrating = True
 
     def on_dropped(self, kind: str, calibration: str) -> None:
         if kind == KIND_CALIBRATION:

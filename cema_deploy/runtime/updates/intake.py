@@ -1,11 +1,15 @@
-"""Blob intake on the edge: poll -> verify -> parse -> validate -> refit scheduler, and the refusal ledger.
+"""Blob intake on the edge: poll -> verify -> parse -> validate -> refit scheduler.
 
-The poller thread long-polls the cloud for a version above everything this edge serves, has submitted, rolled
-back or refused; each blob's signature is checked on the raw bytes before parsing (``verifier``), and without a
-verifier a blob from a cloud that is not on a loopback address is refused unless unsigned blobs are allowed
-(every unsigned blob applied is counted and warned about once). Valid blobs go to the refit scheduler
+The poller thread long-polls the cloud for a version above the ledger's floor
+(:class:`~cema_deploy.runtime.updates.ledger.VersionLedger`: the one owner of the epoch, refusals and rollbacks);
+each blob's signature is checked on the raw bytes before parsing (``verifier``), and without a verifier a blob
+from a cloud that is not on a loopback address is refused unless unsigned blobs are allowed (every unsigned blob
+applied is counted and warned about once). Valid blobs go to the refit scheduler
 (``runtime.updates.scheduler.RefitScheduler``: builds the newest off the serving path, coalescing older ones).
-A refusal is counted by reason, logged, reported to the cloud as an ``EdgeReport`` and never fetched again.
+A refusal is counted by reason, logged and reported to the cloud as an ``EdgeReport``; the ledger remembers it
+(never fetched again) only when the blob's own, verified metadata named its version. An answer that cannot be
+verified is never remembered: the poller backs off (0.5 s doubling to 30 s) and asks again, so a forged answer
+costs at most that delay and a correctly signed blob served afterwards is applied.
 Never imports torch.
 """
 
@@ -31,9 +35,11 @@ from cema_deploy.exceptions import (
     RefitError,
     SignatureError,
     StaleBlobError,
+    StaleEpochError,
     UplinkError,
 )
 from cema_deploy.runtime.link.client import CloudLink
+from cema_deploy.runtime.updates.ledger import Stamp, VersionLedger, previous_stamp, serving_stamp
 from cema_deploy.runtime.updates.scheduler import RefitOutcome, RefitScheduler
 
 __all__ = ["REFUSAL_REASONS", "BlobIntake"]
@@ -44,6 +50,7 @@ log = logging.getLogger("cema_deploy.edge")
 REFUSAL_REASONS: tuple[tuple[type[CemaError], str], ...] = (
     (SignatureError, "signature"),
     (FingerprintMismatchError, "fingerprint"),
+    (StaleEpochError, "stale epoch"),
     (StaleBlobError, "stale"),
     (BlobSchemaError, "schema"),
     (BlobValueError, "value"),
@@ -71,7 +78,7 @@ class _SwapGuard:
 
 
 class BlobIntake:
-    """Fetches, checks and schedules blobs; keeps the ledger of refused versions.
+    """Fetches, checks and schedules blobs; the :class:`VersionLedger` (``ledger``) records what they did.
 
     ``report(EdgeReport)`` sends refusals to the cloud (the runtime passes the uplink's); ``on_applied(version)``
     runs after a refit swapped in (the rollback monitor judges it); ``on_changed()`` after anything the durable
@@ -88,6 +95,7 @@ class BlobIntake:
         require_signature: bool,
         swap_lock: threading.Lock,
         poll_wait_s: float,
+        ledger: VersionLedger | None = None,
         min_refit_interval_s: float = 0.0,
         report: Callable[[EdgeReport], None] | None = None,
         on_applied: Callable[[int], None] | None = None,
@@ -97,14 +105,13 @@ class BlobIntake:
         self.backend, self.manifest, self.client, self.verifier = backend, manifest, client, verifier
         self.require_signature, self.swap_lock, self.poll_wait_s = require_signature, swap_lock, poll_wait_s
         self.report, self.on_applied, self.on_changed, self.before_poll = report, on_applied, on_changed, before_poll
-        self.refused: collections.Counter[str] = collections.Counter()
-        self.refused_versions: dict[int, str] = {}
-        self.refused_upto = 0  # versions <= this are never applied (rolled back, or refused when fetched)
+        self.ledger = ledger if ledger is not None else VersionLedger(lambda: serving_stamp(backend))
         self.blobs_applied = self.unsigned_applied = self.poll_errors = self.bytes_received = 0
         self.last_blob_at: float | None = None
-        self.submitted_upto = 0
-        self.blob_bytes: dict[int, bytes] = {}  # raw bytes of the serving and previous versions (for the state)
+        #: raw bytes of the serving and previous parameters, by (epoch, version) (for the state folder)
+        self.blob_bytes: dict[Stamp, bytes] = {}
         self._warned_unsigned = False
+        self._reported_unverified: int | None = None  # the announced version last reported unverifiable
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.scheduler = RefitScheduler(
@@ -122,27 +129,43 @@ class BlobIntake:
 
     @property
     def floor(self) -> int:
-        """Every version up to this one is served, submitted, rolled back or refused: ask for newer ones."""
-        return max(int(self.backend.version), self.refused_upto, self.submitted_upto)
+        """Every version of the followed epoch up to this one is served, submitted, rolled back or refused."""
+        return self.ledger.floor
+
+    @property
+    def refused(self) -> collections.Counter[str]:
+        """Refusals since start, by reason (a copy)."""
+        return collections.Counter(self.ledger.snapshot().refusals)
+
+    @property
+    def refused_upto(self) -> int:
+        return self.ledger.refused_upto
+
+    @property
+    def refused_versions(self) -> dict[int, str]:
+        """Refused versions of the followed epoch, with their reasons (a copy)."""
+        return self.ledger.snapshot().refused
 
     def apply_bytes(self, data: bytes, *, source: str, timeout: float) -> bool:
         """Check ``data`` and refit now, blocking until that refit is done; True when it serves."""
         blob = self.admit(data, source, announced=None)
         if blob is None:
             return False
-        self.submit(blob)
+        self.scheduler.submit(blob)
         deadline = time.monotonic() + timeout
         self.scheduler.wait_idle(timeout)
-        while self.backend.version < blob.version and blob.version not in self.refused_versions:
+        while not self.ledger.settled(blob.stamp):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.002)
-        return bool(self.backend.version == blob.version)
+        return bool(serving_stamp(self.backend) == blob.stamp)
 
-    def admit(self, data: bytes, source: str, *, announced: int | None) -> RefitBlob | None:
-        """Signature, parsing and validation of received bytes; the blob, or None when refused (counted,
-        logged, reported)."""
-        version = announced or 0
+    def admit(self, data: bytes, source: str, *, announced: int | None, probe: bool = False) -> RefitBlob | None:
+        """Signature, parsing, ordering and validation of received bytes; the blob (claimed in the ledger: submit
+        it), or None when refused (counted, logged, reported; remembered only when its metadata is trusted).
+        ``probe``: an answer to a probe from version 0, for which a blob of the followed epoch at or below the
+        floor is no news rather than a refusal."""
+        stamp: Stamp | None = None  # known once the metadata can be trusted
         try:
             if self.verifier is not None:
                 self.verifier(data)
@@ -153,41 +176,50 @@ class BlobIntake:
                     "this network."
                 )
             blob = blob_from_bytes(data, source=source)
-            version = blob.version
-            if blob.version <= self.floor:
-                raise StaleBlobError(
-                    f"Blob version {blob.version} is not above version {self.floor}, which this edge serves, built, "
-                    "rolled back or refused; not applying it. The cloud must publish a newer version."
-                )
+            stamp = blob.stamp
+            self.ledger.check_epoch(blob)
             validate_blob(blob, self.manifest)
+            self.ledger.admit(blob, source=source)
+        except StaleBlobError as exc:
+            if probe and not isinstance(exc, StaleEpochError):
+                log.debug("probe from v0 answered with %s: nothing newer", source)
+                return None
+            self.refuse(stamp, exc, source, announced=announced)
+            return None
         except CemaError as exc:
-            self.refuse(version, exc, source)
+            self.refuse(stamp, exc, source, announced=announced)
             return None
         if self.verifier is None and not self._warned_unsigned:
             self._warned_unsigned = True
             log.warning("applying UNSIGNED blobs (%s): whoever answers for that address can change this model; "
                         "give the edge the cloud's public key (--public-key)", source)  # fmt: skip
         with self._lock:
-            self.blob_bytes[blob.version] = data
+            self.blob_bytes[blob.stamp] = data
         return blob
 
     def submit(self, blob: RefitBlob) -> None:
-        with self.swap_lock:
-            self.submitted_upto = max(self.submitted_upto, blob.version)
+        """Hand an admitted blob to the refit scheduler."""
         self.scheduler.submit(blob)
 
-    def refuse(self, version: int, exc: CemaError, source: str) -> None:
+    def refuse(self, stamp: Stamp | None, exc: CemaError, source: str, *, announced: int | None = None) -> None:
+        """Count, log and report a refusal; ``stamp`` is the blob's own (epoch, version) when its metadata can be
+        trusted, None otherwise (never remembered)."""
         reason = next((name for kind, name in REFUSAL_REASONS if isinstance(exc, kind)), "other")
-        with self.swap_lock:
-            self.refused_upto = max(self.refused_upto, version)  # never fetched or applied again
-        with self._lock:
-            self.refused[reason] += 1
-            if version > 0:
-                self.refused_versions[version] = reason
-        log.warning("refused %s (%s): %s", source, reason, exc)
+        remembered = self.ledger.refused(stamp, reason)
+        if stamp is None:
+            log.warning("refused %s (%s): %s; an unverifiable answer: not remembered, polling again after a back-off",
+                        source, reason, exc)  # fmt: skip
+            version = announced or 0
+            if version == self._reported_unverified:
+                version = 0  # reported once per announced version: a repeated forgery is not re-reported
+            else:
+                self._reported_unverified = version
+        else:
+            log.warning("refused %s (%s): %s", source, reason, exc)
+            version = stamp[1] if stamp[0] == self.ledger.epoch else 0
         if self.report is not None and version > 0:
             self.report(EdgeReport(kind="refused", version=version, reason=f"{reason}: {exc}"))
-        if self.on_changed is not None:
+        if remembered and self.on_changed is not None:
             self.on_changed()
 
     def close(self) -> None:
@@ -202,31 +234,25 @@ class BlobIntake:
 
     def _on_done(self, outcome: RefitOutcome) -> None:
         """RefitScheduler callback (its thread)."""
+        stamp = (outcome.epoch, outcome.version)
         if outcome.applied:
             with self._lock:
                 self.blobs_applied += 1
                 self.last_blob_at = time.monotonic()
                 self.unsigned_applied += self.verifier is None
-                keep = {outcome.version, *self._previous_versions()}
-                for v in [v for v in self.blob_bytes if v not in keep and v < outcome.version]:
-                    del self.blob_bytes[v]
-            log.info("now serving parameters v%d", outcome.version)
+                keep = {stamp, previous_stamp(self.backend)}
+                for s in [s for s in self.blob_bytes if s not in keep and s < stamp]:
+                    del self.blob_bytes[s]
+            log.info("now serving parameters v%d%s", outcome.version, f" (epoch {outcome.epoch})" * bool(outcome.epoch))
             if self.on_applied is not None:
                 self.on_applied(outcome.version)
             if self.on_changed is not None:
                 self.on_changed()
         elif outcome.error is not None:
             with self._lock:
-                self.blob_bytes.pop(outcome.version, None)
+                self.blob_bytes.pop(stamp, None)
             error = outcome.error if isinstance(outcome.error, CemaError) else RefitError(repr(outcome.error))
-            self.refuse(outcome.version, error, f"blob v{outcome.version}")
-
-    def _previous_versions(self) -> set[int]:
-        prev = getattr(self.backend, "previous_version", None)
-        if prev is None:
-            state = getattr(self.backend, "_previous", None)
-            prev = state.version if state is not None else None
-        return {int(prev)} if prev is not None else set()
+            self.refuse(stamp, error, f"blob v{outcome.version}")
 
     def _poll_loop(self) -> None:
         client = self.client
@@ -235,30 +261,28 @@ class BlobIntake:
         while not self._stop.is_set():
             if self.before_poll is not None:
                 self.before_poll()
-            after = self.floor
+            probe = self.ledger.take_probe()  # the cloud says it is behind the floor: a new cloud state?
+            after = 0 if probe else self.floor
             t0 = time.monotonic()
             try:
-                found = client.fetch_blob(after=after, wait=self.poll_wait_s)
+                found = client.fetch_blob(after=after, wait=0.0 if probe else self.poll_wait_s)
                 if found is None:
                     delay = _POLL_BACKOFF_BASE_S
                     self._stop.wait(max(0.0, _MIN_POLL_INTERVAL_S - (time.monotonic() - t0)))  # never spin
                     continue
                 if self._stop.is_set():
                     return  # closed while the poll was in flight: apply nothing any more
-                version, data = found
+                announced, data = found  # the header's version: unauthenticated, only named in logs and reports
                 self.bytes_received += len(data)
                 where = getattr(client, "base_url", "the cloud")
-                blob = self.admit(data, f"blob v{version} from {where}", announced=version)
-                if blob is None:
-                    with self.swap_lock:
-                        self.refused_upto = max(self.refused_upto, version)  # do not fetch it again
-                else:
+                floor = self.floor
+                blob = self.admit(data, f"blob v{announced} from {where}", announced=announced, probe=probe)
+                if blob is not None:
                     self.submit(blob)
-                if self.floor > after:
+                if blob is not None or probe or self.floor > floor:
                     delay = _POLL_BACKOFF_BASE_S
                     continue
-                # The cloud answered with nothing newer than asked for: treat as an error, do not spin.
-                log.warning("the cloud sent blob v%d when asked for a version above %d", version, after)
+                # Nothing this edge may remember (unverifiable, another epoch) or nothing newer: back off.
             except UplinkError as exc:
                 self.poll_errors += 1
                 log.debug("blob poll failed: %s", exc)

@@ -46,6 +46,7 @@ class RefitOutcome:
     applied: bool
     error: BaseException | None = None
     report: RefitReport | None = None
+    epoch: int = 0  # the blob's epoch: (epoch, version) names it
 
 
 class RefitScheduler:
@@ -81,14 +82,14 @@ class RefitScheduler:
         self._worker.start()
 
     def submit(self, blob: RefitBlob) -> None:
-        """Hand ``blob`` to the worker and return at once. A waiting blob of a lower (or equal) version is
+        """Hand ``blob`` to the worker and return at once. A waiting blob of a lower (or equal) ``(epoch, version)`` is
         replaced by it; a blob older than the one waiting is dropped. Both count as coalesced."""
         with self._cond:
             if self._closed:
                 raise RefitError(f"RefitScheduler.submit(v{blob.version}) after close(): make a new scheduler.")
             self.submitted += 1
             dropped: RefitBlob | None = None
-            if self._pending is not None and self._pending.version > blob.version:
+            if self._pending is not None and self._pending.stamp > blob.stamp:  # (epoch, version)
                 dropped = blob
             else:
                 dropped, self._pending = self._pending, blob
@@ -169,15 +170,15 @@ class RefitScheduler:
                 self.coalesced += 1
             self._cond.notify_all()
         if dropped is not None:
-            self._report(RefitOutcome(version=dropped.version, applied=False))
+            self._report(RefitOutcome(version=dropped.version, applied=False, epoch=dropped.epoch))
 
     def _apply(self, blob: RefitBlob) -> RefitOutcome:
         try:
             report = self.backend.refit(blob)
         except Exception as exc:  # a refused or failed blob: the old parameters keep serving
             log.warning("refit to v%d not applied: %s", blob.version, exc)
-            return RefitOutcome(version=blob.version, applied=False, error=exc)
-        return RefitOutcome(version=blob.version, applied=True, report=report)
+            return RefitOutcome(version=blob.version, applied=False, error=exc, epoch=blob.epoch)
+        return RefitOutcome(version=blob.version, applied=True, report=report, epoch=blob.epoch)
 
     def _report(self, outcome: RefitOutcome) -> None:
         if self.on_done is None:

@@ -1,8 +1,10 @@
 """The edge's durable state (``edge run --state DIR``): what a restart needs to continue where the edge was.
 
 ``DIR/edge-state.json`` holds the selector's state (warm-up mean, running counters, redundancy average), the
-versions this edge refused or rolled back (with reasons) and the bound ``refused_upto``, the deployment
-generation and whether it was calibrated, and the name of the serving blob, ``DIR/serving-v{N}.safetensors``:
+cloud epoch this edge follows and the versions of it that this edge refused or rolled back (with reasons) and the
+bound ``refused_upto`` (only verified versions: see :mod:`cema_deploy.runtime.updates.ledger`), the deployment
+generation and whether it was calibrated, and the name of the serving blob, ``DIR/serving-v{N}.safetensors``
+(``serving-e{epoch}-v{N}.safetensors`` for a blob of a cloud with epochs):
 the raw bytes as received (a signed blob stays signed, so a restart verifies it again). Every file is written to
 a temporary name, fsynced and renamed, the blob before the JSON that names it, so a crash at any point leaves the
 old state or the new one, never a mix. ``DIR/spool/`` is the upload spool (:mod:`cema_deploy.runtime.link.spool`).
@@ -38,7 +40,9 @@ class EdgeState:
     generation: int = 0
     calibrated: bool | None = None
     serving_version: int = 0
+    serving_epoch: int = 0  # the serving blob's epoch
     serving_blob: str = ""  # file name in the state folder ("" at version 0: the export's own parameters)
+    epoch: int = 0  # the cloud epoch followed: refused_upto, refused and rolled_back are versions of it
     refused_upto: int = 0
     refused: dict[str, str] = field(default_factory=dict)  # version -> reason (refused when received)
     rolled_back: dict[str, str] = field(default_factory=dict)  # version -> reason
@@ -100,7 +104,8 @@ class EdgeStateStore:
     def save(self, state: EdgeState, blob: bytes | None) -> None:
         """Write ``state`` (and the serving blob's bytes, when not written yet) atomically; delete older blobs."""
         if blob is not None and state.serving_version > 0:
-            state.serving_blob = f"serving-v{state.serving_version:08d}.safetensors"
+            epoch = f"e{state.serving_epoch}-" if state.serving_epoch else ""  # (epoch, version) names a blob
+            state.serving_blob = f"serving-{epoch}v{state.serving_version:08d}.safetensors"
             target = self.directory / state.serving_blob
             if not target.exists():
                 write_atomic(target, blob)
@@ -108,6 +113,6 @@ class EdgeStateStore:
             state.serving_blob = ""
         write_atomic(self.directory / STATE_FILE, json.dumps({"format": STATE_FORMAT, **asdict(state)}).encode())
         self.saves += 1
-        for p in self.directory.glob("serving-v*.safetensors"):
+        for p in self.directory.glob("serving-*.safetensors"):
             if p.name != state.serving_blob:
                 p.unlink(missing_ok=True)

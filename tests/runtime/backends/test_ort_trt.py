@@ -83,3 +83,25 @@ def test_without_the_tensorrt_ep_the_backend_says_what_to_install(export, tmp_pa
     with pytest.raises(BackendUnavailableError, match="TensorrtExecutionProvider is not available"):
         get_backend("ort-trt", out, max_batch=8, precision="fp16", intra_op_threads=1, cache_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # no engine folders for an EP that is not here
+
+
+def test_engine_dirs_stay_bounded_over_many_refits(export, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    from cema_deploy.runtime.backends.onnxrt import PROVIDERS
+    from cema_deploy.runtime.backends.ort_trt import KEEP_ENGINE_DIRS, OrtTrtBackend
+
+    _, manifest, tensors = export
+    # the provider options a refit asks for, as on a machine with the TensorRT EP (no session is built here)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(PROVIDERS["ort-trt"]))
+    be = OrtTrtBackend.__new__(OrtTrtBackend)
+    be.manifest, be.max_batch, be.precision, be.cache_root, be.engine_dirs = manifest, 8, "fp32", tmp_path, []
+    name = manifest.refittable[0].name
+    for i in range(6):  # six refits, each with new weights
+        be._provider_options({**tensors, name: tensors[name] + np.float32(i)})
+    assert len(be.engine_dirs) == KEEP_ENGINE_DIRS and all(d.is_dir() for d in be.engine_dirs)
+    on_disk = sorted(d for d in be.engine_dirs[-1].parent.iterdir() if d.is_dir())
+    assert on_disk == sorted(be.engine_dirs)  # the list names exactly the folders kept
+    d4, d5 = be.engine_dirs
+    be._provider_options({**tensors, name: tensors[name] + np.float32(4)})  # the rollback target's weights again
+    assert be.engine_dirs == [d5, d4]  # listed once, most recent last
