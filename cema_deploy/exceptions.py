@@ -10,6 +10,7 @@ safetensors, torch or httpx are re-raised as one of these with ``raise ... from 
     ├── MissingExtraError          an optional dependency (extra) is not installed
     ├── ContractError              the manifest / refit-blob contract between edge and cloud
     │   ├── ManifestError          manifest.json missing, unreadable or inconsistent
+    │   │   └── ExportIntegrityError   the export's files disagree with its manifest or fingerprint
     │   ├── ProtocolError          an edge-cloud message (JSON body, header) that does not follow the protocol
     │   │   └── ProtocolMismatchError  the other side speaks another protocol version
     │   └── BlobError              a refit blob that must not be applied
@@ -53,6 +54,11 @@ class ContractError(CemaError):
 
 class ManifestError(ContractError):
     """A manifest is missing, unreadable or inconsistent with its model."""
+
+
+class ExportIntegrityError(ManifestError):
+    """An export folder's files disagree with its manifest: ``model.onnx`` does not hash to the recorded
+    fingerprint (truncated, replaced, or ``manifest.json`` hand-edited), or a file's size or hash differs."""
 
 
 class ProtocolError(ContractError):

@@ -30,6 +30,13 @@ def export_cmd(
             help="Also write reference_folded.onnx (BN folded, as a plain deployment) for `cema-deploy bench`."
         ),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an export in OUT of another model or fingerprint (by default only the same "
+            "fingerprint is replaced)."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Export MODEL to OUT/model.onnx with refittable normalization parameters.
@@ -38,6 +45,10 @@ def export_cmd(
     spec, refittable parameters) and params.safetensors (refit blob version 0), then verifies the export:
     ONNX checker, an ONNX Runtime CPU session and logits parity with PyTorch (max abs diff <= 1e-4).
     Random weights unless --weights or --pretrained is given.
+
+    The files are written into a hidden folder next to OUT and renamed onto OUT only when every check passed:
+    a failed or interrupted export leaves no OUT behind. An existing export in OUT is replaced only when it has
+    the same fingerprint (same model, weights and options), or with --force.
     """
     from cema_deploy.export.to_onnx import export_timm
 
@@ -52,6 +63,7 @@ def export_cmd(
             batch=batch,
             opset=opset,
             folded_reference=folded_reference,
+            force=force,
             on_step=on_step,
         )
     m = result.manifest

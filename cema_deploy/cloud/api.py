@@ -27,6 +27,7 @@ from cema_deploy import __version__
 from cema_deploy._prometheus import Exposition, Labels, number
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine
 from cema_deploy.cloud.errors import Refused
+from cema_deploy.cloud.openapi import declare_protocol_header
 from cema_deploy.cloud.state import Grant, TokenTable
 from cema_deploy.contract import protocol
 from cema_deploy.contract.messages import BatchReport, EdgeReport
@@ -335,6 +336,7 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
                 m["counters"][what] = polls[m["fingerprint"], what]
         return PlainTextResponse(prometheus_text(rows, dict(refused)), media_type=protocol.METRICS_MEDIA_TYPE)
 
+    declare_protocol_header(app)  # the middleware's header, listed in /openapi.json
     return app
 
 

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from cema_deploy._atomic import PUBLIC_FILE_MODE, write_atomic
+from cema_deploy.contract.fingerprint import FINGERPRINT_SCHEME, GraphSummary, summarize_graph
 from cema_deploy.contract.names import NORM_KINDS
-from cema_deploy.exceptions import ManifestError
+from cema_deploy.contract.onnx_wire import WireError
+from cema_deploy.exceptions import ExportIntegrityError, ManifestError
 
-#: Manifest format identifier; bumped on incompatible changes.
-MANIFEST_FORMAT = "cema-manifest/1"
+#: Manifest format identifier; bumped on incompatible changes. 2: the fingerprint binds the manifest's
+#: preprocessing, class count and model constructor arguments (``model_args``); the export records every file's
+#: size and SHA-256 (``files``).
+MANIFEST_FORMAT = "cema-manifest/2"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 PARAMS_FILE = "params.safetensors"
@@ -62,6 +66,15 @@ class Preprocess:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExportFile:
+    """One file of the export folder besides ``manifest.json``: its name, size and SHA-256 (hex)."""
+
+    name: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything that joins an exported model, the edge runtime and the cloud.
 
@@ -84,6 +97,12 @@ class Manifest:
     producer: str = ""
     format: str = MANIFEST_FORMAT
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The keyword arguments ``timm.create_model`` was called with (e.g. ``img_size``, ``num_classes``): the
+    #: cloud rebuilds its replica of the edge model with them. Bound into the fingerprint.
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    #: Every file of the export folder but this manifest, with its size and hash (``cema-deploy inspect`` checks
+    #: them; a load checks the sizes).
+    files: tuple[ExportFile, ...] = ()
 
     def __post_init__(self) -> None:
         problems = _problems(self)
@@ -110,6 +129,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["extra"] = dict(self.extra)
+        d["model_args"] = dict(self.model_args)
         return d
 
     def to_json(self) -> str:
@@ -126,6 +146,13 @@ class Manifest:
         if not isinstance(data, Mapping):
             raise ManifestError(f"Manifest must be a JSON object, got {type(data).__name__}.")
         fmt = data.get("format")
+        if fmt == "cema-manifest/1":
+            raise ManifestError(
+                "This export was made by an older cema-deploy (manifest format 'cema-manifest/1'), whose "
+                f"fingerprint does not bind the preprocessing and class count ({FINGERPRINT_SCHEME} does); "
+                "export the model again with this version (its fingerprint changes, so edges and the cloud "
+                "move to the new export together)."
+            )
         if fmt != MANIFEST_FORMAT:
             raise ManifestError(
                 f"Manifest format {fmt!r} is not supported (expected {MANIFEST_FORMAT!r}); "
@@ -163,13 +190,20 @@ class Manifest:
                 producer=str(data.get("producer", "")),
                 format=MANIFEST_FORMAT,
                 extra=dict(data.get("extra", {})),
+                model_args=dict(data.get("model_args", {})),
+                files=tuple(
+                    ExportFile(name=str(f["name"]), bytes=int(f["bytes"]), sha256=str(f["sha256"]))
+                    for f in data.get("files", [])
+                ),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ManifestError(f"Manifest is missing or has a malformed field ({exc!r:.300}); export again.") from exc
 
 
-def manifest_from_dir(directory: str | os.PathLike[str]) -> Manifest:
-    """Read ``DIR/manifest.json`` written by ``cema-deploy export``.
+def manifest_from_dir(directory: str | os.PathLike[str], *, verify: bool = True) -> Manifest:
+    """Read ``DIR/manifest.json`` written by ``cema-deploy export`` and, unless ``verify`` is False, check it
+    against the folder: every recorded file has its recorded size, and ``model.onnx`` re-hashes to the recorded
+    fingerprint (:func:`check_graph`). Raises :class:`ExportIntegrityError` when they disagree.
 
     Example:
         >>> manifest_from_dir("out/r50").num_classes  # doctest: +SKIP
@@ -187,7 +221,78 @@ def manifest_from_dir(directory: str | os.PathLike[str]) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ManifestError(f"Cannot read {path}: {exc!s:.300}. Export the model again.") from exc
-    return Manifest.from_dict(data)
+    manifest = Manifest.from_dict(data)
+    if verify:
+        check_file_sizes(directory, manifest)
+        check_graph(directory, manifest)
+    return manifest
+
+
+def binding(manifest: Manifest) -> dict[str, Any]:
+    """The manifest fields the fingerprint binds: what the edge and the cloud act on besides the graph."""
+    pre = manifest.preprocess
+    return {
+        "model_name": manifest.model_name,
+        "model_args": dict(manifest.model_args),
+        "num_classes": manifest.num_classes,
+        "input": {"name": manifest.input.name, "shape": list(manifest.input.shape), "dtype": manifest.input.dtype},
+        "output_name": manifest.output_name,
+        "preprocess": {
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "size": list(pre.size),
+            "interpolation": pre.interpolation,
+            "crop_pct": pre.crop_pct,
+        },
+        "refittable": [[p.name, list(p.shape), p.dtype, p.layer_type] for p in manifest.refittable],
+        "opset": manifest.opset,
+    }
+
+
+def graph_summary(model_path: str | os.PathLike[str], manifest: Manifest) -> GraphSummary:
+    """Read and hash ``model_path`` with ``manifest``'s binding. A file that is not a whole ONNX model (e.g.
+    truncated) raises :class:`ExportIntegrityError`."""
+    path = Path(model_path)
+    try:
+        data = path.read_bytes()
+        return summarize_graph(
+            data, base_dir=path.parent, refittable=[p.name for p in manifest.refittable], binding=binding(manifest)
+        )
+    except (OSError, WireError, UnicodeDecodeError, ValueError) as exc:
+        raise ExportIntegrityError(
+            f"{path} is not a readable ONNX model ({exc!s:.200}): it may be truncated or replaced. "
+            "Export the model again with `cema-deploy export` (or restore the folder)."
+        ) from exc
+
+
+def check_graph(directory: str | os.PathLike[str], manifest: Manifest) -> GraphSummary:
+    """Re-hash ``DIR/model.onnx`` with the manifest's binding and compare with the recorded fingerprint.
+
+    Costs one read of the model file and one SHA-256 over it (numpy-free, torch-free).
+    """
+    model_path = Path(directory) / manifest.model_file
+    summary = graph_summary(model_path, manifest)
+    if summary.fingerprint != manifest.fingerprint:
+        raise ExportIntegrityError(
+            f"{model_path} and {Path(directory) / MANIFEST_FILE} hash to fingerprint {summary.fingerprint!r}, "
+            f"but the manifest records {manifest.fingerprint!r}: the folder was changed after export (a replaced "
+            "model.onnx, or a hand-edited manifest.json: num_classes, preprocessing, input, refittable list, "
+            "model arguments). Export the model again with `cema-deploy export` (or restore the original files)."
+        )
+    return summary
+
+
+def check_file_sizes(directory: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Every file the manifest records exists with its recorded size (a cheap check for truncation)."""
+    for f in manifest.files:
+        path = Path(directory) / f.name
+        size = path.stat().st_size if path.is_file() else None
+        if size != f.bytes:
+            seen = "is missing" if size is None else f"has {size:,} bytes"
+            raise ExportIntegrityError(
+                f"{path} {seen}; the manifest records {f.bytes:,} bytes. The folder is incomplete or was changed "
+                "after export: export the model again with `cema-deploy export` (or restore the file)."
+            )
 
 
 def _is_plain_json(value: Any, depth: int = 0) -> bool:
@@ -213,6 +318,13 @@ def _problems(m: Manifest) -> list[str]:
     out: list[str] = []
     if not _is_plain_json(m.extra):
         out.append("extra is not a JSON object of string keys, strings, finite numbers, booleans, null and lists")
+    if not _is_plain_json(m.model_args):
+        out.append("model_args is not a JSON object of string keys, strings, finite numbers, booleans, null and lists")
+    for f in m.files:
+        if Path(f.name).name != f.name or f.name in ("", ".", "..", MANIFEST_FILE):
+            out.append(f"file name {f.name!r} is not a plain file name of the export folder")
+        if f.bytes < 0 or len(f.sha256) != 64 or not all(c in "0123456789abcdef" for c in f.sha256):
+            out.append(f"file {f.name!r} has size {f.bytes} or SHA-256 {f.sha256!r:.80}")
     if not m.fingerprint or not all(c in "0123456789abcdef" for c in m.fingerprint):
         out.append(f"fingerprint {m.fingerprint!r} is not a lowercase hex digest")
     if m.num_classes < 1:

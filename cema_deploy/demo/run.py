@@ -413,7 +413,7 @@ def run_demo(
     edge_model = load_model(edge_tm.name, edge_tm.checkpoint)
     on_step(f"export {edge_tm.name} to a refittable ONNX model")
     edge_dir = out_dir / "edge-model"
-    export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
+    export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1], force=True)  # its own folder
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     results: dict[str, Any] = {
         "protocol": cfg.protocol,

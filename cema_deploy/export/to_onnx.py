@@ -8,10 +8,12 @@ de-duplicated, so an engine can take new values later without a rebuild (FACTS.m
 from __future__ import annotations
 
 import difflib
+import hashlib
 import io
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,17 +25,20 @@ from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.blob import RefitBlob, save_blob
 from cema_deploy.contract.manifest import (
     FOLDED_FILE,
+    MANIFEST_FILE,
     MODEL_FILE,
     PARAMS_FILE,
+    ExportFile,
     InputSpec,
     Manifest,
     Preprocess,
     RefittableParam,
+    graph_summary,
 )
 from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout, write_norms_file
 from cema_deploy.exceptions import ExportError, ModelError
-from cema_deploy.export.fingerprint import fingerprint_from_model
 from cema_deploy.export.norms import collect_norm_params
+from cema_deploy.export.target import check_target, discard, publish, work_dir_for
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -69,16 +74,31 @@ def create_timm_model(
     img_size: int | None = None,
 ) -> Any:
     """``timm.create_model`` in eval mode with local weights; never downloads unless ``pretrained``."""
+    model, _ = build_timm_model(
+        model_name,
+        weights=weights,
+        pretrained=pretrained,
+        model_args={"num_classes": num_classes, "img_size": img_size},
+    )
+    return model
+
+
+def build_timm_model(
+    model_name: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
+    model_args: Mapping[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The model and the keyword arguments ``timm.create_model`` took (what the manifest records as
+    ``model_args``, so the cloud can build the same model). ``None`` values are dropped; ``img_size`` is dropped
+    for models whose constructor has none (CNNs run at any size; the size then only sets the export's input).
+    """
     timm = lazy_import("timm", extra="export", purpose="cema-deploy export")
-    if model_name not in timm.list_models():
-        close = difflib.get_close_matches(model_name, timm.list_models(), n=5)
-        raise ModelError(
-            f"Unknown timm model {model_name!r}."
-            + (f" Did you mean: {', '.join(close)}?" if close else "")
-            + " See `python -c \"import timm; print(timm.list_models('resnet*'))\"`."
-        )
-    kwargs: dict[str, Any] = {"num_classes": num_classes, "img_size": img_size}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # None options never reach constructors
+    names = timm.list_models()
+    if model_name not in names:
+        raise ModelError(unknown_model_message(model_name, names))
+    kwargs = {k: v for k, v in (model_args or {}).items() if v is not None}  # None never reaches constructors
     try:
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
@@ -96,7 +116,21 @@ def create_timm_model(
         raise ModelError(f"timm could not build {model_name!r}: {exc}") from exc
     if weights is not None:
         load_weights(model, weights)
-    return model.eval()
+    return model.eval(), kwargs
+
+
+def unknown_model_message(model_name: str, names: list[str]) -> str:
+    """What an unknown name is closest to: names that start with it or look like it, and its family's pattern."""
+    lowered = model_name.lower()
+    starts = [n for n in names if n.startswith(lowered)][:5]
+    close = starts or difflib.get_close_matches(lowered, names, n=5, cutoff=0.6)
+    family = re.match(r"[a-z]+", lowered)
+    pattern = f"{family.group(0)}*" if family and any(n.startswith(family.group(0)) for n in names) else "*"
+    return (
+        f"Unknown timm model {model_name!r}."
+        + (f" Did you mean: {', '.join(close)}?" if close else "")
+        + f" See `python -c \"import timm; print(timm.list_models('{pattern}'))\"`."
+    )
 
 
 def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
@@ -147,8 +181,10 @@ def export_timm(
     batch: int | None = None,
     opset: int = DEFAULT_OPSET,
     model: Any = None,
+    model_args: Mapping[str, Any] | None = None,
     atol: float = 1e-4,
     folded_reference: bool = False,
+    force: bool = False,
     on_step: StepCallback | None = None,
 ) -> ExportResult:
     """Export a timm model (by name, or ``model`` if given) into ``out_dir`` and verify it.
@@ -158,29 +194,76 @@ def export_timm(
     ``folded_reference`` also writes ``reference_folded.onnx``: the same weights exported the way a plain
     deployment would (BatchNorm folded into Conv, not refittable), which ``cema-deploy bench`` compares against.
 
+    Everything is written into a hidden work folder next to ``out_dir`` and renamed onto it only after every
+    check passed, so a failed export leaves no folder behind (:mod:`cema_deploy.export.target`). An existing
+    export in ``out_dir`` is replaced only when it has the same fingerprint, or with ``force``.
+
+    ``model_args`` are the keyword arguments ``model`` was built with by ``timm.create_model`` (recorded in the
+    manifest so the cloud builds the same model; a given ``model`` without them records only its class count).
+
     Example:
         >>> result = export_timm("resnet18", "out/r18")  # doctest: +SKIP
         >>> result.manifest.fingerprint[:12]  # doctest: +SKIP
     """
-    from cema_deploy.export.verify import verify_export
-
-    torch = lazy_import("torch", extra="export", purpose="cema-deploy export")
-    onnx = lazy_import("onnx", extra="export", purpose="cema-deploy export")
+    lazy_import("torch", extra="export", purpose="cema-deploy export")  # the missing extra, said first
     step = on_step or (lambda _msg: None)
-    seconds: dict[str, float] = {}
     t0 = time.perf_counter()
 
     step("Building the PyTorch model")
     if model is None:
-        model = create_timm_model(
-            model_name, weights=weights, pretrained=pretrained, num_classes=num_classes, img_size=img_size
+        model, model_args = build_timm_model(
+            model_name,
+            weights=weights,
+            pretrained=pretrained,
+            model_args={"num_classes": num_classes, "img_size": img_size},
         )
-    model = model.eval()
+    target = Path(out_dir)
+    check_target(target, model_name=model_name, force=force)
+    work = work_dir_for(target)
+    try:
+        result = _export_into(
+            work,
+            model_name,
+            model.eval(),
+            model_args=dict(model_args or {}),
+            img_size=img_size,
+            batch=batch,
+            opset=opset,
+            atol=atol,
+            folded_reference=folded_reference,
+            step=step,
+            seconds={"build": time.perf_counter() - t0},
+        )
+        publish(work, target, result.manifest, force=force)
+    except BaseException:
+        discard(work)
+        raise
+    return replace(result, out_dir=target)
+
+
+def _export_into(
+    out: Path,
+    model_name: str,
+    model: Any,
+    *,
+    model_args: dict[str, Any],
+    img_size: int | None,
+    batch: int | None,
+    opset: int,
+    atol: float,
+    folded_reference: bool,
+    step: StepCallback,
+    seconds: dict[str, float],
+) -> ExportResult:
+    """Write and verify the export in ``out`` (the work folder)."""
+    from cema_deploy.export.verify import verify_export
+
+    torch = lazy_import("torch", extra="export", purpose="cema-deploy export")
+    onnx = lazy_import("onnx", extra="export", purpose="cema-deploy export")
     data_cfg = _data_config(model, img_size)
     _, height, width = data_cfg["input_size"]
     norm_params = collect_norm_params(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    seconds["build"] = time.perf_counter() - t0
 
     step("Exporting to ONNX (normalization layers kept, initializers named as in the state dict)")
     t0 = time.perf_counter()
@@ -194,16 +277,13 @@ def export_timm(
             f"{len(missing)} normalization tensors did not survive as ONNX initializers (e.g. {missing[:3]}); "
             "this model's norms cannot be made refittable by the TorchScript exporter."
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
-    fingerprint = fingerprint_from_model(proto, refit_names)
 
     step("Writing model.onnx, manifest.json and params.safetensors (refit blob version 0)")
     num_out = int(model.num_classes) if hasattr(model, "num_classes") else _num_outputs(torch, model, height, width)
     manifest = Manifest(
         model_name=model_name,
-        fingerprint=fingerprint,
+        fingerprint="0",  # set below, from the bytes written
         input=InputSpec(name=INPUT_NAME, shape=(batch or -1, 3, height, width), dtype="float32"),
         output_name=OUTPUT_NAME,
         num_classes=num_out,
@@ -225,6 +305,7 @@ def export_timm(
         ),
         opset=opset,
         producer=f"cema-deploy {__version__}, torch {torch.__version__}, onnx {onnx.__version__}",
+        model_args={"num_classes": num_out, **model_args},
     )
     _externalize(proto, manifest, out / NORMS_FILE)
     total_bytes = sum(int(v.numel() * v.element_size()) for v in state.values())
@@ -232,8 +313,8 @@ def export_timm(
         onnx.save_model(proto, str(model_path), save_as_external_data=True, location=MODEL_FILE + ".data")
     else:
         onnx.save_model(proto, str(model_path))
-    manifest = replace(manifest, model_bytes=_size_on_disk(out))
-    manifest.save(out)
+    # The one fingerprint function, torch-free, over the bytes written: what every load recomputes.
+    manifest = replace(manifest, fingerprint=graph_summary(model_path, manifest).fingerprint)
     blob = RefitBlob(
         tensors={n: state[n].detach().cpu().numpy().copy() for n in refit_names},
         fingerprint=manifest.fingerprint,
@@ -245,6 +326,8 @@ def export_timm(
     if folded_reference:
         step("Exporting the BN-folded reference (reference_folded.onnx)")
         _export_folded(torch, model, out / FOLDED_FILE, batch=batch, height=height, width=width, opset=opset)
+    manifest = replace(manifest, model_bytes=_size_on_disk(out), files=_file_records(out))
+    manifest.save(out)
 
     step("Verifying: ONNX checker, ONNX Runtime session, parity against PyTorch")
     t0 = time.perf_counter()
@@ -258,6 +341,19 @@ def export_timm(
         bn_nodes=report.bn_nodes,
         seconds=seconds,
     )
+
+
+def _file_records(out: Path) -> tuple[ExportFile, ...]:
+    """Size and SHA-256 of every file in ``out`` but the manifest, by name."""
+    records = []
+    for path in sorted(out.iterdir()):
+        if path.is_file() and path.name != MANIFEST_FILE:
+            h = hashlib.sha256()
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            records.append(ExportFile(name=path.name, bytes=path.stat().st_size, sha256=h.hexdigest()))
+    return tuple(records)
 
 
 def _export_proto(

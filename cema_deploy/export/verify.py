@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy._lazy import lazy_import
-from cema_deploy.contract.manifest import Manifest
+from cema_deploy.contract.manifest import Manifest, manifest_from_dir
 from cema_deploy.exceptions import VerificationError
 from cema_deploy.export.norms import count_norm_layers
 
@@ -28,6 +28,8 @@ def verify_export(out_dir: Path, model: Any, manifest: Manifest, *, atol: float 
     from onnx import numpy_helper
 
     model_path = out_dir / manifest.model_file
+    if manifest_from_dir(out_dir) != manifest:  # re-hashes model.onnx as every load does
+        raise VerificationError(f"{out_dir / 'manifest.json'} does not read back as the manifest written.")
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
     except Exception as exc:
