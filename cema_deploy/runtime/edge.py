@@ -39,7 +39,7 @@ from cema_deploy.exceptions import CemaError
 from cema_deploy.runtime.backends.base import Backend
 from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
 from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, is_loopback_url
-from cema_deploy.runtime.link.uplink import Uplink
+from cema_deploy.runtime.link.uplink import Uplink, refusal_advice
 from cema_deploy.runtime.metrics import LatencyHistogram
 from cema_deploy.runtime.selection.rules import SampleSelector, SelectionResult
 from cema_deploy.runtime.updates.generation import GenerationTracker
@@ -109,6 +109,7 @@ class EdgeRuntime:
         max_spool_bytes: int = 1024 * 2**20,
         min_refit_interval_s: float = 0.0,
         selector_factory: Callable[[], SampleSelector] | None = None,
+        pin_version: int | None = None,
     ) -> None:
         if poll_wait_s < 0 or sync_timeout_s <= 0 or state_interval_s <= 0 or min_refit_interval_s < 0:
             raise EdgeConfigError(
@@ -125,6 +126,10 @@ class EdgeRuntime:
         self.rolled_back: dict[int, str] = {}
         self.rollbacks_by_reason: dict[str, int] = {}
         self.restored_version = 0  # serving version restored from state_dir at start (0: none)
+        #: Source frames that could not be read and were skipped (set by the caller that reads the source).
+        self.frames_unreadable = 0
+        self.pin_version = pin_version
+        self._generation_of: dict[int, int] = {}  # serving version -> the generation it was applied in
         self._reset_due = False
         self._started = time.monotonic()
         self._swap_lock = threading.Lock()  # refit vs rollback
@@ -146,7 +151,7 @@ class EdgeRuntime:
             backend, self.manifest, client=client, verifier=verifier, swap_lock=self._swap_lock,
             require_signature=verifier is None and client is not None and unsigned_refused, poll_wait_s=poll_wait_s,
             min_refit_interval_s=min_refit_interval_s, report=self._report, on_applied=self._on_applied,
-            on_changed=self._state_changed, before_poll=self._before_poll,
+            on_changed=self._state_changed, before_poll=self._before_poll, pin_version=pin_version,
         )  # fmt: skip
         self._store = EdgeStateStore(state_dir) if state_dir is not None else None
         if self._store is not None:
@@ -154,7 +159,10 @@ class EdgeRuntime:
         self.monitor = RollbackMonitor(
             backend, self.rollback_cfg, num_classes=self.manifest.num_classes,
             normalize=lambda im: normalize(im, self.manifest.preprocess), on_judged=self._on_judged,
+            unjudgeable=self._across_generations,
         )  # fmt: skip
+        #: Whether the cloud answers (None without an HTTP client).
+        self.connectivity = getattr(client, "connectivity", None)
         if client is not None:
             self.uplink = Uplink(
                 client, fingerprint=self.manifest.fingerprint, device_id=device_id, upload_batch=upload_batch,
@@ -163,6 +171,8 @@ class EdgeRuntime:
                 spool_dir=self._store.spool_dir if self._store is not None else None,
                 max_spool_bytes=max_spool_bytes, listener=self.deployment,
             )  # fmt: skip
+            if self.connectivity is not None:
+                self.connectivity.backlog = self._backlog
             self.intake.start()
         self._state_thread: threading.Thread | None = None
         if self._store is not None:
@@ -301,7 +311,35 @@ class EdgeRuntime:
         if self.deployment.status_due:
             self.deployment.read_status()
 
+    def _backlog(self) -> str:
+        up = self.uplink
+        if up is None:
+            return ""
+        where = f"{up.spool_bytes / 2**20:.1f} MiB in the spool" if up.spool is not None else "in memory"
+        return f"{up.queued_now} samples wait to be uploaded ({where})"
+
+    def _across_generations(self, version: int, previous: int) -> str:
+        """Why ``version`` cannot be judged against ``previous`` ("" when it can): a reset of the deployment
+        between them. The cloud's status is read now, since the reset's blob often arrives before any
+        acknowledgement names the new generation."""
+        if self.client is None:
+            return ""
+        try:
+            status = self.client.status()
+        except CemaError:
+            return ""
+        self.deployment.observe(status.generation, status.calibrated, "status")
+        before = self._generation_of.get(previous, 0)
+        if before <= 0 or status.generation <= before:
+            return ""
+        self._generation_of[version] = status.generation
+        return (f"it is a blob of generation {status.generation} (the deployment was reset) and v{previous} one of "
+                f"generation {before}: a new start, not a refit to roll back")  # fmt: skip
+
     def _on_applied(self, version: int) -> None:
+        self._generation_of[version] = self.deployment.generation
+        for v in sorted(self._generation_of)[:-8]:  # the serving and previous versions are among the newest
+            del self._generation_of[v]
         with self._calib_lock:
             exempt = self._calib_window
             if exempt and self._calib_target is not None and version >= self._calib_target:
@@ -358,6 +396,10 @@ class EdgeRuntime:
             self.selector.load_state_dict(st.selector)
         if data is None or st.serving_version <= 0:
             return
+        if self.pin_version is not None and st.serving_version > self.pin_version:
+            log.warning("not serving the saved blob v%d: it is newer than --pin-version %d; serving the export's "
+                        "parameters", st.serving_version, self.pin_version)  # fmt: skip
+            return
         try:
             if ik.verifier is not None:
                 ik.verifier(data)
@@ -368,6 +410,7 @@ class EdgeRuntime:
             return
         ik.blob_bytes[blob.version] = data
         self.restored_version = blob.version
+        self._generation_of[blob.version] = st.generation
         log.info("restored from %s: serving v%d, generation %d, refused up to v%d", store.directory, blob.version,
                  st.generation, st.refused_upto)  # fmt: skip
 
@@ -420,6 +463,7 @@ class EdgeRuntime:
         now = time.monotonic()
         return {
             "frames": self.frames,
+            "frames_unreadable": self.frames_unreadable,
             "fps": self.frames / self.busy_s if self.busy_s else 0.0,
             "wall_fps": self.frames / (now - self._started),
             "version": self.backend.version,
@@ -450,7 +494,23 @@ class EdgeRuntime:
             "sync_timeouts": self.sync_timeouts,
             "bytes_received": ik.bytes_received,
             "mean_entropy": c.mean_entropy,
+            "cloud_up": None if self.connectivity is None else self.connectivity.up,
+            "cloud_outages": 0 if self.connectivity is None else self.connectivity.outages,
+            "cloud_unreachable_s": 0.0 if self.connectivity is None else self.connectivity.down_s(),
+            "cloud_refusal": self.cloud_refusal(),
+            "pin_version": self.pin_version,
+            "held_by_pin": ik.held_by_pin,
+            "unjudged_refits": self.monitor.unjudged,
         }
+
+    def cloud_refusal(self) -> dict[str, Any] | None:
+        """The cloud's refusal of this device holding the uploads now (status, what to do, samples held), or None."""
+        up = self.uplink
+        exc = up.refusal if up is not None else None
+        if up is None or exc is None:
+            return None
+        return {"status": exc.status, "advice": refusal_advice(exc.status), "message": str(exc),
+                "samples_held": up.queued_now, "reports_held": up.reports_queued}  # fmt: skip
 
     def close(self) -> None:
         """Stop the poller, the refit scheduler, the rollback monitor and the uplink, and save the state. Queued

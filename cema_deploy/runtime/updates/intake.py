@@ -93,6 +93,7 @@ class BlobIntake:
         on_applied: Callable[[int], None] | None = None,
         on_changed: Callable[[], None] | None = None,
         before_poll: Callable[[], None] | None = None,
+        pin_version: int | None = None,
     ) -> None:
         self.backend, self.manifest, self.client, self.verifier = backend, manifest, client, verifier
         self.require_signature, self.swap_lock, self.poll_wait_s = require_signature, swap_lock, poll_wait_s
@@ -113,6 +114,10 @@ class BlobIntake:
             on_done=self._on_done,
         )
         self._poller: threading.Thread | None = None
+        #: Apply no blob above this version (``edge run --pin-version``); None: not pinned.
+        self.pin_version = pin_version
+        #: Newest version seen above the pin and not applied (0: none).
+        self.held_by_pin = 0
 
     def start(self) -> None:
         """Start the poller thread (with a client)."""
@@ -154,6 +159,9 @@ class BlobIntake:
                 )
             blob = blob_from_bytes(data, source=source)
             version = blob.version
+            if self.pin_version is not None and blob.version > self.pin_version:
+                self._hold_by_pin(blob.version)
+                return None
             if blob.version <= self.floor:
                 raise StaleBlobError(
                     f"Blob version {blob.version} is not above version {self.floor}, which this edge serves, built, "
@@ -170,6 +178,12 @@ class BlobIntake:
         with self._lock:
             self.blob_bytes[blob.version] = data
         return blob
+
+    def _hold_by_pin(self, version: int) -> None:
+        if version > self.held_by_pin:
+            log.warning("blob v%d is newer than the pinned v%s: not applied (restart without --pin-version to "
+                        "take it)", version, self.pin_version)  # fmt: skip
+        self.held_by_pin = max(self.held_by_pin, version)
 
     def submit(self, blob: RefitBlob) -> None:
         with self.swap_lock:
@@ -236,6 +250,9 @@ class BlobIntake:
             if self.before_poll is not None:
                 self.before_poll()
             after = self.floor
+            if self.pin_version is not None and (after >= self.pin_version or self.held_by_pin):
+                self._stop.wait(self.poll_wait_s or 1.0)  # pinned and nothing left to take: ask no more
+                continue
             t0 = time.monotonic()
             try:
                 found = client.fetch_blob(after=after, wait=self.poll_wait_s)
@@ -249,6 +266,8 @@ class BlobIntake:
                 self.bytes_received += len(data)
                 where = getattr(client, "base_url", "the cloud")
                 blob = self.admit(data, f"blob v{version} from {where}", announced=version)
+                if blob is None and self.held_by_pin:
+                    continue
                 if blob is None:
                     with self.swap_lock:
                         self.refused_upto = max(self.refused_upto, version)  # do not fetch it again
