@@ -699,6 +699,7 @@ class Uplink:
             self._cond.notify_all()  # a flush() waiting for the queue gives up: nothing goes until this changes
         if first:
             where = "spooled" if self.spool is not None else "queued in memory (lost on exit without --state)"
-            log.warning("the cloud refused the %s (%s): %s. %d samples stay %s and are retried every %.0f s; "
-                        "nothing is dropped. %s", what, exc.status, refusal_advice(exc.status), queued, where,
-                        self.backoff_cap_s, exc)  # fmt: skip
+            log.warning("the cloud refuses this device (%s, answering the %s): %s. What waits to be uploaded "
+                        "(%d samples now) stays %s and is retried every %g s; nothing is dropped. [%s]",
+                        exc.status, what, refusal_advice(exc.status), queued, where, self.backoff_cap_s,
+                        exc)  # fmt: skip

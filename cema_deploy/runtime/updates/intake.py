@@ -249,10 +249,7 @@ class BlobIntake:
         while not self._stop.is_set():
             if self.before_poll is not None:
                 self.before_poll()
-            after = self.floor
-            if self.pin_version is not None and (after >= self.pin_version or self.held_by_pin):
-                self._stop.wait(self.poll_wait_s or 1.0)  # pinned and nothing left to take: ask no more
-                continue
+            after = max(self.floor, self.held_by_pin)  # pinned: ask only for what is newer than held already
             t0 = time.monotonic()
             try:
                 found = client.fetch_blob(after=after, wait=self.poll_wait_s)
@@ -264,10 +261,11 @@ class BlobIntake:
                     return  # closed while the poll was in flight: apply nothing any more
                 version, data = found
                 self.bytes_received += len(data)
+                if self.pin_version is not None and version > self.pin_version:
+                    self._hold_by_pin(version)  # not parsed, not applied: counted in held_by_pin
+                    continue
                 where = getattr(client, "base_url", "the cloud")
                 blob = self.admit(data, f"blob v{version} from {where}", announced=version)
-                if blob is None and self.held_by_pin:
-                    continue
                 if blob is None:
                     with self.swap_lock:
                         self.refused_upto = max(self.refused_upto, version)  # do not fetch it again
