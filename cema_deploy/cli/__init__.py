@@ -73,7 +73,10 @@ def main() -> None:
     except Exception as exc:  # click usage errors and the like
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer >= 0.26 raises its own vendored click's exceptions: recognise them by their interface
+        if isinstance(exc, click.ClickException) or (
+            callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code")
+        ):
             exc.show()
             sys.exit(exc.exit_code)
         raise

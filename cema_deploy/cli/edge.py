@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -384,7 +385,7 @@ def run_cmd(
         if be is not None:
             be.close()
         _say(f"error: {exc}", style="red")
-        raise typer.Exit(EXIT_USAGE) from exc
+        sys.exit(EXIT_USAGE)  # SystemExit: click's non-standalone mode would swallow a typer.Exit's code
     if rt.restored_version:
         _say(f"restored from {state}: serving v{rt.restored_version}")
     if pin_version is not None:
@@ -458,9 +459,9 @@ def run_cmd(
     if refused:
         r = finish["refusal"]
         _say(f"error: the cloud refused this device ({r['status']}): {r['advice']}. "
-             f"{finish['undelivered_refused']} samples were not delivered ({finish['undelivered_where']}).",
+             f"{finish['undelivered']} samples were not delivered: {finish['undelivered_note']}.",
              style="red")  # fmt: skip
-        raise typer.Exit(EXIT_REFUSED)
+        sys.exit(EXIT_REFUSED)
     if error is not None:
         raise error
 
@@ -476,7 +477,7 @@ def _finish_uplink(rt: Any, stop: Any, state: Path | None, timeout: float) -> di
     and where, and return it for the JSON."""
     up = rt.uplink
     if up is None:
-        return {"exit_flush_s": 0.0, "undelivered": 0, "undelivered_refused": 0, "lost": 0}
+        return {"exit_flush_s": 0.0, "undelivered": 0, "undelivered_refused": 0, "lost": 0, "undelivered_note": ""}
     t0 = time.monotonic()
     limit = min(timeout, 5.0) if stop is not None and stop.requested else timeout
     conn = rt.connectivity
@@ -502,6 +503,7 @@ def _finish_uplink(rt: Any, stop: Any, state: Path | None, timeout: float) -> di
         "exit_flush_s": waited,
         "undelivered": left,
         "undelivered_where": "spool" if up.spool is not None else "lost",
+        "undelivered_note": where,
         "undelivered_refused": left + up.reports_queued if refusal is not None else 0,
         "lost": left if up.spool is None else 0,
         "refusal": refusal,
@@ -544,12 +546,12 @@ def _summary(m: dict[str, Any], t: Any, *, to_stderr: bool) -> None:
 
 def _warn_unsigned(cloud: str, allow_unsigned: bool, loopback: bool) -> None:
     if loopback or allow_unsigned:
-        err_console.print(
+        _say(
             f"warning: no --public-key: blobs from {cloud} are applied UNSIGNED; whoever can answer for that address "
             "can change this model. Give the edge the cloud's public key (`cema-deploy keys new`, --public-key)."
         )
     else:
-        err_console.print(
+        _say(
             f"warning: no --public-key and {cloud} is not on a loopback address: every blob will be refused. "
             "Pass --public-key (recommended) or --allow-unsigned."
         )
@@ -559,7 +561,7 @@ def _metrics_server(rt: Any, host: str, port: int) -> Any:
     from cema_deploy.runtime.metrics import MetricsServer, prometheus_text
 
     server = MetricsServer(lambda: prometheus_text(rt.metrics(), rt.latency), host=host, port=port)
-    err_console.print(f"metrics on {server.url}")
+    _say(f"metrics on {server.url}")
     return server
 
 
