@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -32,6 +32,8 @@ class StopSignals:
     def __init__(self) -> None:
         #: The name of the first stop signal received (None: none).
         self.requested: str | None = None
+        #: Called (in the handler) on the first signal, e.g. to end waits that only set flags can end.
+        self.on_stop: Callable[[], None] | None = None
         self._waiting = False
         self._previous: dict[int, Any] = {}
 
@@ -50,6 +52,8 @@ class StopSignals:
         first = self.requested is None
         if first:
             self.requested = signal.Signals(signum).name
+            if self.on_stop is not None:
+                self.on_stop()
         if self._waiting:
             self._waiting = False
             raise StopRequested

@@ -384,8 +384,8 @@ def run_cmd(
     except CemaError as exc:
         if be is not None:
             be.close()
-        _say(f"error: {exc}", style="red")
-        sys.exit(EXIT_USAGE)  # SystemExit: click's non-standalone mode would swallow a typer.Exit's code
+        exc.exit_code = EXIT_USAGE  # type: ignore[attr-defined]  # main() exits with it: bad arguments or model
+        raise
     if rt.restored_version:
         _say(f"restored from {state}: serving v{rt.restored_version}")
     if pin_version is not None:
@@ -397,6 +397,8 @@ def run_cmd(
     writer: PredictionWriter | None = None
     stop = StopSignals()
     finish: dict[str, Any] = {}
+    if sync:
+        stop.on_stop = rt.cut_waits  # a --sync wait for the cloud must not hold a stop up
     with stop:
         try:
             writer = PredictionWriter(predictions) if predictions is not None else None
@@ -413,7 +415,7 @@ def run_cmd(
 
                 def on_batch(step: Any, t: StreamTally) -> None:
                     rt.frames_unreadable = frames.stats.unreadable
-                    if rt.sync_timeouts > on_batch.timeouts:  # type: ignore[attr-defined]
+                    if rt.sync_timeouts > on_batch.timeouts and not stop.requested:  # type: ignore[attr-defined]
                         _say(f"warning: --sync waited {sync_timeout:g} s for the cloud; going on.")
                     on_batch.timeouts = rt.sync_timeouts  # type: ignore[attr-defined]
                     update(len(step.predictions), rt.metrics(), t.correct / t.labelled if t.labelled else None)
@@ -482,6 +484,7 @@ def _finish_uplink(rt: Any, stop: Any, state: Path | None, timeout: float) -> di
     limit = min(timeout, 5.0) if stop is not None and stop.requested else timeout
     conn = rt.connectivity
     unreachable = conn is not None and conn.up is False
+    up.cut_flush(False)  # a stop cut the --sync waits; this last one is bounded by ``limit``
     if limit > 0 and up.refusal is None and not (unreachable and up.spool is not None):
         from cema_deploy.cli._stop import StopRequested
 

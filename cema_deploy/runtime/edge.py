@@ -52,6 +52,27 @@ __all__ = ["REFUSAL_REASONS", "EdgeRuntime", "EdgeStep", "RollbackConfig"]
 log = logging.getLogger("cema_deploy.edge")
 
 
+class _SignalSafeFlag(threading.Event):
+    """An Event that a signal handler may set: no lock is taken (``threading.Event.set`` takes one, which the
+    interrupted main thread may hold); waiters poll every 50 ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flag_set = False
+
+    def set(self) -> None:
+        self._flag_set = True
+
+    def is_set(self) -> bool:
+        return self._flag_set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._flag_set and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+        return self._flag_set
+
+
 @dataclass(frozen=True)
 class EdgeStep:
     """One processed batch: logits ``[N, C]``, predicted classes ``[N]``, the selection decision and the version
@@ -136,6 +157,7 @@ class EdgeRuntime:
         self._sel_lock = threading.Lock()  # the selector vs state snapshots and resets
         self._save_lock = threading.Lock()
         self._stop = threading.Event()
+        self._waits_cut = _SignalSafeFlag()  # set by cut_waits() and close(): --sync waits end at once
         self._state_wake = threading.Event()
         self.uplink: Uplink | None = None
         # Blobs that answer a calibration batch re-initialise the statistics by design: the previous parameters
@@ -190,7 +212,7 @@ class EdgeRuntime:
                 self.selector, self._reset_due = self._selector_factory(), False
                 self.selector_resets += 1
         if self.sync_mode and self.deployment.status_due:
-            self.deployment.read_status(self.sync_timeout_s, self._stop)  # does this batch calibrate?
+            self.deployment.read_status(self.sync_timeout_s, self._waits_cut)  # does this batch calibrate?
         pre, c = self.manifest.preprocess, self.manifest.num_classes
         if len(images) == 0:  # nothing to run; still a well-formed step
             with self._sel_lock:
@@ -273,7 +295,7 @@ class EdgeRuntime:
         (True), or ``timeout`` seconds passed (False)."""
         deadline = time.monotonic() + timeout
         while self.backend.version < version and self.intake.refused_upto < version:
-            if time.monotonic() > deadline or self._stop.is_set():
+            if time.monotonic() > deadline or self._stop.is_set() or self._waits_cut.is_set():
                 return False
             time.sleep(0.005)
         return True
@@ -287,7 +309,7 @@ class EdgeRuntime:
         deadline = time.monotonic() + (self.sync_timeout_s if timeout is None else timeout)
 
         def left() -> float:
-            return max(0.0, deadline - time.monotonic())
+            return 0.0 if self._waits_cut.is_set() else max(0.0, deadline - time.monotonic())
 
         ok = self.uplink.flush(left())
         target = self.uplink.max_target_version
@@ -295,10 +317,17 @@ class EdgeRuntime:
             ok = self.wait_for_version(target, left())
         ok = ok and self.monitor.wait_judged(left())
         if self.deployment.status_due:  # a new generation was seen: know its calibration before the next batch
-            self.deployment.read_status(left(), self._stop)
+            self.deployment.read_status(left(), self._waits_cut)
         if not ok:
             self.sync_timeouts += 1
         return ok
+
+    def cut_waits(self) -> None:
+        """End every ``--sync`` wait now and skip the later ones (a stop was requested: the batch being served
+        finishes without waiting for the cloud). Safe to call from a signal handler: it only sets flags."""
+        self._waits_cut.set()
+        if self.uplink is not None:
+            self.uplink.cut_flush()
 
     # ---- refit and rollback ---------------------------------------------------------------------------
     def apply_blob_bytes(self, data: bytes, *, source: str = "blob", timeout: float = 120.0) -> bool:
@@ -520,6 +549,7 @@ class EdgeRuntime:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._waits_cut.set()
         self.monitor.close()
         self.intake.close()
         self.save_state()

@@ -282,8 +282,8 @@ def _folder_batches(files: list[Path], batch: int, rate: RateCap | None, stats: 
         yield np.stack(imgs)
     if read == 0:
         raise SourceError(
-            f"None of the {len(files)} image files under {files[0].parent} could be read (first: {files[0]}); "
-            "convert them to PNG/JPEG."
+            f"None of the {len(files)} image files under {files[0].parent} could be read ({files[0]} is not a "
+            "readable image, nor is any other); convert them to PNG/JPEG."
         )
 
 

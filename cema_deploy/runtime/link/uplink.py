@@ -235,6 +235,7 @@ class Uplink:
         self._cond = threading.Condition()
         self._stop = False
         self._flush_waiters = 0
+        self._flush_cut = False  # cut_flush(): flush() returns at once from now on
         self._rng = random.Random(seed)
         self._warned: set[tuple[str, int | None]] = set()
         #: The cloud's refusal of this device now holding the queue (None: none); see HOLD_STATUSES.
@@ -334,12 +335,17 @@ class Uplink:
             try:
                 while self._q or self._busy:
                     left = deadline - time.monotonic()
-                    if left <= 0 or self._stop or self.refusal is not None:
+                    if left <= 0 or self._stop or self.refusal is not None or self._flush_cut:
                         return False
                     self._cond.wait(min(left, 0.1))
                 return True
             finally:
                 self._flush_waiters -= 1
+
+    def cut_flush(self, cut: bool = True) -> None:
+        """Make every :meth:`flush`, running or to come, return False within 0.1 s (a stop was requested;
+        ``cut=False`` undoes it). Only sets a flag: safe from a signal handler."""
+        self._flush_cut = cut
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker. Entries still queued are discarded in memory; spooled ones stay for the next run
