@@ -75,9 +75,9 @@ def main() -> None:
         import click
 
         # typer >= 0.26 raises its own vendored click's exceptions: recognise them by their interface
-        if isinstance(exc, click.ClickException) or (
-            callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code")
-        ):
-            exc.show()
-            sys.exit(exc.exit_code)
+        show = getattr(exc, "show", None)
+        if isinstance(exc, click.ClickException) or (callable(show) and hasattr(exc, "exit_code")):
+            assert show is not None
+            show()
+            sys.exit(getattr(exc, "exit_code", 2))
         raise
