@@ -132,3 +132,19 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_an_unreachable_cloud_is_said_and_not_waited_for_when_a_spool_keeps_the_samples(exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19 (5): a wrong host printed nothing, stalled 30 s at exit and exited 0. Now one line says the cloud
+    is unreachable, the JSON counts it, and with --state the end does not wait: the spool keeps the samples."""
+    out, _ = exported("bn")
+    frames = write_frames(tmp_path / "frames", 16)
+    r = subprocess.run([sys.executable, "-m", "cema_deploy", "edge", "run", str(out), "--source", str(frames),
+                        "--batch", "4", "--cloud", f"http://127.0.0.1:{free_port()}", "--token", "t",
+                        "--upload-share", "1", "--state", str(tmp_path / "state"), "--json", "-"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["cloud_up"] is False and m["cloud_outages"] == 1 and m["lost"] == 0 and m["undelivered"] == 16
+    assert r.stderr.count("is unreachable (") == 1 and "waiting up to" not in r.stderr
+    assert "16 samples were not uploaded (the cloud is unreachable): in the spool" in r.stderr
