@@ -523,7 +523,7 @@ class EdgeRuntime:
             "sync_timeouts": self.sync_timeouts,
             "bytes_received": ik.bytes_received,
             "mean_entropy": c.mean_entropy,
-            "cloud_up": None if self.connectivity is None else self.connectivity.up,
+            "cloud_up": None if self.connectivity is None else bool(self.connectivity.up),  # False: never answered
             "cloud_outages": 0 if self.connectivity is None else self.connectivity.outages,
             "cloud_unreachable_s": 0.0 if self.connectivity is None else self.connectivity.down_s(),
             "cloud_refusal": self.cloud_refusal(),

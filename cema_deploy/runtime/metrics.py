@@ -184,7 +184,7 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
         "Source frames that could not be read and were skipped.",
         [({}, m.get("frames_unreadable", 0))],
     )
-    if "cloud_up" in m and (m.get("uplink") or m.get("cloud_up") is not None):  # only with a cloud
+    if m.get("cloud_up") is not None:  # only with a cloud over HTTP
         metric(
             "cloud_up",
             "gauge",

@@ -236,9 +236,8 @@ def test_an_older_cloud_without_the_status_route(exported, protocol_server) -> N
 def test_the_blob_that_answers_a_calibration_is_not_judged(exported, protocol_server) -> None:  # type: ignore[no-untyped-def]
     # A calibration re-initialises the statistics by design; the previous parameters are no reference for it.
     # Here it carries no information at all, after an informative blob: judged, it would be rolled back.
-    from tests.runtime.updates.test_edge_state import _gamma_blob
-
     from tests.runtime.test_edge import _diverse
+    from tests.runtime.updates.test_edge_state import _gamma_blob
 
     out, v0, srv = _setup(exported, protocol_server)
 
