@@ -59,12 +59,13 @@ def _root(
 
 
 def main() -> None:
-    """Entry point of the ``cema-deploy`` console script: a CemaError is one message and exit status 1."""
+    """Entry point of the ``cema-deploy`` console script: a CemaError is one message and exit status 1 (or the
+    ``exit_code`` a command set on it)."""
     try:
         app(standalone_mode=False)
     except CemaError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))  # a command may mark bad input (2, edge run's exit codes)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -73,7 +74,10 @@ def main() -> None:
     except Exception as exc:  # click usage errors and the like
         import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        # typer >= 0.26 raises its own vendored click's exceptions: recognise them by their interface
+        show = getattr(exc, "show", None)
+        if isinstance(exc, click.ClickException) or (callable(show) and hasattr(exc, "exit_code")):
+            assert show is not None
+            show()
+            sys.exit(getattr(exc, "exit_code", 2))
         raise

@@ -42,7 +42,7 @@ from cema_deploy.exceptions import CemaError
 from cema_deploy.runtime.backends.base import Backend
 from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
 from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, is_loopback_url
-from cema_deploy.runtime.link.uplink import Uplink
+from cema_deploy.runtime.link.uplink import Uplink, refusal_advice
 from cema_deploy.runtime.metrics import LatencyHistogram
 from cema_deploy.runtime.selection.rules import SampleSelector, SelectionResult
 from cema_deploy.runtime.updates.generation import GenerationTracker
@@ -54,6 +54,27 @@ from cema_deploy.runtime.updates.state import EdgeState, EdgeStateStore
 __all__ = ["REFUSAL_REASONS", "EdgeRuntime", "EdgeStep", "RollbackConfig"]
 
 log = logging.getLogger("cema_deploy.edge")
+
+
+class _SignalSafeFlag(threading.Event):
+    """An Event that a signal handler may set: no lock is taken (``threading.Event.set`` takes one, which the
+    interrupted main thread may hold); waiters poll every 50 ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flag_set = False
+
+    def set(self) -> None:
+        self._flag_set = True
+
+    def is_set(self) -> bool:
+        return self._flag_set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._flag_set and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
+        return self._flag_set
 
 
 @dataclass(frozen=True)
@@ -113,6 +134,7 @@ class EdgeRuntime:
         max_spool_bytes: int = 1024 * 2**20,
         min_refit_interval_s: float = 0.0,
         selector_factory: Callable[[], SampleSelector] | None = None,
+        pin_version: int | None = None,
     ) -> None:
         if poll_wait_s < 0 or sync_timeout_s <= 0 or state_interval_s <= 0 or min_refit_interval_s < 0:
             raise EdgeConfigError(
@@ -127,12 +149,17 @@ class EdgeRuntime:
         self.frames, self.busy_s, self.sync_timeouts, self.selector_resets = 0, 0.0, 0, 0
         self.latency = LatencyHistogram()
         self.restored_version = 0  # serving version restored from state_dir at start (0: none)
+        #: Source frames that could not be read and were skipped (set by the caller that reads the source).
+        self.frames_unreadable = 0
+        self.pin_version = pin_version
+        self._generation_of: dict[int, int] = {}  # serving version -> the generation it was applied in
         self._reset_due = False
         self._started = time.monotonic()
         self._swap_lock = threading.Lock()  # refit vs rollback
         self._sel_lock = threading.Lock()  # the selector vs state snapshots and resets
         self._save_lock = threading.Lock()
         self._stop = threading.Event()
+        self._waits_cut = _SignalSafeFlag()  # set by cut_waits() and close(): --sync waits end at once
         self._state_wake = threading.Event()
         self.uplink: Uplink | None = None
         self.ledger = VersionLedger(lambda: serving_stamp(backend))
@@ -145,6 +172,7 @@ class EdgeRuntime:
             require_signature=verifier is None and client is not None and unsigned_refused, poll_wait_s=poll_wait_s,
             ledger=self.ledger, min_refit_interval_s=min_refit_interval_s, report=self._report,
             on_applied=self._on_applied, on_changed=self._state_changed, before_poll=self._before_poll,
+            pin_version=pin_version,
         )  # fmt: skip
         self._store = EdgeStateStore(state_dir) if state_dir is not None else None
         if self._store is not None:
@@ -152,7 +180,10 @@ class EdgeRuntime:
         self.monitor = RollbackMonitor(
             backend, self.rollback_cfg, num_classes=self.manifest.num_classes,
             normalize=lambda im: normalize(im, self.manifest.preprocess), on_judged=self._on_judged,
+            unjudgeable=self._across_generations,
         )  # fmt: skip
+        #: Whether the cloud answers (None without an HTTP client).
+        self.connectivity = getattr(client, "connectivity", None)
         if client is not None:
             self.uplink = Uplink(
                 client, fingerprint=self.manifest.fingerprint, device_id=device_id, upload_batch=upload_batch,
@@ -163,6 +194,8 @@ class EdgeRuntime:
             )  # fmt: skip
             if self.uplink.calibration_queued:  # restored from the spool: its blob is exempt like any calibration's
                 self.ledger.calibration_queued()
+            if self.connectivity is not None:
+                self.connectivity.backlog = self._backlog
             self.intake.start()
         self._state_thread: threading.Thread | None = None
         if self._store is not None:
@@ -180,7 +213,7 @@ class EdgeRuntime:
                 self.selector, self._reset_due = self._selector_factory(), False
                 self.selector_resets += 1
         if self.sync_mode and self.deployment.status_due:
-            self.deployment.read_status(self.sync_timeout_s, self._stop)  # does this batch calibrate?
+            self.deployment.read_status(self.sync_timeout_s, self._waits_cut)  # does this batch calibrate?
         pre, c = self.manifest.preprocess, self.manifest.num_classes
         if len(images) == 0:  # nothing to run; still a well-formed step
             with self._sel_lock:
@@ -270,7 +303,7 @@ class EdgeRuntime:
         deadline = time.monotonic() + timeout
         fruitless = self.ledger.fruitless
         while not self.ledger.done(version) and self.ledger.fruitless == fruitless:
-            if time.monotonic() > deadline or self._stop.is_set():
+            if time.monotonic() > deadline or self._stop.is_set() or self._waits_cut.is_set():
                 return False
             time.sleep(0.005)
         return True
@@ -284,7 +317,7 @@ class EdgeRuntime:
         deadline = time.monotonic() + (self.sync_timeout_s if timeout is None else timeout)
 
         def left() -> float:
-            return max(0.0, deadline - time.monotonic())
+            return 0.0 if self._waits_cut.is_set() else max(0.0, deadline - time.monotonic())
 
         ok = self.uplink.flush(left())
         target = self.uplink.max_target_version
@@ -292,10 +325,17 @@ class EdgeRuntime:
             ok = self.wait_for_version(target, left())
         ok = ok and self.monitor.wait_judged(left())
         if self.deployment.status_due:  # a new generation was seen: know its calibration before the next batch
-            self.deployment.read_status(left(), self._stop)
+            self.deployment.read_status(left(), self._waits_cut)
         if not ok:
             self.sync_timeouts += 1
         return ok
+
+    def cut_waits(self) -> None:
+        """End every ``--sync`` wait now and skip the later ones (a stop was requested: the batch being served
+        finishes without waiting for the cloud). Safe to call from a signal handler: it only sets flags."""
+        self._waits_cut.set()
+        if self.uplink is not None:
+            self.uplink.cut_flush()
 
     # ---- refit and rollback ---------------------------------------------------------------------------
     def apply_blob_bytes(self, data: bytes, *, source: str = "blob", timeout: float = 120.0) -> bool:
@@ -308,7 +348,35 @@ class EdgeRuntime:
         if self.deployment.status_due:
             self.deployment.read_status()
 
+    def _backlog(self) -> str:
+        up = self.uplink
+        if up is None:
+            return ""
+        where = f"{up.spool_bytes / 2**20:.1f} MiB in the spool" if up.spool is not None else "in memory"
+        return f"{up.queued_now} samples wait to be uploaded ({where})"
+
+    def _across_generations(self, version: int, previous: int) -> str:
+        """Why ``version`` cannot be judged against ``previous`` ("" when it can): a reset of the deployment
+        between them. The cloud's status is read now, since the reset's blob often arrives before any
+        acknowledgement names the new generation."""
+        if self.client is None:
+            return ""
+        try:
+            status = self.client.status()
+        except CemaError:
+            return ""
+        self.deployment.observe(status.generation, status.calibrated, "status")
+        before = self._generation_of.get(previous, 0)
+        if before <= 0 or status.generation <= before:
+            return ""
+        self._generation_of[version] = status.generation
+        return (f"it is a blob of generation {status.generation} (the deployment was reset) and v{previous} one of "
+                f"generation {before}: a new start, not a refit to roll back")  # fmt: skip
+
     def _on_applied(self, version: int) -> None:
+        self._generation_of[version] = self.deployment.generation
+        for v in sorted(self._generation_of)[:-8]:  # the serving and previous versions are among the newest
+            del self._generation_of[v]
         if self.ledger.exempt(version):
             log.info("v%d answers a calibration batch: accepted without a rollback judgement", version)
             self.monitor.accept(version)
@@ -352,7 +420,11 @@ class EdgeRuntime:
         if st.selector is not None:
             self.selector.load_state_dict(st.selector)
         serving_epoch = 0
-        if data is not None and st.serving_version > 0:
+        pinned_out = self.pin_version is not None and st.serving_version > self.pin_version
+        if pinned_out:
+            log.warning("not serving the saved blob v%d: it is newer than --pin-version %d; serving the export's "
+                        "parameters", st.serving_version, self.pin_version)  # fmt: skip
+        if data is not None and st.serving_version > 0 and not pinned_out:
             try:
                 if ik.verifier is not None:
                     ik.verifier(data)
@@ -364,6 +436,7 @@ class EdgeRuntime:
             else:
                 ik.blob_bytes[blob.stamp] = data
                 self.restored_version, serving_epoch = blob.version, blob.epoch
+                self._generation_of[blob.version] = st.generation
         self.ledger.restore(
             epoch=max(st.epoch, serving_epoch),
             refused={int(k): v for k, v in st.refused.items()},
@@ -427,6 +500,7 @@ class EdgeRuntime:
         now = time.monotonic()
         return {
             "frames": self.frames,
+            "frames_unreadable": self.frames_unreadable,
             "fps": self.frames / self.busy_s if self.busy_s else 0.0,
             "wall_fps": self.frames / (now - self._started),
             "version": self.backend.version,
@@ -460,7 +534,23 @@ class EdgeRuntime:
             "sync_timeouts": self.sync_timeouts,
             "bytes_received": ik.bytes_received,
             "mean_entropy": c.mean_entropy,
+            "cloud_up": None if self.connectivity is None else bool(self.connectivity.up),  # False: never answered
+            "cloud_outages": 0 if self.connectivity is None else self.connectivity.outages,
+            "cloud_unreachable_s": 0.0 if self.connectivity is None else self.connectivity.down_s(),
+            "cloud_refusal": self.cloud_refusal(),
+            "pin_version": self.pin_version,
+            "held_by_pin": ik.held_by_pin,
+            "unjudged_refits": self.monitor.unjudged,
         }
+
+    def cloud_refusal(self) -> dict[str, Any] | None:
+        """The cloud's refusal of this device holding the uploads now (status, what to do, samples held), or None."""
+        up = self.uplink
+        exc = up.refusal if up is not None else None
+        if up is None or exc is None:
+            return None
+        return {"status": exc.status, "advice": refusal_advice(exc.status), "message": str(exc),
+                "samples_held": up.queued_now, "reports_held": up.reports_queued}  # fmt: skip
 
     def close(self) -> None:
         """Stop the poller, the refit scheduler, the rollback monitor and the uplink, and save the state. Queued
@@ -470,6 +560,7 @@ class EdgeRuntime:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._waits_cut.set()
         self.monitor.close()
         self.intake.close()
         self.save_state()

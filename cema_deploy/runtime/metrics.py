@@ -164,6 +164,35 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
         [({"reason": r}, v) for r, v in sorted((m.get("calibrations") or {}).items())],
     )
     metric("poll_errors_total", "counter", "Failed blob polls.", [({}, m.get("poll_errors", 0))])
+    metric(
+        "frames_unreadable_total",
+        "counter",
+        "Source frames that could not be read and were skipped.",
+        [({}, m.get("frames_unreadable", 0))],
+    )
+    if m.get("cloud_up") is not None:  # only with a cloud over HTTP
+        metric(
+            "cloud_up",
+            "gauge",
+            "1 when the cloud answered the edge's last request, 0 when it was unreachable (or never answered).",
+            [({}, 1 if m.get("cloud_up") else 0)],
+        )
+        metric(
+            "cloud_outages_total", "counter", "Times the cloud became unreachable.", [({}, m.get("cloud_outages", 0))]
+        )
+        refusal = m.get("cloud_refusal") or {}
+        metric(
+            "cloud_refused",
+            "gauge",
+            "1 while the cloud refuses this device (token, scope, fingerprint); its uploads are held, not dropped.",
+            [({"status": str(refusal.get("status", ""))}, 1)] if refusal else [({}, 0)],
+        )
+        metric(
+            "cloud_refusals_total",
+            "counter",
+            "Uploads and reports the cloud refused because of this device (kept and retried).",
+            [({}, up.get("refusals", 0))],
+        )
     return out.text()
 
 

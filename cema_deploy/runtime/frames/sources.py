@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -64,6 +65,8 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SourceKind = Literal["folder", "npy", "video", "camera", "url", "pipeline"]
 Source = str | os.PathLike[str]
+
+log = logging.getLogger("cema_deploy.edge")
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -111,6 +114,8 @@ class SourceStats:
     dropped: int = 0
     #: live frames skipped by the ``fps`` cap
     skipped: int = 0
+    #: image files that could not be read (skipped; a folder source only)
+    unreadable: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,11 +124,17 @@ class SourceStats:
 class SourceBatches(Iterator[np.ndarray]):
     """The batches of one open source (an iterator); close it, or use it as a context manager, to stop early."""
 
-    def __init__(self, kind: SourceKind, batches: Iterator[np.ndarray], reader: FrameReader | None = None) -> None:
+    def __init__(
+        self,
+        kind: SourceKind,
+        batches: Iterator[np.ndarray],
+        reader: FrameReader | None = None,
+        stats: SourceStats | None = None,
+    ) -> None:
         self.kind, self._batches = kind, batches
         #: the OpenCV reader of a video/camera/url/pipeline source (None for folders and .npy)
         self.reader = reader
-        self._stats = SourceStats(kind=kind, live=reader.live if reader is not None else False)
+        self._stats = stats or SourceStats(kind=kind, live=reader.live if reader is not None else False)
 
     def __next__(self) -> np.ndarray:
         try:
@@ -185,7 +196,8 @@ def batches_from_source(
     if kind == "npy":
         return SourceBatches(kind, _npy_batches(_npy_images(Path(source)), batch, rate))
     if kind == "folder":
-        return SourceBatches(kind, _folder_batches(_files(Path(source)), batch, rate))
+        stats = SourceStats(kind=kind, live=False)
+        return SourceBatches(kind, _folder_batches(_files(Path(source)), batch, rate, stats), stats=stats)
     spec = _capture_spec(source, kind)
     reader = FrameReader(
         capture_from_spec(spec),
@@ -240,8 +252,13 @@ def _npy_batches(arr: np.ndarray, batch: int, rate: RateCap | None) -> Iterator[
         yield images
 
 
-def _folder_batches(files: list[Path], batch: int, rate: RateCap | None) -> Iterator[np.ndarray]:
+def _folder_batches(files: list[Path], batch: int, rate: RateCap | None, stats: SourceStats) -> Iterator[np.ndarray]:
+    """A file that cannot be read (truncated, not an image, gone) is skipped and counted in
+    ``stats.unreadable``, logged once per kind of failure; only a folder where no file at all could be read is an
+    error (a folder filled by another process routinely holds a partial write)."""
     image_mod = lazy_import("PIL.Image", extra="edge", purpose="reading image folders")
+    kinds: set[str] = set()
+    read = 0
     for i in range(0, len(files), batch):
         imgs = []
         for f in files[i : i + batch]:
@@ -249,12 +266,31 @@ def _folder_batches(files: list[Path], batch: int, rate: RateCap | None) -> Iter
                 with image_mod.open(f) as im:
                     imgs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
             except Exception as exc:  # PIL raises many types on bad files
-                raise SourceError(f"{f} is not a readable image ({exc}); remove it or convert it to PNG/JPEG.") from exc
+                stats.unreadable += 1
+                kind = _failure_kind(exc)
+                if kind not in kinds:
+                    kinds.add(kind)
+                    log.warning("skipped %s: not a readable image (%s); further images that fail this way are "
+                                "skipped and counted (frames_unreadable), not logged", f, exc)  # fmt: skip
+        if not imgs:
+            continue
+        read += len(imgs)
         if len({im.shape for im in imgs}) > 1:
             h, w = imgs[0].shape[:2]
             imgs = [im if im.shape[:2] == (h, w) else np.asarray(image_mod.fromarray(im).resize((w, h))) for im in imgs]
         _pace(rate, len(imgs))
         yield np.stack(imgs)
+    if read == 0:
+        raise SourceError(
+            f"None of the {len(files)} image files under {files[0].parent} could be read ({files[0]} is not a "
+            "readable image, nor is any other); convert them to PNG/JPEG."
+        )
+
+
+def _failure_kind(exc: Exception) -> str:
+    """One name per way an image file fails (the message without the file's name), for logging once per kind."""
+    text = re.sub(r"\d+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "", str(exc)))
+    return f"{type(exc).__name__}: {text[:80]}"
 
 
 def _pace(rate: RateCap | None, frames: int) -> None:

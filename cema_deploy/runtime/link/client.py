@@ -25,6 +25,7 @@ from cema_deploy.contract import protocol
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import ENCODINGS, SampleBatch, samples_to_bytes
 from cema_deploy.exceptions import CemaError, ProtocolError, ProtocolMismatchError, StaleGenerationError, UplinkError
+from cema_deploy.runtime.link.connectivity import Connectivity
 
 __all__ = ["AdminClient", "CloudClient", "CloudLink", "EdgeConfigError", "StaleGenerationError", "is_loopback_url"]
 
@@ -117,11 +118,15 @@ class _Http:
             headers={**headers, protocol.PROTOCOL_HEADER: str(protocol.PROTOCOL_VERSION)},
             verify=_ssl_context(ca_file) if ca_file is not None else True,
         )
+        #: Whether the cloud answers (one log line per change; ``cema_edge_cloud_up``).
+        self.connectivity = Connectivity(self.base_url)
 
     def request(self, method: str, url: str, *, ok: tuple[int, ...], **kw: Any) -> Any:
         try:
             r = self.client.request(method, url, **kw)
         except self.httpx.HTTPError as exc:
+            if not self.client.is_closed:
+                self.connectivity.unreachable(f"{type(exc).__name__}: {exc}")
             if "CERTIFICATE_VERIFY_FAILED" in str(exc):
                 raise UplinkError(
                     f"The TLS certificate of the cloud at {self.base_url} did not verify ({exc}); pass --ca-file "
@@ -131,6 +136,7 @@ class _Http:
             raise UplinkError(
                 f"Cannot reach the cloud at {self.base_url} ({type(exc).__name__}: {exc}); will retry.", retryable=True
             ) from exc
+        self.connectivity.answered()
         try:
             protocol.check_protocol(r.headers.get(protocol.PROTOCOL_HEADER), peer=f"the cloud at {self.base_url}")
         except ProtocolMismatchError as exc:
@@ -219,6 +225,8 @@ class CloudClient:
         self._lock = threading.Lock()
         #: Bytes of the upload bodies the cloud acknowledged.
         self.bytes_sent = 0
+        #: Whether the cloud answers (see :mod:`~cema_deploy.runtime.link.connectivity`).
+        self.connectivity = self._http.connectivity
 
     @property
     def timeout_s(self) -> float:

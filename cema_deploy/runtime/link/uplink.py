@@ -16,7 +16,11 @@ queue and return. One worker thread sends the queue's entries strictly in order,
 Each upload and each batch report has one idempotency key (uuid4), reused on every retry. Transport errors, 5xx,
 408 and 429 are retried with jittered exponential back-off (a 429 waits at least its ``Retry-After``); a 409
 (:class:`~cema_deploy.runtime.link.client.StaleGenerationError`: the deployment was reset) drops the upload, counted
-as ``stale_generation``, and tells the listener; any other refusal drops the entry, counted as ``rejected``.
+as ``stale_generation``, and tells the listener. A refusal of *this device* (401 token unknown or revoked, 403 not
+allowed, 404 no such deployment for this token, a 409 that is not about a generation: :data:`HOLD_STATUSES`) is not
+the entry's fault: it stays queued (or spooled), the sending pauses and is retried every ``backoff_cap_s``, it is
+said once per status with what to do (:attr:`Uplink.refusal`, counted as ``refusals``), and nothing is dropped.
+Any other refusal drops the entry, counted as ``rejected``.
 
 Bounds: in memory, ``max_queue_samples`` samples / ``max_queue_bytes`` bytes (the oldest samples are dropped,
 counted in ``dropped_queue``; a calibration batch is dropped whole) and ``max_queue_reports`` reports. With a
@@ -55,7 +59,7 @@ from cema_deploy.exceptions import CemaError, ProtocolError, UplinkError
 from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, StaleGenerationError
 from cema_deploy.runtime.link.spool import Spool, SpoolRecord
 
-__all__ = ["Uplink", "UplinkCounters", "UplinkListener"]
+__all__ = ["HOLD_STATUSES", "Uplink", "UplinkCounters", "UplinkListener", "refusal_advice"]
 
 log = logging.getLogger("cema_deploy.edge")
 
@@ -63,6 +67,21 @@ _BATCH_REPORT, _EDGE_REPORT = "batch_report", "edge_report"
 #: Estimated spool bytes of an entry beyond its arrays, until its file is written (metadata, report JSON).
 _SPOOL_HEADER_BYTES = 256  # an underestimate: the spool thread corrects it and re-applies the bound
 _T = TypeVar("_T")
+#: Refusals of the device rather than of the entry: the entry is kept and retried (authorization, scope, fingerprint).
+HOLD_STATUSES = (401, 403, 404, 409)
+
+
+def refusal_advice(status: int | None) -> str:
+    """What an operator does about a refusal of :data:`HOLD_STATUSES` (one sentence)."""
+    if status == 401:
+        return ("the cloud does not know this device's token (revoked, expired or mistyped): create one with "
+                "`cema-deploy cloud token add DEVICE --deployment NAME` and restart the edge with it")  # fmt: skip
+    if status == 403:
+        return "this device's token may not do this: ask the operator for a device token of this deployment"
+    if status == 404:
+        return ("the cloud serves no deployment of this export's fingerprint to this token: check the token's "
+                "--deployment and that the cloud serves this export (`cloud serve --edge` this folder)")  # fmt: skip
+    return "the cloud refuses this export's fingerprint: export again or serve this export on the cloud"
 
 
 @dataclass
@@ -86,6 +105,7 @@ class UplinkCounters:
     edge_reports_sent: int = 0  # rollback/refusal reports delivered
     edge_reports_dropped: int = 0
     restored: int = 0  # samples found in the spool at start (left by an earlier run)
+    refusals: int = 0  # attempts the cloud refused because of this device (HOLD_STATUSES); the entries were kept
 
 
 class UplinkListener:
@@ -218,8 +238,11 @@ class Uplink:
         self._cond = threading.Condition()
         self._stop = False
         self._flush_waiters = 0
+        self._flush_cut = False  # cut_flush(): flush() returns at once from now on
         self._rng = random.Random(seed)
         self._warned: set[tuple[str, int | None]] = set()
+        #: The cloud's refusal of this device now holding the queue (None: none); see HOLD_STATUSES.
+        self.refusal: UplinkError | None = None
         self._to_spool: collections.deque[_Entry] = collections.deque()
         self.spool = Spool(spool_dir) if spool_dir is not None else None
         self._spooler: threading.Thread | None = None
@@ -321,12 +344,17 @@ class Uplink:
             try:
                 while self._q or self._busy:
                     left = deadline - time.monotonic()
-                    if left <= 0 or self._stop:
+                    if left <= 0 or self._stop or self.refusal is not None or self._flush_cut:
                         return False
                     self._cond.wait(min(left, 0.1))
                 return True
             finally:
                 self._flush_waiters -= 1
+
+    def cut_flush(self, cut: bool = True) -> None:
+        """Make every :meth:`flush`, running or to come, return False within 0.1 s (a stop was requested;
+        ``cut=False`` undoes it). Only sets a flag: safe from a signal handler."""
+        self._flush_cut = cut
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker. Entries still queued are discarded in memory; spooled ones stay for the next run
@@ -654,12 +682,18 @@ class Uplink:
         attempt = 0
         while True:
             try:
-                return call()
+                result = call()
             except UplinkError as exc:
                 with self._cond:
                     self._counters.upload_errors += upload
                 if isinstance(exc, StaleGenerationError):
                     raise
+                if not exc.retryable and exc.status in HOLD_STATUSES:  # this device is refused, not this entry
+                    self._hold(exc, what)
+                    with self._cond:
+                        if self._cond.wait_for(lambda: self._stop, self.backoff_cap_s * self._rng.uniform(0.5, 1.0)):
+                            return None
+                    continue
                 if not exc.retryable:  # the cloud refused it: retrying cannot help
                     first = (what.split()[0], exc.status) not in self._warned  # once per kind and status
                     self._warned.add((what.split()[0], exc.status))
@@ -674,3 +708,25 @@ class Uplink:
                     if self._cond.wait_for(lambda: self._stop, delay):
                         return None
                     self._counters.retries += 1
+            else:
+                if self.refusal is not None:
+                    with self._cond:
+                        self.refusal = None
+                        queued = self._q_samples + self._inflight
+                    log.warning("the cloud accepts this device again; sending the %d queued samples", queued)
+                return result
+
+    def _hold(self, exc: UplinkError, what: str) -> None:
+        """The cloud refused this device (HOLD_STATUSES): keep the entry, say so once per status."""
+        with self._cond:
+            first = self.refusal is None or self.refusal.status != exc.status
+            self.refusal = exc
+            self._counters.refusals += 1
+            queued = self._q_samples + self._inflight
+            self._cond.notify_all()  # a flush() waiting for the queue gives up: nothing goes until this changes
+        if first:
+            where = "spooled" if self.spool is not None else "queued in memory (lost on exit without --state)"
+            log.warning("the cloud refuses this device (%s, answering the %s): %s. What waits to be uploaded "
+                        "(%d samples now) stays %s and is retried every %g s; nothing is dropped. [%s]",
+                        exc.status, what, refusal_advice(exc.status), queued, where, self.backoff_cap_s,
+                        exc)  # fmt: skip

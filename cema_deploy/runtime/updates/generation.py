@@ -82,7 +82,7 @@ class GenerationTracker(UplinkListener):
             try:
                 status = client.status()
             except UplinkError as exc:
-                if not exc.retryable:
+                if not exc.retryable and exc.status not in (401, 403):  # a refused token is said by the uplink
                     self._status_gone, self.status_due = True, False
                     log.warning("the cloud answered no deployment status (%s); this edge will not calibrate", exc)
                     return False

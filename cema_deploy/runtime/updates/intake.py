@@ -101,6 +101,7 @@ class BlobIntake:
         on_applied: Callable[[int], None] | None = None,
         on_changed: Callable[[], None] | None = None,
         before_poll: Callable[[], None] | None = None,
+        pin_version: int | None = None,
     ) -> None:
         self.backend, self.manifest, self.client, self.verifier = backend, manifest, client, verifier
         self.require_signature, self.swap_lock, self.poll_wait_s = require_signature, swap_lock, poll_wait_s
@@ -120,6 +121,10 @@ class BlobIntake:
             on_done=self._on_done,
         )
         self._poller: threading.Thread | None = None
+        #: Apply no blob above this version (``edge run --pin-version``); None: not pinned.
+        self.pin_version = pin_version
+        #: Newest version seen above the pin and not applied (0: none).
+        self.held_by_pin = 0
 
     def start(self) -> None:
         """Start the poller thread (with a client)."""
@@ -178,6 +183,9 @@ class BlobIntake:
             blob = blob_from_bytes(data, source=source)
             stamp = blob.stamp
             self.ledger.check_epoch(blob)
+            if self.pin_version is not None and blob.version > self.pin_version:
+                self._hold_by_pin(blob.version)
+                return None
             validate_blob(blob, self.manifest)
             self.ledger.admit(blob, source=source)
         except StaleBlobError as exc:
@@ -196,6 +204,12 @@ class BlobIntake:
         with self._lock:
             self.blob_bytes[blob.stamp] = data
         return blob
+
+    def _hold_by_pin(self, version: int) -> None:
+        if version > self.held_by_pin:
+            log.warning("blob v%d is newer than the pinned v%s: not applied (restart without --pin-version to "
+                        "take it)", version, self.pin_version)  # fmt: skip
+        self.held_by_pin = max(self.held_by_pin, version)
 
     def submit(self, blob: RefitBlob) -> None:
         """Hand an admitted blob to the refit scheduler."""
@@ -262,7 +276,8 @@ class BlobIntake:
             if self.before_poll is not None:
                 self.before_poll()
             probe = self.ledger.take_probe()  # the cloud says it is behind the floor: a new cloud state?
-            after = 0 if probe else self.floor
+            # pinned: ask only for what is newer than held already
+            after = 0 if probe else max(self.floor, self.held_by_pin)
             t0 = time.monotonic()
             try:
                 found = client.fetch_blob(after=after, wait=0.0 if probe else self.poll_wait_s)
@@ -279,7 +294,7 @@ class BlobIntake:
                 blob = self.admit(data, f"blob v{announced} from {where}", announced=announced, probe=probe)
                 if blob is not None:
                     self.submit(blob)
-                if blob is not None or probe or self.floor > floor:
+                if blob is not None or probe or self.floor > floor or self.held_by_pin > floor:
                     delay = _POLL_BACKOFF_BASE_S
                     continue
                 # Nothing this edge may remember (unverifiable, another epoch) or nothing newer: back off.

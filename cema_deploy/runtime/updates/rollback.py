@@ -191,9 +191,15 @@ class RollbackMonitor:
         normalize: Callable[[np.ndarray], np.ndarray],
         on_judged: Callable[[Judgement], None],
         chunk: int = 64,
+        unjudgeable: Callable[[int, int], str] | None = None,
     ) -> None:
         self.backend, self.config, self.num_classes = backend, config, num_classes
         self.normalize, self.on_judged, self.chunk = normalize, on_judged, chunk
+        #: ``unjudgeable(version, previous_version)``: a reason why the two cannot be compared (e.g. a reset
+        #: between them: a blob of a new generation is a new start, not a refit to roll back), or "".
+        self.unjudgeable = unjudgeable
+        #: Refits accepted without a judgement because ``unjudgeable`` gave a reason.
+        self.unjudged = 0
         self.ring = InputRing(config.window)
         self.judged = 0
         self.last: Judgement | None = None
@@ -301,6 +307,10 @@ class RollbackMonitor:
             return None  # replaced by a newer refit (or rolled back) meanwhile
         prev_version = _previous_version(self.backend)
         if prev_version is None:
+            return None
+        if self.unjudgeable is not None and (why := self.unjudgeable(version, prev_version)):
+            self.unjudged += 1
+            log.warning("v%d accepted without a rollback judgement: %s", version, why)
             return None
         images = np.stack([im for im, _, _ in entries])
         chunk = max(1, min(self.chunk, self.ring.largest_batch))

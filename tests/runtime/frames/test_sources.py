@@ -230,6 +230,7 @@ def test_edge_run_on_a_video(exported, video: Path, tmp_path: Path) -> None:  # 
         "frames": N_FRAMES,
         "dropped": 0,
         "skipped": 0,
+        "unreadable": 0,
     }
     np.save(tmp_path / "y.npy", np.zeros(N_FRAMES, np.int64))
     r = CliRunner().invoke(app, [*args, "--source", "0", "--labels", str(tmp_path / "y.npy")])

@@ -193,6 +193,6 @@ def test_sigterm_saves_the_state_on_the_way_out(exported, tmp_path) -> None:  # 
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 0, err[-2000:]  # a requested stop (issue 19): everything written, exit 0
     st = json.loads(state_file.read_text())
     assert st["saved_at"] >= sent  # saved again while exiting
