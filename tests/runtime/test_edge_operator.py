@@ -123,7 +123,7 @@ def test_the_blob_of_a_reset_is_a_new_start_not_a_refit_to_roll_back(exported, p
         with srv.state.lock:
             srv.state.generation += 1  # calibrated stays True: no calibration batch opens an exemption here
         srv.state.publish(3, _blob(v0, 3, flat=True))
-        assert until(lambda: rt.version == 3 or 3 in rt.rolled_back)
+        assert until(lambda: rt.version == 3 or 3 in rt.metrics()["rolled_back"])
         rt.process(images(16, 2))
         assert rt.monitor.wait_judged(20)
         m = rt.metrics()
