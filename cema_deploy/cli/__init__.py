@@ -62,7 +62,10 @@ def main() -> None:
     """Entry point of the ``cema-deploy`` console script: a CemaError is one message and exit status 1 (or the
     ``exit_code`` a command set on it)."""
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: click returns a typer.Exit's code instead of exiting (click core.py BaseCommand.main)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CemaError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(getattr(exc, "exit_code", 1))  # a command may mark bad input (2, edge run's exit codes)

@@ -47,3 +47,16 @@ def test_installed_script_reports_errors_without_traceback(tmp_path):
         ["cema-deploy", "export", "resnet5", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 1 and "Did you mean: resnet50" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_command_that_raises_typer_exit_with_a_code_exits_with_it() -> None:
+    # main() runs the app with standalone_mode=False, where click returns a typer.Exit's code instead of exiting.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, typer\nfrom cema_deploy import cli\n"
+        "@cli.app.command('exit-four')\ndef _four() -> None:\n    raise typer.Exit(4)\n"
+        "sys.argv = ['cema-deploy', 'exit-four']\ncli.main()\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 4
