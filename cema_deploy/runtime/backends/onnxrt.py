@@ -3,9 +3,13 @@
 Why a new session per refit: ORT fuses Conv+BatchNormalization only when the BN inputs are constant
 initializers, and ``SessionOptions.add_initializer`` is silently ignored for fused BN parameters. A refit
 therefore builds a *new* session, off the serving path, and swaps it in atomically (FACTS.md, "ONNX Runtime").
-Two ways to build it:
+Three refit paths:
 
-- ``prepared`` (CPU provider, the default where it applies): ORT's optimised graph is saved once per backend
+- ``inplace`` (CPU provider, the default where its start-up self-test passes): two sessions on the prepared
+  graph below, a refit writes the new fused arrays into the idle one and swaps
+  (:mod:`cema_deploy.runtime.backends.onnxrt_inplace`): no session is built at all.
+
+- ``prepared`` (CPU provider, the fallback when the self-test fails): ORT's optimised graph is saved once per backend
   and each refit computes the fused, re-laid-out initializers in numpy and builds a session on that graph
   with optimisations off (:mod:`cema_deploy.runtime.backends.onnxrt_prepared`): ResNet-50 spends ~35 ms of CPU on it
   instead of ~170 ms, and the session computes bit for bit what ORT's own fusion gives.
@@ -14,7 +18,8 @@ Two ways to build it:
 
 Lifetime rule (ORT keeps a pointer, only a C++ comment says so): the arrays handed to a session as
 initializers must outlive it and, with ``add_initializer``, are read in place, so they are never written
-after the session is made. :class:`OrtSession` owns them for exactly as long as it owns the session.
+after the session is made, except by the in-place path while no run reads them. :class:`OrtSession` (and
+``InplaceEngine``) own them for exactly as long as they own the session.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ import numpy as np
 
 from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.manifest import Manifest
-from cema_deploy.exceptions import BackendError, BackendUnavailableError
-from cema_deploy.runtime.backends.base import Backend
+from cema_deploy.exceptions import BackendError, BackendUnavailableError, RefitError
+from cema_deploy.runtime.backends.base import Backend, EngineState
+from cema_deploy.runtime.backends.onnxrt_inplace import pair_from_prepared, self_test
 from cema_deploy.runtime.backends.onnxrt_prepared import PreparedGraph, PreparedGraphError, prepared_from_onnx
+from cema_deploy.runtime.backends.trt_slots import Slot, SlotPair
 
 log = logging.getLogger(__name__)
 
-#: How refits build their session (see the module docstring); "auto" = prepared where it applies.
-REFIT_PATHS = ("auto", "prepared", "plain")
+#: How refits reach the engine (see the module docstring); "auto" = inplace where its self-test passes, else
+#: prepared where it applies, else plain.
+REFIT_PATHS = ("auto", "inplace", "prepared", "plain")
 
 #: Provider names by backend alias.
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -190,14 +198,24 @@ class OnnxrtBackend(Backend):
         self.allow_spinning = allow_spinning
         self._requested_path = refit_path
         self._prepared: PreparedGraph | None = None
+        self._pair: SlotPair | None = None
         #: Why the prepared refit path is not used (None when it is, or was not asked for).
         self.prepare_error: str | None = None
+        #: Why the in-place refit path is not used (None when it is, or was not asked for).
+        self.inplace_error: str | None = None
         super().__init__(model_dir, manifest=manifest)
 
     @property
     def refit_path(self) -> str:
-        """How refits build their session here: "prepared" or "plain"."""
+        """How refits reach the engine here: "inplace", "prepared" or "plain"."""
+        if self._pair is not None:
+            return "inplace"
         return "prepared" if self._prepared is not None else "plain"
+
+    @property
+    def engine_bytes(self) -> int:
+        """Bytes of refit-dependent arrays the in-place engines own (both together; 0 on the other paths)."""
+        return 0 if self._pair is None else sum(s.engine.nbytes for s in self._pair.slots)
 
     def _prepare(self, tensors: Mapping[str, np.ndarray]) -> None:
         if self._requested_path == "plain":
@@ -217,13 +235,43 @@ class OnnxrtBackend(Backend):
             except Exception as exc:  # an ORT failure on the way: the plain path still works
                 self.prepare_error = f"{type(exc).__name__}: {exc}"
         if self.prepare_error is not None:
-            if self._requested_path == "prepared":
+            if self._requested_path in ("prepared", "inplace"):
                 raise BackendError(
-                    f"The prepared refit path is not available for {self.model_dir}: {self.prepare_error}"
+                    f"The {self._requested_path} refit path is not available for {self.model_dir}: {self.prepare_error}"
                 )
             log.info("refits of %s build plain sessions: %s", self.model_dir, self.prepare_error)
+            return
+        if self._requested_path in ("auto", "inplace"):
+            self._prepare_inplace(tensors)
 
-    def _build(self, tensors: Mapping[str, np.ndarray]) -> OrtSession:
+    def _prepare_inplace(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Two in-place engines, kept when the self-test passes; otherwise one log line and the prepared path."""
+        assert self._prepared is not None
+        x = np.random.default_rng(1).standard_normal((1, *self.manifest.input.shape[1:])).astype(np.float32)
+        pair: SlotPair | None = None
+        try:
+            pair = pair_from_prepared(self._prepared, tensors, self._options)
+            self.inplace_error = self_test(pair, tensors, lambda t: self.build_plain(t).run, x)
+        except Exception as exc:  # an ORT failure on the way: the prepared path still works
+            self.inplace_error = f"{type(exc).__name__}: {exc}"
+        if self.inplace_error is None:
+            self._pair = pair
+            self.refit_warm_up = False  # both sessions ran already; a refit changes values, not shapes
+            return
+        if pair is not None:
+            pair.close()
+        if self._requested_path == "inplace":
+            raise BackendError(f"The inplace refit path failed its self-test on {self.model_dir}: {self.inplace_error}")
+        log.warning("refits of %s build a session each (prepared path): in-place self-test: %s", self.model_dir,
+                    self.inplace_error)  # fmt: skip
+
+    def _build(self, tensors: Mapping[str, np.ndarray]) -> OrtSession | Slot:
+        if self._pair is not None:
+            if getattr(self, "_state", None) is None:  # at start: slot 0 serves
+                return self._pair.slots[0]
+            with self._swap_lock:
+                standby = self._pair.claim_standby(self._state.engine)
+            return self._pair.refit(standby, tensors, self.drain_timeout_s)
         if self._prepared is None:
             return self.build_plain(tensors)
         try:
@@ -250,15 +298,50 @@ class OnnxrtBackend(Backend):
         return None
 
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
+        if isinstance(engine, Slot):
+            got = SlotPair.run_on(engine, x)  # this slot: the previous parameters, never the serving ones
+            if got is None:
+                raise RefitError(f"Engine slot {engine.index} is {engine.state}: it cannot run a request now; retry.")
+            return got
         out: np.ndarray = engine.run(x)
         return out
 
+    # ---- the in-place path serves through its slots -------------------------------------------------------
+    #: Longest wait for requests running on the idle in-place engine before a refit gives up (seconds).
+    drain_timeout_s: float = 30.0
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.infer_versioned(x)[0]
+
+    def infer_versioned(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        if self._pair is None:
+            return super().infer_versioned(x)
+        self._serving_shape = x.shape
+
+        def read() -> tuple[Slot, int]:
+            state = self._state
+            return state.engine, state.version
+
+        return SlotPair.run_current(read, x)
+
+    def infer_previous(self, x: np.ndarray) -> np.ndarray | None:
+        prev = self._previous
+        if prev is None or not isinstance(prev.engine, Slot):
+            return super().infer_previous(x)
+        return SlotPair.run_on(prev.engine, x)
+
+    def _resident(self, state: EngineState) -> str | None:
+        return SlotPair.resident(state.engine, state.tensors) if isinstance(state.engine, Slot) else None
+
     def close(self) -> None:
         super().close()
+        if self._pair is not None:
+            self._pair.close()
         if self._prepared is not None:
             self._prepared.close()
             self._prepared = None
 
     @property
     def providers(self) -> list[str]:
-        return list(self._state.engine.providers)
+        engine = self._state.engine
+        return list((engine.engine if isinstance(engine, Slot) else engine).providers)

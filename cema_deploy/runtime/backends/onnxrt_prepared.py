@@ -175,9 +175,12 @@ class PreparedGraph:
                     return a
         return _aligned(shape, dtype)
 
-    def initializers(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def initializers(
+        self, tensors: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """Arrays for every initializer that depends on the refit tensors (constants excluded): new ones, or
-        recycled ones of a session that is gone, never arrays a live session reads.
+        recycled ones of a session that is gone, never arrays a live session reads; or, with ``into``, those
+        arrays written in place (the caller makes sure no run reads them meanwhile: ``onnxrt_inplace``).
 
         The fused weights (memory-bound multiplies, numpy releases the GIL) are split in two halves of equal
         size, one computed on a helper thread, where the machine has more than one core.
@@ -188,31 +191,43 @@ class PreparedGraph:
             scale.append(np.asarray(tensors[f.gamma], np.float32) / np.sqrt(var + np.float32(f.eps)))
         names = list(self._recipes)
         if self._helper is None:
-            return self._compute(names, tensors, scale)
-        second = self._helper.submit(self._compute, self._halves[1], tensors, scale)
-        out = self._compute(self._halves[0], tensors, scale)
+            return self._compute(names, tensors, scale, into)
+        second = self._helper.submit(self._compute, self._halves[1], tensors, scale, into)
+        out = self._compute(self._halves[0], tensors, scale, into)
         out.update(second.result())
         return {n: out[n] for n in names}
 
     def _compute(
-        self, names: list[str], tensors: Mapping[str, np.ndarray], scale: list[np.ndarray]
+        self,
+        names: list[str],
+        tensors: Mapping[str, np.ndarray],
+        scale: list[np.ndarray],
+        into: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
+        def buffer(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            if into is None:
+                return self._buffer(name, shape, dtype)
+            a = into[name]
+            if a.shape != shape or a.dtype != dtype:
+                raise PreparedGraphError(f"{name}: buffer {a.dtype}{list(a.shape)} cannot take {dtype}{list(shape)}")
+            return a
+
         out: dict[str, np.ndarray] = {}
         for name in names:
             r = self._recipes[name]
             if isinstance(r, _Copied):
                 src = np.asarray(tensors[r.source])
-                a = self._buffer(name, r.shape, src.dtype)
+                a = buffer(name, r.shape, src.dtype)
                 a[...] = src.reshape(r.shape)
             elif isinstance(r, _Scaled):
-                a = self._buffer(name, r.shape, np.dtype(np.float32))
+                a = buffer(name, r.shape, np.dtype(np.float32))
                 np.multiply(r.base, scale[r.layer][r.channel], out=a.reshape(r.base.shape))
             else:
                 f = self._fused[r.layer]
                 s = scale[r.layer][r.channel]
                 mean = np.asarray(tensors[f.mean], np.float32)[r.channel]
                 beta = np.asarray(tensors[f.beta], np.float32)[r.channel]
-                a = self._buffer(name, r.channel.shape, np.dtype(np.float32))
+                a = buffer(name, r.channel.shape, np.dtype(np.float32))
                 a[...] = np.where(r.valid, (r.conv_bias - mean) * s + beta, np.float32(0))
             out[name] = a
         return out
@@ -222,17 +237,23 @@ class PreparedGraph:
     ) -> tuple[Any, list[Any], Callable[[], None]]:
         """An ``InferenceSession`` with ``tensors``, the objects it borrows (keep them while it lives), and a
         callable to run once the session is gone: it hands the session's arrays back for reuse."""
+        arrays = self.initializers(tensors)
+        session, held = self.session_on(arrays, options)
+        return session, held, partial(self.recycle, arrays)
+
+    def session_on(self, arrays: Mapping[str, np.ndarray], options: Callable[[], Any]) -> tuple[Any, list[Any]]:
+        """An ``InferenceSession`` reading ``arrays`` (from :meth:`initializers`) in place, and the objects it
+        borrows (keep them while it lives)."""
         import onnxruntime as ort
 
         so = options()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._dir))
-        arrays = self.initializers(tensors)
         values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
         for name, value in (*self._constants.items(), *values.items()):
             so.add_initializer(name, value)
         session = ort.InferenceSession(self._graph, sess_options=so, providers=["CPUExecutionProvider"])
-        return session, [*arrays.values(), *values.values(), self._constants], partial(self.recycle, arrays)
+        return session, [*arrays.values(), *values.values(), self._constants]
 
 
 def prepared_from_onnx(

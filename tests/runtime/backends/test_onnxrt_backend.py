@@ -166,7 +166,7 @@ def test_prepared_refits_do_not_read_the_model_file_again(setup, tmp_path):
     copy_dir = tmp_path / "m"
     shutil.copytree(out, copy_dir)
     new_model, tensors = _perturbed(model, manifest, 5)
-    with get_backend("ort-cpu", copy_dir) as be:
+    with get_backend("ort-cpu", copy_dir, refit_path="prepared") as be:
         assert be.refit_path == "prepared"
         (copy_dir / "model.onnx").unlink()
         be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
