@@ -1,0 +1,133 @@
+"""ONNX Runtime's in-place refit path (two sessions on the prepared graph, the idle one rewritten, then a swap):
+no torn output under refits hammered while serving, parity with a fresh session for BN, GN and LN models, the
+self-test's fallback, rollback by a swap, and memory that does not grow with the number of refits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from cema_deploy.contract import RefitBlob, blob_from_bytes, blob_to_bytes, manifest_from_dir
+from cema_deploy.exceptions import BackendError
+from cema_deploy.runtime import get_backend
+from cema_deploy.runtime.backends.onnxrt_inplace import SELF_TEST_ENV
+from tests.conftest import needs_torch
+from tests.runtime.backends.test_onnxrt_backend import _perturbed, _ref
+
+pytestmark = needs_torch
+
+
+def _x(manifest, n: int = 2, seed: int = 0) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.random.default_rng(seed).standard_normal((n, *manifest.input.shape[1:])).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["bn", "gn", "ln"])
+def test_refits_hammered_while_serving_never_tear_an_output(exported, kind) -> None:  # type: ignore[no-untyped-def]
+    """Four threads infer while refits follow each other back to back: every output equals the logits of the
+    version it was served with (a fresh plain session of that version's tensors); torn outputs: 0."""
+    out, model = exported(kind)
+    manifest = manifest_from_dir(out)
+    x = _x(manifest)
+    sets = [_perturbed(model, manifest, 20 + i)[1] for i in range(3)]  # three tensor sets, reused in turn
+    with get_backend("ort-cpu", out) as be:
+        assert be.refit_path == "inplace"
+        refs = [np.asarray(be.build_plain(t).run(x)) for t in sets]
+        by_version = {0: be.infer(x)}
+        served: list[tuple[int, np.ndarray]] = []
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def worker() -> None:
+            try:
+                while not stop.is_set():
+                    served.append(be.infer_versioned(x)[::-1])
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for v in range(1, 31):
+                by_version[v] = refs[v % 3]
+                be.refit(
+                    blob_from_bytes(
+                        blob_to_bytes(RefitBlob(tensors=sets[v % 3], fingerprint=manifest.fingerprint, version=v))
+                    )
+                )
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        assert not errors, errors[0]
+        torn = [v for v, logits in served if np.abs(logits - by_version[v]).max() > 1e-4]
+        assert torn == [] and len(served) > 30
+        assert len({v for v, _ in served}) > 3  # outputs came from many versions, not from one
+        assert min(np.abs(refs[i] - refs[(i + 1) % 3]).max() for i in range(3)) > 1e-3  # a mix would show
+
+
+@pytest.mark.parametrize("kind", ["bn", "gn", "ln"])
+def test_rollback_is_a_swap_to_the_engine_still_holding_the_previous_parameters(exported, kind) -> None:  # type: ignore[no-untyped-def]
+    out, model = exported(kind)
+    manifest = manifest_from_dir(out)
+    x = _x(manifest)
+    m1, t1 = _perturbed(model, manifest, 31)
+    with get_backend("ort-cpu", out) as be:
+        assert be.refit_path == "inplace"
+        first = be._state.engine
+        arrays = [dict(s.engine.arrays) for s in be._pair.slots]
+        be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1))
+        assert be._state.engine is not first and be.previous_version == 0
+        np.testing.assert_allclose(be.infer_previous(x), _ref(model, x), atol=1e-4, rtol=0)  # still runnable
+        np.testing.assert_allclose(be.infer(x), _ref(m1, x), atol=1e-4, rtol=0)
+        assert be.rollback() == 0
+        assert be._state.engine is first  # a swap back, nothing rebuilt or rewritten
+        np.testing.assert_allclose(be.infer(x), _ref(model, x), atol=1e-4, rtol=0)
+        assert be.infer_previous(x) is None
+        for slot, before in zip(be._pair.slots, arrays, strict=True):  # the same buffers throughout
+            assert all(slot.engine.arrays[n] is a for n, a in before.items())
+
+
+def test_a_failing_self_test_falls_back_to_building_sessions_with_one_log_line(  # type: ignore[no-untyped-def]
+    exported, monkeypatch, caplog
+) -> None:
+    """With ORT handed copies (as if it stopped reading the arrays in place) the self-test fails, one warning
+    names the reason, and the prepared session-build path serves correct outputs after a refit."""
+    out, model = exported("bn")
+    manifest = manifest_from_dir(out)
+    x = _x(manifest)
+    m1, t1 = _perturbed(model, manifest, 41)
+    monkeypatch.setenv(SELF_TEST_ENV, "copy")
+    with caplog.at_level(logging.WARNING, logger="cema_deploy.runtime.backends.onnxrt"):
+        be = get_backend("ort-cpu", out)
+    with be:
+        assert be.refit_path == "prepared" and "not seen" in (be.inplace_error or "")
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "in-place self-test" in lines[0] and "not seen" in lines[0]
+        np.testing.assert_allclose(be.infer(x), _ref(model, x), atol=1e-4, rtol=0)
+        be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1))
+        np.testing.assert_allclose(be.infer(x), _ref(m1, x), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(be.infer_previous(x), _ref(model, x), atol=1e-4, rtol=0)
+    with pytest.raises(BackendError, match="inplace refit path failed its self-test.*not seen"):
+        get_backend("ort-cpu", out, refit_path="inplace")
+
+
+def test_many_refits_keep_two_engines_and_the_same_buffers(exported) -> None:  # type: ignore[no-untyped-def]
+    """Memory is bounded: however many refits, two engines and the arrays they were made with, nothing else."""
+    out, model = exported("bn")
+    manifest = manifest_from_dir(out)
+    x = _x(manifest)
+    with get_backend("ort-cpu", out) as be:
+        slots = list(be._pair.slots)
+        arrays = [{n: id(a) for n, a in s.engine.arrays.items()} for s in slots]
+        size = be.engine_bytes
+        m = model
+        for v in range(1, 9):
+            m, t = _perturbed(m, manifest, 50 + v)
+            be.refit(RefitBlob(tensors=t, fingerprint=manifest.fingerprint, version=v))
+        np.testing.assert_allclose(be.infer(x), _ref(m, x), atol=1e-4, rtol=0)
+        assert be._pair.slots == slots and be.engine_bytes == size > 0
+        assert [{n: id(a) for n, a in s.engine.arrays.items()} for s in slots] == arrays
