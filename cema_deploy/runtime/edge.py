@@ -413,7 +413,8 @@ class EdgeRuntime:
         """Counters as plain numbers (JSON-serialisable): frames, fps (frames per second spent in ``process``),
         wall_fps, selected % (the selector's, since its start), uploaded % (all kinds, over frames run here) and
         uploaded frames by kind, uplink counters, serving version, blobs applied, refusals and rollbacks by
-        reason, generation and calibration, mean entropy and the selection counters."""
+        reason, generation and calibration, mean entropy and the selection counters; ``refit_path``: how refits
+        reach the engine (``inplace``, ``prepared``, ``plain``, ``build``)."""
         c = self.selector.counters
         up = asdict(self.uplink.counters) if self.uplink is not None else {}
         ik, d, last = self.intake, self.deployment, self.monitor.last
@@ -423,6 +424,7 @@ class EdgeRuntime:
             "fps": self.frames / self.busy_s if self.busy_s else 0.0,
             "wall_fps": self.frames / (now - self._started),
             "version": self.backend.version,
+            "refit_path": str(getattr(self.backend, "refit_path", "build")),
             "selection": c.as_dict(),
             "selected_pct": 100.0 * c.selected / c.seen if c.seen else 0.0,
             "uploaded_pct": 100.0 * up.get("uploaded", 0) / self.frames if self.frames else 0.0,

@@ -112,6 +112,11 @@ class Backend(ABC):
         return [self.name]
 
     @property
+    def refit_path(self) -> str:
+        """How refits reach the engine: "build" (a new engine per refit) unless a backend says otherwise."""
+        return "build"
+
+    @property
     def previous_version(self) -> int | None:
         """Version of the parameters that served before the last refit (still resident), None when none."""
         prev = self._previous

@@ -270,6 +270,11 @@ class DoubleBufferedBackend(Backend):
         return SlotPair.run_current(read, x)
 
     @property
+    def refit_path(self) -> str:
+        """"inplace": refits write the idle one of two engines, then swap (the module docstring)."""
+        return "inplace"
+
+    @property
     def slot_states(self) -> list[str]:
         """State of each slot (``ready``, ``refitting``, ``invalid``), for reports and tests."""
         return [] if self._pair is None else self._pair.states
