@@ -35,7 +35,7 @@ import numpy as np
 from cema_deploy.contract.blob import blob_from_bytes
 from cema_deploy.contract.messages import BatchReport, EdgeReport
 from cema_deploy.contract.samples import KIND_STATISTICS
-from cema_deploy.exceptions import CemaError
+from cema_deploy.exceptions import CemaError, RefitError
 from cema_deploy.runtime.backends.base import Backend
 from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
 from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, is_loopback_url
@@ -328,7 +328,11 @@ class EdgeRuntime:
             self.intake.refused_upto = max(self.intake.refused_upto, j.version)  # never again, nor anything older
             if self.backend.version != j.version:
                 return  # a newer refit replaced it already
-            restored = self.backend.rollback()
+            try:
+                restored = self.backend.rollback(only_if_serving=j.version)  # atomic with the backend's swaps
+            except RefitError as exc:  # a refit landed since the check above, or nothing to return to
+                log.warning("v%d judged bad but not rolled back: %s", j.version, exc)
+                return
             self.rollbacks_by_reason[j.reason] = self.rollbacks_by_reason.get(j.reason, 0) + 1
             self.rolled_back[j.version] = j.describe()
         log.warning("rolled back v%d, serving v%d again: %s", j.version, restored, j.describe())

@@ -181,9 +181,18 @@ class Backend(ABC):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-refit")
         return self._executor.submit(self.refit, blob)
 
-    def rollback(self) -> int:
-        """Restore the parameters that served before the last refit; returns the version now serving."""
+    def rollback(self, *, only_if_serving: int | None = None) -> int:
+        """Restore the parameters that served before the last refit; returns the version now serving.
+
+        ``only_if_serving``: roll back only while that version serves (checked atomically with the swap, so a
+        refit that lands meanwhile is never undone in its place); otherwise raise :class:`RefitError`.
+        """
         with self._swap_lock:  # not the refit lock: a rollback never waits behind a build
+            if only_if_serving is not None and self._state.version != only_if_serving:
+                raise RefitError(
+                    f"Not rolled back: v{only_if_serving} no longer serves (v{self._state.version} does); "
+                    "nothing was changed."
+                )
             prev = self._previous
             if prev is None:
                 raise RefitError("Nothing to roll back to: no refit has been applied since the backend started.")

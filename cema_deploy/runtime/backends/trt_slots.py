@@ -271,7 +271,7 @@ class DoubleBufferedBackend(Backend):
 
     @property
     def refit_path(self) -> str:
-        """"inplace": refits write the idle one of two engines, then swap (the module docstring)."""
+        """ "inplace": refits write the idle one of two engines, then swap (the module docstring)."""
         return "inplace"
 
     @property

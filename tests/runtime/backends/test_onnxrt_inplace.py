@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cema_deploy.contract import RefitBlob, blob_from_bytes, blob_to_bytes, manifest_from_dir
-from cema_deploy.exceptions import BackendError
+from cema_deploy.exceptions import BackendError, RefitError
 from cema_deploy.runtime import get_backend
 from cema_deploy.runtime.backends.onnxrt_inplace import SELF_TEST_ENV
 from tests.conftest import needs_torch
@@ -111,7 +111,7 @@ def test_a_failing_self_test_falls_back_to_building_sessions_with_one_log_line( 
         be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1))
         np.testing.assert_allclose(be.infer(x), _ref(m1, x), atol=1e-4, rtol=0)
         np.testing.assert_allclose(be.infer_previous(x), _ref(model, x), atol=1e-4, rtol=0)
-    with pytest.raises(BackendError, match="inplace refit path failed its self-test.*not seen"):
+    with pytest.raises(BackendError, match=r"inplace refit path failed its self-test.*not seen"):
         get_backend("ort-cpu", out, refit_path="inplace")
 
 
@@ -131,3 +131,43 @@ def test_many_refits_keep_two_engines_and_the_same_buffers(exported) -> None:  #
         np.testing.assert_allclose(be.infer(x), _ref(m, x), atol=1e-4, rtol=0)
         assert be._pair.slots == slots and be.engine_bytes == size > 0
         assert [{n: id(a) for n, a in s.engine.arrays.items()} for s in slots] == arrays
+
+
+def test_rollback_and_the_edge_swap_lock_never_wait_behind_a_build(exported) -> None:  # type: ignore[no-untyped-def]
+    """While a refit's engine build runs (held here on purpose), a rollback swaps at once and the edge's swap
+    lock (poller, state saves, rollback decisions) is free; the build then lands on top (issue 20, item 6)."""
+    from cema_deploy.runtime.backends.onnxrt import OnnxrtBackend
+    from cema_deploy.runtime.edge import EdgeRuntime
+    from cema_deploy.runtime.selection.rules import SampleSelector, SelectionConfig
+
+    out, model = exported("bn")
+    manifest = manifest_from_dir(out)
+    x = _x(manifest)
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldBuild(OnnxrtBackend):
+        def _build(self, tensors):  # type: ignore[no-untyped-def]
+            if getattr(self, "_state", None) is not None and self.version == 1:
+                entered.set()
+                assert release.wait(60)
+            return super()._build(tensors)
+
+    be = HeldBuild(out, refit_path="plain")
+    m1, t1 = _perturbed(model, manifest, 61)
+    m2, t2 = _perturbed(m1, manifest, 62)
+    with EdgeRuntime(be, SampleSelector(SelectionConfig.for_classes(10, d_margin=None))) as rt, be:
+        be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1))
+        rt.intake.submit(RefitBlob(tensors=t2, fingerprint=manifest.fingerprint, version=2))
+        try:
+            assert entered.wait(60)
+            assert rt._swap_lock.acquire(timeout=10)  # not held across the build
+            rt._swap_lock.release()
+            assert be.rollback(only_if_serving=1) == 0  # not behind the build either
+            np.testing.assert_allclose(be.infer(x), _ref(model, x), atol=1e-4, rtol=0)
+        finally:
+            release.set()
+        assert rt.intake.scheduler.wait_idle(timeout=60)
+        assert (be.version, be.previous_version) == (2, 0)
+        np.testing.assert_allclose(be.infer(x), _ref(m2, x), atol=1e-4, rtol=0)
+        with pytest.raises(RefitError, match="v1 no longer serves"):
+            be.rollback(only_if_serving=1)
