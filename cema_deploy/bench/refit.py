@@ -190,9 +190,10 @@ def measure_sustained_refit(
     a :class:`~cema_deploy.runtime.updates.scheduler.RefitScheduler`. RSS is sampled every 0.25 s; ``rss_after_10s_mb``
     is the first sample ``rss_at_s`` into the refits, ``rss_mb`` the last one, after the last refit.
 
-    Then ``window_pairs`` pairs of ``window_s`` windows (default ``seconds`` / 8, 0.25-2 s), without blobs and with them (``interleaved``): the
-    throughput ratio of the two kinds of windows by wall time and by this process's CPU time (images per CPU
-    second, the refits' own work included), robust to the load other processes put on a shared machine.
+    Then ``window_pairs`` pairs of ``window_s`` windows (default ``seconds`` / 8, 0.25-2 s), without blobs and
+    with them (``interleaved``): the throughput ratio of the two kinds of windows by wall time and by this
+    process's CPU time (images per CPU second, the refits' own work included), robust to the load other
+    processes put on a shared machine.
     """
     from cema_deploy.runtime.updates.scheduler import RefitOutcome, RefitScheduler
 

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from cema_deploy._lazy import lazy_import
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.exceptions import BackendError, BackendUnavailableError, RefitError
 from cema_deploy.runtime.backends.base import Backend, EngineState
-from cema_deploy.runtime.backends.onnxrt_inplace import pair_from_prepared, self_test
+from cema_deploy.runtime.backends.onnxrt_inplace import InplaceEngine, pair_from_prepared, self_test
 from cema_deploy.runtime.backends.onnxrt_prepared import PreparedGraph, PreparedGraphError, prepared_from_onnx
 from cema_deploy.runtime.backends.trt_slots import Slot, SlotPair
 
@@ -215,7 +215,7 @@ class OnnxrtBackend(Backend):
     @property
     def engine_bytes(self) -> int:
         """Bytes of refit-dependent arrays the in-place engines own (both together; 0 on the other paths)."""
-        return 0 if self._pair is None else sum(s.engine.nbytes for s in self._pair.slots)
+        return 0 if self._pair is None else sum(cast(InplaceEngine, s.engine).nbytes for s in self._pair.slots)
 
     def _prepare(self, tensors: Mapping[str, np.ndarray]) -> None:
         if self._requested_path == "plain":
@@ -343,5 +343,7 @@ class OnnxrtBackend(Backend):
 
     @property
     def providers(self) -> list[str]:
-        engine = self._state.engine
-        return list((engine.engine if isinstance(engine, Slot) else engine).providers)
+        engine: Any = self._state.engine
+        if isinstance(engine, Slot):
+            return list(cast(InplaceEngine, engine.engine).providers)
+        return list(engine.providers)
