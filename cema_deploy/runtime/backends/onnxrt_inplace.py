@@ -93,11 +93,12 @@ class InplaceEngine:
 
 
 def pair_from_prepared(
-    prepared: PreparedGraph, tensors: Mapping[str, np.ndarray], options: Callable[[], Any]
+    prepared: PreparedGraph, tensors: Mapping[str, np.ndarray], options: Callable[[], Any], *, count: int = 2
 ) -> SlotPair:
-    """Two :class:`InplaceEngine` slots holding ``tensors`` (sharing the prepared graph's constants)."""
+    """``count`` :class:`InplaceEngine` slots holding ``tensors`` (sharing the prepared graph's constants)."""
     copies = os.environ.get(SELF_TEST_ENV, "") == "copy"
-    return SlotPair(lambda t: InplaceEngine(prepared, t, options, hand_copies=copies), tensors, serial=False)
+    make = lambda t: InplaceEngine(prepared, t, options, hand_copies=copies)  # noqa: E731
+    return SlotPair(make, tensors, serial=False, count=count)
 
 
 def self_test(
@@ -115,7 +116,7 @@ def self_test(
     tolerance, ``1e-4 * (1 + max |logit|)``, while slot 0 keeps computing exactly what it did. Then the
     serving tensors are written back and slot 1 must compute exactly slot 0's logits again.
     """
-    a, b = (s.engine for s in pair.slots)
+    a, b = pair.slots[0].engine, pair.slots[1].engine
     before = a.run(x)
     rng = np.random.default_rng(seed)
     perturbed = {n: _perturbed(n, np.asarray(t), rng) for n, t in tensors.items()}

@@ -129,11 +129,16 @@ class SlotPair:
     """
 
     def __init__(
-        self, make: Callable[[Mapping[str, np.ndarray]], SlotEngine], tensors: Mapping[str, np.ndarray], *, serial: bool
+        self,
+        make: Callable[[Mapping[str, np.ndarray]], SlotEngine],
+        tensors: Mapping[str, np.ndarray],
+        *,
+        serial: bool,
+        count: int = 2,
     ) -> None:
         self.slots: list[Slot] = []
         try:
-            for i in range(2):  # at start both slots hold the serving blob
+            for i in range(count):  # at start every slot holds the serving blob
                 self.slots.append(Slot(make(tensors), tensors, i, serial=serial))
         except BaseException:
             self.close()

@@ -24,16 +24,28 @@ def _x(manifest, n: int = 2, seed: int = 0) -> np.ndarray:  # type: ignore[no-un
     return np.random.default_rng(seed).standard_normal((n, *manifest.input.shape[1:])).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["bn", "gn", "ln"])
-def test_refits_hammered_while_serving_never_tear_an_output(exported, kind) -> None:  # type: ignore[no-untyped-def]
-    """Four threads infer while refits follow each other back to back: every output equals the logits of the
-    version it was served with (a fresh plain session of that version's tensors); torn outputs: 0."""
+PATHS = [("bn", "hybrid"), ("bn", "inplace"), ("gn", "inplace"), ("ln", "inplace")]
+
+
+def test_the_default_path_is_hybrid_for_batchnorm_and_inplace_for_group_and_layer_norm(exported) -> None:  # type: ignore[no-untyped-def]
+    for kind, path in (("bn", "hybrid"), ("gn", "inplace"), ("ln", "inplace")):
+        with get_backend("ort-cpu", exported(kind)[0]) as be:
+            assert be.refit_path == path, (kind, be.inplace_error)
+
+
+@pytest.mark.parametrize(("kind", "path"), PATHS)
+def test_refits_hammered_while_serving_never_tear_an_output(exported, kind, path) -> None:  # type: ignore[no-untyped-def]
+    """Four threads infer while refits follow each other (back to back, with a pause after every fifth, so the
+    hybrid's promotions to fused engines happen under load too): every output equals the logits of the version
+    it was served with (a fresh plain session of that version's tensors); torn outputs: 0."""
+    import time
+
     out, model = exported(kind)
     manifest = manifest_from_dir(out)
     x = _x(manifest)
     sets = [_perturbed(model, manifest, 20 + i)[1] for i in range(3)]  # three tensor sets, reused in turn
-    with get_backend("ort-cpu", out) as be:
-        assert be.refit_path == "inplace"
+    with get_backend("ort-cpu", out, refit_path=path) as be:
+        assert be.refit_path == path
         refs = [np.asarray(be.build_plain(t).run(x)) for t in sets]
         by_version = {0: be.infer(x)}
         served: list[tuple[int, np.ndarray]] = []
@@ -58,6 +70,8 @@ def test_refits_hammered_while_serving_never_tear_an_output(exported, kind) -> N
                         blob_to_bytes(RefitBlob(tensors=sets[v % 3], fingerprint=manifest.fingerprint, version=v))
                     )
                 )
+                if v % 5 == 0:
+                    time.sleep(0.6)  # quiet: the hybrid promotes the serving version to a fused engine
         finally:
             stop.set()
             for t in threads:
@@ -67,16 +81,18 @@ def test_refits_hammered_while_serving_never_tear_an_output(exported, kind) -> N
         assert torn == [] and len(served) > 30
         assert len({v for v, _ in served}) > 3  # outputs came from many versions, not from one
         assert min(np.abs(refs[i] - refs[(i + 1) % 3]).max() for i in range(3)) > 1e-3  # a mix would show
+        if path == "hybrid":
+            assert be._promoter is not None and be._promoter.promotions >= 3
 
 
-@pytest.mark.parametrize("kind", ["bn", "gn", "ln"])
-def test_rollback_is_a_swap_to_the_engine_still_holding_the_previous_parameters(exported, kind) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("kind", "path"), PATHS)
+def test_rollback_is_a_swap_to_the_engine_still_holding_the_previous_parameters(exported, kind, path) -> None:  # type: ignore[no-untyped-def]
     out, model = exported(kind)
     manifest = manifest_from_dir(out)
     x = _x(manifest)
     m1, t1 = _perturbed(model, manifest, 31)
-    with get_backend("ort-cpu", out) as be:
-        assert be.refit_path == "inplace"
+    with get_backend("ort-cpu", out, refit_path=path) as be:
+        assert be.refit_path == path
         first = be._state.engine
         arrays = [dict(s.engine.arrays) for s in be._pair.slots]
         be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1))
@@ -171,3 +187,26 @@ def test_rollback_and_the_edge_swap_lock_never_wait_behind_a_build(exported) -> 
         np.testing.assert_allclose(be.infer(x), _ref(m2, x), atol=1e-4, rtol=0)
         with pytest.raises(RefitError, match="v1 no longer serves"):
             be.rollback(only_if_serving=1)
+
+
+def test_hybrid_serves_a_refit_unfused_then_the_same_version_fused(exported) -> None:  # type: ignore[no-untyped-def]
+    """A refit lands on an unfused engine; once refits pause the fused engine takes over with the same version
+    and the same logits (within the parity tolerance), and the previous parameters stay runnable throughout."""
+    from tests.runtime.conftest import until
+
+    out, model = exported("bn")
+    manifest = manifest_from_dir(out)
+    x = _x(manifest)
+    m1, t1 = _perturbed(model, manifest, 71)
+    with get_backend("ort-cpu", out, refit_path="hybrid") as be:
+        assert be.serving_fused
+        be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1))
+        unfused = be.infer(x)
+        assert be.version == 1 and not be.serving_fused  # (the promoter waits 0.25 s without a swap)
+        assert until(lambda: be.serving_fused, timeout=30)
+        assert be.version == 1 and be.previous_version == 0 and be._promoter.promotions == 1
+        np.testing.assert_allclose(be.infer(x), unfused, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(be.infer(x), _ref(m1, x), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(be.infer_previous(x), _ref(model, x), atol=1e-4, rtol=0)
+        assert be.rollback() == 0 and be.serving_fused
+        np.testing.assert_allclose(be.infer(x), _ref(model, x), atol=1e-4, rtol=0)
