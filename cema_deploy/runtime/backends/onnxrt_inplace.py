@@ -10,20 +10,17 @@ that does not serve, once the runs on it drained, then swaps the serving pointer
 discipline as TensorRT (:class:`~cema_deploy.runtime.backends.trt_slots.SlotPair`). The swap lock is never held
 across the numpy recompute.
 
-Fused in place, not the hybrid (an unfused variant with ``ConvBNFusion`` disabled served first, the fused one
-recomputed behind it), decided by measurement (ResNet-50 batch 1, ORT 1.32 CPU, this 2-core machine; the runs in
-benchmarks/README.md, "In-place refit"): the fused recompute into the idle engine takes 14 ms at load ~1.5
-(0.07x an idle plain session build, 199 ms) and 85 ms at load ~12, against 0.2-0.6 ms for the unfused variant's
-per-channel scale/shift in the feasibility run, so the hybrid is the only way to the 0.05x target. But the fused
-engine serves at the folded model's speed from the first request, with two engines resident, the previous
-parameters runnable in the other one until the next refit, and a rollback that is one swap; the hybrid costs a
-second planned graph and at least three more sessions (two unfused ones plus a spare, because serving and
-previous may both sit on unfused engines), and the unfused variant runs +3-8 % CPU at batch 1 and +8-13 % at
-batch 16 (below the 0.97x-folded target) for as long as it serves. Not built here; what it needs: with
-``disabled_optimizers=["ConvBNFusion"]`` ORT's NCHWc transformer turns each BatchNormalization into a
-depthwise NCHWc ``Conv`` whose weight ``bn_scale`` is ``[C, 1, 1, 1]`` (gamma / sqrt(var + eps)) and bias
-``bn_B`` ``[C]``: the planner's trace already explains ``bn_B`` (a fused bias of conv bias 0) and would need a
-recipe for ``bn_scale`` (the scale per channel) and BN pairs without a Conv producer.
+Fused in place, or the hybrid (``onnxrt_hybrid``: refits land on unfused engines, ``ConvBNFusion`` disabled, and
+the fused engines catch up once refits pause), decided by measurement (ResNet-50 batch 1, ORT 1.32 CPU, this
+2-core machine; benchmarks/README.md, "In-place refit"): the fused recompute into the idle engine takes 14 ms
+at load ~1.5 (0.07x an idle plain session build, 199 ms) and 85 ms at load 12-16, too slow for the 0.05x target
+and, at 10 blobs/s, for 8 applied per second at 0.9x throughput (measured: 2.9/s, 0.77x). The unfused engines'
+refit writes 212 KB of per-channel scale and shift in ~1.5 ms, so the hybrid is the default wherever the model
+has fused BatchNorm layers and both self-tests pass; its costs are three more sessions on a second planned
+graph (its constants: the conv weights once more, ~100 MB for ResNet-50), a longer start (two more ORT
+optimisations) and unfused speed (+3-8 % CPU at batch 1, +8-13 % at batch 16, feasibility run) while refits
+keep coming faster than the promoter's quiet period. Fused in place alone (``inplace``) remains the path for
+models without fused BatchNorm (GroupNorm, LayerNorm: nothing to unfuse) and when the hybrid's self-test fails.
 
 CUDA execution provider: not applicable. The prepared graph is made for the CPU provider, and the CUDA
 provider copies initializers to device memory when the session is made, so host writes are never seen; the
