@@ -303,7 +303,7 @@ class OnnxrtBackend(Backend):
                     self.inplace_error)  # fmt: skip
 
     def _prepare_hybrid(self, tensors: Mapping[str, np.ndarray], x: np.ndarray) -> None:
-        """Two unfused in-place engines next to the fused pair, kept when their self-test passes."""
+        """Three unfused in-place engines next to the fused pair, kept when their self-test passes."""
         assert self._prepared is not None and self._pair is not None
         why: str | None = None
         if self._prepared.fused_layers == 0:
@@ -324,6 +324,9 @@ class OnnxrtBackend(Backend):
                 return
             if pair is not None:
                 pair.close()
+            if self._unfused is not None:
+                self._unfused.close()
+                self._unfused = None
         if self._requested_path == "hybrid":
             raise BackendError(f"The hybrid refit path is not available for {self.model_dir}: {why}")
         log.info("refits of %s are written in place into fused engines only (no hybrid): %s", self.model_dir, why)

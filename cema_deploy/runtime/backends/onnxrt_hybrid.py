@@ -136,10 +136,9 @@ class Promoter:
                 now, prev = self._get()
                 fused = EngineState(target, state.version, state.tensors, state.applied_at)
                 if now is state:
+                    with self._cond:  # before the swap: whoever sees a fused engine serving sees this time
+                        self.promotions += 1
+                        self.full_speed_at = time.perf_counter()
                     self._put(fused, prev)
                 elif prev is state:  # a refit landed meanwhile: keep the previous parameters on the fused engine
                     self._put(now, fused)
-            if now is state:
-                with self._cond:
-                    self.promotions += 1
-                    self.full_speed_at = time.perf_counter()
