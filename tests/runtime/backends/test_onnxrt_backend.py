@@ -218,7 +218,7 @@ def test_refit_warms_the_new_engine_up_at_the_serving_shape(setup):
         assert be.serving_shape == (2, *manifest.input.shape[1:])
 
 
-@pytest.mark.parametrize("mode", ["inplace", "prepared", "plain"])
+@pytest.mark.parametrize("mode", ["hybrid", "inplace", "prepared", "plain"])
 def test_refit_under_concurrent_load(setup, mode):
     """Four threads infer while refits swap parameters: every response equals either the old or the new
     reference (never a mix), none fails, and the new parameters serve once the refit returns."""
