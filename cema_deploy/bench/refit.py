@@ -49,6 +49,7 @@ def measure_refit(
 
     out: dict[str, Any] = {
         "refit_path": getattr(backend, "refit_path", "plain"),
+        "engine_bytes": int(getattr(backend, "engine_bytes", 0)),
         "blob_bytes": trials[0]["blob_bytes"],
         "repeats": repeats,
         "idle_build_ms": round(idle_ms, 2),
@@ -67,6 +68,9 @@ def measure_refit(
         "throughput_during_refit",
     ):
         out[key] = med(key)
+    # Until a fused engine serves the new parameters: the hybrid path's promotion; every other path serves
+    # fused parameters from the swap on (then it equals received -> serving).
+    out["time_to_full_speed_ms"] = med("time_to_full_speed_ms")
     out["version"] = [trials[0]["version"][0], trials[-1]["version"][1]]
     out["failed_requests"] = sum(t["failed_requests"] for t in trials)
     out["steady_throughput"] = round(st.throughput, 2)
@@ -149,6 +153,12 @@ def _refit_trial(backend: Backend, x: np.ndarray, *, steady_s: float, after_s: f
         t1 = time.perf_counter()
         if served != old_version and first_new is None:
             first_new = (t1, t1 - t0)
+    full_speed = window
+    if getattr(backend, "full_speed_at", None) is not None:  # hybrid: wait for the fused engine (still inferring)
+        deadline = time.perf_counter() + 30.0
+        while not backend.serving_fused and time.perf_counter() < deadline and "error" not in result:  # type: ignore[attr-defined]
+            backend.infer(x)
+        full_speed = max(window, backend.full_speed_at - received)  # type: ignore[attr-defined]
     if "error" in result:
         raise CemaError(f"The benchmark's refit failed: {result['error']}")
     assert first_new is not None
@@ -157,6 +167,7 @@ def _refit_trial(backend: Backend, x: np.ndarray, *, steady_s: float, after_s: f
     return {
         "blob_bytes": len(data),
         "received_to_serving_ms": round(window * 1e3, 2),
+        "time_to_full_speed_ms": round(full_speed * 1e3, 2),
         "received_to_first_new_response_ms": round((first_new[0] - received) * 1e3, 2),
         "first_new_response_latency_ms": round(first_new[1] * 1e3, 2),
         "parse_ms": round(result["parse_s"] * 1e3, 2),
@@ -181,6 +192,8 @@ def measure_sustained_refit(
     min_interval_s: float = 0.0,
     steady_s: float | None = None,
     rss_at_s: float = 10.0,
+    window_s: float | None = None,
+    window_pairs: int = 3,
 ) -> dict[str, Any]:
     """Throughput, latency and memory while blobs arrive every ``refit_every_s`` for ``seconds``.
 
@@ -189,12 +202,20 @@ def measure_sustained_refit(
     (gamma alternately x 1.01 and / 1.01, next version) every ``refit_every_s`` and hands the parsed blob to
     a :class:`~cema_deploy.runtime.updates.scheduler.RefitScheduler`. RSS is sampled every 0.25 s; ``rss_after_10s_mb``
     is the first sample ``rss_at_s`` into the refits, ``rss_mb`` the last one, after the last refit.
+
+    Then ``window_pairs`` pairs of ``window_s`` windows (default ``seconds`` / 8, 0.25-2 s), without blobs and
+    with them (``interleaved``): the throughput ratio of the two kinds of windows by wall time and by this
+    process's CPU time (images per CPU second, the refits' own work included), robust to the load other
+    processes put on a shared machine.
     """
     from cema_deploy.runtime.updates.scheduler import RefitOutcome, RefitScheduler
 
     steady_s = min(10.0, max(1.0, seconds / 4)) if steady_s is None else steady_s
+    window_s = min(2.0, max(0.25, seconds / 8)) if window_s is None else window_s
     batch = int(x.shape[0])
+    cpu0 = time.process_time()
     steady = _steady_latencies(backend, x, steady_s)
+    steady_cpu_s = time.process_time() - cpu0
     base = dict(backend.tensors)
     variants = [
         {k: (v * np.float32(f) if k.endswith(".weight") else v) for k, v in base.items()} for f in (1.01, 1 / 1.01)
@@ -202,6 +223,8 @@ def measure_sustained_refit(
     outcomes: list[RefitOutcome] = []
     rss: list[tuple[float, float]] = []
     stop = threading.Event()
+    active = threading.Event()  # blobs are offered only while set (cleared in the interleaved off windows)
+    active.set()
     start = time.perf_counter()
 
     def feed(refits: RefitScheduler) -> None:
@@ -210,7 +233,9 @@ def measure_sustained_refit(
         while not stop.is_set():
             now = time.perf_counter()
             rss.append((now - start, rss_mb()))
-            if now >= next_blob:
+            if not active.is_set():
+                next_blob = now + refit_every_s
+            elif now >= next_blob:
                 version += 1
                 blob = RefitBlob(
                     tensors=variants[version % 2], fingerprint=backend.manifest.fingerprint, version=version
@@ -224,6 +249,7 @@ def measure_sustained_refit(
     with RefitScheduler(backend, min_interval_s=min_interval_s, on_done=outcomes.append) as refits:
         feeder = threading.Thread(target=feed, args=(refits,), name="bench-feed")
         feeder.start()
+        cpu0 = time.process_time()
         t_end = start + seconds
         while time.perf_counter() < t_end:
             t0 = time.perf_counter()
@@ -233,6 +259,19 @@ def measure_sustained_refit(
                 failed += 1
             lat.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
+        sustained_cpu_s = time.process_time() - cpu0
+        applied_in_run = refits.applied
+        windows: list[dict[str, Any]] = []
+        for i in range(2 * window_pairs):
+            on = i % 2 == 1
+            if on:
+                active.set()
+            else:
+                active.clear()
+                refits.wait_idle(timeout=120)  # an off window starts with no refit running
+            w = _window(backend, x, window_s)
+            failed += w.pop("failed")
+            windows.append({"refits": on, **w})
         stop.set()
         feeder.join()
         refits.wait_idle(timeout=120)
@@ -248,10 +287,16 @@ def measure_sustained_refit(
     after = [m for t, m in rss if t >= rss_at_s] or [rss[-1][1]]
     reports = [o.report for o in outcomes if o.applied and o.report is not None]
     errors = sorted({f"{type(o.error).__name__}: {o.error}" for o in outcomes if o.error is not None})
+    offered = int(elapsed / refit_every_s) + 1  # blobs offered during the continuous run (the first at its start)
     return {
         "seconds": round(elapsed, 2),
         "refit_every_s": refit_every_s,
         "min_interval_s": min_interval_s,
+        "refits_offered_per_s": round(offered / elapsed, 2) if elapsed > 0 else 0.0,
+        "refits_applied_per_s": round(applied_in_run / elapsed, 2) if elapsed > 0 else 0.0,
+        "refits_applied_in_run": applied_in_run,
+        "throughput_ratio_cpu": _cpu_ratio(len(lat), sustained_cpu_s, len(steady), steady_cpu_s),
+        "interleaved": _interleaved(windows, batch),
         "refits": counts["applied"],
         "refits_submitted": counts["submitted"],
         "refits_coalesced": counts["coalesced"],
@@ -274,6 +319,53 @@ def measure_sustained_refit(
         "rss_growth_pct": round((rss[-1][1] / after[0] - 1) * 100, 2),
         "rss_max_mb": round(max(m for _, m in rss), 1),
         "rss_samples": [[round(t, 2), round(m, 1)] for t, m in rss[:: max(1, len(rss) // 60)]],
+    }
+
+
+def _window(backend: Backend, x: np.ndarray, seconds: float) -> dict[str, Any]:
+    """Requests, wall and process CPU seconds of ``seconds`` of back-to-back inference on this thread."""
+    n = failed = 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    t_end = t0 + seconds
+    while time.perf_counter() < t_end:
+        try:
+            backend.infer_versioned(x)
+        except Exception:  # counted, not raised
+            failed += 1
+        n += 1
+    return {"requests": n, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "failed": failed}
+
+
+def _cpu_ratio(n_num: int, cpu_num: float, n_den: int, cpu_den: float) -> float | None:
+    """Requests per CPU second of one stretch over those of another."""
+    if cpu_num <= 0 or cpu_den <= 0 or n_den == 0:
+        return None
+    return round((n_num / cpu_num) / (n_den / cpu_den), 4)
+
+
+def _interleaved(windows: list[dict[str, Any]], batch: int) -> dict[str, Any]:
+    """Throughput with refits over without, by wall and by CPU time, per adjacent pair of windows (median)."""
+    wall, cpu = [], []
+    for off, on in zip(windows[::2], windows[1::2], strict=True):
+        if off["requests"] and off["wall_s"] > 0 and on["wall_s"] > 0:
+            wall.append((on["requests"] / on["wall_s"]) / (off["requests"] / off["wall_s"]))
+        c = _cpu_ratio(on["requests"], on["cpu_s"], off["requests"], off["cpu_s"])
+        if c is not None:
+            cpu.append(c)
+    return {
+        "pairs": len(windows) // 2,
+        "throughput_ratio_wall": round(float(np.median(wall)), 4) if wall else None,
+        "throughput_ratio_cpu": round(float(np.median(cpu)), 4) if cpu else None,
+        "windows": [
+            {
+                "refits": w["refits"],
+                "requests": w["requests"],
+                "throughput": round(w["requests"] * batch / w["wall_s"], 2) if w["wall_s"] > 0 else 0.0,
+                "wall_s": round(w["wall_s"], 3),
+                "cpu_s": round(w["cpu_s"], 3),
+            }
+            for w in windows
+        ],
     }
 
 

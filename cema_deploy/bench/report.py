@@ -69,3 +69,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
             f"{s['p99_ms']:.1f} vs steady {s['steady_p99_ms']:.1f} ms; RSS {s['rss_after_10s_mb']:.0f} MB after "
             f"10 s, {s['rss_mb']:.0f} MB at the end ({s['rss_growth_pct']:+.1f} %)"
         )
+        iv = s.get("interleaved") or {}
+        console.print(
+            f"[bold]sustained refits[/] applied {s['refits_applied_per_s']}/s of {s['refits_offered_per_s']}/s "
+            f"offered; throughput by CPU time x{s['throughput_ratio_cpu']}; interleaved windows with/without "
+            f"refits ({iv.get('pairs')} pairs): x{iv.get('throughput_ratio_wall')} wall, "
+            f"x{iv.get('throughput_ratio_cpu')} CPU"
+        )

@@ -47,7 +47,8 @@ def bench_cmd(
     refit_path: Annotated[
         str,
         typer.Option(
-            help="ort-cpu/ort-cuda: how a refit builds its session: auto, prepared (ORT CPU) or plain (see the docs)."
+            help="ort-cpu/ort-cuda: how a refit reaches the engine: auto, hybrid, inplace or prepared (ORT CPU), "
+            "or plain (see the docs)."
         ),
     ] = "auto",
     spinning: Annotated[

@@ -38,7 +38,7 @@ import numpy as np
 from cema_deploy.contract.blob import blob_from_bytes
 from cema_deploy.contract.messages import BatchReport, EdgeReport
 from cema_deploy.contract.samples import KIND_STATISTICS
-from cema_deploy.exceptions import CemaError
+from cema_deploy.exceptions import CemaError, RefitError
 from cema_deploy.runtime.backends.base import Backend
 from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
 from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, is_loopback_url
@@ -394,7 +394,11 @@ class EdgeRuntime:
                 if previous is not None and previous[1] == j.version:
                     self.ledger.rolled_back(previous, j.reason, swapped=False)
                 return
-            restored = self.backend.rollback()
+            try:
+                restored = self.backend.rollback(only_if_serving=j.version)  # atomic with the backend's swaps
+            except RefitError as exc:  # a refit landed since the check above, or nothing to return to
+                log.warning("v%d judged bad but not rolled back: %s", j.version, exc)
+                return
             same_epoch = self.ledger.rolled_back(serving, j.reason, detail=j.describe(), swapped=True)
         log.warning("rolled back v%d, serving v%d again: %s", j.version, restored, j.describe())
         if same_epoch:  # a version of an epoch the cloud left behind means nothing to it
@@ -491,7 +495,8 @@ class EdgeRuntime:
         wall_fps, selected % (the selector's, since its start), uploaded % (all kinds, over frames run here) and
         uploaded frames by kind, uplink counters, serving version and epoch, blobs applied, refusals (and
         unverifiable answers) and rollbacks by reason, generation and calibration, mean entropy and the selection
-        counters. Safe to call from any thread: what other threads write is copied under their locks."""
+        counters; ``refit_path``: how refits reach the engine (``hybrid``, ``inplace``, ``prepared``, ``plain``,
+        ``build``). Safe to call from any thread: what other threads write is copied under their locks."""
         c = self.selector.counters
         up = asdict(self.uplink.counters) if self.uplink is not None else {}
         ik, d, last = self.intake, self.deployment, self.monitor.last
@@ -505,6 +510,7 @@ class EdgeRuntime:
             "wall_fps": self.frames / (now - self._started),
             "version": self.backend.version,
             "epoch": led.epoch,
+            "refit_path": str(getattr(self.backend, "refit_path", "build")),
             "selection": c.as_dict(),
             "selected_pct": 100.0 * c.selected / c.seen if c.seen else 0.0,
             "uploaded_pct": 100.0 * up.get("uploaded", 0) / self.frames if self.frames else 0.0,

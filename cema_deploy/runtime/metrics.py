@@ -145,6 +145,13 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
         [({"reason": r}, v) for r, v in sorted((m.get("rollbacks_by_reason") or {}).items())],
     )
     metric("serving_version", "gauge", "Version of the parameters serving now.", [({}, m["version"])])
+    if m.get("refit_path"):
+        metric(
+            "refit_path_info",
+            "gauge",
+            "How refits reach the engine (inplace, prepared, plain, slots), 1 for the path in use.",
+            [({"path": str(m["refit_path"])}, 1)],
+        )
     metric(
         "generation",
         "gauge",

@@ -65,6 +65,7 @@ def test_metrics_over_http_match_the_runtime(exported) -> None:  # type: ignore[
     assert sum(v for k, v in got.items() if k.startswith("cema_edge_selection_total")) == 24
     assert got['cema_edge_refused_total{reason="fingerprint"}'] == 1 and got["cema_edge_refits_total"] == 1
     assert got["cema_edge_serving_version"] == 5 and got["cema_edge_uplink_queue_samples"] == 0
+    assert m["refit_path"] == "hybrid" and got['cema_edge_refit_path_info{path="hybrid"}'] == 1
     assert 0 <= got["cema_edge_seconds_since_last_blob"] < got["cema_edge_frames_total"] * 1e6  # a number, not NaN
     assert np.isfinite(got['cema_edge_frames_per_second{basis="busy"}'])
 

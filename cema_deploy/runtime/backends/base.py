@@ -10,7 +10,12 @@ changes nothing.
 
 Resident engines: the serving state and the previous one (for ``rollback`` and ``infer_previous``), plus
 the one being built during a refit. An engine that leaves the backend is freed once the requests running on
-it return.
+it return. Backends that write new parameters into an existing engine instead (TensorRT, ONNX Runtime's
+in-place path) keep two engines and write the one that does not serve (``trt_slots.SlotPair``).
+
+Two locks: refits are serialised by one, held across validation, the build and the warm-up; the *swap* lock
+is held only to read or replace the serving and previous states, so ``rollback`` and the readers of those
+states never wait behind an engine build or a numpy recompute.
 """
 
 from __future__ import annotations
@@ -59,11 +64,15 @@ class Backend(ABC):
     """Base of every inference backend. Subclasses implement ``_build`` and ``_run`` only."""
 
     name: str = "backend"
+    #: Run one inference on a freshly built engine before it serves (off for engines refitted in place, which
+    #: served before and keep their warm state).
+    refit_warm_up: bool = True
 
     def __init__(self, model_dir: str | os.PathLike[str], *, manifest: Manifest | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.manifest = manifest or manifest_from_dir(self.model_dir)
-        self._refit_lock = threading.Lock()
+        self._refit_lock = threading.Lock()  # serialises refits (held across a build)
+        self._swap_lock = threading.Lock()  # guards _state/_previous swaps only (never held across a build)
         self._executor: ThreadPoolExecutor | None = None
         blob = blob_from_path(self.model_dir / self.manifest.params_file)
         validate_blob(blob, self.manifest)
@@ -85,6 +94,10 @@ class Backend(ABC):
     def _build(self, tensors: Mapping[str, np.ndarray]) -> Any:
         """Build an engine whose refittable tensors hold ``tensors``. Must not touch the serving state."""
 
+    def _resident(self, state: EngineState) -> str | None:
+        """None when ``state``'s engine still holds its parameters and may serve again; otherwise why not."""
+        return None
+
     @abstractmethod
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
         """Run one batch on ``engine``; returns logits [N, C]."""
@@ -104,6 +117,11 @@ class Backend(ABC):
     @property
     def providers(self) -> list[str]:
         return [self.name]
+
+    @property
+    def refit_path(self) -> str:
+        """How refits reach the engine: "build" (a new engine per refit) unless a backend says otherwise."""
+        return "build"
 
     @property
     def previous_version(self) -> int | None:
@@ -143,9 +161,9 @@ class Backend(ABC):
         Raises a :class:`~cema_deploy.exceptions.BlobError` (bad blob) or :class:`RefitError` (build failed);
         either way the old parameters keep serving.
         """
-        with self._refit_lock:  # refits are serialised; inference is not blocked
-            old = self._state
+        with self._refit_lock:  # refits are serialised; inference and rollback are not blocked
             t0 = time.perf_counter()
+            old = self._state
             if blob.stamp <= (old.epoch, old.version):  # (epoch, version), lexicographically
                 raise StaleBlobError(
                     f"Blob (epoch {blob.epoch}, v{blob.version}) is not newer than the serving (epoch {old.epoch}, "
@@ -155,10 +173,13 @@ class Backend(ABC):
             t1 = time.perf_counter()
             engine = self._build_checked(blob.tensors)
             t2 = time.perf_counter()
-            self._warm_up(engine)
+            if self.refit_warm_up:
+                self._warm_up(engine)
             t3 = time.perf_counter()
-            self._previous = old  # the state before it (if any) leaves: at most two engines stay resident
-            self._state = EngineState(engine, blob.version, blob.tensors, epoch=blob.epoch)
+            with self._swap_lock:
+                old = self._state  # read again: a rollback may have swapped meanwhile
+                self._previous = old  # the state before it (if any) leaves: at most two engines stay resident
+                self._state = EngineState(engine, blob.version, blob.tensors, epoch=blob.epoch)
             return RefitReport(
                 old_version=old.version,
                 new_version=blob.version,
@@ -173,12 +194,25 @@ class Backend(ABC):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-refit")
         return self._executor.submit(self.refit, blob)
 
-    def rollback(self) -> int:
-        """Restore the parameters that served before the last refit; returns the version now serving."""
-        with self._refit_lock:
-            if self._previous is None:
+    def rollback(self, *, only_if_serving: int | None = None) -> int:
+        """Restore the parameters that served before the last refit; returns the version now serving.
+
+        ``only_if_serving``: roll back only while that version serves (checked atomically with the swap, so a
+        refit that lands meanwhile is never undone in its place); otherwise raise :class:`RefitError`.
+        """
+        with self._swap_lock:  # not the refit lock: a rollback never waits behind a build
+            if only_if_serving is not None and self._state.version != only_if_serving:
+                raise RefitError(
+                    f"Not rolled back: v{only_if_serving} no longer serves (v{self._state.version} does); "
+                    "nothing was changed."
+                )
+            prev = self._previous
+            if prev is None:
                 raise RefitError("Nothing to roll back to: no refit has been applied since the backend started.")
-            self._state, self._previous = self._previous, None
+            why = self._resident(prev)
+            if why is not None:  # previous stays: a failed refit in progress restores its engine
+                raise RefitError(f"Nothing to roll back to: {why}. The current parameters keep serving.")
+            self._state, self._previous = prev, None
             return self._state.version
 
     @property

@@ -102,6 +102,15 @@ class _Shifted:
 
 
 @dataclass(frozen=True)
+class _Channel:
+    """An unfused BatchNormalization's scale (``fuse=False``): ``scale[layer][channel]`` in the layout ORT made."""
+
+    layer: int
+    channel: np.ndarray
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class _Copied:
     """A refit tensor as it is, or reshaped (ORT folds e.g. the Unsqueeze of a GroupNorm's gamma)."""
 
@@ -109,7 +118,7 @@ class _Copied:
     shape: tuple[int, ...]
 
 
-Recipe = _Copied | _Scaled | _Shifted
+Recipe = _Copied | _Scaled | _Shifted | _Channel
 
 
 class PreparedGraph:
@@ -175,9 +184,12 @@ class PreparedGraph:
                     return a
         return _aligned(shape, dtype)
 
-    def initializers(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def initializers(
+        self, tensors: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         """Arrays for every initializer that depends on the refit tensors (constants excluded): new ones, or
-        recycled ones of a session that is gone, never arrays a live session reads.
+        recycled ones of a session that is gone, never arrays a live session reads; or, with ``into``, those
+        arrays written in place (the caller makes sure no run reads them meanwhile: ``onnxrt_inplace``).
 
         The fused weights (memory-bound multiplies, numpy releases the GIL) are split in two halves of equal
         size, one computed on a helper thread, where the machine has more than one core.
@@ -188,31 +200,46 @@ class PreparedGraph:
             scale.append(np.asarray(tensors[f.gamma], np.float32) / np.sqrt(var + np.float32(f.eps)))
         names = list(self._recipes)
         if self._helper is None:
-            return self._compute(names, tensors, scale)
-        second = self._helper.submit(self._compute, self._halves[1], tensors, scale)
-        out = self._compute(self._halves[0], tensors, scale)
+            return self._compute(names, tensors, scale, into)
+        second = self._helper.submit(self._compute, self._halves[1], tensors, scale, into)
+        out = self._compute(self._halves[0], tensors, scale, into)
         out.update(second.result())
         return {n: out[n] for n in names}
 
     def _compute(
-        self, names: list[str], tensors: Mapping[str, np.ndarray], scale: list[np.ndarray]
+        self,
+        names: list[str],
+        tensors: Mapping[str, np.ndarray],
+        scale: list[np.ndarray],
+        into: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
+        def buffer(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            if into is None:
+                return self._buffer(name, shape, dtype)
+            a = into[name]
+            if a.shape != shape or a.dtype != dtype:
+                raise PreparedGraphError(f"{name}: buffer {a.dtype}{list(a.shape)} cannot take {dtype}{list(shape)}")
+            return a
+
         out: dict[str, np.ndarray] = {}
         for name in names:
             r = self._recipes[name]
             if isinstance(r, _Copied):
                 src = np.asarray(tensors[r.source])
-                a = self._buffer(name, r.shape, src.dtype)
+                a = buffer(name, r.shape, src.dtype)
                 a[...] = src.reshape(r.shape)
             elif isinstance(r, _Scaled):
-                a = self._buffer(name, r.shape, np.dtype(np.float32))
+                a = buffer(name, r.shape, np.dtype(np.float32))
                 np.multiply(r.base, scale[r.layer][r.channel], out=a.reshape(r.base.shape))
+            elif isinstance(r, _Channel):
+                a = buffer(name, r.shape, np.dtype(np.float32))
+                a[...] = scale[r.layer][r.channel].reshape(r.shape)
             else:
                 f = self._fused[r.layer]
                 s = scale[r.layer][r.channel]
                 mean = np.asarray(tensors[f.mean], np.float32)[r.channel]
                 beta = np.asarray(tensors[f.beta], np.float32)[r.channel]
-                a = self._buffer(name, r.channel.shape, np.dtype(np.float32))
+                a = buffer(name, r.channel.shape, np.dtype(np.float32))
                 a[...] = np.where(r.valid, (r.conv_bias - mean) * s + beta, np.float32(0))
             out[name] = a
         return out
@@ -222,17 +249,23 @@ class PreparedGraph:
     ) -> tuple[Any, list[Any], Callable[[], None]]:
         """An ``InferenceSession`` with ``tensors``, the objects it borrows (keep them while it lives), and a
         callable to run once the session is gone: it hands the session's arrays back for reuse."""
+        arrays = self.initializers(tensors)
+        session, held = self.session_on(arrays, options)
+        return session, held, partial(self.recycle, arrays)
+
+    def session_on(self, arrays: Mapping[str, np.ndarray], options: Callable[[], Any]) -> tuple[Any, list[Any]]:
+        """An ``InferenceSession`` reading ``arrays`` (from :meth:`initializers`) in place, and the objects it
+        borrows (keep them while it lives)."""
         import onnxruntime as ort
 
         so = options()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._dir))
-        arrays = self.initializers(tensors)
         values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
         for name, value in (*self._constants.items(), *values.items()):
             so.add_initializer(name, value)
         session = ort.InferenceSession(self._graph, sess_options=so, providers=["CPUExecutionProvider"])
-        return session, [*arrays.values(), *values.values(), self._constants], partial(self.recycle, arrays)
+        return session, [*arrays.values(), *values.values(), self._constants]
 
 
 def prepared_from_onnx(
@@ -242,9 +275,12 @@ def prepared_from_onnx(
     *,
     input_shape: tuple[int, ...],
     seed: int = 0,
+    fuse: bool = True,
 ) -> PreparedGraph:
     """Optimise ``path`` once with ORT's CPU provider and plan its initializers from refit tensors.
 
+    ``fuse=False`` plans the graph ORT makes with ``ConvBNFusion`` disabled: each BatchNormalization stays a
+    per-channel scale and shift (a depthwise NCHWc Conv), so a refit writes a few KB instead of every conv weight.
     ``tensors`` are the serving refit tensors (names and shapes of every refittable initializer);
     ``options`` makes the ``SessionOptions`` every session uses (threads, logging). Raises
     :class:`PreparedGraphError` when the optimised graph cannot be planned or fails the parity check.
@@ -255,10 +291,12 @@ def prepared_from_onnx(
         src = model_from_path(path)
     except (OSError, WireError) as exc:
         raise PreparedGraphError(f"cannot read {path}: {exc}") from exc
-    fused = _fused_pairs(src, tensors)
+    fused = _fused_pairs(src, tensors) if fuse else _norm_layers(src, tensors)
     rng = np.random.default_rng(seed)
     reference = {n: _perturbed(n, np.asarray(a), rng) for n, a in tensors.items()}
     trace = _trace_values(src, tensors, fused)
+    if not fuse:
+        options = _WithoutFusion(options)
     x = rng.standard_normal((1, *input_shape[1:])).astype(np.float32)
     work = tempfile.TemporaryDirectory(prefix="cema-prepared-")
     try:
@@ -353,6 +391,34 @@ def _fused_pairs(src: WireModel, tensors: Mapping[str, np.ndarray]) -> list[_Fus
     return out
 
 
+def _norm_layers(src: WireModel, tensors: Mapping[str, np.ndarray]) -> list[_Fused]:
+    """Every BatchNormalization whose four parameters are refit tensors (``fuse=False``; no conv involved)."""
+    out: list[_Fused] = []
+    for n in src.nodes:
+        if n.op_type != "BatchNormalization" or n.domain not in ("", "ai.onnx") or len(n.inputs) != 5:
+            continue
+        if not all(i in tensors for i in n.inputs[1:]):
+            continue
+        eps = n.attributes.get("epsilon", 1e-5)
+        if not isinstance(eps, float | int):
+            continue
+        gamma, beta, mean, var = n.inputs[1:]
+        out.append(_Fused(len(out), "", None, gamma, beta, mean, var, eps=float(eps)))
+    if len(out) >= CODE_BASE:
+        raise PreparedGraphError(f"{len(out)} norm layers: more than the trace codes can name")
+    return out
+
+
+class _WithoutFusion:
+    """``options`` whose sessions are made with ORT's ``ConvBNFusion`` disabled (see :func:`_optimised`)."""
+
+    def __init__(self, options: Callable[[], Any]) -> None:
+        self.options = options
+
+    def __call__(self) -> Any:
+        return self.options()
+
+
 def _perturbed(name: str, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     factor = rng.uniform(0.7, 1.3, a.shape).astype(a.dtype)
     if is_variance_name(name):
@@ -374,6 +440,8 @@ def _trace_values(src: WireModel, tensors: Mapping[str, np.ndarray], fused: list
         trace[f.var] = np.ones(c, np.float32)
         trace[f.mean] = np.zeros(c, np.float32)
         trace[f.beta] = (f.layer * CODE_BASE + np.arange(c) + 1).astype(np.float32)
+        if not f.weight:  # an unfused norm layer: its conv weights stay constant
+            continue
         w = src.initializers[f.weight]
         trace[f.weight] = (np.arange(int(np.prod(w.dims))) + 1).astype(np.float32).reshape(w.dims)
         if f.bias is not None:
@@ -418,12 +486,15 @@ def _optimised(
         patched[raw[0] : raw[0] + raw[1]] = a.tobytes()
     if names:
         so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    kw: dict[str, Any] = {"providers": ["CPUExecutionProvider"]}
+    if isinstance(options, _WithoutFusion):
+        kw["disabled_optimizers"] = ["ConvBNFusion"]
     if patched is None:
-        session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=so, **kw)
     else:
         folder = str(Path(path).parent)
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-        session = ort.InferenceSession(bytes(patched), sess_options=so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(bytes(patched), sess_options=so, **kw)
     logits = None if x is None else np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
     del session
     model = model_from_bytes((out_dir / "model.onnx").read_bytes())
@@ -471,14 +542,27 @@ def _plan(
         for i in node.inputs:
             if i in pending and (len(layers) != 1 or layer_of.setdefault(i, next(iter(layers))) not in layers):
                 raise PreparedGraphError(f"initializer {i!r} is not the weight of exactly one fused layer")
+    bias_of = {i: next(j for j in node.inputs if j in bias_layer) for node in ref.nodes for i in node.inputs
+               if i in pending and any(j in bias_layer for j in node.inputs)}  # fmt: skip
     for name in pending:
         if name not in layer_of:
             raise PreparedGraphError(f"initializer {name!r} depends on refit tensors in a way not planned here")
-        recipes[name] = _scaled(src, fused[layer_of[name]], trace.array(name))
+        f = fused[layer_of[name]]
+        if f.weight:
+            recipes[name] = _scaled(src, f, trace.array(name))
+        else:  # an unfused norm layer's scale: ones in the trace, one per channel of its shift
+            shift = recipes[bias_of[name]]
+            t = trace.array(name)
+            assert isinstance(shift, _Shifted)
+            if t.size != shift.channel.size or not np.all(t.ravel()[shift.valid.ravel()] == 1):
+                raise PreparedGraphError(f"initializer {name!r}: not a per-channel scale of layer {f.layer}")
+            if not shift.valid.all():
+                raise PreparedGraphError(f"initializer {name!r}: padded channels are not planned")
+            recipes[name] = _Channel(f.layer, shift.channel.reshape(t.shape), tuple(t.shape))
     used = {r.source for r in recipes.values() if isinstance(r, _Copied)}
     for f in fused:
         kinds = {type(r) for r in recipes.values() if not isinstance(r, _Copied) and r.layer == f.layer}
-        if kinds == {_Scaled, _Shifted}:
+        if kinds in ({_Scaled, _Shifted}, {_Channel, _Shifted}):
             used |= {f.gamma, f.beta, f.mean, f.var}
     if used != set(tensors):
         missing = sorted(set(tensors) - used)[:3]
@@ -497,7 +581,7 @@ def _bias_layer(t: np.ndarray) -> int | None:
 def _shifted(src: WireModel, f: _Fused, t: np.ndarray) -> _Shifted:
     valid = t != 0
     channel = np.where(valid, t.astype(np.int64) - 1 - f.layer * CODE_BASE, 0)
-    out_ch = int(src.initializers[f.weight].dims[0])
+    out_ch = int(src.initializers[f.weight].dims[0]) if f.weight else int(src.initializers[f.gamma].dims[0])
     if channel.min() < 0 or channel.max() >= out_ch:
         raise PreparedGraphError(f"fused bias of {f.weight}: channel codes out of range")
     conv_bias = np.zeros(t.shape, np.float32)

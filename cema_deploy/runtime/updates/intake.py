@@ -62,21 +62,6 @@ _POLL_BACKOFF_BASE_S, _POLL_BACKOFF_CAP_S = 0.5, 30.0
 _MIN_POLL_INTERVAL_S = 0.1
 
 
-class _SwapGuard:
-    """The backend as the refit scheduler sees it: ``refit`` holds the runtime's swap lock, so a rollback never
-    acts on a version that a concurrent refit has just replaced."""
-
-    def __init__(self, backend: Any, lock: threading.Lock) -> None:
-        self._backend, self._lock = backend, lock
-
-    def refit(self, blob: RefitBlob) -> Any:
-        with self._lock:
-            return self._backend.refit(blob)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-
 class BlobIntake:
     """Fetches, checks and schedules blobs; the :class:`VersionLedger` (``ledger``) records what they did.
 
@@ -116,7 +101,9 @@ class BlobIntake:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.scheduler = RefitScheduler(
-            _SwapGuard(backend, swap_lock),  # type: ignore[arg-type]  # a Backend in all but name
+            # The runtime's swap lock is not held across a refit (a build can take seconds, minutes for ort-trt):
+            # a rollback names the version it undoes (Backend.rollback(only_if_serving=...)) instead.
+            backend,
             min_interval_s=min_refit_interval_s,
             on_done=self._on_done,
         )

@@ -149,13 +149,16 @@ def test_prepared_refits_match_plain_sessions(exported, kind):
     new_model, _ = _perturbed(model, manifest, 4)
     with (
         get_backend("ort-cpu", out, refit_path="prepared") as fast,
+        get_backend("ort-cpu", out, refit_path="inplace") as inplace,
         get_backend("ort-cpu", out, refit_path="plain") as plain,
     ):
         assert (fast.refit_path, fast.prepare_error, plain.refit_path) == ("prepared", None, "plain")
-        for be in (fast, plain):
+        assert (inplace.refit_path, inplace.inplace_error) == ("inplace", None)
+        for be in (fast, inplace, plain):
             be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
-        np.testing.assert_allclose(fast.infer(x), plain.infer(x), atol=1e-5, rtol=0)
-        np.testing.assert_allclose(fast.infer(x[:1]), _ref(new_model, x[:1]), atol=1e-4, rtol=0)
+        for be in (fast, inplace):
+            np.testing.assert_allclose(be.infer(x), plain.infer(x), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(be.infer(x[:1]), _ref(new_model, x[:1]), atol=1e-4, rtol=0)
 
 
 def test_prepared_refits_do_not_read_the_model_file_again(setup, tmp_path):
@@ -166,7 +169,7 @@ def test_prepared_refits_do_not_read_the_model_file_again(setup, tmp_path):
     copy_dir = tmp_path / "m"
     shutil.copytree(out, copy_dir)
     new_model, tensors = _perturbed(model, manifest, 5)
-    with get_backend("ort-cpu", copy_dir) as be:
+    with get_backend("ort-cpu", copy_dir, refit_path="prepared") as be:
         assert be.refit_path == "prepared"
         (copy_dir / "model.onnx").unlink()
         be.refit(RefitBlob(tensors=tensors, fingerprint=manifest.fingerprint, version=1))
@@ -215,7 +218,7 @@ def test_refit_warms_the_new_engine_up_at_the_serving_shape(setup):
         assert be.serving_shape == (2, *manifest.input.shape[1:])
 
 
-@pytest.mark.parametrize("mode", ["prepared", "plain"])
+@pytest.mark.parametrize("mode", ["hybrid", "inplace", "prepared", "plain"])
 def test_refit_under_concurrent_load(setup, mode):
     """Four threads infer while refits swap parameters: every response equals either the old or the new
     reference (never a mix), none fails, and the new parameters serve once the refit returns."""

@@ -228,3 +228,29 @@ def test_a_slot_being_refitted_refuses_requests_and_waits_for_those_running() ->
     assert not t.is_alive()
     slot.end_refit(None)
     assert slot.state == INVALID and not slot.try_acquire() and not slot.holds(slot.tensors)
+
+
+def test_infer_previous_and_the_refit_warm_up_run_on_their_own_slot(model_dir: Path) -> None:
+    """infer_previous runs the slot that holds the previous parameters (not the serving one), and a refit's
+    warm-up runs the refitted standby: issue 18 item 2 (both ran the serving slot before)."""
+    with SlotBackend(model_dir, {}) as be:
+        x = _x(model_dir)
+        v0 = dict(be.tensors)
+        v1 = _blob(be, 1, 1.5)
+        be.refit(v1)
+        previous, serving = be.infer_previous(x), be.infer(x)
+        assert previous is not None
+        np.testing.assert_allclose(previous, logits(x, v0), rtol=1e-6)
+        np.testing.assert_allclose(serving, logits(x, v1.tensors), rtol=1e-6)
+        assert np.abs(previous - serving).max() > 1e-3
+        runs = [0, 0]
+        for i, e in enumerate(be.engines):
+            run = e.run
+
+            def counted(x: np.ndarray, i: int = i, run=run) -> np.ndarray:  # type: ignore[no-untyped-def]
+                runs[i] += 1
+                return run(x)
+
+            e.run = counted  # type: ignore[method-assign]
+        be.refit(_blob(be, 2, 2.0))  # slot 0 is refitted and warmed up, slot 1 serves
+        assert runs == [1, 0]

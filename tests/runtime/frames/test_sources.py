@@ -224,6 +224,7 @@ def test_edge_run_on_a_video(exported, video: Path, tmp_path: Path) -> None:  # 
     r = CliRunner().invoke(app, [*args, "--source", str(video), "--fps", "1000", "--json", str(tmp_path / "m.json")])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "m.json").read_text())
+    assert m["refit_path"] == "hybrid"  # the ORT CPU backend's in-place refits passed their self-tests
     assert m["frames"] == N_FRAMES and m["source"] == {
         "kind": "video",
         "live": False,

@@ -17,10 +17,12 @@ from tests.conftest import needs_torch
 pytestmark = needs_torch
 
 
-@pytest.fixture
-def backend(exported):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["inplace", "prepared"])
+def backend(exported, request):  # type: ignore[no-untyped-def]
+    """Coalescing and back-pressure hold on both paths: writing the idle engine in place, building a session."""
     out, _ = exported("bn")
-    with get_backend("ort-cpu", out) as be:
+    with get_backend("ort-cpu", out, refit_path=request.param) as be:
+        assert be.refit_path == request.param
         yield be
 
 
@@ -62,7 +64,7 @@ def test_newest_waiting_blob_wins_and_older_ones_are_coalesced(backend) -> None:
         assert refits.wait_idle(timeout=60)
         assert backend.version == 4 and backend.previous_version == 1
         assert [(o.version, o.applied, o.error) for o in gate.outcomes] == [(1, True, None), (4, True, None)]
-        assert all(o.report is not None and o.report.warmup_s > 0 for o in gate.outcomes)
+        assert all(o.report is not None and o.report.build_s > 0 for o in gate.outcomes)
         assert (refits.submitted, refits.applied, refits.coalesced, refits.failed) == (5, 2, 3, 0)
 
 
