@@ -7,6 +7,7 @@ Layout: a standard safetensors file (8-byte little-endian header length, JSON he
 ``format``     ``cema-refit-blob/1``
 ``fingerprint``the manifest fingerprint of the one model export this blob is for
 ``version``    monotonically increasing integer (0 is the export's own parameters)
+``epoch``      the cloud state that minted ``version`` (decimal text; absent = 0, a cloud without epochs)
 ``created``    creation time, seconds since the epoch (float, as text)
 ``producer``   who made it (``cema-deploy export``, ``cema-deploy cloud <host>``)
 ``signature``  detached signature over :func:`blob_digest` (empty when unsigned)
@@ -16,6 +17,12 @@ Layout: a standard safetensors file (8-byte little-endian header length, JSON he
 Tensors are named as in the PyTorch state dict (see :mod:`cema_deploy.contract.names`). Reading is done by
 a strict parser of our own (bounded header, no overlapping or out-of-range offsets, no duplicate names), so
 hostile bytes end as :class:`~cema_deploy.exceptions.BlobFormatError`, never as a crash.
+
+Versions are ordered as ``(epoch, version)``, lexicographically (:attr:`RefitBlob.stamp`). A cloud mints its
+epoch once per cloud state (milliseconds since the Unix epoch when that state was created, so a newer state's
+epoch is greater) and writes it into every blob it publishes: a cloud restarted on a new or restored state
+publishes ``(new epoch, 1)``, which an edge orders after everything of the old state. The epoch is metadata like
+any other field, so a signature covers it (:func:`blob_digest`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import struct
 import time
 from collections.abc import Iterable, Mapping
@@ -48,6 +56,8 @@ BLOB_FORMAT = "cema-refit-blob/1"
 SIGNATURE_FIELDS = ("signature", "key_id")
 #: Prefix of the signed digest, so a signature over a blob means nothing in any other protocol.
 DIGEST_DOMAIN = b"cema-refit-blob/1 signed content\n"
+#: The epoch's metadata text: decimal digits only (no sign, spaces or underscores), at most 19 of them.
+_EPOCH_TEXT = re.compile(r"[0-9]{1,19}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +77,19 @@ class RefitBlob:
     producer: str = ""
     signature: str = ""
     key_id: str = ""
+    epoch: int = 0  # the cloud state that minted ``version`` (0: a cloud without epochs)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epoch, int) or isinstance(self.epoch, bool) or not 0 <= self.epoch < 10**19:
+            raise BlobFormatError(
+                f"Blob epoch must be an integer in [0, 10**19), got {self.epoch!r:.40}; the cloud mints it as "
+                "milliseconds since the Unix epoch."
+            )
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        """``(epoch, version)``: how blobs are ordered (lexicographically)."""
+        return self.epoch, self.version
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +100,7 @@ class RefitBlob:
             "format": BLOB_FORMAT,
             "fingerprint": self.fingerprint,
             "version": str(self.version),
+            "epoch": str(self.epoch),
             "created": repr(float(self.created)),
             "producer": self.producer,
             "signature": self.signature,
@@ -153,6 +177,12 @@ def blob_from_bytes(data: bytes, *, source: str = "blob") -> RefitBlob:
         raise BlobFormatError(f"{source}: metadata field missing or malformed ({exc!r}).") from exc
     if version < 0 or not math.isfinite(created):
         raise BlobFormatError(f"{source}: version {version} / created {created} out of range.")
+    epoch_text = meta.get("epoch", "0")
+    if not _EPOCH_TEXT.fullmatch(epoch_text):
+        raise BlobFormatError(
+            f"{source}: metadata field 'epoch' is {epoch_text[:40]!r}; expected decimal digits (at most 19), the "
+            "cloud state's creation time in milliseconds. Not a blob this edge can order; refusing it."
+        )
     return RefitBlob(
         tensors=tensors,
         fingerprint=fingerprint,
@@ -161,6 +191,7 @@ def blob_from_bytes(data: bytes, *, source: str = "blob") -> RefitBlob:
         producer=meta.get("producer", ""),
         signature=meta.get("signature", ""),
         key_id=meta.get("key_id", ""),
+        epoch=int(epoch_text),
     )
 
 

@@ -90,6 +90,38 @@ def test_digest_changes_with_any_byte_of_payload_or_header():
     assert blob_digest(b.with_signature("sig", "key")) == blob_digest(b)
 
 
+def test_epoch_round_trips_is_signed_metadata_and_orders_before_the_version():
+    b = blob(epoch=1_764_000_000_000, version=1)
+    data = blob_to_bytes(b)
+    meta = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]
+    assert meta["epoch"] == "1764000000000"  # decimal text, as the wire contract says
+    back = blob_from_bytes(data)
+    assert back.epoch == 1_764_000_000_000 and back.stamp == (1_764_000_000_000, 1)
+    assert blob_digest(back) == blob_digest(b)
+    assert blob_digest(blob(epoch=2, created=b.created)) != blob_digest(blob(epoch=1, created=b.created))
+    assert blob(epoch=2, version=1).stamp > blob(epoch=1, version=9).stamp  # a newer cloud state wins
+    assert blob().epoch == 0
+
+
+def test_a_blob_without_an_epoch_is_epoch_zero():
+    legacy = _raw(
+        {"__metadata__": META, "bn.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+    )
+    assert blob_from_bytes(legacy).epoch == 0  # written by a cloud without epochs
+
+
+@pytest.mark.parametrize("text", ["-1", "+5", " 5", "1_000", "1e3", "", "x", "12345678901234567890", "\u0665"])
+def test_a_malformed_epoch_is_refused_with_a_clear_error(text):
+    with pytest.raises(BlobFormatError, match="'epoch'"):
+        blob_from_bytes(_raw({"__metadata__": {**META, "epoch": text}}))
+
+
+@pytest.mark.parametrize("epoch", [-1, 1.5, "3", True, 10**19])
+def test_a_blob_is_built_only_with_a_non_negative_integer_epoch(epoch):
+    with pytest.raises(BlobFormatError, match="epoch must be an integer"):
+        blob(epoch=epoch)
+
+
 @pytest.mark.parametrize(
     ("mutate", "error", "match"),
     [
