@@ -224,7 +224,7 @@ def serve_cmd(
                 st = eng.status(d.fingerprint)
                 console.print(
                     f"cema-deploy cloud serving {d.name}: {d.model} ({d.fingerprint[:16]}) generation "
-                    f"{st.generation}, blob version {st.version}",
+                    f"{st.generation}, blob version {st.version}, epoch {st.epoch}",
                     soft_wrap=True,
                 )
             console.print(f"at {scheme}://{cfg.host}:{bound} (state {cfg.state}, engine {cfg.engine})", soft_wrap=True)
@@ -363,6 +363,7 @@ def status_cmd(
         for st in client.models():
             print(
                 f"{st.name}\t{st.fingerprint[:16]}\tgeneration {st.generation}\tversion {st.version}\t"
+                f"epoch {st.epoch}\t"
                 f"{'calibrated' if st.calibrated else 'uncalibrated'}\t{'frozen' if st.frozen else 'publishing'}"
             )
     finally:

@@ -263,8 +263,8 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
             edge_report = EdgeReport.from_json(await _json(request, "report"))
         except ProtocolError as exc:
             raise Refused(f"Malformed report ({exc}); expected JSON {{kind, version, reason}}.", 400) from exc
-        await asyncio.to_thread(engine.edge_report, fingerprint, edge_report, device=grant.device)
-        return JSONResponse({"recorded": True}, status_code=202)
+        outcome = await asyncio.to_thread(engine.edge_report, fingerprint, edge_report, device=grant.device)
+        return JSONResponse({"recorded": True, "outcome": outcome}, status_code=202)
 
     @app.post(protocol.ADMIN_PATH, responses={401: {}, 403: {}, 404: {}})
     async def admin(name: str, action: str, request: Request) -> JSONResponse:
@@ -281,14 +281,20 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
         return JSONResponse(status.to_json())
 
     @app.get(protocol.HEALTH_PATH)
-    async def health() -> dict[str, Any]:
-        rows = await asyncio.to_thread(engine.metrics)
-        return {
-            "status": "ok",
-            "version": __version__,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "models": {m["fingerprint"]: m["version"] for m in rows},
-        }
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness for anyone; the served fingerprints and versions only for a valid token (those it may use)."""
+        answer: dict[str, Any] = {"status": "ok", "version": __version__, "protocol": protocol.PROTOCOL_VERSION}
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        grant = tokens.lookup(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if grant is not None:
+            rows = await asyncio.to_thread(engine.metrics)
+            names = {i.fingerprint: i.name for i in infos.values()}
+            answer["models"] = {
+                m["fingerprint"]: m["version"]
+                for m in rows
+                if grant.admin or grant.allows(names.get(m["fingerprint"], ""))
+            }
+        return answer
 
     @app.get(protocol.METRICS_PATH, response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -37,6 +37,7 @@ class CalibrationMixin(PublishingMixin):
             seconds=time.perf_counter() - t0,
             calib_done=up.seq,
             calibration=up,
+            floor=True,
         )
 
     def _do_stats(self) -> None:

@@ -9,7 +9,7 @@ import math
 import threading
 import time
 
-from cema_deploy.cloud.deployment.state import DeploymentState
+from cema_deploy.cloud.deployment.state import REPORT_KEYS, DeploymentState
 from cema_deploy.cloud.errors import PendingCapReached, Refused, StaleGeneration
 from cema_deploy.cloud.replay import Upload
 from cema_deploy.contract.messages import BatchAck, BatchReport, UploadAck
@@ -97,6 +97,8 @@ class IntakeMixin(DeploymentState):
                 self.samples.add(up)
                 if key:
                     self._remember(self._keys, key, up.ack)
+                self._device_versions.pop(device, None)
+                self._remember(self._device_versions, device, batch.edge_version)  # what it serves now
                 now = time.monotonic()
                 if up.n_adapt:
                     self._awaiting.append((up.adapt_end, now))
@@ -115,6 +117,7 @@ class IntakeMixin(DeploymentState):
             target = self.version if self.frozen else self._planned(calibrations_upto=up.seq)
         else:
             target = self._planned(extra_adapt=up.n_adapt, extra_stats=up.n_stats, stats=up.n_stats > 0)
+        self._promised = max(self._promised, target)  # the worker publishes at least this (loop._due)
         return UploadAck(
             accepted=len(up.images),
             pending=self._pending_samples() + len(up.images),
@@ -159,6 +162,7 @@ class IntakeMixin(DeploymentState):
         """One edge batch ended (after its uploads): schedule the official replay-only step when no cloud step ran
         in this report interval and the replay window holds more than ``replay_min`` samples."""
         c = self.config
+        compact: list[tuple[str, BatchAck]] | None = None
         with self._cond:
             if idempotency_key and idempotency_key in self._report_keys:
                 self.counters["duplicate_reports"] += 1
@@ -183,6 +187,19 @@ class IntakeMixin(DeploymentState):
                 calibrated=self.calibrated,
                 replay_step=fired,
             )
+            self._promised = max(self._promised, ack.target_version)
             if idempotency_key:
                 self._remember(self._report_keys, idempotency_key, ack)
-            return ack
+                self._report_lines += 1
+                compact = (
+                    list(self._report_keys.items())
+                    if self._report_lines > 2 * max(self.spec.idempotency_keys, 1)
+                    else None
+                )
+        if idempotency_key:  # kept across a restart: a retry after one gets this answer too
+            if compact is not None:
+                self.store.compact_keys([(k, json.dumps(a.to_json())) for k, a in compact], name=REPORT_KEYS)
+                self._report_lines = len(compact)
+            else:
+                self.store.journal_report(idempotency_key, json.dumps(ack.to_json()), name=REPORT_KEYS)
+        return ack

@@ -4,6 +4,8 @@ restart from disk, and the read-only views (status, info, metrics) the rooms of 
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import logging
 import threading
 import time
@@ -18,13 +20,15 @@ from cema_deploy.cloud.state import DeploymentStore
 from cema_deploy.contract.blob import RefitBlob
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.messages import BatchAck, DeploymentStatus
-from cema_deploy.exceptions import CloudError
+from cema_deploy.exceptions import CloudError, ProtocolError
 
 log = logging.getLogger("cema_deploy.cloud")
 
 Signer = Callable[[RefitBlob], RefitBlob]
 #: Monotonic pointers of the loop, persisted with the adaptation state (the larger copy wins on restart).
 _POINTERS = ("cursor", "stats_cursor", "calib_done", "full_steps")
+#: The journal of batch-report idempotency keys and the acks sent (in the deployment's state directory).
+REPORT_KEYS = "report_keys.jsonl"
 #: Versions remembered as bad (rolled back), at most.
 _MAX_BAD = 1024
 
@@ -52,6 +56,7 @@ class DeploymentState:
         self.name, self.fingerprint = spec.name, manifest.fingerprint
         self.signer = signer
         self.store = DeploymentStore(state_dir, keep_blobs=spec.keep_blobs)
+        self.epoch = self.store.epoch  # carried by every blob this state publishes
         self.samples = SampleStore(self.store.directory / "uploads", capacity=self.config.replay_size)
         self.cema = Cema(
             teacher,
@@ -69,13 +74,14 @@ class DeploymentState:
         self._inflight_keys: dict[str, threading.Event] = {}
         self._report_keys: collections.OrderedDict[str, BatchAck] = collections.OrderedDict()
         self._journal_lines = 0
+        self._report_lines = 0  # lines in the report-keys journal
         self._load()
         self._latest: tuple[int, bytes] | None = None
         if self.version > 0 and self.store.blob_path(self.version).exists():
             self._latest = (self.version, self.store.blob_bytes(self.version))
         self._reset_waiters: list[threading.Event] = []
         self._restore: tuple[int, int] | None = None  # (bad version, good version to return to)
-        self._rollbacks: dict[int, set[str]] = {}
+        self._rollbacks: dict[int, set[str]] = {}  # version -> devices that rolled it back
         self._publish_req = False
         self._replay_due: int | None = None  # the replay window's end for the due replay-only step
         self._attributed = self.full_steps + (self.samples.adapt_total - self.cursor) // self.config.batch_size
@@ -104,6 +110,9 @@ class DeploymentState:
             "episode_n": 0,
             "shift_step": -1,
             "bad": [],
+            "floor": -1,  # -1: a state saved before floors existed (set below)
+            "floor_pending": False,
+            "promised": 0,
             **{k: 0 for k in _POINTERS},
         }
         book.update({k: st[k] for k in book if k in st})
@@ -126,6 +135,15 @@ class DeploymentState:
         self.episode_n: int = int(book["episode_n"])
         self.shift_step: int = int(book["shift_step"])
         self.bad: list[int] = [int(v) for v in book["bad"]]
+        #: The version that published the generation's newest calibration or reset: no restore goes below it
+        #: (``floor_pending``: one was applied while frozen and is not published yet, so no restore at all).
+        floor = int(book["floor"])
+        self.floor: int = floor if floor >= 0 else (self.version if self.calibrated else 0)
+        self._floor_pending: bool = bool(book["floor_pending"])
+        #: device -> the version its newest upload said it serves (``edge_version``); bounds its rollback reports.
+        self._device_versions: collections.OrderedDict[str, int] = collections.OrderedDict(
+            (str(k), int(v)) for k, v in dict(st.get("device_versions", {})).items()
+        )
         self.cursor, self.stats_cursor = int(book["cursor"]), int(book["stats_cursor"])
         self.calib_done, self.full_steps = int(book["calib_done"]), int(book["full_steps"])
         self._dirty = bool(st.get("dirty", False))
@@ -160,6 +178,18 @@ class DeploymentState:
         live = [(u.key, u.ack) for u in sorted(s.uploads.values(), key=lambda u: u.seq) if u.key]
         for key, ack in [*journal, *live][-limit:] if limit else []:
             self._keys[key] = ack
+        reports = keys_journal_lines(self.store.directory / REPORT_KEYS, limit)
+        if reports:
+            self.store.compact_keys(reports, name=REPORT_KEYS)
+        self._report_lines = len(reports)
+        for key, text in reports:
+            with contextlib.suppress(ValueError, TypeError, ProtocolError):
+                self._report_keys[key] = BatchAck.from_json(json.loads(text))
+        #: The highest target version an ack named: the worker publishes at least this (a catch-up publish when
+        #: the jobs an ack counted on did not publish, e.g. after a reset, a retention sweep or a divergence).
+        acks = [json.loads(u.ack).get("target_version", 0) for u in s.uploads.values() if u.ack]
+        acks += [a.target_version for a in self._report_keys.values()]
+        self._promised: int = max([int(book["promised"]), *(int(t) for t in acks)])
 
     # ---- requests -----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -184,6 +214,7 @@ class DeploymentState:
             generation=self.generation,
             calibrated=self.calibrated,
             frozen=self.frozen,
+            epoch=self.epoch,
         )
 
     def _pending_samples(self) -> int:
@@ -203,6 +234,9 @@ class DeploymentState:
             "episode_n": self.episode_n,
             "shift_step": self.shift_step,
             "bad": list(self.bad),
+            "floor": self.floor,
+            "floor_pending": self._floor_pending,
+            "promised": self._promised,
             "version": self.version,
             **{k: getattr(self, k) for k in _POINTERS},
         }
@@ -217,6 +251,7 @@ class DeploymentState:
             "stats_total": s.stats_total,
             "next_seq": s.next_seq,
             "counters": dict(self.counters),
+            "device_versions": dict(self._device_versions),
         }
 
     # ---- metrics ------------------------------------------------------------------------------------------
@@ -231,6 +266,7 @@ class DeploymentState:
                 "name": self.name,
                 "fingerprint": self.fingerprint,
                 "version": self.version,
+                "epoch": self.epoch,
                 "generation": self.generation,
                 "calibrated": self.calibrated,
                 "frozen": self.frozen,

@@ -113,8 +113,8 @@ class LocalEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(event.set)
 
-    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
-        self.deployment(fingerprint).edge_report(report, device=device)
+    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> str:
+        return self.deployment(fingerprint).edge_report(report, device=device)
 
     def admin(self, name: str, action: str) -> DeploymentStatus:
         return self.by_name(name).admin(action)

@@ -108,8 +108,8 @@ class DeploymentActor:
     async def batch_report(self, report: BatchReport, device: str, idempotency_key: str) -> BatchAck:
         return await asyncio.to_thread(self.dep.batch_report, report, device=device, idempotency_key=idempotency_key)
 
-    async def edge_report(self, report: EdgeReport, device: str) -> None:
-        await asyncio.to_thread(self.dep.edge_report, report, device=device)
+    async def edge_report(self, report: EdgeReport, device: str) -> str:
+        return await asyncio.to_thread(self.dep.edge_report, report, device=device)
 
     async def admin(self, action: str) -> DeploymentStatus:
         return await asyncio.to_thread(self.dep.admin, action)
@@ -381,8 +381,9 @@ class RayEngine:
                 self.parked[fingerprint] -= 1
         return self._latest.get(fingerprint, (0, None))[0]
 
-    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
-        self._call(fingerprint, "edge_report", report, device)
+    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> str:
+        outcome: str = self._call(fingerprint, "edge_report", report, device)
+        return outcome
 
     def admin(self, name: str, action: str) -> DeploymentStatus:
         status: DeploymentStatus = self._call(self._fp_of(name), "admin", action, retry=action != "reset")
