@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` so that a crash at any point leaves the old or the new file, never a mix.
+def write_atomic(path: Path, data: bytes | Sequence[bytes | memoryview], *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` (bytes, or chunks written in order without joining them) so that a crash
+    at any point leaves the old or the new file, never a mix.
     The file is created readable by its owner only (``mkstemp``) and gets ``mode`` before any byte is written, so
     a private key is never readable by others, not even for a moment."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,7 +21,8 @@ def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
         if mode is not None:
             os.fchmod(fd, mode)  # exactly ``mode``: the umask neither clears nor sets bits here
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

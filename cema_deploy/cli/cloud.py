@@ -172,6 +172,9 @@ def serve_cmd(
         cfg = ServiceConfig(deployments=(spec,), **{k: v for k, v in service_opts.items() if v is not None})
     if (cfg.ssl_certfile is None) != (cfg.ssl_keyfile is None):
         raise CemaError("TLS needs both --ssl-certfile and --ssl-keyfile (PEM files).")
+    exposed = plain_http_warning(cfg.host, tls=cfg.ssl_certfile is not None)
+    if exposed:
+        err_console.print(f"[yellow]warning:[/] {exposed}", soft_wrap=True)
     for spec in cfg.deployments:
         if spec.teacher_weights is None:
             err_console.print(
@@ -240,6 +243,23 @@ def serve_cmd(
     finally:
         eng.stop()
     err_console.print(f"cema-deploy cloud stopped; state kept in {cfg.state}")
+
+
+def plain_http_warning(host: str, *, tls: bool) -> str | None:
+    """The warning ``cloud serve`` prints when it listens beyond this machine without TLS, else None."""
+    import ipaddress
+
+    if tls or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve anywhere
+        pass
+    return (
+        f"serving plain http on {host}, beyond this machine: bearer tokens, uploaded frames and blobs cross the "
+        "network unencrypted. Pass --ssl-certfile/--ssl-keyfile, or serve behind a TLS proxy on 127.0.0.1."
+    )
 
 
 @token_app.command("add")

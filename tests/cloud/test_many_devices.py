@@ -237,3 +237,15 @@ def test_health_shows_no_fingerprint_without_a_valid_token_and_a_wrong_token_is_
             assert r.status_code == 401
         seen = httpx.get(cloud.url + HEALTH_PATH, headers={"Authorization": f"Bearer {token}"}).json()
         assert seen["models"] == {dep.fingerprint: 0}
+
+
+def test_serving_plain_http_beyond_this_machine_warns() -> None:
+    from cema_deploy.cli.cloud import plain_http_warning
+
+    for host in ("0.0.0.0", "::", "10.0.0.7", "cloud.example.org"):
+        warning = plain_http_warning(host, tls=False)
+        assert warning is not None and "unencrypted" in warning and "--ssl-certfile" in warning
+        assert plain_http_warning(host, tls=True) is None
+    assert all(
+        plain_http_warning(h, tls=False) is None for h in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2")
+    )

@@ -46,8 +46,8 @@ def _on_disk(directory: Path) -> list[tuple[str, int]]:
     """(idempotency key, samples) of every acknowledged upload held in a deployment's state directory."""
     from cema_deploy.cloud.replay import Upload
 
-    ups = [Upload.from_bytes(f.read_bytes(), str(f)) for f in sorted((directory / "uploads").glob("*.safetensors"))]
-    return [(u.key, len(u.images)) for u in ups]
+    ups = [Upload.from_file(f) for f in sorted((directory / "uploads").glob("*.safetensors"))]
+    return [(u.key, u.count) for u in ups]
 
 
 def _keys_on_disk(directory: Path) -> list[str]:

@@ -43,7 +43,7 @@ class PublishingMixin(DeploymentState):
                 return
             self.cursor = max([self.cursor, *(u.adapt_end for u in expired)])
             self.stats_cursor = max([self.stats_cursor, *(u.stats_end for u in expired)])
-            self.counters["expired_samples"] += sum(len(u.images) for u in expired)
+            self.counters["expired_samples"] += sum(u.count for u in expired)
             self._awaiting = collections.deque(a for a in self._awaiting if a[0] > self.cursor)
             live = {u.seq for u in s.pending_calibrations()}
             self._awaiting_cal = collections.deque(a for a in self._awaiting_cal if a[0] in live)

@@ -68,6 +68,8 @@ class DeploymentState:
             teacher_dtype=spec.teacher_dtype,
         )
         self._cond = threading.Condition()
+        self._decode = threading.Condition()  # guards _decoding: bytes of uploads being decoded and stored
+        self._decoding = 0
         self._write_lock = threading.Lock()  # appends and resets, in order
         self.counters: collections.Counter[str] = collections.Counter()
         self._keys: collections.OrderedDict[str, str] = collections.OrderedDict()  # upload key -> UploadAck JSON
@@ -219,7 +221,7 @@ class DeploymentState:
 
     def _pending_samples(self) -> int:
         s = self.samples
-        cal = sum(len(u.images) - u.n_adapt for u in s.uploads.values() if u.calibration)
+        cal = sum(u.count - u.n_adapt for u in s.uploads.values() if u.calibration)
         return (s.adapt_total - self.cursor) + (s.stats_total - self.stats_cursor) + cal
 
     def _remember(self, table: collections.OrderedDict[str, Any], key: str, value: Any) -> None:
