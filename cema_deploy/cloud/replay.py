@@ -23,6 +23,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -86,29 +87,37 @@ class Upload:
     def from_file(cls, path: Path) -> Upload:
         """The upload in ``path``, its header only read (the frames stay on disk)."""
         meta, (n, _h, _w) = _images_entry(path)[:2]
-        ints = {k: int(meta[k]) for k in ("seq", "generation", "n_adapt", "adapt_start", "n_stats", "stats_start")}
         return cls(
+            seq=int(meta["seq"]),
             kind=meta["kind"],
+            generation=int(meta["generation"]),
             count=n,
+            n_adapt=int(meta["n_adapt"]),
+            adapt_start=int(meta["adapt_start"]),
+            n_stats=int(meta["n_stats"]),
+            stats_start=int(meta["stats_start"]),
             calibration=meta.get("calibration", ""),
             key=meta.get("key", ""),
             ack=meta.get("ack", ""),
             device=meta.get("device", ""),
             received=float(meta.get("received", "0")),
             path=path,
-            **ints,
         )
 
 
-def _images_entry(path: Path) -> tuple[dict[str, str], tuple[int, int, int], int]:
-    """(metadata, (N, H, W), byte offset of the ``images`` tensor) of an upload file, from its header alone."""
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        (hlen,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (-1,)
-        if not 0 <= hlen <= MAX_HEADER_BYTES:
-            raise ContractError(f"{path}: not an upload file (header length {hlen}).")
-        head = f.read(hlen)
-        size = os.fstat(f.fileno()).st_size
+def _images_entry(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, str], tuple[int, int, int], int]:
+    """(metadata, (N, H, W), byte offset of the ``images`` tensor) of an upload file, from its header alone (read
+    through ``f`` when given: the same file as the frames read next, even if the path was replaced since)."""
+    if f is None:
+        with open(path, "rb") as own:
+            return _images_entry(path, own)
+    f.seek(0)
+    prefix = f.read(8)
+    (hlen,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (-1,)
+    if not 0 <= hlen <= MAX_HEADER_BYTES:
+        raise ContractError(f"{path}: not an upload file (header length {hlen}).")
+    head = f.read(hlen)
+    size = os.fstat(f.fileno()).st_size
     header, body = header_from_bytes(prefix + head, source=str(path), error=ContractError)
     meta = header.pop("__metadata__")
     info = header.get("images")
@@ -124,11 +133,11 @@ def _images_entry(path: Path) -> tuple[dict[str, str], tuple[int, int, int], int
 def read_frames(path: Path, indices: Iterable[int]) -> np.ndarray:
     """Frames ``indices`` (ascending) of an upload file, read from disk into one new writable array."""
     wanted = list(indices)
-    _meta, (n, h, w), offset = _images_entry(path)
-    frame = h * w * 3
-    out = np.empty((len(wanted), h, w, 3), np.uint8)
-    flat = out.reshape(len(wanted), frame)
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # one open file for header and frames: an atomic rewrite never mixes the two
+        _meta, (n, h, w), offset = _images_entry(path, f)
+        frame = h * w * 3
+        out = np.empty((len(wanted), h, w, 3), np.uint8)
+        flat = out.reshape(len(wanted), frame)
         i = 0
         while i < len(wanted):  # runs of consecutive frames in one read each
             j = i + 1
@@ -137,7 +146,7 @@ def read_frames(path: Path, indices: Iterable[int]) -> np.ndarray:
             if not (wanted[i] >= 0 and wanted[j - 1] < n):
                 raise IndexError(f"frames {wanted[i]}..{wanted[j - 1]} of {path} (holding {n})")
             f.seek(offset + wanted[i] * frame)
-            if f.readinto(memoryview(flat[i:j]).cast("B")) != (j - i) * frame:
+            if f.readinto(flat[i:j].data.cast("B")) != (j - i) * frame:
                 raise CloudError(f"{path} is shorter than its header says; the state directory was altered.")
             i = j
     return out
@@ -153,7 +162,7 @@ def write_upload(path: Path, up: Upload, frames: np.ndarray) -> None:
     }
     head = header_json(header)
     head += b" " * (-len(head) % 8)
-    write_atomic(path, [struct.pack("<Q", len(head)) + head, memoryview(frames).cast("B")])
+    write_atomic(path, [struct.pack("<Q", len(head)) + head, frames.data.cast("B")])
 
 
 class SampleStore:

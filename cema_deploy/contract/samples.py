@@ -262,7 +262,7 @@ def _decode_images(tensors: dict[str, np.ndarray], n: int, h: int, w: int) -> np
     # that size (a header's claim alone allocates nothing), so the peak is the images once, never a list of them
     # plus their stacked copy (a receiver reserves that much from the header first: see upload_header).
     out: np.ndarray | None = None
-    raw = memoryview(encoded)
+    raw = encoded.data
     for i in range(n):
         try:
             with image_mod.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])) as im:

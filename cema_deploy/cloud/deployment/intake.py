@@ -68,7 +68,7 @@ class IntakeMixin(DeploymentState):
         deployment's ``decode_budget_mb`` (waiting up to :data:`DECODE_WAIT_S` for room, then 429; an upload
         larger than the whole budget gets 413). Then as :meth:`upload`."""
         try:
-            head = upload_header(data, image_hw=tuple(self.manifest.preprocess.size))
+            head = upload_header(data, image_hw=self._image_hw())
         except CemaError as exc:
             raise Refused(f"Malformed sample upload: {exc}", 400) from exc
         if head.fingerprint != self.fingerprint:
@@ -102,7 +102,7 @@ class IntakeMixin(DeploymentState):
             self._decoding += need
         try:
             try:
-                batch = samples_from_bytes(data, image_hw=tuple(self.manifest.preprocess.size))
+                batch = samples_from_bytes(data, image_hw=self._image_hw())
             except CemaError as exc:
                 raise Refused(f"Malformed sample upload: {exc}", 400) from exc
             return self.upload(batch, device=device, idempotency_key=idempotency_key)
@@ -110,6 +110,10 @@ class IntakeMixin(DeploymentState):
             with self._decode:
                 self._decoding -= need
                 self._decode.notify_all()
+
+    def _image_hw(self) -> tuple[int, int]:
+        h, w = self.manifest.preprocess.size
+        return int(h), int(w)
 
     def _check_cap(self, n: int) -> None:
         """Raise 429 when ``n`` more samples would pass the pending cap (held under the lock)."""
