@@ -258,6 +258,8 @@ def main() -> None:
             "budget_mb": round(budget, 1),
             "peak_over_budget": round(max(peak, hwm) / budget, 3),
             "rss_growth_mb": round(max(peak, hwm) - baseline, 1),
+            "rss_mb_every_2s": [round(x) for x in samples[::10]],
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
             "rss_growth_over_accepted_frames": round(
                 (max(peak, hwm) - baseline) / (accepted[0] * n_full * frame / MIB), 3
             ),

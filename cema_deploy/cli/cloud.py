@@ -119,11 +119,13 @@ def serve_cmd(
     from cema_deploy.cloud.api import create_app
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig, config_from_toml, parse_duration
     from cema_deploy.cloud.engines import get_engine
+    from cema_deploy.cloud.memory import pin_mmap_threshold
     from cema_deploy.cloud.state import StateStore, TokenTable
     from cema_deploy.contract.protocol import MAX_WAIT_S
 
     if threads > 0:
         torch.set_num_threads(threads)
+    pin_mmap_threshold()  # large buffers go back to the system when freed (cema_deploy/cloud/memory.py)
     service_opts: dict[str, Any] = {
         "state": state,
         "host": host,

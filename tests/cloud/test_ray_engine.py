@@ -305,3 +305,21 @@ def test_while_an_actor_restarts_a_call_past_the_retry_bound_gets_503_with_retry
         cluster.engine.retry_s = retry_s
     r = httpx.get(url, headers=headers, timeout=60)  # retried until the actor is back
     assert r.status_code == 200 and r.json()["version"] >= before
+
+
+def test_an_ingress_with_another_table_is_refused_and_the_running_actor_keeps_serving(cluster: Cluster) -> None:
+    import dataclasses
+
+    from cema_deploy.cloud.config import CemaConfig, ServiceConfig
+    from cema_deploy.cloud.engines import get_engine
+    from cema_deploy.exceptions import CloudError
+
+    fp = cluster.manifests["cams"].fingerprint
+    pid = ray.get(cluster.engine.handle(fp).info.remote())["pid"]
+    running = ray.get(cluster.engine.handle(fp).info.remote())["spec"]
+    other = dataclasses.replace(running, method=CemaConfig(batch_size=2 * B))  # another table for the same export
+    with pytest.raises(CloudError, match="already runs with another deployment table"):
+        get_engine("ray").from_config(ServiceConfig(deployments=(other,), state=cluster.state), keep_actors=True)
+    # before: the second ingress killed the actor every other ingress used, and replaced it
+    assert ray.get(cluster.engine.handle(fp).info.remote())["pid"] == pid
+    assert cluster.engine.status(fp).name == "cams"

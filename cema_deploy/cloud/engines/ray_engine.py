@@ -74,8 +74,10 @@ class DeploymentActor:
         import torch
 
         from cema_deploy.cloud.deployment import Deployment
+        from cema_deploy.cloud.memory import pin_mmap_threshold
 
         torch.set_num_threads(threads)
+        pin_mmap_threshold()  # as `cloud serve`: freed upload buffers leave RSS
         sys.setswitchinterval(0.0005)  # as `cloud serve`: answer calls between the step's short torch ops
         logging.basicConfig(level=logging.WARNING)
         self.spec, self.service_state = spec, service_state
