@@ -1,5 +1,16 @@
 """Admin actions and rollback reports: operator reset (a new generation), freeze and unfreeze; a version rolled back
-by ``rollback_devices`` devices is marked bad and the state behind the last good version is published anew."""
+by ``rollback_devices`` devices is marked bad and the state behind the last good version is published anew.
+
+A deployment is shared by many devices, any of which may lag, restart on an old state or report wrongly, so a
+rollback report counts only within bounds (:meth:`AdminMixin.edge_report`): the version was published by this state
+and is not bad; the reporter serves nothing newer (its newest upload's ``edge_version``); the state to return to is
+a kept snapshot (``keep_blobs``) before the version, never the export unless the generation was never calibrated and
+every version since is kept; and that state is at or after the generation's *floor*, the version that published its
+newest calibration or reset (no restore while a calibration applied under freeze is unpublished). So no set of
+reports returns a calibrated deployment to source statistics, ``calibrated`` always describes what is served, and no
+restore crosses a reset. A restore re-checks the bounds when it runs (a reset or calibration may have come first, a
+snapshot may have been pruned) and is dropped, never degraded to the export, when they no longer hold.
+"""
 
 from __future__ import annotations
 
