@@ -189,9 +189,11 @@ class DeploymentState:
                 self._report_keys[key] = BatchAck.from_json(json.loads(text))
         #: The highest target version an ack named: the worker publishes at least this (a catch-up publish when
         #: the jobs an ack counted on did not publish, e.g. after a reset, a retention sweep or a divergence).
-        acks = [json.loads(u.ack).get("target_version", 0) for u in s.uploads.values() if u.ack]
-        acks += [a.target_version for a in self._report_keys.values()]
-        self._promised: int = max([int(book["promised"]), *(int(t) for t in acks)])
+        acks = [a.target_version for a in self._report_keys.values()]
+        for u in s.uploads.values():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                acks.append(int(json.loads(u.ack).get("target_version", 0)))
+        self._promised: int = max([int(book["promised"]), *acks])
 
     # ---- requests -----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
