@@ -79,6 +79,7 @@ def status_lines(rows: list[dict[str, Any]], *, now: float | None = None) -> lis
         calibrated = "calibrated" if row.get("calibrated") else "uncalibrated"
         lines.append(f"{row['name']}: {row['model']} ({str(row['fingerprint'])[:16]})")
         lines.append(f"  version {row['version']}, generation {row['generation']}, {calibrated}, {mode}")
+        lines.append(f"  epoch {row.get('epoch', 0)} (the cloud state's: edges follow a newer one)")
         lines.append(
             f"  held {row.get('uploads_held', 0)} uploads ({row.get('frames_held', 0)} frames), "
             f"{row.get('pending', 0)} samples pending"

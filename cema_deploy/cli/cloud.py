@@ -126,11 +126,13 @@ def serve_cmd(
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig, config_from_toml, parse_duration
     from cema_deploy.cloud.engines import get_engine
     from cema_deploy.cloud.lock import hold_service_state
+    from cema_deploy.cloud.memory import pin_mmap_threshold
     from cema_deploy.cloud.state import StateStore, TokenTable
     from cema_deploy.contract.protocol import MAX_WAIT_S
 
     if threads > 0:
         torch.set_num_threads(threads)
+    pin_mmap_threshold()  # large buffers go back to the system when freed (cema_deploy/cloud/memory.py)
     service_opts: dict[str, Any] = {
         "state": state,
         "host": host,
@@ -179,6 +181,9 @@ def serve_cmd(
         cfg = ServiceConfig(deployments=(spec,), **{k: v for k, v in service_opts.items() if v is not None})
     if (cfg.ssl_certfile is None) != (cfg.ssl_keyfile is None):
         raise CemaError("TLS needs both --ssl-certfile and --ssl-keyfile (PEM files).")
+    exposed = plain_http_warning(cfg.host, tls=cfg.ssl_certfile is not None)
+    if exposed:
+        err_console.print(f"[yellow]warning:[/] {exposed}", soft_wrap=True)
     for spec in cfg.deployments:
         if spec.teacher_weights is None:
             err_console.print(
@@ -237,7 +242,7 @@ def serve_cmd(
                 st = eng.status(d.fingerprint)
                 console.print(
                     f"cema-deploy cloud serving {d.name}: {d.model} ({d.fingerprint[:16]}) generation "
-                    f"{st.generation}, blob version {st.version}",
+                    f"{st.generation}, blob version {st.version}, epoch {st.epoch}",
                     soft_wrap=True,
                 )
             console.print(f"at {scheme}://{cfg.host}:{bound} (state {cfg.state}, engine {cfg.engine})", soft_wrap=True)
@@ -255,6 +260,23 @@ def serve_cmd(
         for lock in locks:
             lock.release()
     err_console.print(f"cema-deploy cloud stopped; state kept in {cfg.state}")
+
+
+def plain_http_warning(host: str, *, tls: bool) -> str | None:
+    """The warning ``cloud serve`` prints when it listens beyond this machine without TLS, else None."""
+    import ipaddress
+
+    if tls or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve anywhere
+        pass
+    return (
+        f"serving plain http on {host}, beyond this machine: bearer tokens, uploaded frames and blobs cross the "
+        "network unencrypted. Pass --ssl-certfile/--ssl-keyfile, or serve behind a TLS proxy on 127.0.0.1."
+    )
 
 
 @token_app.command("add")

@@ -31,7 +31,6 @@ from cema_deploy.cloud.openapi import declare_protocol_header
 from cema_deploy.cloud.state import Grant, TokenTable
 from cema_deploy.contract import protocol
 from cema_deploy.contract.messages import BatchReport, EdgeReport
-from cema_deploy.contract.samples import samples_from_bytes
 from cema_deploy.exceptions import CemaError, ProtocolError
 
 
@@ -178,9 +177,7 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
         return key
 
     async def _json(request: Request, what: str) -> Any:
-        body = await request.body()
-        if len(body) > protocol.MAX_JSON_BYTES:
-            raise Refused(f"{what} exceeds {protocol.MAX_JSON_BYTES} bytes.", 413)
+        body = await _read_limited(request, protocol.MAX_JSON_BYTES, what.capitalize(), "send a smaller one")
         try:
             return json.loads(body)
         except ValueError as exc:
@@ -206,33 +203,12 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
         responses={400: {}, 401: {}, 404: {}, 409: {}, 413: {}, 429: {}},
     )
     async def upload(fingerprint: str, request: Request) -> JSONResponse:
-        grant, info = _auth(request, fingerprint)
+        grant, _ = _auth(request, fingerprint)
         key = _key(request)
-        length = request.headers.get("content-length")
-        if length is not None and not length.isdigit():
-            raise Refused(f"Malformed Content-Length {length[:40]!r}; expected a byte count.", 400)
-        if length is not None and int(length) > max_upload_bytes:
-            raise Refused(
-                f"Upload of {length} bytes exceeds the limit of {max_upload_bytes} bytes; send fewer samples "
-                "per request.",
-                413,
-            )
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_upload_bytes:
-                raise Refused(f"Upload exceeds the limit of {max_upload_bytes} bytes; send fewer samples.", 413)
-        try:
-            # decoding (PNG/JPEG) runs off the event loop, so blob polls never queue behind it
-            batch = await asyncio.to_thread(samples_from_bytes, bytes(body), image_hw=info.image_hw)
-        except CemaError as exc:
-            raise Refused(f"Malformed sample upload: {exc}", 400) from exc
-        if batch.fingerprint != fingerprint:
-            raise Refused(
-                f"Upload body is bound to fingerprint {batch.fingerprint[:24]!r}, not the URL's {fingerprint[:24]!r}.",
-                400,
-            )
-        ack = await asyncio.to_thread(engine.upload, fingerprint, batch, device=grant.device, idempotency_key=key)
+        body = await _read_limited(request, max_upload_bytes, "Upload", "send fewer samples per request")
+        # The deployment checks the header (pending cap, size) before decoding, and decodes (PNG/JPEG) within its
+        # byte budget, off the event loop, so blob polls never queue behind it.
+        ack = await asyncio.to_thread(engine.upload, fingerprint, body, device=grant.device, idempotency_key=key)
         return JSONResponse(ack.to_json(), status_code=202)
 
     @app.post(
@@ -286,8 +262,8 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
             edge_report = EdgeReport.from_json(await _json(request, "report"))
         except ProtocolError as exc:
             raise Refused(f"Malformed report ({exc}); expected JSON {{kind, version, reason}}.", 400) from exc
-        await asyncio.to_thread(engine.edge_report, fingerprint, edge_report, device=grant.device)
-        return JSONResponse({"recorded": True}, status_code=202)
+        outcome = await asyncio.to_thread(engine.edge_report, fingerprint, edge_report, device=grant.device)
+        return JSONResponse({"recorded": True, "outcome": outcome}, status_code=202)
 
     def _admin_grant(request: Request, what: str) -> Grant:
         grant = _grant(request)
@@ -319,14 +295,20 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
         return JSONResponse({"deployments": rows})
 
     @app.get(protocol.HEALTH_PATH)
-    async def health() -> dict[str, Any]:
-        rows = await asyncio.to_thread(engine.metrics)
-        return {
-            "status": "ok",
-            "version": __version__,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "models": {m["fingerprint"]: m["version"] for m in rows},
-        }
+    async def health(request: Request) -> dict[str, Any]:
+        """Liveness for anyone; the served fingerprints and versions only for a valid token (those it may use)."""
+        answer: dict[str, Any] = {"status": "ok", "version": __version__, "protocol": protocol.PROTOCOL_VERSION}
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        grant = tokens.lookup(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if grant is not None:
+            rows = await asyncio.to_thread(engine.metrics)
+            names = {i.fingerprint: i.name for i in infos.values()}
+            answer["models"] = {
+                m["fingerprint"]: m["version"]
+                for m in rows
+                if grant.admin or grant.allows(names.get(m["fingerprint"], ""))
+            }
+        return answer
 
     @app.get(protocol.METRICS_PATH, response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
@@ -338,6 +320,22 @@ def create_app(engine: Engine, tokens: TokenTable, *, max_upload_bytes: int = pr
 
     declare_protocol_header(app)  # the middleware's header, listed in /openapi.json
     return app
+
+
+async def _read_limited(request: Request, limit: int, what: str, fix: str) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes (by its Content-Length, or while
+    it streams in): a body is never read whole before its size is checked."""
+    length = request.headers.get("content-length")
+    if length is not None and not length.isdigit():
+        raise Refused(f"Malformed Content-Length {length[:40]!r}; expected a byte count.", 400)
+    if length is not None and int(length) > limit:
+        raise Refused(f"{what} of {length} bytes exceeds the limit of {limit} bytes; {fix}.", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(f"{what} exceeds the limit of {limit} bytes; {fix}.", 413)
+    return bytes(body)
 
 
 def prometheus_text(rows: list[dict[str, Any]], refused: dict[str, int] | None = None) -> str:

@@ -119,6 +119,8 @@ class DeploymentSpec:
     rollback_devices: int = 2  # distinct devices whose rollback reports mark a version bad
     retention_s: float = 0.0  # delete uploaded frames older than this, seconds (0: when they leave the window)
     idempotency_keys: int = 10_000  # upload/report idempotency keys remembered (also across restarts)
+    decode_budget_mb: int = 256  # RAM for uploads being decoded and stored at once (MiB); beyond it they wait,
+    # then get 429; an upload that alone would decode to more gets 413 (frames live on disk once stored)
     teacher_mean: tuple[float, float, float] | None = None
     teacher_std: tuple[float, float, float] | None = None
     teacher_size: tuple[int, int] | None = None
@@ -129,7 +131,13 @@ class DeploymentSpec:
             problems.append(f"name {self.name!r} must be 1-64 letters, digits, '.', '-' or '_'")
         if self.teacher_dtype not in TEACHER_DTYPES:
             problems.append(f"teacher_dtype {self.teacher_dtype!r} must be one of {TEACHER_DTYPES}")
-        for name, low in (("pending_cap", 1), ("keep_blobs", 1), ("rollback_devices", 1), ("idempotency_keys", 0)):
+        for name, low in (
+            ("pending_cap", 1),
+            ("keep_blobs", 1),
+            ("rollback_devices", 1),
+            ("idempotency_keys", 0),
+            ("decode_budget_mb", 1),
+        ):
             if getattr(self, name) < low:
                 problems.append(f"{name} = {getattr(self, name)} must be >= {low}")
         if self.retention_s < 0 or self.cpus < 0 or self.gpus < 0:

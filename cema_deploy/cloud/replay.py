@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Callable
+import os
+import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from cema_deploy._atomic import write_atomic
-from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
+from cema_deploy.contract.safetensors_io import MAX_HEADER_BYTES, header_from_bytes, header_json
 from cema_deploy.exceptions import CloudError, ContractError
 
 _EMPTY = np.zeros((0, 0, 0, 3), np.uint8)
@@ -33,13 +36,15 @@ _EMPTY = np.zeros((0, 0, 0, 3), np.uint8)
 
 @dataclass
 class Upload:
-    """One acknowledged upload as held: ``images`` are its adapt samples first, then the rest (the unselected part
-    of a calibration batch not yet applied, or statistics samples)."""
+    """One acknowledged upload as indexed: its frames are its adapt samples first, then the rest (the unselected
+    part of a calibration batch not yet applied, or statistics samples). The frames live in the upload's file
+    (``path``), read on demand (:attr:`images`, :meth:`SampleStore.read_adapt`, ...); ``frames`` holds them in RAM
+    only from :meth:`SampleStore.new_upload` until :meth:`SampleStore.write`."""
 
     seq: int
     kind: str
     generation: int
-    images: np.ndarray
+    count: int  # frames held (in the file, or in ``frames`` before it is written)
     n_adapt: int
     adapt_start: int
     n_stats: int
@@ -49,6 +54,8 @@ class Upload:
     ack: str = ""  # the UploadAck sent, as JSON
     device: str = ""
     received: float = 0.0
+    path: Path | None = None
+    frames: np.ndarray | None = None
 
     @property
     def adapt_end(self) -> int:
@@ -58,29 +65,104 @@ class Upload:
     def stats_end(self) -> int:
         return self.stats_start + self.n_stats
 
-    def to_bytes(self) -> bytes:
+    @property
+    def images(self) -> np.ndarray:
+        """All its frames ``[count, H, W, 3]`` (read from its file once written)."""
+        if self.frames is not None:
+            return self.frames[: self.count]
+        if self.path is None:
+            raise CloudError(f"Upload {self.seq} has neither frames in memory nor a file.")
+        return read_frames(self.path, range(self.count))
+
+    def metadata(self) -> dict[str, str]:
         meta = {
             k: str(getattr(self, k))
             for k in ("seq", "kind", "generation", "n_adapt", "adapt_start", "n_stats", "stats_start")
         }
         meta.update(calibration=self.calibration, key=self.key, ack=self.ack, device=self.device)
         meta["received"] = repr(float(self.received))
-        return tensors_to_bytes({"images": np.ascontiguousarray(self.images)}, meta, error=ContractError)
+        return meta
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str) -> Upload:
-        tensors, meta = tensors_from_bytes(data, source=source, error=ContractError)
-        ints = {k: int(meta[k]) for k in ("seq", "generation", "n_adapt", "adapt_start", "n_stats", "stats_start")}
+    def from_file(cls, path: Path) -> Upload:
+        """The upload in ``path``, its header only read (the frames stay on disk)."""
+        meta, (n, _h, _w) = _images_entry(path)[:2]
         return cls(
-            images=tensors["images"],
+            seq=int(meta["seq"]),
             kind=meta["kind"],
+            generation=int(meta["generation"]),
+            count=n,
+            n_adapt=int(meta["n_adapt"]),
+            adapt_start=int(meta["adapt_start"]),
+            n_stats=int(meta["n_stats"]),
+            stats_start=int(meta["stats_start"]),
             calibration=meta.get("calibration", ""),
             key=meta.get("key", ""),
             ack=meta.get("ack", ""),
             device=meta.get("device", ""),
             received=float(meta.get("received", "0")),
-            **ints,
+            path=path,
         )
+
+
+def _images_entry(path: Path, f: BinaryIO | None = None) -> tuple[dict[str, str], tuple[int, int, int], int]:
+    """(metadata, (N, H, W), byte offset of the ``images`` tensor) of an upload file, from its header alone (read
+    through ``f`` when given: the same file as the frames read next, even if the path was replaced since)."""
+    if f is None:
+        with open(path, "rb") as own:
+            return _images_entry(path, own)
+    f.seek(0)
+    prefix = f.read(8)
+    (hlen,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (-1,)
+    if not 0 <= hlen <= MAX_HEADER_BYTES:
+        raise ContractError(f"{path}: not an upload file (header length {hlen}).")
+    head = f.read(hlen)
+    size = os.fstat(f.fileno()).st_size
+    header, body = header_from_bytes(prefix + head, source=str(path), error=ContractError)
+    meta = header.pop("__metadata__")
+    info = header.get("images")
+    if not isinstance(info, dict) or info.get("dtype") != "U8" or len(info.get("shape", [])) != 4:
+        raise ContractError(f"{path}: the upload holds no uint8 images [N, H, W, 3].")
+    n, h, w, c = (int(x) for x in info["shape"])
+    begin, end = (int(x) for x in info["data_offsets"])
+    if c != 3 or end - begin != n * h * w * 3 or body + end > size:
+        raise ContractError(f"{path}: images {info!r:.200} do not fit the file ({size} bytes).")
+    return meta, (n, h, w), body + begin
+
+
+def read_frames(path: Path, indices: Iterable[int]) -> np.ndarray:
+    """Frames ``indices`` (ascending) of an upload file, read from disk into one new writable array."""
+    wanted = list(indices)
+    with open(path, "rb") as f:  # one open file for header and frames: an atomic rewrite never mixes the two
+        _meta, (n, h, w), offset = _images_entry(path, f)
+        frame = h * w * 3
+        out = np.empty((len(wanted), h, w, 3), np.uint8)
+        flat = out.reshape(len(wanted), frame)
+        i = 0
+        while i < len(wanted):  # runs of consecutive frames in one read each
+            j = i + 1
+            while j < len(wanted) and wanted[j] == wanted[j - 1] + 1:
+                j += 1
+            if not (wanted[i] >= 0 and wanted[j - 1] < n):
+                raise IndexError(f"frames {wanted[i]}..{wanted[j - 1]} of {path} (holding {n})")
+            f.seek(offset + wanted[i] * frame)
+            if f.readinto(flat[i:j].data.cast("B")) != (j - i) * frame:
+                raise CloudError(f"{path} is shorter than its header says; the state directory was altered.")
+            i = j
+    return out
+
+
+def write_upload(path: Path, up: Upload, frames: np.ndarray) -> None:
+    """Write ``frames`` as ``up``'s file (safetensors: one ``images`` tensor plus metadata), atomically and
+    fsynced, without copying the frames."""
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    header = {
+        "__metadata__": up.metadata(),
+        "images": {"dtype": "U8", "shape": list(frames.shape), "data_offsets": [0, frames.nbytes]},
+    }
+    head = header_json(header)
+    head += b" " * (-len(head) % 8)
+    write_atomic(path, [struct.pack("<Q", len(head)) + head, frames.data.cast("B")])
 
 
 class SampleStore:
@@ -113,7 +195,7 @@ class SampleStore:
             tmp.unlink(missing_ok=True)
         for f in sorted(self.directory.glob("*.safetensors")):
             try:
-                up = Upload.from_bytes(f.read_bytes(), str(f))
+                up = Upload.from_file(f)
             except (OSError, ContractError, KeyError, ValueError) as exc:
                 raise CloudError(
                     f"Upload file {f} is unreadable ({exc}); the state directory was altered. "
@@ -149,7 +231,8 @@ class SampleStore:
             seq=self.next_seq,
             kind=kind,
             generation=generation,
-            images=np.array(images, dtype=np.uint8, copy=True),
+            count=len(images),
+            frames=np.ascontiguousarray(images),  # written to disk by write(), then dropped from RAM
             n_adapt=n_adapt,
             adapt_start=self.adapt_total,
             n_stats=n_stats,
@@ -164,8 +247,12 @@ class SampleStore:
         return self.directory / f"{seq:012d}.safetensors"
 
     def write(self, up: Upload) -> None:
-        """Store ``up`` durably (fsynced file and folder when this returns)."""
-        write_atomic(self.path(up.seq), up.to_bytes())
+        """Store ``up`` durably (fsynced file and folder when this returns); its frames then leave RAM. An upload
+        already on disk is rewritten with its first ``count`` frames (a calibration once applied)."""
+        frames = up.images
+        path = self.path(up.seq)
+        write_upload(path, up, frames)
+        up.path, up.frames = path, None
 
     def add(self, up: Upload) -> None:
         """Make a written upload visible to the adaptation loop."""
@@ -196,10 +283,10 @@ class SampleStore:
         return self._adapt[0].adapt_start if self._adapt else self.adapt_total
 
     def read_adapt(self, start: int, end: int) -> np.ndarray:
-        return _read(self._adapt, self._adapt_starts, start, end, lambda u: (u.adapt_start, u.images[: u.n_adapt]))
+        return _read(self._adapt, self._adapt_starts, start, end, lambda u: (u.adapt_start, u.n_adapt))
 
     def read_stats(self, start: int, end: int) -> np.ndarray:
-        return _read(self._stats, self._stats_starts, start, end, lambda u: (u.stats_start, u.images))
+        return _read(self._stats, self._stats_starts, start, end, lambda u: (u.stats_start, u.n_stats))
 
     def upload_end(self, index: int) -> int:
         """End (adapt index) of the upload holding adapt sample ``index``."""
@@ -221,25 +308,25 @@ class SampleStore:
         if hi <= lo or k <= 0:
             return _EMPTY
         idx = np.sort(rng.choice(hi - lo, size=min(k, hi - lo), replace=False)) + lo
-        out = []
-        for g in idx:
-            u = self._adapt[bisect.bisect_right(self._adapt_starts, int(g)) - 1]
-            out.append(u.images[int(g) - u.adapt_start])
-        return np.stack(out)
+        by_upload: dict[int, list[int]] = {}
+        for g in idx:  # ascending, so each upload's frames are ascending too
+            i = bisect.bisect_right(self._adapt_starts, int(g)) - 1
+            by_upload.setdefault(i, []).append(int(g) - self._adapt[i].adapt_start)
+        return np.concatenate([_frames(self._adapt[i], local) for i, local in by_upload.items()])
 
     def pending_calibrations(self) -> list[Upload]:
         return [u for u in self.uploads.values() if u.calibration]
 
     def held(self) -> int:
         """Samples held in files (adapt, statistics and calibration samples)."""
-        return sum(len(u.images) for u in self.uploads.values())
+        return sum(u.count for u in self.uploads.values())
 
     # ---- releasing ------------------------------------------------------------------------------------------
     def applied(self, up: Upload) -> Upload | None:
         """Mark ``up``'s calibration applied: only its adapt samples are kept. Returns the upload to rewrite (call
         :meth:`write`), or ``None`` when nothing of it is needed any more (call :meth:`release`)."""
         up.calibration = ""
-        up.images = up.images[: up.n_adapt]
+        up.count = up.n_adapt  # the file keeps the others until write() rewrites it
         return up if up.n_adapt else None
 
     def collect(self, *, cursor: int, stats_cursor: int, expire_before: float = 0.0) -> list[Upload]:
@@ -280,19 +367,28 @@ class SampleStore:
             self.path(u.seq).unlink(missing_ok=True)
 
 
+def _frames(u: Upload, local: list[int]) -> np.ndarray:
+    if u.frames is not None:
+        return u.frames[local]
+    assert u.path is not None
+    return read_frames(u.path, local)
+
+
 def _read(
-    chunks: list[Upload], starts: list[int], start: int, end: int, get: Callable[[Upload], tuple[int, np.ndarray]]
+    chunks: list[Upload], starts: list[int], start: int, end: int, span: Callable[[Upload], tuple[int, int]]
 ) -> np.ndarray:
+    """Samples ``[start, end)`` of one sequence; ``span(u)`` is (first index, how many) of ``u`` in it, which are
+    the first frames of its file."""
     parts = []
     i = max(bisect.bisect_right(starts, start) - 1, 0)
     covered = start
     while i < len(chunks) and covered < end:
-        s, imgs = get(chunks[i])
-        lo, hi = max(start - s, 0), min(end - s, len(imgs))
+        s, n = span(chunks[i])
+        lo, hi = max(start - s, 0), min(end - s, n)
         if lo < hi:
             if s + lo != covered:
                 break
-            parts.append(imgs[lo:hi])
+            parts.append(_frames(chunks[i], list(range(lo, hi))))
             covered = s + hi
         i += 1
     if covered != end or start > end:

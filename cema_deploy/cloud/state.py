@@ -9,6 +9,8 @@ where it was and never re-issues a version number.
       serve.lock                    held by the one ``cloud serve`` writing this state (see ``lock.py``)
       deployments/NAME/             one deployment (or the ``state`` subdirectory its table names)
         deployment.lock             held by the one process writing this deployment (``cloud serve`` or its actor)
+        epoch                       the state's epoch: milliseconds since the Unix epoch when this folder was
+                                    created, written once (every blob carries it; see :meth:`DeploymentStore.epoch`)
         state.json                  version, generation, cursors, counters, bad versions, pin, devices seen
         adapt_state.pt              both models' normalization tensors and optimizer states, with the cursors and
                                     version they belong to (written before state.json, so it wins on restart)
@@ -18,12 +20,12 @@ where it was and never re-issues a version number.
         uploads/000000000123.safetensors   acknowledged uploads still needed (see replay.py): uploaded frames
         keys.jsonl                  idempotency keys of uploads whose files were deleted (bounded)
         reports.jsonl               rollback / refusal reports from edges
+        report_keys.jsonl           idempotency keys of batch reports and the acks sent (bounded)
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -188,12 +190,14 @@ class TokenTable:
         self._lock = threading.Lock()
 
     def lookup(self, token: str) -> Grant | None:
-        # Looking up the token's SHA-256 leaks at most timing about hashes, never about the token itself, so a
-        # dict lookup (O(1) for a fleet of any size) is as safe as comparing against every stored hash.
+        """The grant of ``token``, or None for an unknown or revoked one.
+
+        The table is keyed by SHA-256 digests, so finding the key is the comparison: a token matches only a
+        stored digest equal to its own. The dict lookup's timing can leak at most something about the digests
+        (preimage-resistant), never about a token, so it is as safe as a constant-time scan of every stored hash
+        and stays O(1) for a fleet of any size."""
         self._refresh()
-        digest = _hash(token)
-        grant = self._table.get(digest)
-        return grant if grant is not None and hmac.compare_digest(digest, _hash(token)) else None
+        return self._table.get(_hash(token))
 
     def _refresh(self) -> None:
         try:
@@ -220,6 +224,31 @@ class DeploymentStore:
         for d in (self.blobs, self.snapshots):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.epoch = self._epoch()
+
+    # ---- epoch ----------------------------------------------------------------------------------------
+    def _epoch(self) -> int:
+        """The state's epoch: minted once, when the state has none (a new folder, or one made before epochs
+        existed), as milliseconds since the Unix epoch, and kept in ``epoch`` from then on. A state created
+        later has a greater epoch, so its versions (restarting at 1) order after every version of an older one:
+        edges compare ``(epoch, version)``. A state restored from a backup keeps the backup's epoch (delete its
+        ``epoch`` file to mint a new one)."""
+        path = self.directory / "epoch"
+        if path.exists():
+            try:
+                text = path.read_text(encoding="ascii").strip()
+                epoch = int(text)
+            except (OSError, ValueError) as exc:
+                raise CloudError(
+                    f"{path} is unreadable ({exc!s:.100}); it holds the state's epoch (decimal milliseconds). "
+                    "Restore it, or delete it to mint a new epoch (edges then follow this state's versions)."
+                ) from exc
+            if not 0 < epoch < 10**19:
+                raise CloudError(f"{path} holds epoch {epoch}, outside (0, 10**19); restore or delete it.")
+            return epoch
+        epoch = time.time_ns() // 1_000_000
+        write_atomic(path, str(epoch).encode("ascii"))
+        return epoch
 
     # ---- counters -------------------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any]:
@@ -297,6 +326,10 @@ class DeploymentStore:
         for old in versions[: -self.keep_blobs]:
             self.snapshot_path(old).unlink(missing_ok=True)
 
+    def snapshot_versions(self) -> list[int]:
+        """Versions whose adaptation state is kept (ascending)."""
+        return sorted(int(p.stem[1:]) for p in self.snapshots.glob("v*.pt") if p.stem[1:].isdigit())
+
     def snapshot_path(self, version: int) -> Path:
         return self.snapshots / f"v{version:08d}.pt"
 
@@ -307,9 +340,15 @@ class DeploymentStore:
         with self._lock, open(self.directory / "keys.jsonl", "a", encoding="utf-8") as f:
             f.write("".join(json.dumps({"key": k, "ack": a}) + "\n" for k, a in items))
 
-    def compact_keys(self, keep: list[tuple[str, str]]) -> None:
+    def compact_keys(self, keep: list[tuple[str, str]], *, name: str = "keys.jsonl") -> None:
         data = "".join(json.dumps({"key": k, "ack": a}) + "\n" for k, a in keep)
-        write_atomic(self.directory / "keys.jsonl", data.encode())
+        write_atomic(self.directory / name, data.encode())
+
+    def journal_report(self, key: str, ack: str, *, name: str) -> None:
+        """Append one batch report's idempotency key and the ack sent (flushed before the ack goes out)."""
+        with self._lock, open(self.directory / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"key": key, "ack": ack}) + "\n")
+            f.flush()
 
     def append_report(self, report: dict[str, Any]) -> None:
         with self._lock, open(self.directory / "reports.jsonl", "a") as f:

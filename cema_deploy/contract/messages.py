@@ -74,7 +74,7 @@ class DeploymentStatus(_Message):
     reads False sends its next edge batch unfiltered as calibration (the official loop's first forward).
     """
 
-    _nonneg = ("version", "generation", "protocol")
+    _nonneg = ("version", "generation", "protocol", "epoch")
 
     name: str
     fingerprint: str
@@ -84,6 +84,7 @@ class DeploymentStatus(_Message):
     calibrated: bool
     frozen: bool  # publishing stopped by the operator
     protocol: int = PROTOCOL_VERSION
+    epoch: int = 0  # the cloud state's epoch, carried by its blobs (0: a cloud without epochs)
 
 
 @dataclass(frozen=True, kw_only=True)

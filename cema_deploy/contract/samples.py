@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cema_deploy._lazy import lazy_import
-from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
+from cema_deploy.contract.safetensors_io import header_from_bytes, tensors_from_bytes, tensors_to_bytes
 from cema_deploy.exceptions import ContractError
 
 SAMPLES_FORMAT = "cema-samples/2"
@@ -149,11 +149,35 @@ def samples_to_bytes(batch: SampleBatch, *, encoding: str = "png", jpeg_quality:
     return tensors_to_bytes(tensors, meta, error=SampleFormatError)
 
 
-def samples_from_bytes(
+@dataclass(frozen=True, kw_only=True)
+class UploadHeader:
+    """What an upload's header declares, read without decoding or copying any image (:func:`upload_header`)."""
+
+    count: int
+    height: int
+    width: int
+    fingerprint: str
+    kind: str
+    encoding: str
+    generation: int
+    edge_version: int
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes its images take once decoded (uint8 RGB)."""
+        return self.count * self.height * self.width * 3
+
+
+def upload_header(
     data: bytes, *, image_hw: tuple[int, int] | None = None, max_samples: int = MAX_SAMPLES
-) -> SampleBatch:
-    """Parse and check an upload; ``image_hw`` is the manifest's input size, when known."""
-    tensors, meta = tensors_from_bytes(data, source="sample upload", error=SampleFormatError)
+) -> UploadHeader:
+    """Parse and check an upload's header only (format, shape, size limits, ``image_hw``), so a receiver can
+    refuse it, or reserve the memory it will decode to, before decoding anything."""
+    header, _ = header_from_bytes(data, source="sample upload", error=SampleFormatError)
+    return _header_from_meta(header["__metadata__"], image_hw=image_hw, max_samples=max_samples)
+
+
+def _header_from_meta(meta: dict[str, str], *, image_hw: tuple[int, int] | None, max_samples: int) -> UploadHeader:
     if meta.get("format") != SAMPLES_FORMAT:
         raise SampleFormatError(f"Upload format {meta.get('format')!r} is not {SAMPLES_FORMAT!r}.")
     try:
@@ -177,6 +201,27 @@ def samples_from_bytes(
         )
     if image_hw is not None and (h, w) != tuple(image_hw):
         raise SampleFormatError(f"Upload images are {h}x{w}, the model expects {image_hw[0]}x{image_hw[1]}.")
+    return UploadHeader(
+        count=n,
+        height=h,
+        width=w,
+        fingerprint=fingerprint,
+        kind=kind,
+        encoding=encoding,
+        generation=generation,
+        edge_version=edge_version,
+    )
+
+
+def samples_from_bytes(
+    data: bytes, *, image_hw: tuple[int, int] | None = None, max_samples: int = MAX_SAMPLES
+) -> SampleBatch:
+    """Parse and check an upload; ``image_hw`` is the manifest's input size, when known."""
+    tensors, meta = tensors_from_bytes(data, source="sample upload", error=SampleFormatError)
+    head = _header_from_meta(meta, image_hw=image_hw, max_samples=max_samples)
+    n, h, w = head.count, head.height, head.width
+    encoding, fingerprint, kind = head.encoding, head.fingerprint, head.kind
+    generation, edge_version = head.generation, head.edge_version
     if encoding == "raw":
         images = tensors.get("images")
         if images is None or images.dtype != np.uint8 or images.shape != (n, h, w, 3):
@@ -213,17 +258,23 @@ def _decode_images(tensors: dict[str, np.ndarray], n: int, h: int, w: int) -> np
         raise SampleFormatError("Compressed upload must carry 'encoded' (uint8) and 'offsets' (N+1 int64).")
     if offsets[0] != 0 or offsets[-1] != encoded.size or (np.diff(offsets) <= 0).any():
         raise SampleFormatError("Compressed upload offsets are not increasing from 0 to the payload size.")
-    # Decode one by one and stack at the end: memory follows the images that really decode, not the claim.
-    decoded: list[np.ndarray] = []
-    raw = encoded.tobytes()
+    # Decode one by one into one array of the declared size, allocated once the first image really decoded at
+    # that size (a header's claim alone allocates nothing), so the peak is the images once, never a list of them
+    # plus their stacked copy (a receiver reserves that much from the header first: see upload_header).
+    out: np.ndarray | None = None
+    raw = encoded.data
     for i in range(n):
         try:
             with image_mod.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])) as im:
                 if im.size != (w, h):
                     raise SampleFormatError(f"Sample {i} decodes to {im.size[1]}x{im.size[0]}, expected {h}x{w}.")
-                decoded.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                frame = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            if out is None:
+                out = np.empty((n, h, w, 3), np.uint8)
+            out[i] = frame
         except SampleFormatError:
             raise
         except Exception as exc:  # PIL raises many types on hostile bytes
             raise SampleFormatError(f"Sample {i} is not a decodable image ({exc}).") from exc
-    return np.stack(decoded)
+    assert out is not None  # n >= 1
+    return out

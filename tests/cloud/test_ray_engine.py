@@ -47,8 +47,8 @@ def _on_disk(directory: Path) -> list[tuple[str, int]]:
     """(idempotency key, samples) of every acknowledged upload held in a deployment's state directory."""
     from cema_deploy.cloud.replay import Upload
 
-    ups = [Upload.from_bytes(f.read_bytes(), str(f)) for f in sorted((directory / "uploads").glob("*.safetensors"))]
-    return [(u.key, len(u.images)) for u in ups]
+    ups = [Upload.from_file(f) for f in sorted((directory / "uploads").glob("*.safetensors"))]
+    return [(u.key, u.count) for u in ups]
 
 
 def _keys_on_disk(directory: Path) -> list[str]:
@@ -333,3 +333,21 @@ def test_operator_status_devices_pin_and_unpin_through_ray_actors(cluster: Clust
     lock = json.loads((dep_dir(cluster.state, "doors") / DEPLOYMENT_LOCK).read_text())
     pid = ray.get(cluster.engine.handle(fp).info.remote())["pid"]
     assert lock["what"] == "Ray actor of doors" and lock["pid"] == pid
+
+
+def test_an_ingress_with_another_table_is_refused_and_the_running_actor_keeps_serving(cluster: Cluster) -> None:
+    import dataclasses
+
+    from cema_deploy.cloud.config import CemaConfig, ServiceConfig
+    from cema_deploy.cloud.engines import get_engine
+    from cema_deploy.exceptions import CloudError
+
+    fp = cluster.manifests["cams"].fingerprint
+    pid = ray.get(cluster.engine.handle(fp).info.remote())["pid"]
+    running = ray.get(cluster.engine.handle(fp).info.remote())["spec"]
+    other = dataclasses.replace(running, method=CemaConfig(batch_size=2 * B))  # another table for the same export
+    with pytest.raises(CloudError, match="already runs with another deployment table"):
+        get_engine("ray").from_config(ServiceConfig(deployments=(other,), state=cluster.state), keep_actors=True)
+    # before: the second ingress killed the actor every other ingress used, and replaced it
+    assert ray.get(cluster.engine.handle(fp).info.remote())["pid"] == pid
+    assert cluster.engine.status(fp).name == "cams"

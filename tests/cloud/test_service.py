@@ -76,7 +76,7 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
         assert f'cema_blob_version{{deployment="test_resnet",model="{fp[:16]}"}} 2' in metrics
         assert "cema_samples_total" in metrics and "cema_upload_to_blob_seconds_count" in metrics
         assert 'kind="rollback"} 1' in metrics
-        assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 2}
+        assert http.get(cloud.url + "/v1/health", headers=auth).json()["models"] == {fp: 2}
         assert "/v1/models/{fingerprint}/samples" in http.get(cloud.url + "/openapi.json").json()["paths"]
 
 
@@ -127,7 +127,7 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
             for params in ({"after": -1}, {"after": "abc"}, {"wait": 99}):
                 r = http.get(blob_url(cloud.url, fp), params=params, headers=auth)
                 assert r.status_code == 400 and r.json()["detail"], params
-            assert http.get(cloud.url + "/v1/health").json()["models"] == {fp: 0}
+            assert http.get(cloud.url + "/v1/health", headers=auth).json()["models"] == {fp: 0}
             assert not list((dep_dir(cloud.state) / "uploads").glob("*"))
             assert cloud.service.version == 0 and cloud.service.samples.adapt_total == 0
             # the first accepted upload finds nothing left behind by the refusals

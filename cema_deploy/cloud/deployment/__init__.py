@@ -18,7 +18,9 @@ The official loop (chenyaofo/CEMA ``CEMA.infer``) mapped onto a service (PROTOCO
 
 Beyond the paper, for a service: a pending cap (429 + Retry-After), idempotent uploads and reports, no
 non-finite state ever published (the last good state is restored), blob retention, rollback reports that mark a
-version bad and return to the state behind the last good one, operator reset / freeze, frame retention.
+version bad and return to the state behind the last good one (bounded for a fleet: see ``admin``), acks whose
+target versions the worker always publishes (``loop``), an epoch per state carried by every blob (``state``),
+frames on disk and decoding within a byte budget (``intake``), operator reset / freeze, frame retention.
 
 The loop is one class, :class:`Deployment` (``loop``: lifecycle and the step scheduler), joined from one mixin per
 job over the fields of ``state``: ``intake`` (uploads, idempotency, the pending cap, the version an ack promises),

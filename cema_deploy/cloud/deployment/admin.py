@@ -1,5 +1,16 @@
 """Admin actions and rollback reports: operator reset (a new generation), freeze and unfreeze; a version rolled back
-by ``rollback_devices`` devices is marked bad and the state behind the last good version is published anew."""
+by ``rollback_devices`` devices is marked bad and the state behind the last good version is published anew.
+
+A deployment is shared by many devices, any of which may lag, restart on an old state or report wrongly, so a
+rollback report counts only within bounds (:meth:`AdminMixin.edge_report`): the version was published by this state
+and is not bad; the reporter serves nothing newer (its newest upload's ``edge_version``); the state to return to is
+a kept snapshot (``keep_blobs``) before the version, never the export unless the generation was never calibrated and
+every version since is kept; and that state is at or after the generation's *floor*, the version that published its
+newest calibration or reset (no restore while a calibration applied under freeze is unpublished). So no set of
+reports returns a calibrated deployment to source statistics, ``calibrated`` always describes what is served, and no
+restore crosses a reset. A restore re-checks the bounds when it runs (a reset or calibration may have come first, a
+snapshot may have been pruned) and is dropped, never degraded to the export, when they no longer hold.
+"""
 
 from __future__ import annotations
 
@@ -17,21 +28,36 @@ class AdminMixin(PublishingMixin):
     """Operator actions, rollback reports and the reset / restore jobs of a
     :class:`~cema_deploy.cloud.deployment.Deployment`."""
 
-    def edge_report(self, report: EdgeReport, *, device: str = "") -> None:
-        """Record a rollback/refusal report; once ``rollback_devices`` distinct devices rolled a version back, it
-        is marked bad and the deployment returns to the state behind the last good version (published anew)."""
+    def edge_report(self, report: EdgeReport, *, device: str = "") -> str:
+        """Record a rollback/refusal report and say what it did. A rollback report counts only within the bounds
+        below; once ``rollback_devices`` distinct devices rolled a version back, it and every version built on it
+        are marked bad and the deployment returns to the newest good kept state before it (published anew).
+
+        The bounds (a deployment shared by many devices, any of which may lag, restart on old state or lie):
+        the version was published by this state and is not bad already; the reporter serves nothing newer (its
+        latest upload's ``edge_version``); the state to return to is a *kept* snapshot (``keep_blobs``), never
+        the export by default; and it is at or after the version that published the generation's newest
+        calibration or reset (``floor``), so ``calibrated`` stays true of what is served. Reports outside the
+        bounds are recorded and counted (``report:ignored``), nothing else."""
         self.store.append_report({**report.to_json(), "device": device, "received": time.time()})
         with self._cond:
             self.counters[f"report:{report.kind}"] += 1
+            if report.kind != "rollback":
+                return "recorded"
             v = report.version
-            if report.kind != "rollback" or not 0 < v <= self.version or v in self.bad:
-                return
+            why, good = self._rollback_bounds(v, device)
+            if why:
+                self.counters["report:ignored"] += 1
+                log.info("%s: rollback report of version %d from %r ignored: %s", self.name, v, device, why)
+                return f"ignored: {why}"
             devices = self._rollbacks.setdefault(v, set())
             devices.add(device)
-            if len(devices) < self.spec.rollback_devices or self._restore is not None or self.pinned is not None:
-                return  # while pinned the operator chose the version: nothing is marked bad
-            older = [x for x in self.store.blob_versions() if x < v and x not in self.bad]
-            good = next((x for x in reversed(older) if self.store.snapshot_path(x).exists()), 0)
+            if self.pinned is not None:  # the operator chose the version: nothing is marked bad
+                return "counted: pinned, nothing is marked bad while pinned"
+            if len(devices) < self.spec.rollback_devices:
+                return f"counted: {len(devices)} of {self.spec.rollback_devices} devices"
+            if self._restore is not None:
+                return "counted: a restore is under way"
             self._restore = (v, good)
             log.warning(
                 "%s: version %d rolled back by %d devices %s; returning to the state behind version %d",
@@ -44,6 +70,41 @@ class AdminMixin(PublishingMixin):
             for old in [x for x in self._rollbacks if x < v - 4 * self.spec.keep_blobs]:
                 del self._rollbacks[old]
             self._cond.notify_all()
+            return f"restoring the state of version {good}"
+
+    def _rollback_bounds(self, v: int, device: str) -> tuple[str, int]:
+        """``(why not, 0)``, or ``("", the version whose kept state a rollback of v returns to)`` (held under the
+        lock; see :meth:`edge_report`)."""
+        if not 0 < v <= self.version:
+            return f"version {v} was not published by this state (newest: {self.version})", 0
+        if v in self.bad:
+            return f"version {v} is marked bad already", 0
+        serving = self._device_versions.get(device)
+        if serving is not None and serving > v:
+            return f"the reporter serves version {serving} since, newer than {v}: the report is stale", 0
+        if self._floor_pending:
+            return "the generation's newest calibration is not published yet (frozen); nothing before it is kept", 0
+        if v <= self.floor:
+            return (
+                f"version {v} is at or before version {self.floor}, which published the generation's newest "
+                "calibration or reset; restoring before it would serve statistics of another domain (reset the "
+                "deployment instead)",
+                0,
+            )
+        snaps = self.store.snapshot_versions()
+        kept = [x for x in snaps if self.floor <= x < v and x not in self.bad]
+        if kept:
+            return "", kept[-1]
+        held = set(snaps)
+        if self.floor == 0 and all(x in held for x in range(1, v)):
+            # never calibrated: the generation starts at the export, whose state is always kept; allowed only
+            # when every version between it and v is still kept (so none of their adaptation is skipped)
+            return "", 0
+        return (
+            f"no kept state between version {self.floor} (the generation's calibration) and {v}: the snapshots "
+            f"before {v} were pruned (keep_blobs = {self.spec.keep_blobs})",
+            0,
+        )
 
     def admin(self, action: str, timeout: float = 300.0) -> DeploymentStatus:
         """Operator actions: ``reset`` (waits until the reset blob is published), ``freeze``, ``unfreeze``."""
@@ -72,7 +133,18 @@ class AdminMixin(PublishingMixin):
         with self._cond:
             assert self._restore is not None
             bad, good = self._restore
+            if good < self.floor or self._floor_pending:  # a reset or calibration ran since the reports
+                self._restore = None
+                self.counters["report:ignored"] += 1
+                log.warning("%s: restore of version %d dropped: a calibration or reset came first", self.name, good)
+                return
         snap = self.store.load_adapt(self.store.snapshot_path(good)) if good > 0 else None
+        if good > 0 and snap is None:  # pruned since the reports: never fall back to the export
+            with self._cond:
+                self._restore = None
+                self.counters["report:ignored"] += 1
+            log.warning("%s: restore of version %d dropped: its snapshot was pruned", self.name, good)
+            return
         self.cema.load_state_dict(snap["cema"] if snap is not None else self.cema._initial, steps=False)
         with self._cond:
             self._restore = None
@@ -109,6 +181,7 @@ class AdminMixin(PublishingMixin):
                 stats_cursor=stats_cursor,
                 calib_done=calib_done,
                 released=dropped,
+                floor=True,
             )
         log.warning(
             "%s: reset by the operator; generation %d, %d uploads deleted", self.name, self.generation, len(dropped)

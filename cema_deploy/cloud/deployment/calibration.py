@@ -18,7 +18,8 @@ class CalibrationMixin(PublishingMixin):
         with self._cond:
             up = self.samples.pending_calibrations()[0]
             self._inflight_seq = up.seq
-            images, n = up.images, len(up.images)
+            images = up.images  # read from its file
+            n = len(images)
             both = up.calibration == "shift" or c.statistics == "samples"
             if up.calibration == "shift" and not (self.shift_step >= 0 and self.cema.steps - self.shift_step < 2):
                 keep, self.shift_step = 0.0, self.cema.steps  # a new shift episode: replace
@@ -37,6 +38,7 @@ class CalibrationMixin(PublishingMixin):
             seconds=time.perf_counter() - t0,
             calib_done=up.seq,
             calibration=up,
+            floor=True,
         )
 
     def _do_stats(self) -> None:

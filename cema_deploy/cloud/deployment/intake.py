@@ -9,11 +9,15 @@ import math
 import threading
 import time
 
-from cema_deploy.cloud.deployment.state import DeploymentState
+from cema_deploy.cloud.deployment.state import REPORT_KEYS, DeploymentState
 from cema_deploy.cloud.errors import PendingCapReached, Refused, StaleGeneration
 from cema_deploy.cloud.replay import Upload
 from cema_deploy.contract.messages import BatchAck, BatchReport, UploadAck
-from cema_deploy.contract.samples import KIND_CALIBRATION, SampleBatch
+from cema_deploy.contract.samples import KIND_CALIBRATION, SampleBatch, samples_from_bytes, upload_header
+from cema_deploy.exceptions import CemaError
+
+#: How long an upload waits for room in the deployment's decode budget before it is answered 429, seconds.
+DECODE_WAIT_S = 10.0
 
 
 def _pubs(steps: int, n: int, k: int) -> int:
@@ -57,8 +61,75 @@ class IntakeMixin(DeploymentState):
                 with self._cond:
                     self._inflight_keys.pop(key).set()
 
+    def upload_bytes(self, data: bytes, *, device: str = "", idempotency_key: str = "") -> UploadAck:
+        """An upload as it came over the wire (what engines pass, so a cluster engine ships the encoded bytes,
+        never decoded pixels). Its header is checked first: a retry is answered from its key, an upload over the
+        pending cap gets 429, all before any image is decoded; decoding and storing then run within the
+        deployment's ``decode_budget_mb`` (waiting up to :data:`DECODE_WAIT_S` for room, then 429; an upload
+        larger than the whole budget gets 413). Then as :meth:`upload`."""
+        try:
+            head = upload_header(data, image_hw=self._image_hw())
+        except CemaError as exc:
+            raise Refused(f"Malformed sample upload: {exc}", 400) from exc
+        if head.fingerprint != self.fingerprint:
+            raise Refused(
+                f"Upload body is bound to fingerprint {head.fingerprint[:24]!r}, not the URL's "
+                f"{self.fingerprint[:24]!r}.",
+                400,
+            )
+        with self._cond:
+            if idempotency_key and idempotency_key in self._keys:
+                self.counters["duplicates"] += 1
+                return UploadAck.from_json({**json.loads(self._keys[idempotency_key]), "duplicate": True})
+            self._check_cap(head.count)
+        need, budget = head.decoded_bytes, self.spec.decode_budget_mb << 20
+        if need > budget:
+            raise Refused(
+                f"Upload of {head.count} images of {head.height}x{head.width} decodes to {need} bytes, more than "
+                f"{self.name}'s decode budget of {budget} bytes; send fewer samples per upload.",
+                413,
+            )
+        with self._decode:
+            if not self._decode.wait_for(lambda: self._decoding + need <= budget, DECODE_WAIT_S):
+                with self._cond:
+                    self.counters["refused:429"] += 1
+                raise PendingCapReached(
+                    f"{self.name} is decoding {self._decoding} bytes of uploads, its budget is {budget}; retry "
+                    "after the Retry-After seconds.",
+                    429,
+                    retry_after=1,
+                )
+            self._decoding += need
+        try:
+            try:
+                batch = samples_from_bytes(data, image_hw=self._image_hw())
+            except CemaError as exc:
+                raise Refused(f"Malformed sample upload: {exc}", 400) from exc
+            return self.upload(batch, device=device, idempotency_key=idempotency_key)
+        finally:
+            with self._decode:
+                self._decoding -= need
+                self._decode.notify_all()
+
+    def _image_hw(self) -> tuple[int, int]:
+        h, w = self.manifest.preprocess.size
+        return int(h), int(w)
+
+    def _check_cap(self, n: int) -> None:
+        """Raise 429 when ``n`` more samples would pass the pending cap (held under the lock)."""
+        pending = self._pending_samples()
+        if pending and pending + n > self.spec.pending_cap:
+            self.counters["refused:429"] += 1
+            mean_s = self._timings.mean_job_s()
+            wait = math.ceil((pending + n - self.spec.pending_cap) / self.config.batch_size) * mean_s
+            raise PendingCapReached(
+                f"{self.name} holds {pending} pending samples, its cap is {self.spec.pending_cap}; "
+                "retry after the Retry-After seconds.",
+                429,
+                retry_after=int(min(max(math.ceil(wait), 1), 60)),
+            )
+
     def _store_upload(self, batch: SampleBatch, *, device: str, key: str) -> UploadAck:
-        b = self.config.batch_size
         with self._write_lock:
             with self._cond:
                 if batch.generation not in (0, self.generation):
@@ -69,17 +140,7 @@ class IntakeMixin(DeploymentState):
                         409,
                         body=self._status().to_json(),
                     )
-                pending = self._pending_samples()
-                if pending and pending + len(batch) > self.spec.pending_cap:
-                    self.counters["refused:429"] += 1
-                    mean_s = self._timings.mean_job_s()
-                    wait = math.ceil((pending + len(batch) - self.spec.pending_cap) / b) * mean_s
-                    raise PendingCapReached(
-                        f"{self.name} holds {pending} pending samples, its cap is {self.spec.pending_cap}; "
-                        "retry after the Retry-After seconds.",
-                        429,
-                        retry_after=int(min(max(math.ceil(wait), 1), 60)),
-                    )
+                self._check_cap(len(batch))
                 up = self.samples.new_upload(
                     batch.kind,
                     batch.images,
@@ -97,6 +158,8 @@ class IntakeMixin(DeploymentState):
                 self.samples.add(up)
                 if key:
                     self._remember(self._keys, key, up.ack)
+                self._device_versions.pop(device, None)
+                self._remember(self._device_versions, device, batch.edge_version)  # what it serves now
                 now = time.monotonic()
                 if up.n_adapt:
                     self._awaiting.append((up.adapt_end, now))
@@ -115,10 +178,11 @@ class IntakeMixin(DeploymentState):
             target = self.version if self.frozen else self._planned(calibrations_upto=up.seq)
         else:
             target = self._planned(extra_adapt=up.n_adapt, extra_stats=up.n_stats, stats=up.n_stats > 0)
+        self._promised = max(self._promised, target)  # the worker publishes at least this (loop._due)
         return UploadAck(
-            accepted=len(up.images),
-            pending=self._pending_samples() + len(up.images),
-            buffered=self.samples.held() + len(up.images),
+            accepted=up.count,
+            pending=self._pending_samples() + up.count,
+            buffered=self.samples.held() + up.count,
             version=self.version,
             target_version=target,
             generation=self.generation,
@@ -159,6 +223,7 @@ class IntakeMixin(DeploymentState):
         """One edge batch ended (after its uploads): schedule the official replay-only step when no cloud step ran
         in this report interval and the replay window holds more than ``replay_min`` samples."""
         c = self.config
+        compact: list[tuple[str, BatchAck]] | None = None
         with self._cond:
             if idempotency_key and idempotency_key in self._report_keys:
                 self.counters["duplicate_reports"] += 1
@@ -183,6 +248,19 @@ class IntakeMixin(DeploymentState):
                 calibrated=self.calibrated,
                 replay_step=fired,
             )
+            self._promised = max(self._promised, ack.target_version)
             if idempotency_key:
                 self._remember(self._report_keys, idempotency_key, ack)
-            return ack
+                self._report_lines += 1
+                compact = (
+                    list(self._report_keys.items())
+                    if self._report_lines > 2 * max(self.spec.idempotency_keys, 1)
+                    else None
+                )
+        if idempotency_key:  # kept across a restart: a retry after one gets this answer too
+            if compact is not None:
+                self.store.compact_keys([(k, json.dumps(a.to_json())) for k, a in compact], name=REPORT_KEYS)
+                self._report_lines = len(compact)
+            else:
+                self.store.journal_report(idempotency_key, json.dumps(ack.to_json()), name=REPORT_KEYS)
+        return ack

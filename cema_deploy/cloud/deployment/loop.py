@@ -1,8 +1,10 @@
 """The deployment itself: the class that joins the rooms (intake, calibration, publishing, admin; the fields in
 :mod:`~cema_deploy.cloud.deployment.state`), its lifecycle, and the step scheduler: one worker thread picks the
-next job in a fixed order (reset, restore, republish, calibration, publish, step, statistics, replay, idle, sweep)
-and runs
-it, so adaptation is serialised per fingerprint."""
+next job in a fixed order (reset, restore, republish, calibration, publish, step, statistics, replay, promise, idle,
+sweep) and runs it, so adaptation is serialised per fingerprint. ``promise`` keeps every ack honest: when the jobs an
+ack counted on did not all publish (a reset dropped the samples, the retention expired them, a step diverged, a
+replay-only step found its window gone), the worker publishes the current state once, under the highest version an
+ack named, so an edge waiting for that version (``--sync``) never waits in vain."""
 
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             return "stats"
         if self._replay_due is not None:
             return "replay"
+        if self._promised > self.version and not self.frozen:
+            return "promise"  # an ack named a version the jobs above did not reach: publish it now
         if (
             c.idle_after_s > 0
             and self._idle_steps < c.idle_max_steps
@@ -122,7 +126,7 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
         return None
 
     def _publishes(self, job: str) -> int:
-        if job in ("reset", "restore", "publish", "republish"):
+        if job in ("reset", "restore", "publish", "republish", "promise"):
             return 1
         if self.frozen or job == "sweep":
             return 0
@@ -174,6 +178,11 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             self.count("mixed_steps")  # cloud steps that replayed 3B samples
         publish = self.cema.steps % c.publish_every == 0 and not self.frozen
         self._commit("steps", publish=publish, seconds=report.seconds, cursor=end, full_steps=self.full_steps + 1)
+
+    def _do_promise(self) -> None:
+        with self._cond:
+            promised = self._promised
+        self._commit("promised_publishes", publish=True, seconds=0.0, at_least=promised)
 
     def _do_replay(self) -> None:
         self._replay_only("replay_steps", due=True)

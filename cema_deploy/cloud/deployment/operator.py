@@ -69,7 +69,7 @@ class OperatorMixin(IntakeMixin, AdminMixin):
         self.devices.seen(device)
         return super().batch_report(report, device=device, idempotency_key=idempotency_key)
 
-    def edge_report(self, report: EdgeReport, *, device: str = "") -> None:
+    def edge_report(self, report: EdgeReport, *, device: str = "") -> str:
         self.devices.reported(device, report.kind)
         log.warning(
             "%s: %s %s version %d%s",
@@ -79,7 +79,7 @@ class OperatorMixin(IntakeMixin, AdminMixin):
             report.version,
             f": {report.reason[:200]}" if report.reason else "",
         )
-        super().edge_report(report, device=device)
+        return super().edge_report(report, device=device)
 
     # ---- the operator -------------------------------------------------------------------------------------
     def kept_versions(self) -> list[int]:

@@ -57,7 +57,7 @@ class PublishingMixin(DeploymentState):
                 return
             self.cursor = max([self.cursor, *(u.adapt_end for u in expired)])
             self.stats_cursor = max([self.stats_cursor, *(u.stats_end for u in expired)])
-            self.counters["expired_samples"] += sum(len(u.images) for u in expired)
+            self.counters["expired_samples"] += sum(u.count for u in expired)
             self._awaiting = collections.deque(a for a in self._awaiting if a[0] > self.cursor)
             live = {u.seq for u in s.pending_calibrations()}
             self._awaiting_cal = collections.deque(a for a in self._awaiting_cal if a[0] in live)
@@ -74,11 +74,15 @@ class PublishingMixin(DeploymentState):
         check: bool = True,
         calibration: Upload | None = None,
         released: list[Upload] | None = None,
+        floor: bool = False,
+        at_least: int = 0,
         **pointers: int,
     ) -> None:
         """Check, publish (a new version), persist, then make it visible; counters and version change together.
         A state with a non-finite tensor or a negative variance is never published: the last good state (the one
-        saved by the previous commit) is restored and the step counted as ``diverged``."""
+        saved by the previous commit) is restored and the step counted as ``diverged``. ``floor``: this job
+        calibrated or reset the models, so the version that first publishes its state is the new restore floor.
+        ``at_least``: publish under this version when it is above the next one (an ack's promise)."""
         problem = self.cema.problem() if check else None
         if problem is not None:
             saved = self.store.load_adapt()
@@ -88,13 +92,17 @@ class PublishingMixin(DeploymentState):
         with self._cond:
             book = self._book()
             book.update(pointers)
-        version = self.version + 1 if publish else self.version
+            version = max(self.version + 1, at_least) if publish else self.version  # versions may skip, never repeat
+            pending = self._floor_pending or floor
+            book["floor"] = version if publish and pending else self.floor
+            book["floor_pending"] = pending and not publish
         data = None
         if publish:
             blob = RefitBlob(
                 tensors=self.cema.blob_tensors(),
                 fingerprint=self.fingerprint,
                 version=version,
+                epoch=self.epoch,
                 producer=f"cema-deploy {__version__} cloud {self.name} step {self.cema.steps}",
             )
             if self.signer is not None:
@@ -105,6 +113,7 @@ class PublishingMixin(DeploymentState):
             with self._cond:  # version, pointers and blob become visible together: acks never lag the blob
                 for k in _POINTERS:
                     setattr(self, k, int(book[k]))
+                self.floor, self._floor_pending = book["floor"], book["floor_pending"]
                 self.version, self._latest = version, (version, data)
                 self._inflight = ("committing", 0)  # its publish is done, its pointers advanced
                 self._timings.publish_delays.append(time.time() - blob.created)
@@ -123,6 +132,7 @@ class PublishingMixin(DeploymentState):
         with self._cond:
             for k in _POINTERS:
                 setattr(self, k, int(book[k]))
+            self.floor, self._floor_pending = book["floor"], book["floor_pending"]
             self.version = version
             self.counters[counter] += 1
             if seconds > 0:

@@ -4,6 +4,8 @@ restart from disk, and the read-only views (status, info, metrics) the rooms of 
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import logging
 import threading
 import time
@@ -18,13 +20,15 @@ from cema_deploy.cloud.state import DeploymentStore
 from cema_deploy.contract.blob import RefitBlob
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.messages import BatchAck, DeploymentStatus
-from cema_deploy.exceptions import CloudError
+from cema_deploy.exceptions import CloudError, ProtocolError
 
 log = logging.getLogger("cema_deploy.cloud")
 
 Signer = Callable[[RefitBlob], RefitBlob]
 #: Monotonic pointers of the loop, persisted with the adaptation state (the larger copy wins on restart).
 _POINTERS = ("cursor", "stats_cursor", "calib_done", "full_steps")
+#: The journal of batch-report idempotency keys and the acks sent (in the deployment's state directory).
+REPORT_KEYS = "report_keys.jsonl"
 #: Versions remembered as bad (rolled back), at most.
 _MAX_BAD = 1024
 
@@ -56,6 +60,7 @@ class DeploymentState:
         self.name, self.fingerprint = spec.name, manifest.fingerprint
         self.signer = signer
         self.store = DeploymentStore(state_dir, keep_blobs=spec.keep_blobs)
+        self.epoch = self.store.epoch  # carried by every blob this state publishes
         self.samples = SampleStore(self.store.directory / "uploads", capacity=self.config.replay_size)
         self.cema = Cema(
             teacher,
@@ -67,19 +72,22 @@ class DeploymentState:
             teacher_dtype=spec.teacher_dtype,
         )
         self._cond = threading.Condition()
+        self._decode = threading.Condition()  # guards _decoding: bytes of uploads being decoded and stored
+        self._decoding = 0
         self._write_lock = threading.Lock()  # appends and resets, in order
         self.counters: collections.Counter[str] = collections.Counter()
         self._keys: collections.OrderedDict[str, str] = collections.OrderedDict()  # upload key -> UploadAck JSON
         self._inflight_keys: dict[str, threading.Event] = {}
         self._report_keys: collections.OrderedDict[str, BatchAck] = collections.OrderedDict()
         self._journal_lines = 0
+        self._report_lines = 0  # lines in the report-keys journal
         self._load()
         self._latest: tuple[int, bytes] | None = None
         if self.version > 0 and self.store.blob_path(self.version).exists():
             self._latest = (self.version, self.store.blob_bytes(self.version))
         self._reset_waiters: list[threading.Event] = []
         self._restore: tuple[int, int] | None = None  # (bad version, good version to return to)
-        self._rollbacks: dict[int, set[str]] = {}
+        self._rollbacks: dict[int, set[str]] = {}  # version -> devices that rolled it back
         self._publish_req = False
         self._replay_due: int | None = None  # the replay window's end for the due replay-only step
         self._attributed = self.full_steps + (self.samples.adapt_total - self.cursor) // self.config.batch_size
@@ -108,6 +116,9 @@ class DeploymentState:
             "episode_n": 0,
             "shift_step": -1,
             "bad": [],
+            "floor": -1,  # -1: a state saved before floors existed (set below)
+            "floor_pending": False,
+            "promised": 0,
             **{k: 0 for k in _POINTERS},
         }
         book.update({k: st[k] for k in book if k in st})
@@ -130,6 +141,15 @@ class DeploymentState:
         self.episode_n: int = int(book["episode_n"])
         self.shift_step: int = int(book["shift_step"])
         self.bad: list[int] = [int(v) for v in book["bad"]]
+        #: The version that published the generation's newest calibration or reset: no restore goes below it
+        #: (``floor_pending``: one was applied while frozen and is not published yet, so no restore at all).
+        floor = int(book["floor"])
+        self.floor: int = floor if floor >= 0 else (self.version if self.calibrated else 0)
+        self._floor_pending: bool = bool(book["floor_pending"])
+        #: device -> the version its newest upload said it serves (``edge_version``); bounds its rollback reports.
+        self._device_versions: collections.OrderedDict[str, int] = collections.OrderedDict(
+            (str(k), int(v)) for k, v in dict(st.get("device_versions", {})).items()
+        )
         self.cursor, self.stats_cursor = int(book["cursor"]), int(book["stats_cursor"])
         self.calib_done, self.full_steps = int(book["calib_done"]), int(book["full_steps"])
         self._dirty = bool(st.get("dirty", False))
@@ -164,6 +184,20 @@ class DeploymentState:
         live = [(u.key, u.ack) for u in sorted(s.uploads.values(), key=lambda u: u.seq) if u.key]
         for key, ack in [*journal, *live][-limit:] if limit else []:
             self._keys[key] = ack
+        reports = keys_journal_lines(self.store.directory / REPORT_KEYS, limit)
+        if reports:
+            self.store.compact_keys(reports, name=REPORT_KEYS)
+        self._report_lines = len(reports)
+        for key, text in reports:
+            with contextlib.suppress(ValueError, TypeError, ProtocolError):
+                self._report_keys[key] = BatchAck.from_json(json.loads(text))
+        #: The highest target version an ack named: the worker publishes at least this (a catch-up publish when
+        #: the jobs an ack counted on did not publish, e.g. after a reset, a retention sweep or a divergence).
+        acks = [a.target_version for a in self._report_keys.values()]
+        for u in s.uploads.values():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                acks.append(int(json.loads(u.ack).get("target_version", 0)))
+        self._promised: int = max([int(book["promised"]), *acks])
 
     # ---- requests -----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -188,11 +222,12 @@ class DeploymentState:
             generation=self.generation,
             calibrated=self.calibrated,
             frozen=self.frozen,
+            epoch=self.epoch,
         )
 
     def _pending_samples(self) -> int:
         s = self.samples
-        cal = sum(len(u.images) - u.n_adapt for u in s.uploads.values() if u.calibration)
+        cal = sum(u.count - u.n_adapt for u in s.uploads.values() if u.calibration)
         return (s.adapt_total - self.cursor) + (s.stats_total - self.stats_cursor) + cal
 
     def _remember(self, table: collections.OrderedDict[str, Any], key: str, value: Any) -> None:
@@ -207,6 +242,9 @@ class DeploymentState:
             "episode_n": self.episode_n,
             "shift_step": self.shift_step,
             "bad": list(self.bad),
+            "floor": self.floor,
+            "floor_pending": self._floor_pending,
+            "promised": self._promised,
             "version": self.version,
             **{k: getattr(self, k) for k in _POINTERS},
         }
@@ -221,6 +259,7 @@ class DeploymentState:
             "stats_total": s.stats_total,
             "next_seq": s.next_seq,
             "counters": dict(self.counters),
+            "device_versions": dict(self._device_versions),
         }
 
     # ---- metrics ------------------------------------------------------------------------------------------
@@ -235,6 +274,7 @@ class DeploymentState:
                 "name": self.name,
                 "fingerprint": self.fingerprint,
                 "version": self.version,
+                "epoch": self.epoch,
                 "generation": self.generation,
                 "calibrated": self.calibrated,
                 "frozen": self.frozen,

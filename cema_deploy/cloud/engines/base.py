@@ -16,7 +16,6 @@ from typing import Any, Protocol, TypeVar
 
 from cema_deploy.cloud.errors import UnknownDeployment
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
-from cema_deploy.contract.samples import SampleBatch
 
 T = TypeVar("T")
 
@@ -63,7 +62,10 @@ class Engine(Protocol):
 
     def status(self, fingerprint: str) -> DeploymentStatus: ...
 
-    def upload(self, fingerprint: str, batch: SampleBatch, *, device: str, idempotency_key: str) -> UploadAck: ...
+    def upload(self, fingerprint: str, data: bytes, *, device: str, idempotency_key: str) -> UploadAck:
+        """An upload's bytes as received (encoded: the deployment checks the header, then decodes within its
+        budget; see :meth:`~cema_deploy.cloud.deployment.Deployment.upload_bytes`)."""
+        ...
 
     def batch_report(self, fingerprint: str, report: BatchReport, *, device: str, idempotency_key: str) -> BatchAck: ...
 
@@ -73,7 +75,10 @@ class Engine(Protocol):
         """Return the newest version once it is above ``after``, or after ``timeout`` seconds, or on shutdown."""
         ...
 
-    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None: ...
+    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> str:
+        """Record an edge's report; returns what it did (``recorded``, ``counted: ...``, ``ignored: why``,
+        ``restoring ...``)."""
+        ...
 
     def seen(self, fingerprint: str, device: str, *, version: int | None = None, refused: bool = False) -> None:
         """``device`` polled saying it serves ``version`` (or was refused by the ingress); called on the event loop

@@ -12,7 +12,6 @@ from cema_deploy.cloud.deployment import Deployment
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine, by_fingerprint, by_name
 from cema_deploy.cloud.engines.polls import ParkedPolls
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
-from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CloudError
 
 
@@ -78,8 +77,8 @@ class LocalEngine:
     def status(self, fingerprint: str) -> DeploymentStatus:
         return self.deployment(fingerprint).status()
 
-    def upload(self, fingerprint: str, batch: SampleBatch, *, device: str, idempotency_key: str) -> UploadAck:
-        return self.deployment(fingerprint).upload(batch, device=device, idempotency_key=idempotency_key)
+    def upload(self, fingerprint: str, data: bytes, *, device: str, idempotency_key: str) -> UploadAck:
+        return self.deployment(fingerprint).upload_bytes(data, device=device, idempotency_key=idempotency_key)
 
     def batch_report(self, fingerprint: str, report: BatchReport, *, device: str, idempotency_key: str) -> BatchAck:
         return self.deployment(fingerprint).batch_report(report, device=device, idempotency_key=idempotency_key)
@@ -93,8 +92,8 @@ class LocalEngine:
         found = dep.latest(after)
         return found[0] if found is not None else dep.version
 
-    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
-        self.deployment(fingerprint).edge_report(report, device=device)
+    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> str:
+        return self.deployment(fingerprint).edge_report(report, device=device)
 
     def seen(self, fingerprint: str, device: str, *, version: int | None = None, refused: bool = False) -> None:
         self.deployment(fingerprint).seen(device, version=version, refused=refused)

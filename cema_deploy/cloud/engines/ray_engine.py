@@ -48,7 +48,6 @@ from cema_deploy.cloud.engines.polls import ParkedPolls
 from cema_deploy.cloud.errors import Refused
 from cema_deploy.cloud.lock import DEPLOYMENT_LOCK, hold_state
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
-from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CemaError, CloudError
 
 ray = lazy_import("ray", extra="cluster", purpose="`cloud serve --engine ray`")
@@ -81,8 +80,10 @@ class DeploymentActor:
         import torch
 
         from cema_deploy.cloud.deployment import Deployment
+        from cema_deploy.cloud.memory import pin_mmap_threshold
 
         torch.set_num_threads(threads)
+        pin_mmap_threshold()  # as `cloud serve`: freed upload buffers leave RSS
         sys.setswitchinterval(0.0005)  # as `cloud serve`: answer calls between the step's short torch ops
         logging.basicConfig(level=logging.WARNING)
         self.spec, self.service_state = spec, service_state
@@ -104,14 +105,16 @@ class DeploymentActor:
     async def status(self) -> DeploymentStatus:
         return await asyncio.to_thread(self.dep.status)
 
-    async def upload(self, batch: SampleBatch, device: str, idempotency_key: str) -> UploadAck:
-        return await asyncio.to_thread(self.dep.upload, batch, device=device, idempotency_key=idempotency_key)
+    async def upload(self, data: bytes, device: str, idempotency_key: str) -> UploadAck:
+        # the encoded upload crosses to the actor (3-10x smaller than its pixels) and is decoded here, within
+        # the deployment's decode budget
+        return await asyncio.to_thread(self.dep.upload_bytes, data, device=device, idempotency_key=idempotency_key)
 
     async def batch_report(self, report: BatchReport, device: str, idempotency_key: str) -> BatchAck:
         return await asyncio.to_thread(self.dep.batch_report, report, device=device, idempotency_key=idempotency_key)
 
-    async def edge_report(self, report: EdgeReport, device: str) -> None:
-        await asyncio.to_thread(self.dep.edge_report, report, device=device)
+    async def edge_report(self, report: EdgeReport, device: str) -> str:
+        return await asyncio.to_thread(self.dep.edge_report, report, device=device)
 
     async def admin(self, action: str, version: int | None = None) -> DeploymentStatus:
         return await asyncio.to_thread(self.dep.admin, action, version=version)
@@ -336,10 +339,10 @@ class RayEngine:
         status: DeploymentStatus = self._call(fingerprint, "status")
         return status
 
-    def upload(self, fingerprint: str, batch: SampleBatch, *, device: str, idempotency_key: str) -> UploadAck:
+    def upload(self, fingerprint: str, data: bytes, *, device: str, idempotency_key: str) -> UploadAck:
         # a retry after the actor restarted must not store the upload twice: give a keyless upload a key
         key = idempotency_key or f"ingress-{uuid.uuid4()}"
-        ack: UploadAck = self._call(fingerprint, "upload", batch, device, key)
+        ack: UploadAck = self._call(fingerprint, "upload", data, device, key)
         return ack
 
     def batch_report(self, fingerprint: str, report: BatchReport, *, device: str, idempotency_key: str) -> BatchAck:
@@ -364,8 +367,9 @@ class RayEngine:
                 self.parked[fingerprint] -= 1
         return self._latest.get(fingerprint, (0, None))[0]
 
-    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> None:
-        self._call(fingerprint, "edge_report", report, device)
+    def edge_report(self, fingerprint: str, report: EdgeReport, *, device: str) -> str:
+        outcome: str = self._call(fingerprint, "edge_report", report, device)
+        return outcome
 
     def seen(self, fingerprint: str, device: str, *, version: int | None = None, refused: bool = False) -> None:
         # Buffered in the ingress and sent at most once per SEEN_FLUSH_S per deployment, without waiting: a poll
@@ -421,22 +425,27 @@ def _actor_class() -> Any:
 
 
 def _actor(spec: DeploymentSpec, fingerprint: str, state: str, key: str | None) -> Any:
-    """The actor of ``fingerprint``: the running one if it serves this table and state, else a new one."""
+    """The actor of ``fingerprint``: the running one if it serves this table and state, else a new one. A running
+    actor created from another table or state directory is never replaced from here (other ingresses use it):
+    this ingress refuses to start instead, naming how to remove it."""
     name = _actor_name(fingerprint)
     with contextlib.suppress(ValueError):  # none running
         running = ray.get_actor(name, namespace=NAMESPACE)
         try:
             info = ray.get(running.info.remote(), timeout=CREATE_TIMEOUT_S)
-        except ray.exceptions.RayError:
-            info = None
-        if info is not None and info["spec"] == spec and info["service_state"] == state:
+        except ray.exceptions.RayError:  # restarting (max_restarts=-1): attach, it comes back from its state
+            log.warning("%s: the running actor %s does not answer; attaching (Ray restarts it)", spec.name, name)
+            return running
+        if info["spec"] == spec and info["service_state"] == state:
             log.info("%s: attached to the running actor %s", spec.name, name)
             return running
-        log.warning("%s: the running actor %s has another table or state; replacing it", spec.name, name)
-        with contextlib.suppress(ray.exceptions.RayError):
-            ray.get(running.stop.remote(30.0), timeout=60)
-        ray.kill(running, no_restart=True)
-        _wait_gone(name)
+        diff = "state directory" if info["service_state"] != state else "deployment table"
+        raise CloudError(
+            f"The Ray actor {name} ({spec.name}) already runs with another {diff} (state {info['service_state']}); "
+            "other ingresses may use it, so this one does not replace it. Start this ingress with the same config, "
+            f"or stop the actor first: python -c \"import ray; ray.init(address='auto'); "
+            f"ray.kill(ray.get_actor('{name}', namespace='{NAMESPACE}'), no_restart=True)\"."
+        )
     options: dict[str, Any] = {
         "name": name,
         "namespace": NAMESPACE,
@@ -449,17 +458,6 @@ def _actor(spec: DeploymentSpec, fingerprint: str, state: str, key: str | None) 
     }
     threads = max(1, math.floor(spec.cpus))
     return _actor_class().options(**options).remote(spec, state, key, threads)
-
-
-def _wait_gone(name: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            return
-        time.sleep(0.1)
-    raise CloudError(f"The Ray actor {name} did not go away within {timeout:.0f} s; `ray stop` and start again.")
 
 
 def _conforms(engine: RayEngine) -> Engine:  # mypy checks here that RayEngine implements the Engine protocol
