@@ -156,6 +156,9 @@ class IntakeMixin(DeploymentState):
             self.samples.write(up)  # durable before it is visible or acknowledged
             with self._cond:
                 self.samples.add(up)
+                # the worker publishes at least this (loop._due); promised only once the upload is visible, so the
+                # worker never sees a promise before the samples that will keep it (it would publish early)
+                self._promised = max(self._promised, ack.target_version)
                 if key:
                     self._remember(self._keys, key, up.ack)
                 self._device_versions.pop(device, None)
@@ -178,7 +181,6 @@ class IntakeMixin(DeploymentState):
             target = self.version if self.frozen else self._planned(calibrations_upto=up.seq)
         else:
             target = self._planned(extra_adapt=up.n_adapt, extra_stats=up.n_stats, stats=up.n_stats > 0)
-        self._promised = max(self._promised, target)  # the worker publishes at least this (loop._due)
         return UploadAck(
             accepted=up.count,
             pending=self._pending_samples() + up.count,

@@ -56,6 +56,7 @@ from cema_deploy.contract.samples import (
     SampleBatch,
 )
 from cema_deploy.exceptions import CemaError, ProtocolError, UplinkError
+from cema_deploy.runtime.link.backoff import Backoff
 from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, StaleGenerationError
 from cema_deploy.runtime.link.spool import Spool, SpoolRecord
 
@@ -240,6 +241,7 @@ class Uplink:
         self._flush_waiters = 0
         self._flush_cut = False  # cut_flush(): flush() returns at once from now on
         self._rng = random.Random(seed)
+        self._backoff = Backoff(backoff_base_s, backoff_cap_s, rng=self._rng)
         self._warned: set[tuple[str, int | None]] = set()
         #: The cloud's refusal of this device now holding the queue (None: none); see HOLD_STATUSES.
         self.refusal: UplinkError | None = None
@@ -368,9 +370,8 @@ class Uplink:
             self.spool.sync()
 
     def backoff_delay(self, attempt: int) -> float:
-        """Seconds to wait before retry ``attempt`` (0-based): ``min(cap, base * 2**attempt)`` times a uniform
-        jitter in [0.5, 1] (so edges that lost the cloud together do not come back in step)."""
-        return min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** min(attempt, 32)) * self._rng.uniform(0.5, 1.0)
+        """Seconds to wait before retry ``attempt`` (0-based), as :class:`~cema_deploy.runtime.link.backoff.Backoff`."""
+        return self._backoff.delay(attempt)
 
     # ---- the queue -----------------------------------------------------------------------------------------
     def _append(self, e: _Entry) -> None:
@@ -691,7 +692,7 @@ class Uplink:
                 if not exc.retryable and exc.status in HOLD_STATUSES:  # this device is refused, not this entry
                     self._hold(exc, what)
                     with self._cond:
-                        if self._cond.wait_for(lambda: self._stop, self.backoff_cap_s * self._rng.uniform(0.5, 1.0)):
+                        if self._cond.wait_for(lambda: self._stop, self._backoff.jitter(self.backoff_cap_s)):
                             return None
                     continue
                 if not exc.retryable:  # the cloud refused it: retrying cannot help

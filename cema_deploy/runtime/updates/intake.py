@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from cema_deploy.exceptions import (
     StaleEpochError,
     UplinkError,
 )
+from cema_deploy.runtime.link.backoff import Backoff
 from cema_deploy.runtime.link.client import CloudLink
 from cema_deploy.runtime.updates.ledger import Stamp, VersionLedger, previous_stamp, serving_stamp
 from cema_deploy.runtime.updates.scheduler import RefitOutcome, RefitScheduler
@@ -258,7 +258,7 @@ class BlobIntake:
     def _poll_loop(self) -> None:
         client = self.client
         assert client is not None  # the thread starts only with a client
-        delay = _POLL_BACKOFF_BASE_S
+        backoff, attempt = Backoff(_POLL_BACKOFF_BASE_S, _POLL_BACKOFF_CAP_S), 0
         while not self._stop.is_set():
             if self.before_poll is not None:
                 self.before_poll()
@@ -269,7 +269,7 @@ class BlobIntake:
             try:
                 found = client.fetch_blob(after=after, wait=0.0 if probe else self.poll_wait_s)
                 if found is None:
-                    delay = _POLL_BACKOFF_BASE_S
+                    attempt = 0
                     self._stop.wait(max(0.0, _MIN_POLL_INTERVAL_S - (time.monotonic() - t0)))  # never spin
                     continue
                 if self._stop.is_set():
@@ -282,7 +282,7 @@ class BlobIntake:
                 if blob is not None:
                     self.submit(blob)
                 if blob is not None or probe or self.floor > floor or self.held_by_pin > floor:
-                    delay = _POLL_BACKOFF_BASE_S
+                    attempt = 0
                     continue
                 # Nothing this edge may remember (unverifiable, another epoch) or nothing newer: back off.
             except UplinkError as exc:
@@ -293,5 +293,5 @@ class BlobIntake:
                     return
                 self.poll_errors += 1
                 log.error("blob poller error: %r", exc)
-            self._stop.wait(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, _POLL_BACKOFF_CAP_S)
+            self._stop.wait(backoff.delay(attempt))
+            attempt += 1

@@ -26,11 +26,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from cema_deploy.exceptions import CemaError
+from cema_deploy.runtime.backends.base import Backend
 from cema_deploy.runtime.selection.entropy import entropy_of_mean, softmax
 
 log = logging.getLogger("cema_deploy.edge")
@@ -131,20 +131,16 @@ def judge(
                      REASON_INFORMATION if drop else "")  # fmt: skip
 
 
-def previous_logits(backend: Any, x: np.ndarray) -> tuple[np.ndarray, int] | None:
+def previous_logits(backend: Backend, x: np.ndarray) -> tuple[np.ndarray, int] | None:
     """Logits of the parameters that served before the last refit, and their version; None when the backend
     holds no previous engine (none yet, or rolled back). Uses ``Backend.infer_previous``/``previous_version``."""
-    infer_previous = getattr(backend, "infer_previous", None)
-    if infer_previous is not None:
-        v = backend.previous_version
-        out = infer_previous(x) if v is not None else None
-        if out is None or backend.previous_version != v:
-            return None
-        return np.asarray(out), int(v)
-    prev = getattr(backend, "_previous", None)  # a Backend without infer_previous yet (before the refit merge)
-    if prev is None:
+    v = backend.previous_version
+    if v is None:
         return None
-    return np.asarray(backend._run(prev.engine, x)), int(prev.version)
+    out = backend.infer_previous(x)
+    if out is None or backend.previous_version != v:
+        return None
+    return np.asarray(out), v
 
 
 class InputRing:
@@ -184,7 +180,7 @@ class RollbackMonitor:
 
     def __init__(
         self,
-        backend: Any,
+        backend: Backend,
         config: RollbackConfig,
         *,
         num_classes: int,
@@ -305,7 +301,7 @@ class RollbackMonitor:
         entries = self.ring.snapshot()
         if self.backend.version != version or not entries:
             return None  # replaced by a newer refit (or rolled back) meanwhile
-        prev_version = _previous_version(self.backend)
+        prev_version = self.backend.previous_version
         if prev_version is None:
             return None
         if self.unjudgeable is not None and (why := self.unjudgeable(version, prev_version)):
@@ -336,11 +332,3 @@ class RollbackMonitor:
             done += n
         return judge(old, new, num_classes=self.num_classes, margin_ratio=self.config.margin_ratio,
                      version=version, previous_version=prev_version)  # fmt: skip
-
-
-def _previous_version(backend: Any) -> int | None:
-    if hasattr(backend, "previous_version"):
-        v = backend.previous_version
-        return None if v is None else int(v)
-    prev = getattr(backend, "_previous", None)
-    return None if prev is None else int(prev.version)
