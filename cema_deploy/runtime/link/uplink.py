@@ -1,5 +1,6 @@
 """The edge's background uploader: one FIFO of uploads and reports, sent through a
-:class:`~cema_deploy.runtime.link.client.CloudLink` (the HTTP client lives in ``client.py``).
+:class:`~cema_deploy.runtime.link.client.CloudLink` (the HTTP client lives in ``client.py``, the entries in
+``entries.py``, sending one entry in ``delivery.py``).
 
 Nothing here touches the network on the inference path: :meth:`Uplink.put` and the report methods append to the
 queue and return. One worker thread sends the queue's entries strictly in order, so the
@@ -40,10 +41,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -52,130 +51,23 @@ from cema_deploy.contract.samples import (
     KIND_CALIBRATION,
     KIND_SELECTED,
     KIND_STATISTICS,
-    SAMPLE_KINDS,
-    SampleBatch,
 )
 from cema_deploy.exceptions import CemaError, ProtocolError, UplinkError
 from cema_deploy.runtime.link.backoff import Backoff
-from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, StaleGenerationError
-from cema_deploy.runtime.link.spool import Spool, SpoolRecord
+from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError
+from cema_deploy.runtime.link.delivery import HOLD_STATUSES, UplinkDelivery, refusal_advice
+from cema_deploy.runtime.link.entries import BATCH_REPORT, EDGE_REPORT, Entry, UplinkCounters, UplinkListener
+from cema_deploy.runtime.link.spool import Spool
 
 __all__ = ["HOLD_STATUSES", "Uplink", "UplinkCounters", "UplinkListener", "refusal_advice"]
 
 log = logging.getLogger("cema_deploy.edge")
 
-_BATCH_REPORT, _EDGE_REPORT = "batch_report", "edge_report"
 #: Estimated spool bytes of an entry beyond its arrays, until its file is written (metadata, report JSON).
 _SPOOL_HEADER_BYTES = 256  # an underestimate: the spool thread corrects it and re-applies the bound
-_T = TypeVar("_T")
-#: Refusals of the device rather than of the entry: the entry is kept and retried (authorization, scope, fingerprint).
-HOLD_STATUSES = (401, 403, 404, 409)
 
 
-def refusal_advice(status: int | None) -> str:
-    """What an operator does about a refusal of :data:`HOLD_STATUSES` (one sentence)."""
-    if status == 401:
-        return ("the cloud does not know this device's token (revoked, expired or mistyped): create one with "
-                "`cema-deploy cloud token add DEVICE --deployment NAME` and restart the edge with it")  # fmt: skip
-    if status == 403:
-        return "this device's token may not do this: ask the operator for a device token of this deployment"
-    if status == 404:
-        return ("the cloud serves no deployment of this export's fingerprint to this token: check the token's "
-                "--deployment and that the cloud serves this export (`cloud serve --edge` this folder)")  # fmt: skip
-    return "the cloud refuses this export's fingerprint: export again or serve this export on the cloud"
-
-
-@dataclass
-class UplinkCounters:
-    """Totals since the uplink started (samples unless named ``bytes``/``errors``/``retries``/``reports``)."""
-
-    queued: int = 0  # samples put in the queue (all kinds)
-    uploaded: int = 0  # samples the cloud acknowledged (all kinds)
-    uploaded_selected: int = 0
-    uploaded_calibration: int = 0
-    uploaded_statistics: int = 0
-    bytes_sent: int = 0  # bodies of acknowledged uploads (as the client counts them; 0 in-process)
-    dropped_queue: int = 0  # oldest samples dropped because the memory queue was full
-    dropped_spool: int = 0  # oldest samples dropped because the spool was full (or could not be written)
-    rejected: int = 0  # samples in uploads the cloud refused (4xx other than 409, not retried)
-    stale_generation: int = 0  # samples in uploads refused with 409 (made for a generation before a reset)
-    upload_errors: int = 0  # failed upload attempts, retried or not
-    retries: int = 0  # attempts (uploads and reports) repeated after a retryable failure
-    reports_sent: int = 0  # batch reports the cloud acknowledged
-    reports_dropped: int = 0  # batch reports refused (4xx) or dropped from a full queue
-    edge_reports_sent: int = 0  # rollback/refusal reports delivered
-    edge_reports_dropped: int = 0
-    restored: int = 0  # samples found in the spool at start (left by an earlier run)
-    refusals: int = 0  # attempts the cloud refused because of this device (HOLD_STATUSES); the entries were kept
-
-
-class UplinkListener:
-    """What the uplink tells its owner, on the worker thread (no-ops here; the edge runtime overrides them).
-
-    Callbacks run outside the uplink's lock and must not block for long: the queue waits for them.
-    """
-
-    def on_upload_ack(self, batch: SampleBatch, ack: UploadAck) -> None:
-        """The cloud acknowledged ``batch``."""
-
-    def on_batch_ack(self, report: BatchReport, ack: BatchAck) -> None:
-        """The cloud acknowledged a batch report."""
-
-    def on_stale_generation(self, exc: StaleGenerationError) -> None:
-        """An upload was refused with 409: ``exc.current`` is the deployment's status now."""
-
-    def on_dropped(self, kind: str, calibration: str) -> None:
-        """Samples of ``kind`` were dropped without reaching the cloud (full queue, refusal, 409)."""
-
-    def on_restored(self, kind: str, calibration: str) -> None:
-        """Samples of ``kind`` left in the spool by an earlier run are queued again (called at start)."""
-
-
-@dataclass(eq=False)  # identity: entries are found and removed by identity, never compared by value
-class _Entry:
-    kind: str  # a sample kind, _BATCH_REPORT or _EDGE_REPORT
-    n: int = 0  # samples
-    nbytes: int = 0
-    images: np.ndarray | None = None  # None when spooled (read back when taken)
-    entropy: np.ndarray | None = None
-    selected: np.ndarray | None = None
-    version: int = 0
-    generation: int = 0
-    calibration: str = ""
-    message: BatchReport | EdgeReport | None = None
-    key: str = ""
-    rec: SpoolRecord | None = None
-    t: float = 0.0  # when queued (monotonic)
-    inflight: bool = False  # taken by the worker
-    done: bool = False  # sent or dropped: its spool file (if any) is deleted
-
-    @property
-    def is_samples(self) -> bool:
-        return self.kind in SAMPLE_KINDS
-
-    def joins(self, head: _Entry) -> bool:
-        """Can this entry go in the same upload as ``head``?"""
-        return (
-            self.is_samples
-            and self.kind != KIND_CALIBRATION
-            and (self.kind, self.version, self.generation) == (head.kind, head.version, head.generation)
-        )
-
-    def split(self, k: int) -> _Entry:
-        """Remove and return the first ``k`` samples (memory entries only)."""
-        assert self.images is not None and self.entropy is not None and 0 < k < self.n
-        per = self.nbytes // self.n
-        head = replace(self, n=k, nbytes=per * k, images=self.images[:k], entropy=self.entropy[:k])
-        self.images, self.entropy, self.n, self.nbytes = (
-            self.images[k:],
-            self.entropy[k:],
-            self.n - k,
-            self.nbytes - per * k,
-        )
-        return head
-
-
-class Uplink:
+class Uplink(UplinkDelivery):
     """Background uploader: one FIFO of uploads and reports, batching, jittered exponential back-off.
 
     Ownership: :meth:`put` keeps references to the rows of ``images``; pass arrays the caller will not modify
@@ -232,7 +124,7 @@ class Uplink:
         #: Version stamped on samples put without one (kept for callers that set it instead of passing it).
         self.edge_version = 0
         self._counters = UplinkCounters()
-        self._q: collections.deque[_Entry] = collections.deque()
+        self._q: collections.deque[Entry] = collections.deque()
         self._q_samples = self._q_bytes = self._q_reports = 0
         self._inflight = 0
         self._busy = False  # an entry is being sent
@@ -245,7 +137,7 @@ class Uplink:
         self._warned: set[tuple[str, int | None]] = set()
         #: The cloud's refusal of this device now holding the queue (None: none); see HOLD_STATUSES.
         self.refusal: UplinkError | None = None
-        self._to_spool: collections.deque[_Entry] = collections.deque()
+        self._to_spool: collections.deque[Entry] = collections.deque()
         self.spool = Spool(spool_dir) if spool_dir is not None else None
         self._spooler: threading.Thread | None = None
         if self.spool is not None:
@@ -280,7 +172,7 @@ class Uplink:
         step = self.upload_batch if self.spool is not None else len(images)  # spooled: one file per upload
         for i in range(0, len(images), step):
             im = images[i : i + step]
-            self._append(_Entry(kind, len(im), im.nbytes, im, ent[i : i + step], version=v, generation=generation))
+            self._append(Entry(kind, len(im), im.nbytes, im, ent[i : i + step], version=v, generation=generation))
 
     def put_calibration(
         self,
@@ -295,17 +187,17 @@ class Uplink:
         """Queue a whole edge batch as one calibration upload (``reason`` ``start`` or ``shift``; ``selected``:
         the rule's mask)."""
         self._append(
-            _Entry(KIND_CALIBRATION, len(images), images.nbytes, images, np.asarray(entropy, np.float32),
+            Entry(KIND_CALIBRATION, len(images), images.nbytes, images, np.asarray(entropy, np.float32),
                    np.asarray(selected, bool), version=int(version), generation=generation, calibration=reason)
         )  # fmt: skip
 
     def put_report(self, report: BatchReport) -> None:
         """Queue a batch report behind the uploads queued so far."""
-        self._append(_Entry(_BATCH_REPORT, message=report))
+        self._append(Entry(BATCH_REPORT, message=report))
 
     def put_edge_report(self, report: EdgeReport) -> None:
         """Queue a rollback or refusal report (delivered in order, retried like uploads)."""
-        self._append(_Entry(_EDGE_REPORT, message=report))
+        self._append(Entry(EDGE_REPORT, message=report))
 
     @property
     def counters(self) -> UplinkCounters:
@@ -369,12 +261,8 @@ class Uplink:
             self._spooler.join(timeout)  # everything queued reaches the spool first
             self.spool.sync()
 
-    def backoff_delay(self, attempt: int) -> float:
-        """Seconds to wait before retry ``attempt`` (0-based), as :class:`~cema_deploy.runtime.link.backoff.Backoff`."""
-        return self._backoff.delay(attempt)
-
     # ---- the queue -----------------------------------------------------------------------------------------
-    def _append(self, e: _Entry) -> None:
+    def _append(self, e: Entry) -> None:
         lost: list[tuple[str, str]] = []
         with self._cond:
             e.t = time.monotonic()
@@ -429,21 +317,21 @@ class Uplink:
                 batch = spool.read_samples(rec)
                 if batch is None:
                     continue
-                e = _Entry(batch.kind, len(batch), rec.nbytes, version=batch.edge_version, generation=batch.generation,
+                e = Entry(batch.kind, len(batch), rec.nbytes, version=batch.edge_version, generation=batch.generation,
                            calibration=batch.calibration, key=rec.key, rec=rec)  # fmt: skip
                 self._counters.restored += e.n
             else:
                 body = spool.read_report(rec)
                 try:
                     kind = body["type"] if body else ""
-                    message: BatchReport | EdgeReport = (
-                        BatchReport if kind == _BATCH_REPORT else EdgeReport
-                    ).from_json(body["body"] if body else None)
+                    message: BatchReport | EdgeReport = (BatchReport if kind == BATCH_REPORT else EdgeReport).from_json(
+                        body["body"] if body else None
+                    )
                 except (KeyError, TypeError, ProtocolError) as exc:
                     log.warning("spooled report %s is malformed and was dropped: %s", rec.path.name, exc)
                     spool.remove(rec)
                     continue
-                e = _Entry(kind, nbytes=rec.nbytes, message=message, key=rec.key, rec=rec)
+                e = Entry(kind, nbytes=rec.nbytes, message=message, key=rec.key, rec=rec)
             e.t = time.monotonic()
             self._q.append(e)
             self._q_samples += e.n
@@ -465,7 +353,7 @@ class Uplink:
             if e.is_samples:
                 self.listener.on_restored(e.kind, e.calibration)
 
-    def _enforce_bounds(self, newest: _Entry | None, lost: list[tuple[str, str]]) -> None:
+    def _enforce_bounds(self, newest: Entry | None, lost: list[tuple[str, str]]) -> None:
         """Drop the oldest samples (or whole spooled entries / calibration batches) while a bound is exceeded;
         the entry just queued is never dropped whole when it alone exceeds a bound."""
         spooled = self.spool is not None
@@ -496,7 +384,7 @@ class Uplink:
             self._q_bytes -= e.nbytes
             self._count_drop(e, spool=spooled, lost=lost)
 
-    def _count_drop(self, e: _Entry, *, spool: bool, lost: list[tuple[str, str]]) -> None:
+    def _count_drop(self, e: Entry, *, spool: bool, lost: list[tuple[str, str]]) -> None:
         self._forget(e)
         if e.is_samples:
             if spool:
@@ -504,9 +392,9 @@ class Uplink:
             else:
                 self._counters.dropped_queue += e.n
             lost.append((e.kind, e.calibration))
-        elif e.kind == _BATCH_REPORT:
+        elif e.kind == BATCH_REPORT:
             self._counters.reports_dropped += 1
-        elif e.kind == _EDGE_REPORT:
+        elif e.kind == EDGE_REPORT:
             self._counters.edge_reports_dropped += 1
 
     # ---- worker ------------------------------------------------------------------------------------------------
@@ -523,7 +411,7 @@ class Uplink:
                 return True
         return time.monotonic() - head.t >= self.flush_interval_s
 
-    def _take(self) -> list[_Entry] | None:
+    def _take(self) -> list[Entry] | None:
         """Wait until the head of the queue should go (or stop); pop it (and the samples that join it)."""
         with self._cond:
             while not self._stop and not (self._q and self._ready()):
@@ -570,7 +458,7 @@ class Uplink:
                 self._busy = False
                 self._cond.notify_all()
 
-    def _forget(self, e: _Entry) -> None:
+    def _forget(self, e: Entry) -> None:
         """``e`` is done: delete its spool file (or skip writing it). Holds the lock."""
         e.done = True
         if self.spool is not None:
@@ -579,155 +467,9 @@ class Uplink:
             elif e in self._to_spool:
                 self._to_spool.remove(e)
 
-    def _release(self, items: list[_Entry]) -> None:
+    def _release(self, items: list[Entry]) -> None:
         """The entries are done (sent or dropped): delete their spool files. Holds the lock."""
         for e in items:
             self._forget(e)
             if self.spool is not None:
                 self._q_bytes -= e.nbytes
-
-    def _batch_of(self, e: _Entry) -> SampleBatch:
-        assert e.images is not None
-        return SampleBatch(
-            images=e.images, fingerprint=self.fingerprint, edge_version=e.version, device_id=self.device_id,
-            entropy=e.entropy, kind=e.kind, generation=e.generation, selected=e.selected, calibration=e.calibration,
-        )  # fmt: skip
-
-    def _send(self, items: list[_Entry]) -> None:
-        head = items[0]
-        if not head.is_samples:
-            self._send_report(head)
-            return
-        if head.rec is not None and self.spool is not None:
-            batch = self.spool.read_samples(head.rec)
-            if batch is None:
-                with self._cond:
-                    self._counters.dropped_spool += head.n
-                    self._release(items)
-                return
-        elif len(items) == 1:
-            batch = self._batch_of(head)
-        else:
-            merged = replace(head, images=np.concatenate([e.images for e in items if e.images is not None]),
-                             entropy=np.concatenate([e.entropy for e in items if e.entropy is not None]))  # fmt: skip
-            batch = self._batch_of(merged)
-        key = head.key or str(uuid.uuid4())  # one key for this upload and all its retries: the cloud stores it once
-        n = len(batch)
-        stale: StaleGenerationError | None = None
-
-        def call() -> UploadAck:
-            return self.client.upload(batch, idempotency_key=key)
-
-        try:
-            ack = self._deliver(call, f"upload of {n} {batch.kind} samples", upload=True)
-        except StaleGenerationError as exc:
-            stale, ack = exc, None
-        with self._cond:
-            if ack is not None:
-                self._counters.uploaded += n
-                kind_field = f"uploaded_{batch.kind}"
-                setattr(self._counters, kind_field, getattr(self._counters, kind_field) + n)
-                self.last_ack = ack
-                self.max_target_version = max(self.max_target_version, ack.target_version)
-            elif stale is not None:
-                self._counters.stale_generation += n
-            elif not self._stop:
-                self._counters.rejected += n
-            if ack is not None or not self._stop:  # stopped mid-retry: a spooled entry stays for the next run
-                self._release(items)
-        if ack is not None:
-            self.listener.on_upload_ack(batch, ack)
-        elif stale is not None:
-            log.warning("upload of %d samples dropped: %s", n, stale)
-            self.listener.on_dropped(batch.kind, batch.calibration)
-            self.listener.on_stale_generation(stale)
-        elif not self._stop:
-            self.listener.on_dropped(batch.kind, batch.calibration)
-
-    def _send_report(self, e: _Entry) -> None:
-        key = e.key or str(uuid.uuid4())
-        msg = e.message
-        if isinstance(msg, BatchReport):
-            report = msg
-            ack = self._deliver(lambda: self.client.batch_report(report, idempotency_key=key), "batch report")
-            with self._cond:
-                if ack is not None:
-                    self._counters.reports_sent += 1
-                    self.last_batch_ack = ack
-                    self.max_target_version = max(self.max_target_version, ack.target_version)
-                elif not self._stop:
-                    self._counters.reports_dropped += 1
-                if ack is not None or not self._stop:
-                    self._release([e])
-            if ack is not None:
-                self.listener.on_batch_ack(report, ack)
-            return
-        assert isinstance(msg, EdgeReport)
-        edge_report = msg
-
-        def deliver_report() -> bool:
-            self.client.report(edge_report)
-            return True
-
-        done = self._deliver(deliver_report, f"{edge_report.kind} report")
-        with self._cond:
-            if done:
-                self._counters.edge_reports_sent += 1
-            elif not self._stop:
-                self._counters.edge_reports_dropped += 1
-            if done or not self._stop:
-                self._release([e])
-
-    def _deliver(self, call: Callable[[], _T], what: str, *, upload: bool = False) -> _T | None:
-        """``call()`` until it succeeds (its result), the cloud refuses it (None; a 409 is raised), or stop."""
-        attempt = 0
-        while True:
-            try:
-                result = call()
-            except UplinkError as exc:
-                with self._cond:
-                    self._counters.upload_errors += upload
-                if isinstance(exc, StaleGenerationError):
-                    raise
-                if not exc.retryable and exc.status in HOLD_STATUSES:  # this device is refused, not this entry
-                    self._hold(exc, what)
-                    with self._cond:
-                        if self._cond.wait_for(lambda: self._stop, self._backoff.jitter(self.backoff_cap_s)):
-                            return None
-                    continue
-                if not exc.retryable:  # the cloud refused it: retrying cannot help
-                    first = (what.split()[0], exc.status) not in self._warned  # once per kind and status
-                    self._warned.add((what.split()[0], exc.status))
-                    log.log(logging.WARNING if first else logging.DEBUG, "%s refused, dropped: %s", what, exc)
-                    return None
-                delay = self.backoff_delay(attempt)
-                if exc.retry_after is not None:  # 429: the cloud said when to come back
-                    delay = max(delay, exc.retry_after * self._rng.uniform(1.0, 1.2))  # capped by the client
-                attempt += 1
-                log.debug("%s failed (%s); retry %d in %.2f s", what, exc, attempt, delay)
-                with self._cond:
-                    if self._cond.wait_for(lambda: self._stop, delay):
-                        return None
-                    self._counters.retries += 1
-            else:
-                if self.refusal is not None:
-                    with self._cond:
-                        self.refusal = None
-                        queued = self._q_samples + self._inflight
-                    log.warning("the cloud accepts this device again; sending the %d queued samples", queued)
-                return result
-
-    def _hold(self, exc: UplinkError, what: str) -> None:
-        """The cloud refused this device (HOLD_STATUSES): keep the entry, say so once per status."""
-        with self._cond:
-            first = self.refusal is None or self.refusal.status != exc.status
-            self.refusal = exc
-            self._counters.refusals += 1
-            queued = self._q_samples + self._inflight
-            self._cond.notify_all()  # a flush() waiting for the queue gives up: nothing goes until this changes
-        if first:
-            where = "spooled" if self.spool is not None else "queued in memory (lost on exit without --state)"
-            log.warning("the cloud refuses this device (%s, answering the %s): %s. What waits to be uploaded "
-                        "(%d samples now) stays %s and is retried every %g s; nothing is dropped. [%s]",
-                        exc.status, what, refusal_advice(exc.status), queued, where, self.backoff_cap_s,
-                        exc)  # fmt: skip
