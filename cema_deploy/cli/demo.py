@@ -13,7 +13,7 @@ from cema_deploy.cli._console import console, step_progress
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Output directory: results.json/.md, plots, logs.")] = Path("out/demo"),
     quick: Annotated[
-        bool, typer.Option(help="4 corruptions x 300 samples, models trained 4/8 epochs (about 2 min).")
+        bool, typer.Option(help="4 corruptions x 300 samples, models trained 4/8 epochs (2.5-5 min on 2 cores).")
     ] = False,
     protocol: Annotated[
         str,
