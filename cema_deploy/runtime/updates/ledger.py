@@ -261,12 +261,18 @@ class VersionLedger:
                 self._calib_target = target
 
     def exempt(self, version: int) -> bool:
-        """True when applied ``version`` answers a calibration batch (closes the window once the target serves)."""
+        """True when applied ``version`` answers a calibration batch: the first version at or above the batch's
+        acknowledged target (which closes the exemption); before the acknowledgement, any version (the target is
+        not known yet). A version below a known target was published before the calibration and is judged."""
         with self._lock:
-            exempt = self._calib_window
-            if exempt and self._calib_target is not None and version >= self._calib_target:
-                self._calib_window = False
-            return exempt
+            if not self._calib_window:
+                return False
+            if self._calib_target is None:
+                return True
+            if version < self._calib_target:
+                return False
+            self._calib_window = False
+            return True
 
     # ---- durable state ------------------------------------------------------------------------------------
     def restore(

@@ -87,3 +87,17 @@ def test_restore_drops_unverified_refusals_and_recomputes_the_floor() -> None:
     ledger.restore(epoch=A, refused={10**15: "signature", 3: "value"}, rolled_back={2: "drop"}, saved_upto=10**15)
     snap = ledger.snapshot()
     assert (snap.epoch, snap.refused_upto, snap.refused, snap.rolled_back) == (A, 3, {3: "value"}, {2: "drop"})
+
+
+def test_the_calibration_exemption_is_a_version_not_a_window() -> None:
+    serving = _Serving()
+    ledger = VersionLedger(serving)
+    ledger.admit(_blob(1))
+    serving.stamp = (A, 1)
+    ledger.calibration_queued()
+    assert ledger.exempt(2)  # acknowledged target not known yet: whatever answers first is exempt
+    ledger.calibration_queued()
+    ledger.calibration_done(5)  # the calibration's blob is v5
+    assert not ledger.exempt(3)  # published before the calibration: judged
+    assert ledger.exempt(6)  # the first at or above the target (coalesced past it) answers the calibration
+    assert not ledger.exempt(7)  # exempt once, then every refit is judged again
