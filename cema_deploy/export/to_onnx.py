@@ -33,6 +33,7 @@ from cema_deploy.contract.norms_file import norms_layout, write_norms_file
 from cema_deploy.exceptions import ExportError, ModelError
 from cema_deploy.export.fingerprint import fingerprint_from_model
 from cema_deploy.export.norms import collect_norm_params
+from cema_deploy.export.stats_probe import write_stats_probe
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -231,6 +232,8 @@ def export_timm(
         producer=f"cema-deploy {__version__}, torch {torch.__version__}, onnx {onnx.__version__}",
     )
     _externalize(proto, manifest, out / NORMS_FILE)
+    step("Writing stats_probe.onnx + stats_probe.json (BatchNorm batch statistics for the edge's adapter)")
+    write_stats_probe(proto, manifest, out)  # nothing without BatchNorm running statistics
     total_bytes = sum(int(v.numel() * v.element_size()) for v in state.values())
     if total_bytes > EXTERNAL_DATA_BYTES:
         onnx.save_model(proto, str(model_path), save_as_external_data=True, location=MODEL_FILE + ".data")
