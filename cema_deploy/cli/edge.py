@@ -182,6 +182,22 @@ def run_cmd(
     precision: Annotated[
         str | None, typer.Option(help="trt: fp32 (TF32 off), tf32 or fp16; ort-trt: fp32 or fp16 (default fp32).")
     ] = None,
+    adapt_stats: Annotated[
+        str,
+        typer.Option(
+            help="The edge's own BatchNorm statistics, forward-only, no uplink (README, 'The edge's own statistics'): "
+            "off, ema (running estimate across batches, reset on a detected shift) or alpha (alpha-BN: "
+            "(1-a)*source + a*batch). Models without BatchNorm running statistics stay off."
+        ),
+    ] = "off",
+    stats_alpha: Annotated[float, typer.Option(help="alpha mode: the batch's share a (You et al. 2021).")] = 0.1,
+    stats_momentum: Annotated[
+        float, typer.Option(help="ema mode: per-frame weight floor (the estimate remembers ~1/momentum frames).")
+    ] = 0.002,
+    stats_prior: Annotated[
+        float, typer.Option(min=0.0, help="ema mode: frames the source statistics count as after a reset.")
+    ] = 16.0,
+    stats_every: Annotated[int, typer.Option(min=1, help="Probe one batch in this many (the adapter's cost).")] = 1,
 ) -> None:
     """Stream SOURCE through the engine; select samples (CEMA rules), upload them, hot-refit from the cloud.
 
@@ -194,6 +210,7 @@ def run_cmd(
     from cema_deploy.runtime.frames.sources import batches_from_source, count_images, labels_from_path
     from cema_deploy.runtime.link.client import CloudClient, is_loopback_url
     from cema_deploy.runtime.selection.rules import SampleSelector
+    from cema_deploy.runtime.stats.adapter import StatsConfig, stats_adapter_from_dir
     from cema_deploy.runtime.updates.rollback import RollbackConfig
 
     if encoding not in ENCODINGS:
@@ -219,6 +236,12 @@ def run_cmd(
     elif cloud is not None:
         _warn_unsigned(cloud, allow_unsigned, is_loopback_url(cloud))
     be = get_backend(backend, model_dir, intra_op_threads=threads, max_batch=max_batch or batch, precision=precision)
+    stats, stats_why = stats_adapter_from_dir(
+        be, model_dir, StatsConfig(mode=adapt_stats, alpha=stats_alpha, momentum=stats_momentum,
+                                   prior_frames=stats_prior, every=stats_every)
+    )  # fmt: skip
+    if stats is None and adapt_stats != "off":
+        err_console.print(f"warning: --adapt-stats {adapt_stats}: the adapter stays off: {stats_why}.")
     cfg = selection_config(
         be.manifest.num_classes,
         selection=selection,
@@ -261,6 +284,7 @@ def run_cmd(
         state_interval_s=state_interval,
         max_spool_bytes=max(1, int(spool_mb * 2**20)),
         min_refit_interval_s=min_refit_interval,
+        stats=stats,
     )
     if rt.restored_version:
         err_console.print(f"restored from {state}: serving v{rt.restored_version}")
@@ -301,6 +325,8 @@ def run_cmd(
             signal.signal(signal.SIGTERM, previous_handler)
     metrics["wall_s"] = time.perf_counter() - t0
     metrics["selection_config"] = cfg.describe()
+    if stats is None and adapt_stats != "off":
+        metrics["stats"]["off_because"] = stats_why
     p = np.concatenate(preds)
     if y is not None:
         metrics["accuracy"] = float((p == y).mean())
@@ -318,6 +344,7 @@ def run_cmd(
         f"uploaded {metrics['uploaded_pct']:.1f}%, parameter version {metrics['version']}, "
         f"blobs applied {metrics['blobs_applied']}, refused {sum(metrics['refused'].values())}, "
         f"rollbacks {metrics['rollbacks']}, mean entropy {metrics['mean_entropy']:.3f}"
+        + (f", statistics {adapt_stats} (local generation {metrics['stats']['local_generation']})" if stats else "")
         + (f", accuracy {100 * metrics['accuracy']:.2f}%" if y is not None else "")
     )
 
