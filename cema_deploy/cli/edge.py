@@ -197,7 +197,9 @@ def run_cmd(
     stats_prior: Annotated[
         float, typer.Option(min=0.0, help="ema mode: frames the source statistics count as after a reset.")
     ] = 16.0,
-    stats_every: Annotated[int, typer.Option(min=1, help="Probe one batch in this many (the adapter's cost).")] = 1,
+    stats_every: Annotated[
+        int, typer.Option(min=1, help="Probe one batch in this many (the adapter's cost, README).")
+    ] = 32,
 ) -> None:
     """Stream SOURCE through the engine; select samples (CEMA rules), upload them, hot-refit from the cloud.
 

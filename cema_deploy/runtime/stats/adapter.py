@@ -49,6 +49,9 @@ __all__ = ["STATS_MODES", "StatsAdapter", "StatsConfig", "StatsConfigError"]
 log = logging.getLogger("cema_deploy.edge.stats")
 
 STATS_MODES = ("off", "ema", "alpha")
+#: Default probe rate: one batch in 32 kept ResNet-50 (ORT CPU, batch 1) at 0.97x the adapter-off throughput
+#: (benchmarks/results/2026-12-03-edge-stats/cost-resnet50-ort-cpu.json); every batch cost 0.29-0.31x.
+DEFAULT_EVERY = 32
 #: The adapter's statistics in ``edge run --state DIR`` (written atomically beside the edge state).
 STATS_STATE_FILE = "edge-stats.safetensors"
 
@@ -65,7 +68,7 @@ class StatsConfig:
     alpha: float = 0.1  # a of alpha-BN (You et al. 2021); 0.1 at batch 1 in mariodoebler/test-time-adaptation
     momentum: float = 0.002  # ema: per-frame weight floor (memory ~ 1 / momentum frames)
     prior_frames: float = 16.0  # ema: the source statistics count as this many frames after a reset
-    every: int = 1  # probe one batch in `every`
+    every: int = DEFAULT_EVERY  # probe one batch in `every`
     reset_on_shift: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 

@@ -138,7 +138,7 @@ def test_batch_one_changes_what_the_engine_serves_and_keeps_the_cloud_version(ex
 
 def test_a_detected_shift_resets_to_the_source_statistics(exported) -> None:
     out, _ = exported("bn")
-    be, ad = _adapter(out, mode="ema", shift=ShiftConfig(reference_frames=16, collapse_ratio=None))
+    be, ad = _adapter(out, mode="ema", every=1, shift=ShiftConfig(reference_frames=16, collapse_ratio=None))
     with be:
         flat = np.full((8, 64, 64, 3), 120, np.uint8)
         flat[:, ::2] = 125
@@ -162,7 +162,7 @@ def test_a_cloud_blob_keeps_its_affine_parameters_and_gets_the_edges_statistics(
     rollback monitor and keep the cloud blob's rollback target."""
     out, _ = exported("bn")
     v0 = blob_from_path(out / "params.safetensors")
-    rt, be = _runtime(out, StatsConfig(mode="alpha", alpha=1.0))  # the degenerate extreme: batch 1 test-batch BN
+    rt, be = _runtime(out, StatsConfig(mode="alpha", alpha=1.0, every=1))  # the degenerate extreme: batch-1 BN
     with rt, be:
         cloud = {k: (v * 1.1 if k.endswith("weight") else v + 0.05).astype(v.dtype) for k, v in v0.tensors.items()}
         assert rt.apply_blob_bytes(blob_to_bytes(RefitBlob(tensors=cloud, fingerprint=v0.fingerprint, version=1)))
@@ -181,7 +181,7 @@ def test_a_cloud_blob_keeps_its_affine_parameters_and_gets_the_edges_statistics(
 
 def test_state_round_trip(exported, tmp_path) -> None:
     out, _ = exported("bn")
-    rt, be = _runtime(out, StatsConfig(mode="ema"), state_dir=tmp_path / "st")
+    rt, be = _runtime(out, StatsConfig(mode="ema", every=1), state_dir=tmp_path / "st")
     with be:
         for i in range(3):
             rt.process(images(4, i, size=64))
