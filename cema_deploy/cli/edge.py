@@ -199,7 +199,11 @@ def run_cmd(
     ] = 16.0,
     stats_every: Annotated[
         int, typer.Option(min=1, help="Probe one batch in this many (the adapter's cost, README).")
-    ] = 32,
+    ] = 64,
+    stats_dense_frames: Annotated[
+        int,
+        typer.Option(min=0, help="Probe every batch until this many frames entered since the start or a shift."),
+    ] = 128,
 ) -> None:
     """Stream SOURCE through the engine; select samples (CEMA rules), upload them, hot-refit from the cloud.
 
@@ -240,7 +244,8 @@ def run_cmd(
     be = get_backend(backend, model_dir, intra_op_threads=threads, max_batch=max_batch or batch, precision=precision)
     stats, stats_why = stats_adapter_from_dir(
         be, model_dir, StatsConfig(mode=adapt_stats, alpha=stats_alpha, momentum=stats_momentum,
-                                   prior_frames=stats_prior, every=stats_every)
+                                   prior_frames=stats_prior, every=stats_every,
+                                   dense_frames=stats_dense_frames)
     )  # fmt: skip
     if stats is None and adapt_stats != "off":
         err_console.print(f"warning: --adapt-stats {adapt_stats}: the adapter stays off: {stats_why}.")

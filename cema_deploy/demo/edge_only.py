@@ -24,10 +24,11 @@ import numpy as np
 from cema_deploy.demo.report import MethodRun
 from cema_deploy.demo.stream import LazyImages, Segment, Stream
 from cema_deploy.exceptions import CemaError
+from cema_deploy.runtime.stats.adapter import DEFAULT_EVERY
 
 #: ``edge run`` options of each edge-alone method.
 EDGE_ONLY_METHODS: dict[str, list[str]] = {
-    "edge_stats": ["--adapt-stats", "ema"],
+    "edge_stats": ["--adapt-stats", "ema", "--stats-every", str(DEFAULT_EVERY), "--stats-dense-frames", "128"],
     "edge_stats_ema": ["--adapt-stats", "ema", "--stats-every", "1"],
     "edge_stats_alpha": ["--adapt-stats", "alpha", "--stats-every", "1"],
 }

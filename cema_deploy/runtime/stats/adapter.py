@@ -14,7 +14,9 @@ Modes (``edge run --adapt-stats``):
   distributions (means and second moments mix with weight ``w``; ``var = E[x^2] - mean^2``), so frames probed one
   at a time still add up to the variance across frames, not just the average variance within one.
 
-Probe rate: one batch in ``every`` is probed (the other batches cost nothing). On a shift detected by the existing
+Probe rate: every batch until ``dense_frames`` frames entered the statistics since the last reset (the start or a
+detected shift, when the estimate needs data fast), then one batch in ``every`` (the other batches cost nothing:
+a steady edge pays little, a shifted one pays for a short while). On a shift detected by the existing
 detector (:mod:`cema_deploy.runtime.selection.shift`, on the adapter's own instance) the statistics go back to the
 source ones before the batch is probed. After a change of the cloud version (a blob applied, a rollback) the
 statistics are merged into the new parameters at the next batch: the edge owns the running statistics, the cloud
@@ -49,9 +51,10 @@ __all__ = ["STATS_MODES", "StatsAdapter", "StatsConfig", "StatsConfigError"]
 log = logging.getLogger("cema_deploy.edge.stats")
 
 STATS_MODES = ("off", "ema", "alpha")
-#: Default probe rate: one batch in 32 kept ResNet-50 (ORT CPU, batch 1) at 0.97x the adapter-off throughput
-#: (benchmarks/results/2026-12-03-edge-stats/cost-resnet50-ort-cpu.json); every batch cost 0.29-0.31x.
-DEFAULT_EVERY = 32
+#: Default probe rate, one batch in 64: ResNet-50 on ORT CPU then keeps 0.96x (batch 1) and 0.97x (batch 16) of the
+#: adapter-off throughput, derived from the measured per-probe overhead (a probe plus a refit: about 2.5 served
+#: batches); one in 32 gave 0.93x/0.94x (benchmarks/results/2026-12-03-edge-stats/cost-resnet50-ort-cpu.json).
+DEFAULT_EVERY = 64
 #: The adapter's statistics in ``edge run --state DIR`` (written atomically beside the edge state).
 STATS_STATE_FILE = "edge-stats.safetensors"
 
@@ -68,17 +71,25 @@ class StatsConfig:
     alpha: float = 0.1  # a of alpha-BN (You et al. 2021); 0.1 at batch 1 in mariodoebler/test-time-adaptation
     momentum: float = 0.002  # ema: per-frame weight floor (memory ~ 1 / momentum frames)
     prior_frames: float = 16.0  # ema: the source statistics count as this many frames after a reset
-    every: int = DEFAULT_EVERY  # probe one batch in `every`
+    every: int = DEFAULT_EVERY  # probe one batch in `every` ...
+    dense_frames: int = 0  # ... once this many frames entered since the last reset (every batch before)
     reset_on_shift: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in STATS_MODES:
             raise StatsConfigError(f"Unknown statistics mode {self.mode!r}; expected one of {list(STATS_MODES)}.")
-        if not (0 < self.alpha <= 1 and 0 < self.momentum <= 1 and self.prior_frames >= 0 and self.every >= 1):
+        if not (
+            0 < self.alpha <= 1
+            and 0 < self.momentum <= 1
+            and self.prior_frames >= 0
+            and self.every >= 1
+            and self.dense_frames >= 0
+        ):
             raise StatsConfigError(
-                f"Need 0 < alpha <= 1, 0 < momentum <= 1, prior_frames >= 0 and every >= 1; got alpha={self.alpha}, "
-                f"momentum={self.momentum}, prior_frames={self.prior_frames}, every={self.every}."
+                f"Need 0 < alpha <= 1, 0 < momentum <= 1, prior_frames >= 0, every >= 1, dense_frames >= 0; got "
+                f"alpha={self.alpha}, momentum={self.momentum}, prior_frames={self.prior_frames}, every={self.every}, "
+                f"dense_frames={self.dense_frames}."
             )
 
 
@@ -125,6 +136,7 @@ class StatsAdapter:
         self.local_generation = 0  # refits of the edge's own statistics (never a cloud version)
         self.batches = self.probes = self.frames_probed = self.resets = self.refit_errors = 0
         self.seen = 0  # frames in the statistics since the last reset
+        self._since_probe = config.every - 1  # batches since the last probe: the first batch is probed
         self.cloud_version: int | None = None  # the cloud version the statistics were last merged into
         self.last_refit_s = 0.0
 
@@ -140,9 +152,12 @@ class StatsAdapter:
         if self.detector is not None and images is not None and self.detector.update(images, probs):
             self.reset()
             changed = True
-        if self.batches % cfg.every == 0:
+        if self.seen < cfg.dense_frames or self._since_probe >= cfg.every - 1:
             self._update(x)
+            self._since_probe = 0
             changed = True
+        else:
+            self._since_probe += 1
         self.batches += 1
         if changed or self.cloud_version != self.backend.version:
             return self.refit()
@@ -151,6 +166,7 @@ class StatsAdapter:
     def reset(self) -> None:
         """Back to the source statistics (a detected shift): the next probes start a fresh estimate."""
         self.current, self.seen = dict(self.source), 0
+        self._since_probe = self.config.every - 1  # probe the batch that showed the shift
         self.resets += 1
         if self.detector is not None:
             self.detector.restart()

@@ -136,6 +136,25 @@ def test_batch_one_changes_what_the_engine_serves_and_keeps_the_cloud_version(ex
                 np.testing.assert_array_equal(be.tensors[k], v0.tensors[k])
 
 
+def test_probe_rate_dense_after_a_reset_then_one_batch_in_every(exported) -> None:
+    out, _ = exported("bn")
+    be, ad = _adapter(out, mode="ema", every=4, dense_frames=6, reset_on_shift=False)
+    with be:
+        x = _x(out, 2)
+        probed = []
+        for i in range(11):
+            before = ad.probes
+            ad.observe(x)
+            if ad.probes > before:
+                probed.append(i)
+        assert probed == [0, 1, 2, 6, 10]  # seen 0, 2, 4 < 6 frames: dense; then one batch in 4
+        assert ad.local_generation == 5 and ad.batches == 11
+        ad.reset()  # a shift: dense again
+        for _ in range(3):
+            ad.observe(x)
+        assert ad.probes == 8
+
+
 def test_a_detected_shift_resets_to_the_source_statistics(exported) -> None:
     out, _ = exported("bn")
     be, ad = _adapter(out, mode="ema", every=1, shift=ShiftConfig(reference_frames=16, collapse_ratio=None))
@@ -232,7 +251,18 @@ def test_edge_run_adapt_stats_cli(exported, tmp_path) -> None:
     np.save(tmp_path / "s.npy", images(12, 0, size=64))
     args = ["edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--batch", "1", "--quiet"]
     r = CliRunner().invoke(
-        app, [*args, "--adapt-stats", "alpha", "--stats-every", "3", "--json", str(tmp_path / "m.json")]
+        app,
+        [
+            *args,
+            "--adapt-stats",
+            "alpha",
+            "--stats-every",
+            "3",
+            "--stats-dense-frames",
+            "0",
+            "--json",
+            str(tmp_path / "m.json"),
+        ],
     )
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "m.json").read_text())
