@@ -14,6 +14,7 @@ import pytest
 
 from cema_deploy.demo.edge_only import ordered
 from cema_deploy.demo.stream import Segment, Stream
+from cema_deploy.exceptions import CemaError
 from cema_deploy.runtime.stats.adapter import DEFAULT_EVERY
 from tests.conftest import needs_torch
 
@@ -32,6 +33,24 @@ def test_sorted_stream_groups_classes_within_each_corruption() -> None:
         assert sorted(after.labels.tolist()) == sorted(before.labels.tolist())
         assert np.array_equal(after.labels, before.labels[after.images[:, 0, 0, 0]])  # images follow their labels
     assert np.array_equal(ordered(stream, "shuffled", 3).labels, stream.shuffled(3).labels)
+
+
+def test_baselines_that_need_batch_statistics_are_skipped_below_two_and_the_table_says_so() -> None:
+    from cema_deploy.demo.report import markdown
+    from cema_deploy.demo.run import DemoConfig
+
+    methods = ("no_adapt", "bn_adapt", "tent", "edge_stats")
+    assert DemoConfig(methods=methods, edge_batch=2).skipped == {}
+    skipped = DemoConfig(methods=methods, edge_batch=1).skipped
+    assert sorted(skipped) == ["bn_adapt", "tent"] and "edge batch 1" in skipped["tent"]
+    per = {"c": {"accuracy": 50.0, "uploaded": 0.0}}
+    res = {"severities": {"5": {"methods": {"edge_stats": {"accuracy": 50.0, "uploaded": 0.0, "per_corruption": per}}}},
+           "skipped": skipped}  # fmt: skip
+    text = markdown(res)
+    assert "BN statistics adaptation: needs batch statistics; skipped at edge batch 1." in text
+    assert "| c | 50.0 |" in text  # edge-alone rows show no uploaded share: nothing goes up
+    with pytest.raises(CemaError, match="--stream one of shuffled, sorted"):
+        DemoConfig(stream_order="by_class")
 
 
 @needs_torch
