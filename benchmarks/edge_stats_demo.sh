@@ -10,7 +10,7 @@ mkdir -p "$out"
 ckpt=$(ls "${CEMA_DEPLOY_CACHE:-$HOME/.cache/cema-deploy}"/models/edge-resnet10t-*.safetensors 2>/dev/null | head -1 || true)
 teacher=()
 [ -n "$ckpt" ] && teacher=(--teacher "resnet10t=$ckpt")
-methods=${METHODS:-no_adapt,bn_adapt,edge_stats_ema,edge_stats_alpha}
+methods=${METHODS:-no_adapt,bn_adapt,edge_stats,edge_stats_ema,edge_stats_alpha}
 for batch in ${BATCHES:-64 1}; do
   for stream in ${STREAMS:-shuffled sorted}; do
     sev=3,5

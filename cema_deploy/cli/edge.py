@@ -187,7 +187,8 @@ def run_cmd(
         typer.Option(
             help="The edge's own BatchNorm statistics, forward-only, no uplink (README, 'The edge's own statistics'): "
             "off, ema (running estimate across batches, reset on a detected shift) or alpha (alpha-BN: "
-            "(1-a)*source + a*batch). Models without BatchNorm running statistics stay off."
+            "(1-a)*source + a*batch). Models without BatchNorm running statistics stay off. Off by default: on a "
+            "label-correlated stream at batch 1 it fell below no adaptation (README)."
         ),
     ] = "off",
     stats_alpha: Annotated[float, typer.Option(help="alpha mode: the batch's share a (You et al. 2021).")] = 0.1,
@@ -199,7 +200,7 @@ def run_cmd(
     ] = 16.0,
     stats_every: Annotated[
         int, typer.Option(min=1, help="Probe one batch in this many (the adapter's cost, README).")
-    ] = 64,
+    ] = 128,
     stats_dense_frames: Annotated[
         int,
         typer.Option(min=0, help="Probe every batch until this many frames entered since the start or a shift."),

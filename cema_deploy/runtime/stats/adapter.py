@@ -51,10 +51,10 @@ __all__ = ["STATS_MODES", "StatsAdapter", "StatsConfig", "StatsConfigError"]
 log = logging.getLogger("cema_deploy.edge.stats")
 
 STATS_MODES = ("off", "ema", "alpha")
-#: Default probe rate, one batch in 64: ResNet-50 on ORT CPU then keeps 0.96x (batch 1) and 0.97x (batch 16) of the
-#: adapter-off throughput, derived from the measured per-probe overhead (a probe plus a refit: about 2.5 served
-#: batches); one in 32 gave 0.93x/0.94x (benchmarks/results/2026-12-03-edge-stats/cost-resnet50-ort-cpu.json).
-DEFAULT_EVERY = 64
+#: Default steady-state probe rate, one batch in 128: a probe plus its refit cost 5.9 served batches at batch 1 and
+#: 3.4 at batch 16 (ResNet-50, ORT CPU, 2 threads), so 128 keeps 0.96x / 0.97x of the adapter-off throughput
+#: (derived from median latencies; 64 gave 0.92x / 0.95x): benchmarks/results/2026-12-03-edge-stats/.
+DEFAULT_EVERY = 128
 #: The adapter's statistics in ``edge run --state DIR`` (written atomically beside the edge state).
 STATS_STATE_FILE = "edge-stats.safetensors"
 
