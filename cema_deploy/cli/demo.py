@@ -38,7 +38,9 @@ def demo_cmd(
         str | None,
         typer.Option(
             help="Comma-separated subset of no_adapt, bn_adapt, tent, eata_style, cema, cema_recal, random, "
-            "entropy_top (default: no_adapt,bn_adapt,tent,eata_style,cema,random; continual adds cema_recal)."
+            "entropy_top, edge_stats (the edge alone with its own statistics, no cloud; edge_stats_ema, "
+            "edge_stats_alpha pin the mode) (default: no_adapt,bn_adapt,tent,eata_style,cema,random; continual adds "
+            "cema_recal)."
         ),
     ] = None,
     share: Annotated[
@@ -48,6 +50,20 @@ def demo_cmd(
         int | None, typer.Option(help="W: samples before CEMA's E_max adapts (default 128 reset, 512 continual).")
     ] = None,
     sync: Annotated[bool, typer.Option(help="Edge waits for each blob (reproducible on slow machines).")] = True,
+    edge_batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Frames per edge batch (1 = a camera; bn_adapt and tent need batch statistics: skipped below 2).",
+        ),
+    ] = 64,
+    stream: Annotated[
+        str,
+        typer.Option(
+            help="shuffled (within each corruption, the paper's) or sorted (grouped by class within each corruption: "
+            "the label-correlated stream of a camera watching one class for a while)."
+        ),
+    ] = "shuffled",
     frontier: Annotated[
         bool,
         typer.Option(
@@ -118,6 +134,8 @@ def demo_cmd(
         "train_seed": train_seed,
         "share": share,
         "sync": sync,
+        "edge_batch": edge_batch,
+        "stream_order": stream,
         **({"warmup": warmup} if warmup is not None else {}),
     }
     cfg = DemoConfig.quick(**options) if quick else DemoConfig(**options)

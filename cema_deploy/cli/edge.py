@@ -294,6 +294,29 @@ def run_cmd(
         str | None,
         typer.Option(metavar="P", help="trt: fp32, tf32, fp16; ort-trt: fp32, fp16.", rich_help_panel=_SOURCE),
     ] = None,
+    adapt_stats: Annotated[
+        str,
+        typer.Option(
+            help="The edge's own BatchNorm statistics, forward-only, no uplink (README, 'The edge's own statistics'): "
+            "off, ema (running estimate across batches, reset on a detected shift) or alpha (alpha-BN: "
+            "(1-a)*source + a*batch). Models without BatchNorm running statistics stay off. Off by default: on a "
+            "label-correlated stream at batch 1 it fell below no adaptation (README)."
+        ),
+    ] = "off",
+    stats_alpha: Annotated[float, typer.Option(help="alpha mode: the batch's share a (You et al. 2021).")] = 0.1,
+    stats_momentum: Annotated[
+        float, typer.Option(help="ema mode: per-frame weight floor (the estimate remembers ~1/momentum frames).")
+    ] = 0.002,
+    stats_prior: Annotated[
+        float, typer.Option(min=0.0, help="ema mode: frames the source statistics count as after a reset.")
+    ] = 16.0,
+    stats_every: Annotated[
+        int, typer.Option(min=1, help="Probe one batch in this many (the adapter's cost, README).")
+    ] = 128,
+    stats_dense_frames: Annotated[
+        int,
+        typer.Option(min=0, help="Probe every batch until this many frames entered since the start or a shift."),
+    ] = 128,
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.
 
@@ -310,6 +333,7 @@ def run_cmd(
     from cema_deploy.runtime.link.client import CloudClient, is_loopback_url
     from cema_deploy.runtime.predictions import PREDICTION_SUFFIXES, PredictionWriter
     from cema_deploy.runtime.selection.rules import SampleSelector
+    from cema_deploy.runtime.stats.adapter import StatsConfig, stats_adapter_from_dir
     from cema_deploy.runtime.stream import StreamTally, serve_stream
     from cema_deploy.runtime.updates.rollback import RollbackConfig
 
@@ -340,6 +364,13 @@ def run_cmd(
         be = get_backend(
             backend, model_dir, intra_op_threads=threads, max_batch=max_batch or batch, precision=precision
         )
+        stats, stats_why = stats_adapter_from_dir(
+            be, model_dir, StatsConfig(mode=adapt_stats, alpha=stats_alpha, momentum=stats_momentum,
+                                       prior_frames=stats_prior, every=stats_every,
+                                       dense_frames=stats_dense_frames)
+        )  # fmt: skip
+        if stats is None and adapt_stats != "off":
+            _say(f"warning: --adapt-stats {adapt_stats}: the adapter stays off: {stats_why}.")
         cfg = selection_config(
             be.manifest.num_classes,
             selection=selection,
@@ -380,6 +411,7 @@ def run_cmd(
             max_spool_bytes=max(1, int(spool_mb * 2**20)),
             min_refit_interval_s=min_refit_interval,
             pin_version=pin_version,
+            stats=stats,
         )
     except CemaError as exc:
         if be is not None:
@@ -445,6 +477,8 @@ def run_cmd(
     metrics["source"] = frames.stats.as_dict() if frames is not None else None
     metrics["wall_s"] = tally.wall_s
     metrics["selection_config"] = cfg.describe()
+    if stats is None and adapt_stats != "off":
+        metrics["stats"]["off_because"] = stats_why
     metrics["stopped_by"] = stop.requested
     metrics["run"] = {**tally.as_dict(), "busy_fps": metrics["fps"]}
     if y is not None and tally.labelled:
@@ -537,6 +571,8 @@ def _summary(m: dict[str, Any], t: Any, *, to_stderr: bool) -> None:
         f"rollbacks {m['rollbacks']}",
         f"mean entropy {m['mean_entropy']:.3f}",
     ]
+    if (m.get("stats") or {}).get("mode", "off") != "off":
+        parts.append(f"statistics {m['stats']['mode']} (local generation {m['stats'].get('local_generation', 0)})")
     if m.get("accuracy") is not None:
         parts.append(f"accuracy {100 * m['accuracy']:.2f}%")
     if m.get("frames_unreadable"):

@@ -21,6 +21,9 @@ METHODS = {
     "cema_recal": "CEMA + recalibration on shift",
     "random": "random uploads + cloud",
     "entropy_top": "highest entropy first + cloud",
+    "edge_stats": "edge statistics (no cloud)",
+    "edge_stats_ema": "edge statistics, ema (no cloud)",
+    "edge_stats_alpha": "edge statistics, alpha (no cloud)",
 }
 
 
@@ -34,7 +37,7 @@ class MethodRun:
 
 
 #: Methods that run in-process at the edge (no cloud, no uploads); every other method is cloud-backed.
-LOCAL_METHODS = ("no_adapt", "bn_adapt", "tent")
+LOCAL_METHODS = ("no_adapt", "bn_adapt", "tent", "edge_stats", "edge_stats_ema", "edge_stats_alpha")
 
 
 def is_cloud(method: str) -> bool:
@@ -143,6 +146,8 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{r0.get('blobs_applied', 0)} | {r0.get('rollbacks', 0)} | {r0.get('edge_fps', 0):.0f} |"
                 )
             lines.append("")
+    for m, why in (results.get("skipped") or {}).items():
+        lines.append(f"{METHODS.get(m, m)}: {why}.")
     return "\n".join(lines)
 
 
@@ -231,3 +236,5 @@ def print_table(results: dict[str, Any], console: Any) -> None:
                 row.append(_cell(c["accuracy"], spread) + (f" ({c['uploaded']:.0f}%)" if is_cloud(m) else ""))
             t.add_row("[b]overall[/]" if n == "overall" else n, *row)
         console.print(t)
+    for m, why in (results.get("skipped") or {}).items():
+        console.print(f"{METHODS.get(m, m)}: {why}.")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.demo import baselines
+from cema_deploy.demo.edge_only import EDGE_ONLY_METHODS, NEEDS_BATCH_STATISTICS, STREAM_ORDERS, ordered, run_edge_only
 from cema_deploy.demo.models import EDGE_DEFAULT, TEACHER_DEFAULT, TrainedModel, TrainSpec, load_model, resolve_models
 from cema_deploy.demo.report import MethodRun, aggregate, summarize
 from cema_deploy.demo.stream import (
@@ -86,18 +87,33 @@ class DemoConfig:
     replay_size: int = 400
     sync: bool = True
     concurrent_runs: int = 2  # cloud-backed runs at once (each a cloud and an edge process)
+    stream_order: str = "shuffled"  # or "sorted": grouped by class within each corruption (demo/edge_only.py)
     edge_epochs: int | None = None  # None: the edge recipe's (models.EDGE_DEFAULT)
     teacher_epochs: int | None = None  # None: the teacher recipe's (models.TEACHER_DEFAULT)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise CemaError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}.")
-        unknown = [m for m in self.methods if m not in baselines.BASELINES and m not in SELECTION_ARGS]
+        local = (*baselines.BASELINES, *EDGE_ONLY_METHODS)
+        unknown = [m for m in self.methods if m not in local and m not in SELECTION_ARGS]
         if unknown:
-            known = [*baselines.BASELINES, *SELECTION_ARGS]
+            known = [*local, *SELECTION_ARGS]
             raise CemaError(f"Unknown demo methods {unknown}; choose from {', '.join(known)}.")
         if self.seeds < 1:
             raise CemaError(f"--seeds must be >= 1, got {self.seeds}.")
+        if self.edge_batch < 1 or self.stream_order not in STREAM_ORDERS:
+            raise CemaError(
+                f"--edge-batch must be >= 1 and --stream one of {', '.join(STREAM_ORDERS)}; got {self.edge_batch}, "
+                f"{self.stream_order!r}."
+            )
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Methods of ``methods`` that do not run with this configuration, and why."""
+        if self.edge_batch >= 2:
+            return {}
+        why = f"needs batch statistics; skipped at edge batch {self.edge_batch}"
+        return {m: why for m in self.methods if m in NEEDS_BATCH_STATISTICS}
 
     @property
     def w(self) -> int:
@@ -366,20 +382,27 @@ def run_stream(
     """Every method of ``cfg`` on one (already shuffled) stream."""
     none = np.zeros(len(stream), bool)
     runs: dict[str, MethodRun] = {}
-    for method in [m for m in cfg.methods if m in baselines.BASELINES]:
+    for method in [m for m in cfg.methods if m in baselines.BASELINES and m not in cfg.skipped]:
         on_step(f"{tag}: {method}")
         t0 = time.perf_counter()
-        res = baselines.run_baseline(method, edge_model, stream, batch=cfg.edge_batch, protocol=cfg.protocol)
+        batch = max(2, cfg.edge_batch)  # only no_adapt runs below 2 (skipped), and its predictions ignore the batch
+        res = baselines.run_baseline(method, edge_model, stream, batch=batch, protocol=cfg.protocol)
         runs[method] = MethodRun(
             res.correct,
             none,
             {"edge_fps": round(res.frames_per_second, 1), "seconds": round(time.perf_counter() - t0, 1)},
         )
-    cloud = [m for m in cfg.methods if m not in baselines.BASELINES]
+    for method in [m for m in cfg.methods if m in EDGE_ONLY_METHODS]:
+        on_step(f"{tag}: {method} (torch-free edge process alone, no cloud)")
+        t0 = time.perf_counter()
+        work = out_dir / f"{tag}-{method}"
+        runs[method] = run_edge_only(method, stream, edge_dir, work, batch=cfg.edge_batch, protocol=cfg.protocol)
+        runs[method].extra["seconds"] = round(time.perf_counter() - t0, 1)
+    cloud = [m for m in cfg.methods if m not in baselines.BASELINES and m not in EDGE_ONLY_METHODS]
     if cloud:
         on_step(f"{tag}: {' and '.join(cloud)} (cloud + torch-free edge processes)")
         runs.update(_run_cloud_methods(cloud, stream, edge_dir, teacher, out_dir, tag, cfg, seed))
-    return {m: runs[m] for m in cfg.methods}
+    return {m: runs[m] for m in cfg.methods if m in runs}
 
 
 def run_demo(
@@ -431,6 +454,7 @@ def run_demo(
             for role, tm in (("edge", edge_tm), ("teacher", teacher_tm))
         },
         "severities": {},
+        "skipped": cfg.skipped,
     }
     first_runs: dict[int, dict[str, MethodRun]] = {}
     boundaries: dict[int, list[tuple[int, str]]] = {}
@@ -444,7 +468,8 @@ def run_demo(
             x_te, y_te = splits[2], splits[3]
             if cfg.per_corruption is not None:
                 x_te, y_te = x_te[: cfg.per_corruption], y_te[: cfg.per_corruption]
-            stream = corrupted_stream(x_te, y_te, severity=sev, corruptions=cfg.corruptions, seed=seed).shuffled(seed)
+            stream = corrupted_stream(x_te, y_te, severity=sev, corruptions=cfg.corruptions, seed=seed)
+            stream = ordered(stream, cfg.stream_order, seed)
             runs = run_stream(stream, edge_model, edge_dir, teacher_tm, out_dir, tag, cfg, seed, on_step)
             per_seed.append(summarize(runs, stream.segment_of, [s.name for s in stream.segments]))
             if seed == seeds[0]:

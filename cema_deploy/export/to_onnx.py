@@ -38,6 +38,7 @@ from cema_deploy.contract.manifest import (
 from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout, write_norms_file
 from cema_deploy.exceptions import ExportError, ModelError
 from cema_deploy.export.norms import collect_norm_params
+from cema_deploy.export.stats_probe import write_stats_probe
 from cema_deploy.export.target import check_target, discard, publish, work_dir_for
 
 INPUT_NAME = "input"
@@ -308,6 +309,8 @@ def _export_into(
         model_args={"num_classes": num_out, **model_args},
     )
     _externalize(proto, manifest, out / NORMS_FILE)
+    step("Writing stats_probe.onnx + stats_probe.json (BatchNorm batch statistics for the edge's adapter)")
+    write_stats_probe(proto, manifest, out)  # nothing without BatchNorm running statistics
     total_bytes = sum(int(v.numel() * v.element_size()) for v in state.values())
     if total_bytes > EXTERNAL_DATA_BYTES:
         onnx.save_model(proto, str(model_path), save_as_external_data=True, location=MODEL_FILE + ".data")

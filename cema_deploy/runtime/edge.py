@@ -45,6 +45,7 @@ from cema_deploy.runtime.link.client import CloudLink, EdgeConfigError, is_loopb
 from cema_deploy.runtime.link.uplink import Uplink, refusal_advice
 from cema_deploy.runtime.metrics import LatencyHistogram
 from cema_deploy.runtime.selection.rules import SampleSelector, SelectionResult
+from cema_deploy.runtime.stats.adapter import StatsAdapter
 from cema_deploy.runtime.updates.generation import GenerationTracker
 from cema_deploy.runtime.updates.intake import REFUSAL_REASONS, BlobIntake
 from cema_deploy.runtime.updates.ledger import VersionLedger, previous_stamp, serving_stamp
@@ -135,6 +136,7 @@ class EdgeRuntime:
         min_refit_interval_s: float = 0.0,
         selector_factory: Callable[[], SampleSelector] | None = None,
         pin_version: int | None = None,
+        stats: StatsAdapter | None = None,
     ) -> None:
         if poll_wait_s < 0 or sync_timeout_s <= 0 or state_interval_s <= 0 or min_refit_interval_s < 0:
             raise EdgeConfigError(
@@ -175,8 +177,11 @@ class EdgeRuntime:
             pin_version=pin_version,
         )  # fmt: skip
         self._store = EdgeStateStore(state_dir) if state_dir is not None else None
+        self.stats = stats  # the edge's own BatchNorm statistics (runtime/stats/adapter.py); None = off
         if self._store is not None:
             self._restore(self._store)
+            if stats is not None:
+                stats.load(self._store.directory)
         self.monitor = RollbackMonitor(
             backend, self.rollback_cfg, num_classes=self.manifest.num_classes,
             normalize=lambda im: normalize(im, self.manifest.preprocess), on_judged=self._on_judged,
@@ -221,6 +226,8 @@ class EdgeRuntime:
             return EdgeStep(np.zeros((0, c), np.float32), np.zeros(0, np.int64), empty, self.backend.version)
         at_size = images_at_model_size(images, pre)
         x = normalize(at_size, pre)
+        if self.stats is not None:  # probe when due and refit the edge's statistics before this batch is served
+            self.stats.observe(x, at_size)
         logits, version = self.backend.infer_versioned(x)
         start, gen = self.deployment.begin_batch() if self.uplink is not None else ("", 0)
         with self._sel_lock:  # a start calibration sends the batch whole: the selector counts it so
@@ -474,6 +481,8 @@ class EdgeRuntime:
                 data = self.intake.blob_bytes.get((st.serving_epoch, st.serving_version))
             try:
                 self._store.save(st, data)
+                if self.stats is not None:
+                    self.stats.save(self._store.directory)
             except (OSError, CemaError) as exc:
                 log.error("could not save the edge state in %s: %s", self._store.directory, exc)
                 return False
@@ -547,6 +556,7 @@ class EdgeRuntime:
             "pin_version": self.pin_version,
             "held_by_pin": ik.held_by_pin,
             "unjudged_refits": self.monitor.unjudged,
+            "stats": self.stats.metrics() if self.stats is not None else {"mode": "off"},
         }
 
     def cloud_refusal(self) -> dict[str, Any] | None:

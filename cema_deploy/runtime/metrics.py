@@ -200,6 +200,16 @@ def prometheus_text(m: dict[str, Any], latency: LatencyHistogram | None = None) 
             "Uploads and reports the cloud refused because of this device (kept and retried).",
             [({}, up.get("refusals", 0))],
         )
+    st = m.get("stats") or {"mode": "off"}  # the edge's own statistics (runtime/stats/adapter.py)
+    metric("stats_mode", "gauge", "The statistics adapter's mode (1 for the one in use).", [({"mode": st["mode"]}, 1)])
+    metric(
+        "stats_local_generation",
+        "gauge",
+        "Refits of the edge's own statistics under the serving cloud version (never a cloud version).",
+        [({}, st.get("local_generation", 0))],
+    )
+    metric("stats_probes_total", "counter", "Batches run through the statistics probe.", [({}, st.get("probes", 0))])
+    metric("stats_resets_total", "counter", "Statistics reset to the source on a shift.", [({}, st.get("resets", 0))])
     return out.text()
 
 

@@ -188,6 +188,37 @@ class Backend(ABC):
                 warmup_s=t3 - t2,
             )
 
+    def refit_local(self, tensors: Mapping[str, np.ndarray]) -> RefitReport:
+        """Replace some serving tensors (the edge's own BatchNorm statistics) under the *same* version.
+
+        The new values are merged into the tensors serving now (under the refit lock, so a cloud refit in between
+        keeps its other parameters), checked (known names, same shapes, finite, variances >= 0), built, warmed up
+        and swapped in atomically as :meth:`refit` does. :attr:`previous_version` is kept: a rollback still
+        returns to the parameters before the last cloud blob. Raises a :class:`BlobError` or :class:`RefitError`;
+        the serving state is then unchanged.
+        """
+        with self._refit_lock:
+            old = self._state
+            t0 = time.perf_counter()
+            for name, value in tensors.items():
+                ref = old.tensors.get(name)
+                if ref is None or value.shape != ref.shape or not np.isfinite(value).all():
+                    raise BlobError(
+                        f"Local tensor {name!r} {getattr(value, 'shape', None)} does not fit the serving parameters "
+                        f"({None if ref is None else ref.shape}) or is not finite; nothing was refitted."
+                    )
+                if name.endswith("running_var") and (value < 0).any():
+                    raise BlobError(f"Local running variance {name!r} has negative values; nothing was refitted.")
+            merged = {**old.tensors, **{n: np.asarray(v, old.tensors[n].dtype) for n, v in tensors.items()}}
+            t1 = time.perf_counter()
+            engine = self._build_checked(merged)
+            t2 = time.perf_counter()
+            self._warm_up(engine)
+            t3 = time.perf_counter()
+            self._state = EngineState(engine, old.version, merged)
+            return RefitReport(old_version=old.version, new_version=old.version, validate_s=t1 - t0,
+                               build_s=t2 - t1, warmup_s=t3 - t2)  # fmt: skip
+
     def refit_async(self, blob: RefitBlob) -> Future[RefitReport]:
         """:meth:`refit` on a background worker; the future raises what ``refit`` would."""
         if self._executor is None:

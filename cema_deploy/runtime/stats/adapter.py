@@ -1,0 +1,279 @@
+"""The edge's statistics adapter: forward-only BatchNorm statistics, estimated on the edge and refitted into its engine.
+
+Modes (``edge run --adapt-stats``):
+
+* ``off``: the engine serves the statistics of the export or of the last cloud blob.
+* ``alpha``: alpha-BN (You et al. 2021, "Test-time batch statistics calibration for covariate shift"): each probed
+  batch sets ``mean = (1 - a) * source_mean + a * batch_mean`` and ``var = (1 - a) * source_var + a * batch_var``;
+  the source statistics are a prior that keeps batch 1 sane (mariodoebler/test-time-adaptation ships a = 0.1 at
+  batch size 1). Inside the probe each layer normalizes with the same mix, as alpha-BN does in its forward pass.
+* ``ema``: statistics that accumulate across batches (RoTTA's RBN, DUA): a probed batch of ``n`` frames enters with
+  weight ``w = max(1 - (1 - momentum)^n, n / (n + seen + prior_frames))`` where ``seen`` counts frames since the
+  last reset: a running average over the frames since the reset, in which the source statistics count as
+  ``prior_frames`` frames, until it becomes an EMA of per-frame momentum ``momentum``. Beyond RBN, the mix is one of
+  distributions (means and second moments mix with weight ``w``; ``var = E[x^2] - mean^2``), so frames probed one
+  at a time still add up to the variance across frames, not just the average variance within one.
+
+Probe rate: every batch until ``dense_frames`` frames entered the statistics since the last reset (the start or a
+detected shift, when the estimate needs data fast), then one batch in ``every`` (the other batches cost nothing:
+a steady edge pays little, a shifted one pays for a short while). On a shift detected by the existing
+detector (:mod:`cema_deploy.runtime.selection.shift`, on the adapter's own instance) the statistics go back to the
+source ones before the batch is probed. After a change of the cloud version (a blob applied, a rollback) the
+statistics are merged into the new parameters at the next batch: the edge owns the running statistics, the cloud
+the affine parameters.
+
+Each change is refitted with :meth:`~cema_deploy.runtime.backends.base.Backend.refit_local` (build, warm-up and one
+atomic swap, like a cloud blob) under the *same* cloud version; ``local_generation`` counts these refits and is
+never sent to, nor compared with, the cloud's versions. Rollback judges cloud blobs only; local refits bypass it.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cema_deploy._atomic import write_atomic
+from cema_deploy.contract.blob import blob_from_path
+from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_bytes
+from cema_deploy.exceptions import CemaError, ContractError
+from cema_deploy.runtime.backends.base import Backend
+from cema_deploy.runtime.selection.shift import ShiftConfig, ShiftDetector
+from cema_deploy.runtime.stats.probe import BatchStats, StatsProbe
+
+__all__ = ["STATS_MODES", "StatsAdapter", "StatsConfig", "StatsConfigError"]
+
+log = logging.getLogger("cema_deploy.edge.stats")
+
+STATS_MODES = ("off", "ema", "alpha")
+#: Default steady-state probe rate, one batch in 128: a probe plus its refit cost 5.9 served batches at batch 1 and
+#: 3.4 at batch 16 (ResNet-50, ORT CPU, 2 threads), so 128 keeps 0.96x / 0.97x of the adapter-off throughput
+#: (derived from median latencies; 64 gave 0.92x / 0.95x): benchmarks/results/2026-12-03-edge-stats/.
+DEFAULT_EVERY = 128
+#: The adapter's statistics in ``edge run --state DIR`` (written atomically beside the edge state).
+STATS_STATE_FILE = "edge-stats.safetensors"
+
+
+class StatsConfigError(CemaError, ValueError):
+    """A statistics-adapter option out of range."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsConfig:
+    """Settings of the statistics adapter (defaults: see the README's "The edge's own statistics")."""
+
+    mode: str = "off"
+    alpha: float = 0.1  # a of alpha-BN (You et al. 2021); 0.1 at batch 1 in mariodoebler/test-time-adaptation
+    momentum: float = 0.002  # ema: per-frame weight floor (memory ~ 1 / momentum frames)
+    prior_frames: float = 16.0  # ema: the source statistics count as this many frames after a reset
+    every: int = DEFAULT_EVERY  # probe one batch in `every` ...
+    dense_frames: int = 0  # ... once this many frames entered since the last reset (every batch before)
+    reset_on_shift: bool = True
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in STATS_MODES:
+            raise StatsConfigError(f"Unknown statistics mode {self.mode!r}; expected one of {list(STATS_MODES)}.")
+        if not (
+            0 < self.alpha <= 1
+            and 0 < self.momentum <= 1
+            and self.prior_frames >= 0
+            and self.every >= 1
+            and self.dense_frames >= 0
+        ):
+            raise StatsConfigError(
+                f"Need 0 < alpha <= 1, 0 < momentum <= 1, prior_frames >= 0, every >= 1, dense_frames >= 0; got "
+                f"alpha={self.alpha}, momentum={self.momentum}, prior_frames={self.prior_frames}, every={self.every}, "
+                f"dense_frames={self.dense_frames}."
+            )
+
+
+def alpha_mix(
+    source: tuple[np.ndarray, np.ndarray], batch: tuple[np.ndarray, np.ndarray], a: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """alpha-BN: ``((1 - a) * source_mean + a * batch_mean, (1 - a) * source_var + a * batch_var)``."""
+    return (1 - a) * source[0] + a * batch[0], (1 - a) * source[1] + a * batch[1]
+
+
+def moment_mix(
+    old: tuple[np.ndarray, np.ndarray], batch: tuple[np.ndarray, np.ndarray], w: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mixture ``(1 - w) * old + w * batch`` of two distributions: its mean and (law of total variance) variance."""
+    mean = (1 - w) * old[0] + w * batch[0]
+    second = (1 - w) * (old[1] + old[0] ** 2) + w * (batch[1] + batch[0] ** 2)
+    return mean, np.maximum(second - mean**2, 0.0)
+
+
+def ema_weight(n: int, seen: int, cfg: StatsConfig) -> float:
+    """Weight of a probed batch of ``n`` frames when ``seen`` frames entered since the last reset (see module doc)."""
+    return max(1.0 - (1.0 - cfg.momentum) ** n, n / (n + seen + cfg.prior_frames))
+
+
+class StatsAdapter:
+    """Keeps the edge's BatchNorm statistics and refits them into ``backend`` (one stream, the serving thread).
+
+    Example:
+        >>> probe = probe_from_dir(model_dir, manifest)  # doctest: +SKIP
+        >>> adapter = StatsAdapter(backend, probe, StatsConfig(mode="alpha"))  # doctest: +SKIP
+        >>> adapter.observe(x, images_at_size)  # before each batch is served  # doctest: +SKIP
+    """
+
+    def __init__(self, backend: Backend, probe: StatsProbe, config: StatsConfig) -> None:
+        self.backend, self.probe, self.config = backend, probe, config
+        self.layers = probe.spec.layers
+        source = blob_from_path(backend.model_dir / backend.manifest.params_file).tensors  # the export's own
+        self.source = {
+            ly.name: (np.asarray(source[ly.mean], np.float64), np.asarray(source[ly.var], np.float64))
+            for ly in self.layers
+        }
+        self.current = dict(self.source)
+        self.detector = ShiftDetector(config.shift) if config.reset_on_shift else None
+        self.local_generation = 0  # refits of the edge's own statistics (never a cloud version)
+        self.batches = self.probes = self.frames_probed = self.resets = self.refit_errors = 0
+        self.seen = 0  # frames in the statistics since the last reset
+        self._since_probe = config.every - 1  # batches since the last probe: the first batch is probed
+        self.cloud_version: int | None = None  # the cloud version the statistics were last merged into
+        self.last_refit_s = 0.0
+
+    # ---- the stream -----------------------------------------------------------------------------------
+    def observe(self, x: np.ndarray, images: np.ndarray | None = None, probs: np.ndarray | None = None) -> bool:
+        """One batch about to be served (``x``: the normalized NCHW float32 input; ``images``: uint8 frames at model
+        size and ``probs``: softmax if known, for the shift detector). Probes when due and refits; True when the
+        engine changed."""
+        cfg = self.config
+        if cfg.mode == "off" or len(x) == 0:
+            return False
+        changed = False
+        if self.detector is not None and images is not None and self.detector.update(images, probs):
+            self.reset()
+            changed = True
+        if self.seen < cfg.dense_frames or self._since_probe >= cfg.every - 1:
+            self._update(x)
+            self._since_probe = 0
+            changed = True
+        else:
+            self._since_probe += 1
+        self.batches += 1
+        if changed or self.cloud_version != self.backend.version:
+            return self.refit()
+        return False
+
+    def reset(self) -> None:
+        """Back to the source statistics (a detected shift): the next probes start a fresh estimate."""
+        self.current, self.seen = dict(self.source), 0
+        self._since_probe = self.config.every - 1  # probe the batch that showed the shift
+        self.resets += 1
+        if self.detector is not None:
+            self.detector.restart()
+        log.info("statistics reset to the source ones (reset %d)", self.resets)
+
+    def _update(self, x: np.ndarray) -> None:
+        cfg, n = self.config, len(x)
+        if cfg.mode == "alpha":
+            prior = self.source
+            mix = cfg.alpha
+        else:
+            prior = self.current
+            mix = ema_weight(n, self.seen, cfg)
+        feeds = {
+            name: arr.astype(np.float32)
+            for ly in self.layers
+            for name, arr in zip((ly.mean, ly.var), prior[ly.name], strict=True)
+        }
+        st: BatchStats = self.probe.run(x, self.backend.tensors, mix=mix, prior=feeds)
+        for ly in self.layers:
+            batch = (st.mean[ly.name].astype(np.float64), st.var[ly.name].astype(np.float64))
+            if cfg.mode == "alpha":
+                self.current[ly.name] = alpha_mix(self.source[ly.name], batch, mix)
+            else:
+                self.current[ly.name] = moment_mix(self.current[ly.name], batch, mix)
+        self.seen += n
+        self.probes += 1
+        self.frames_probed += n
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The running mean/var tensors the edge serves now (float32, by refittable name)."""
+        out: dict[str, np.ndarray] = {}
+        for ly in self.layers:
+            mean, var = self.current[ly.name]
+            out[ly.mean], out[ly.var] = mean.astype(np.float32), var.astype(np.float32)
+        return out
+
+    def refit(self) -> bool:
+        """Refit the statistics into the engine (merged with the serving cloud parameters); False when it failed
+        (logged and counted; the engine keeps serving what it served)."""
+        try:
+            report = self.backend.refit_local(self.tensors())
+        except CemaError as exc:
+            self.refit_errors += 1
+            log.warning("refitting the edge's statistics failed, serving what served before: %s", exc)
+            return False
+        self.local_generation += 1
+        self.cloud_version = report.new_version
+        self.last_refit_s = report.build_s + report.warmup_s
+        return True
+
+    # ---- durable state and metrics --------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write the statistics and counters to ``directory/edge-stats.safetensors`` (atomic)."""
+        meta = {"mode": self.config.mode, "local_generation": str(self.local_generation), "seen": str(self.seen),
+                "resets": str(self.resets)}  # fmt: skip
+        write_atomic(Path(directory) / STATS_STATE_FILE, tensors_to_bytes(self.tensors(), meta))
+
+    def load(self, directory: str | os.PathLike[str]) -> bool:
+        """Restore what :meth:`save` wrote (same mode and tensors); False when there is nothing usable (logged)."""
+        path = Path(directory) / STATS_STATE_FILE
+        if not path.exists():
+            return False
+        try:
+            tensors, meta = tensors_from_bytes(path.read_bytes(), source=str(path))
+        except (OSError, ContractError) as exc:
+            log.warning("not restoring the edge's statistics from %s: %s", path, exc)
+            return False
+        want = {name for ly in self.layers for name in (ly.mean, ly.var)}
+        if meta.get("mode") != self.config.mode or set(tensors) != want:
+            log.info("not restoring the edge's statistics from %s: saved for mode %r", path, meta.get("mode"))
+            return False
+        for ly in self.layers:
+            self.current[ly.name] = (tensors[ly.mean].astype(np.float64), tensors[ly.var].astype(np.float64))
+        self.local_generation = int(meta.get("local_generation", "0"))
+        self.seen, self.resets = int(meta.get("seen", "0")), int(meta.get("resets", "0"))
+        self.cloud_version = None  # merge into whatever serves at the next batch
+        return True
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "mode": self.config.mode,
+            "local_generation": self.local_generation,
+            "cloud_version": self.cloud_version,
+            "batches": self.batches,
+            "probes": self.probes,
+            "frames_probed": self.frames_probed,
+            "resets": self.resets,
+            "refit_errors": self.refit_errors,
+            "frames_since_reset": self.seen,
+            "last_refit_s": self.last_refit_s,
+        }
+
+
+def stats_adapter_from_dir(
+    backend: Backend, model_dir: str | os.PathLike[str], config: StatsConfig
+) -> tuple[StatsAdapter | None, str]:
+    """The adapter for ``backend``'s export, or (None, why) when it stays off (mode off, or no probe: a model
+    without BatchNorm running statistics, e.g. GroupNorm or LayerNorm)."""
+    from cema_deploy.runtime.stats.probe import probe_from_dir
+
+    if config.mode == "off":
+        return None, "off"
+    probe = probe_from_dir(model_dir, backend.manifest)
+    if probe is None:
+        return None, (
+            f"{Path(model_dir)} has no statistics probe: the model has no BatchNorm running statistics (GroupNorm or "
+            "LayerNorm models have none to adapt), or was exported before probes existed (export it again)"
+        )
+    return StatsAdapter(backend, probe, config), config.mode
