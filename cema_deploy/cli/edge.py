@@ -85,6 +85,7 @@ _SOURCE, _CLOUD, _SELECT, _REFIT, _OUT = (
     "Refit and rollback",
     "State, outputs",
 )
+_STATS = "Edge statistics (no uplink)"
 
 
 def _share(value: float | None) -> float | None:
@@ -297,25 +298,26 @@ def run_cmd(
     adapt_stats: Annotated[
         str,
         typer.Option(
-            help="The edge's own BatchNorm statistics, forward-only, no uplink (README, 'The edge's own statistics'): "
-            "off, ema (running estimate across batches, reset on a detected shift) or alpha (alpha-BN: "
-            "(1-a)*source + a*batch). Models without BatchNorm running statistics stay off. Off by default: on a "
-            "label-correlated stream at batch 1 it fell below no adaptation (README)."
+            metavar="MODE",
+            help="Own BatchNorm statistics: off, ema, alpha (README).",
+            rich_help_panel=_STATS,
         ),
     ] = "off",
-    stats_alpha: Annotated[float, typer.Option(help="alpha mode: the batch's share a (You et al. 2021).")] = 0.1,
+    stats_alpha: Annotated[
+        float, typer.Option(metavar="A", help="alpha: the batch's share (alpha-BN).", rich_help_panel=_STATS)
+    ] = 0.1,
     stats_momentum: Annotated[
-        float, typer.Option(help="ema mode: per-frame weight floor (the estimate remembers ~1/momentum frames).")
+        float, typer.Option(metavar="M", help="ema: per-frame weight floor.", rich_help_panel=_STATS)
     ] = 0.002,
     stats_prior: Annotated[
-        float, typer.Option(min=0.0, help="ema mode: frames the source statistics count as after a reset.")
+        float, typer.Option(metavar="N", min=0.0, help="ema: frames the source counts as.", rich_help_panel=_STATS)
     ] = 16.0,
     stats_every: Annotated[
-        int, typer.Option(min=1, help="Probe one batch in this many (the adapter's cost, README).")
+        int, typer.Option(metavar="K", min=1, help="Probe one batch in K.", rich_help_panel=_STATS)
     ] = 128,
     stats_dense_frames: Annotated[
         int,
-        typer.Option(min=0, help="Probe every batch until this many frames entered since the start or a shift."),
+        typer.Option(metavar="N", min=0, help="N frames probed densely after reset.", rich_help_panel=_STATS),
     ] = 128,
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.

@@ -309,8 +309,6 @@ def _export_into(
         model_args={"num_classes": num_out, **model_args},
     )
     _externalize(proto, manifest, out / NORMS_FILE)
-    step("Writing stats_probe.onnx + stats_probe.json (BatchNorm batch statistics for the edge's adapter)")
-    write_stats_probe(proto, manifest, out)  # nothing without BatchNorm running statistics
     total_bytes = sum(int(v.numel() * v.element_size()) for v in state.values())
     if total_bytes > EXTERNAL_DATA_BYTES:
         onnx.save_model(proto, str(model_path), save_as_external_data=True, location=MODEL_FILE + ".data")
@@ -318,6 +316,8 @@ def _export_into(
         onnx.save_model(proto, str(model_path))
     # The one fingerprint function, torch-free, over the bytes written: what every load recomputes.
     manifest = replace(manifest, fingerprint=graph_summary(model_path, manifest).fingerprint)
+    step("Writing stats_probe.onnx + stats_probe.json (BatchNorm batch statistics for the edge's adapter)")
+    write_stats_probe(proto, manifest, out)  # bound to the fingerprint; nothing without BatchNorm running statistics
     blob = RefitBlob(
         tensors={n: state[n].detach().cpu().numpy().copy() for n in refit_names},
         fingerprint=manifest.fingerprint,

@@ -87,7 +87,8 @@ def test_a_truncated_model_onnx_fails_the_load(export_copy: Path) -> None:
 
 
 def test_check_export_hashes_every_file(export_copy: Path) -> None:
-    assert check_export(export_copy).files_hashed == 3  # model.onnx, model.norms.bin, params.safetensors
+    # model.onnx, model.norms.bin, params.safetensors, stats_probe.onnx and stats_probe.json (the edge adapter's probe)
+    assert check_export(export_copy).files_hashed == 5
     norms = export_copy / "model.norms.bin"  # refittable values: outside the fingerprint, inside the file hashes
     data = bytearray(norms.read_bytes())
     data[0] ^= 0xFF
