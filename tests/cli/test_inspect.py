@@ -35,9 +35,8 @@ def test_inspect_reports_what_it_checked(export_copy: Path) -> None:
     r = runner.invoke(app, ["inspect", str(export_copy), "--json"])
     assert r.exit_code == 0, r.output
     checked = json.loads(r.output)["checked"]
-    assert (
-        checked["files_hashed"] == 5 and checked["onnxruntime_load"] == "loads, logits [1, 10]"
-    )  # model, norms, params, the statistics probe and its sidecar
+    # model, norms, params, the statistics probe and its sidecar
+    assert checked["files_hashed"] == 5 and checked["onnxruntime_load"] == "loads, logits [1, 10]"
 
 
 def test_inspect_fails_on_a_truncated_model_onnx(export_copy: Path) -> None:
