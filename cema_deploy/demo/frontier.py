@@ -41,6 +41,7 @@ from cema_deploy.demo.frontier_report import (
     headline,
     needed_share,
     point_from_runs,
+    with_gap,
     write_frontier,
 )
 
@@ -312,8 +313,10 @@ def run_frontier(
     import multiprocessing as mp
 
     from cema_deploy.demo.baselines import run_baseline
+    from cema_deploy.demo.gap import floor_of
     from cema_deploy.demo.models import load_model, resolve_models
     from cema_deploy.demo.stream import CORRUPTIONS, corrupted_stream, digits_splits
+    from cema_deploy.demo.teacher_ceiling import teacher_runs
     from cema_deploy.export.to_onnx import export_timm
 
     corruptions = corruptions or CORRUPTIONS
@@ -322,6 +325,7 @@ def run_frontier(
     splits = digits_splits(train_seed)
     models = resolve_models(None, None, splits, seed=train_seed)
     edge_model = load_model(models.edge.name, models.edge.checkpoint)
+    teacher_model = load_model(models.teacher.name, models.teacher.checkpoint)
     edge_dir = out_dir / "edge-model"
     if not (edge_dir / "manifest.json").exists():
         export_timm(models.edge.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
@@ -346,9 +350,30 @@ def run_frontier(
             on_step(f"frontier {i}/{len(todo)}: {res['key']} -> {res['accuracy']:.1f} % at {res['share']:.1f} %")
     panels: dict[str, dict[str, list[Point]]] = {}
     baselines_out: dict[str, dict[str, float]] = {}
+    ceiling_out: dict[str, float] = {}
+    floor_out: dict[str, float] = {}
     for p in protocols:
         for s in severities:
             name = f"{p}/{s}"
+            accs: dict[str, list[float]] = {
+                "no_adapt": [],
+                "bn_adapt": [],
+                "teacher_no_adapt": [],
+                "teacher_adapted": [],
+            }
+            for seed in seeds:
+                x, y = splits[2], splits[3]
+                if per_corruption is not None:
+                    x, y = x[:per_corruption], y[:per_corruption]
+                stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed).shuffled(seed)
+                for b in ("no_adapt", "bn_adapt"):
+                    accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
+                for b, r in teacher_runs(teacher_model, stream, protocol=p).items():
+                    accs[b].append(100 * float(r.correct.mean()))
+            floors = [floor_of({b: v[i] for b, v in accs.items()}) for i in range(len(seeds))]
+            ceilings = accs["teacher_adapted"]
+            baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}
+            floor_out[name], ceiling_out[name] = float(np.mean(floors)), float(np.mean(ceilings))
             panels[name] = {}
             for r in rules:
                 pts = []
@@ -358,21 +383,14 @@ def run_frontier(
                         for j in jobs_for([r], [p], [s], seeds, sweep)
                         if math.isclose(j.knob, k)
                     ]
-                    pts.append(point_from_runs(k, runs))
+                    pts.append(with_gap(point_from_runs(k, runs), [a for a, _ in runs], floors, ceilings))
                 panels[name][r] = pts
-            accs: dict[str, list[float]] = {"no_adapt": [], "bn_adapt": []}
-            for seed in seeds:
-                x, y = splits[2], splits[3]
-                if per_corruption is not None:
-                    x, y = x[:per_corruption], y[:per_corruption]
-                stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed).shuffled(seed)
-                for b in accs:
-                    accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
-            baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}
     main = next(iter(panels))
     meta = {
         "seeds": list(seeds),
         "baselines": baselines_out,
+        "teacher_ceiling": ceiling_out,
+        "floor": floor_out,
         "best_rule": {k: best_rule(v, (10, 20, 40)) for k, v in panels.items()},
         "sweep": {r: list(sweep[r]) for r in rules},
         "stats_share": STATS_SHARE,

@@ -21,6 +21,8 @@ METHODS = {
     "cema_recal": "CEMA + recalibration on shift",
     "random": "random uploads + cloud",
     "entropy_top": "highest entropy first + cloud",
+    "teacher_no_adapt": "teacher, no adaptation",
+    "teacher_adapted": "teacher, own adaptation (ceiling)",
 }
 
 
@@ -34,7 +36,7 @@ class MethodRun:
 
 
 #: Methods that run in-process at the edge (no cloud, no uploads); every other method is cloud-backed.
-LOCAL_METHODS = ("no_adapt", "bn_adapt", "tent")
+LOCAL_METHODS = ("no_adapt", "bn_adapt", "tent", "teacher_no_adapt", "teacher_adapted")
 
 
 def is_cloud(method: str) -> bool:
