@@ -395,6 +395,15 @@ class Cema:
         update_statistics(self.student, x)
         update_statistics(self.teacher, xt)
 
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits of the teacher and of the replica on uint8 ``images``, both normalising with their running
+        statistics (what distillation targets and what a blob carries); no state changes. For diagnosis."""
+        set_bn_training(self.teacher, False)
+        set_bn_training(self.student, False)
+        x, xt = self._inputs(images)
+        return self.teacher(xt).float().cpu().numpy(), self.student(x).float().cpu().numpy()
+
     # ---- state ----------------------------------------------------------------------------------------------
     def blob_tensors(self) -> dict[str, np.ndarray]:
         """The replica's tensors named in the manifest (affine parameters and running statistics), float32 on the

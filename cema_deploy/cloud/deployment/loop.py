@@ -85,6 +85,12 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
         """``fn(version)`` is called (on the worker thread) after each publish."""
         self._listeners.append(fn)
 
+    @property
+    def job(self) -> str:
+        """The job the worker runs or ran last (``step``, ``replay``, ``calibration``, ...; "" before the first):
+        read by publish listeners, which run on the worker thread, to tell what made a version."""
+        return getattr(self, "_last_job", "")
+
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until the worker has nothing due (for tests, benchmarks and ``--sync`` simulations)."""
         with self._cond:
@@ -144,6 +150,7 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
                         timeout=0.5 if self.config.idle_after_s <= 0 else min(0.5, self.config.idle_after_s)
                     )
                 self._inflight = (job, self._publishes(job))
+                self._last_job: str = job
                 self._job_steps = self.cema.steps
             try:
                 getattr(self, f"_do_{job}")()
