@@ -369,9 +369,18 @@ class Cema:
         )
 
     def replay_step(self, replayed: np.ndarray) -> StepReport:
-        """The official replay-only step: the replica distilled on replayed samples (4B), no teacher step."""
+        """The official replay-only step: the replica distilled on replayed samples (4B), no teacher step. With
+        ``replay_moves_stats = False`` (beyond the paper) no running statistics move during it."""
         t0 = time.perf_counter()
-        s_loss = self._distill(*self._inputs(replayed))
+        frozen = [] if self.config.replay_moves_stats else [m for _, m in self._bns()]
+        tracking = [getattr(m, "_cema_track", True) for m in frozen]
+        for m in frozen:
+            m._cema_track = False
+        try:
+            s_loss = self._distill(*self._inputs(replayed))
+        finally:
+            for m, t in zip(frozen, tracking, strict=True):
+                m._cema_track = t
         return StepReport(
             step=self.steps,
             new_samples=0,
