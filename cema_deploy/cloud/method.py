@@ -375,12 +375,12 @@ class Cema:
         frozen = [] if self.config.replay_moves_stats else [m for _, m in self._bns()]
         tracking = [getattr(m, "_cema_track", True) for m in frozen]
         for m in frozen:
-            m._cema_track = False
+            m._cema_track = False  # type: ignore[assignment]
         try:
             s_loss = self._distill(*self._inputs(replayed))
         finally:
             for m, t in zip(frozen, tracking, strict=True):
-                m._cema_track = t
+                m._cema_track = t  # type: ignore[assignment]
         return StepReport(
             step=self.steps,
             new_samples=0,

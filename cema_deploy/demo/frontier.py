@@ -440,8 +440,8 @@ def run_frontier(
                 stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed).shuffled(seed)
                 for b in ("no_adapt", "bn_adapt"):
                     accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
-                for b, r in teacher_runs(teacher_model, stream, protocol=p).items():
-                    accs[b].append(100 * float(r.correct.mean()))
+                for b, run in teacher_runs(teacher_model, stream, protocol=p).items():
+                    accs[b].append(100 * float(run.correct.mean()))
             floors = [floor_of({b: v[i] for b, v in accs.items()}) for i in range(len(seeds))]
             ceilings = accs["teacher_adapted"]
             baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}

@@ -35,7 +35,7 @@ from cema_deploy.demo.stream import Stream
 TEACHER_ROWS = ("teacher_no_adapt", "teacher_adapted")
 
 
-def entropy_step(model: Any, images: np.ndarray, batch: int = 32, *, num_classes: int = NUM_CLASSES) -> np.ndarray:
+def entropy_step(model: Any, images: Any, batch: int = 32, *, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Predictions of the teacher adapting as the cloud adapts it (see the module doc), on a copy of ``model``."""
     torch = lazy_import("torch", extra="export", purpose="the teacher's rows")
     from cema_deploy.cloud.config import CemaConfig
@@ -57,7 +57,7 @@ def entropy_step(model: Any, images: np.ndarray, batch: int = 32, *, num_classes
             logits = model(x)
             loss = weighted_entropy(logits, e0)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
         finally:
             set_bn_training(model, False)
