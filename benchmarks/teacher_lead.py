@@ -34,11 +34,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--severity", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--per-corruption", type=int, default=300)
+    ap.add_argument("--per-corruption", type=int, default=300, help="0: the whole test split (899)")
     ap.add_argument("--protocols", default="continual,reset")
     ap.add_argument("--levers", default=",".join(LEVERS))
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
+    ap.add_argument("--all-corruptions", action="store_true", help="the 13 corruptions (default: demo --quick's 4)")
     args = ap.parse_args()
 
     import torch
@@ -47,7 +48,7 @@ def main() -> None:
     from cema_deploy.demo.frontier import Job, run_job
     from cema_deploy.demo.gap import floor_of, gap_closed
     from cema_deploy.demo.models import EDGE_DEFAULT, TEACHER_DEFAULT, load_model, resolve_models
-    from cema_deploy.demo.stream import QUICK_CORRUPTIONS, corrupted_stream, digits_splits
+    from cema_deploy.demo.stream import CORRUPTIONS, QUICK_CORRUPTIONS, corrupted_stream, digits_splits
     from cema_deploy.demo.teacher_ceiling import teacher_runs
     from cema_deploy.export.to_onnx import export_timm
 
@@ -64,15 +65,16 @@ def main() -> None:
     if not (edge_dir / "manifest.json").exists():
         export_timm(models.edge.name, edge_dir, model=edge, img_size=splits[0].shape[1])
     _, _, x, y = splits
-    n = args.per_corruption
-    stream = corrupted_stream(
-        x[:n], y[:n], severity=args.severity, corruptions=QUICK_CORRUPTIONS, seed=args.seed
-    ).shuffled(args.seed)
+    n = args.per_corruption or len(y)
+    corruptions = CORRUPTIONS if args.all_corruptions else QUICK_CORRUPTIONS
+    stream = corrupted_stream(x[:n], y[:n], severity=args.severity, corruptions=corruptions, seed=args.seed).shuffled(
+        args.seed
+    )
     doc: dict[str, Any] = {
         "what": "one seed, a small stream: NOT the issue's target protocol",
         "severity": args.severity,
         "seed": args.seed,
-        "corruptions": list(QUICK_CORRUPTIONS),
+        "corruptions": list(corruptions),
         "per_corruption": n,
         "share": args.share,
         "models": {
@@ -104,6 +106,8 @@ def main() -> None:
             res["seconds"] = round(time.perf_counter() - t0, 1)
             res["gap_closed"] = gap_closed(res["accuracy"], floor=floor, ceiling=ceiling)
             out["runs"][name] = res
+            doc["protocols"][protocol] = out
+            (args.out / "teacher_lead.json").write_text(json.dumps(doc, indent=2))
             a = res["diagnosis"]["audit"]
             print(
                 f"  {name:16s} acc {res['accuracy']:.1f} share {res['share']:.1f} gap {res['gap_closed']} "
