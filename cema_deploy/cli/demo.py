@@ -82,6 +82,13 @@ def demo_cmd(
             "(cema/cema_stats: upload budget, 1 = none; eata_style: E_0 / ln C; random/entropy_top: share)."
         ),
     ] = None,
+    diagnose: Annotated[
+        bool,
+        typer.Option(
+            help="--frontier: record per corruption the teacher's, replica's and edge's accuracy on the uploaded "
+            "frames and audit every rollback verdict with the labels (frontier_runs.jsonl)."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Run CEMA end to end on ImageNet-C corruptions of scikit-learn's digits (no download).
@@ -116,6 +123,7 @@ def demo_cmd(
                 train_seed=train_seed,
                 sweep=parse_sweep(sweep) if sweep else None,
                 on_step=on_step,
+                diagnose=diagnose,
             )
         for p in paths:
             console.print(f"wrote {p}")

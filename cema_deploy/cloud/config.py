@@ -19,6 +19,8 @@ from cema_deploy.exceptions import CloudError
 
 #: Values of :attr:`CemaConfig.statistics`.
 STATISTICS_MODES = ("training", "samples")
+#: Values of :attr:`CemaConfig.replay_scope`.
+REPLAY_SCOPES = ("window", "episode")
 #: Values of :attr:`DeploymentSpec.teacher_dtype` (autocast of the teacher's forward).
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -49,6 +51,11 @@ class CemaConfig:
     idle_factor: int = 4  # a replay-only step distils on idle_factor * B replayed samples (official 4B)
     replay_steps: bool = True  # official: one replay-only step per edge batch in which no cloud step ran (driven
     # by batch reports; at most one per report interval, a flag never a queue)
+    replay_scope: str = "window"  # official "window": replay draws from the last replay_size uploads whatever their
+    # domain; "episode" (beyond the paper, issue 22): only from samples uploaded since the current episode began
+    # (the last calibration that set or replaced the statistics: a generation's start, a reset, a shift)
+    replay_moves_stats: bool = True  # official True: a replay-only step's TBR forward moves the running statistics
+    # by momentum like any training forward; False (beyond the paper, issue 22): replay-only steps leave them
     idle_after_s: float = 0.0  # beyond the paper: also replay after this many seconds without uploads (0 = off)
     idle_max_steps: int = 8  # idle replay steps between two uploads, at most (bounds CPU use when nothing comes)
     publish_every: int = 1  # K: publish the replica's parameters after every K steps (official K = 1)
@@ -83,6 +90,8 @@ class CemaConfig:
             problems.append(f"bn_momentum = {self.bn_momentum} must be in (0, 1]")
         if self.statistics not in STATISTICS_MODES:
             problems.append(f"statistics = {self.statistics!r} must be one of {STATISTICS_MODES}")
+        if self.replay_scope not in REPLAY_SCOPES:
+            problems.append(f"replay_scope = {self.replay_scope!r} must be one of {REPLAY_SCOPES}")
         if problems:
             raise CloudError("Invalid CEMA settings: " + "; ".join(problems) + ".")
 

@@ -369,9 +369,18 @@ class Cema:
         )
 
     def replay_step(self, replayed: np.ndarray) -> StepReport:
-        """The official replay-only step: the replica distilled on replayed samples (4B), no teacher step."""
+        """The official replay-only step: the replica distilled on replayed samples (4B), no teacher step. With
+        ``replay_moves_stats = False`` (beyond the paper) no running statistics move during it."""
         t0 = time.perf_counter()
-        s_loss = self._distill(*self._inputs(replayed))
+        frozen = [] if self.config.replay_moves_stats else [m for _, m in self._bns()]
+        tracking = [getattr(m, "_cema_track", True) for m in frozen]
+        for m in frozen:
+            m._cema_track = False  # type: ignore[assignment]
+        try:
+            s_loss = self._distill(*self._inputs(replayed))
+        finally:
+            for m, t in zip(frozen, tracking, strict=True):
+                m._cema_track = t  # type: ignore[assignment]
         return StepReport(
             step=self.steps,
             new_samples=0,
@@ -394,6 +403,15 @@ class Cema:
         x, xt = self._inputs(images)
         update_statistics(self.student, x)
         update_statistics(self.teacher, xt)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits of the teacher and of the replica on uint8 ``images``, both normalising with their running
+        statistics (what distillation targets and what a blob carries); no state changes. For diagnosis."""
+        set_bn_training(self.teacher, False)
+        set_bn_training(self.student, False)
+        x, xt = self._inputs(images)
+        return self.teacher(xt).float().cpu().numpy(), self.student(x).float().cpu().numpy()
 
     # ---- state ----------------------------------------------------------------------------------------------
     def blob_tensors(self) -> dict[str, np.ndarray]:

@@ -293,18 +293,19 @@ class SampleStore:
         i = bisect.bisect_right(self._adapt_starts, index) - 1
         return self._adapt[i].adapt_end if i >= 0 else index + 1
 
-    def window(self, end: int) -> tuple[int, int]:
-        """``[lo, end)``: the newest ``capacity`` adapt samples held below ``end``."""
+    def window(self, end: int, start: int = 0) -> tuple[int, int]:
+        """``[lo, end)``: the newest ``capacity`` adapt samples held below ``end``, none below ``start`` (an
+        episode's first adapt index where replay keeps to the episode; 0: the whole window, the official)."""
         end = min(end, self.adapt_total)
-        return max(end - self.capacity, self.first_adapt, 0), max(end, 0)
+        return max(end - self.capacity, self.first_adapt, 0, start), max(end, 0)
 
-    def window_len(self, end: int) -> int:
-        lo, hi = self.window(end)
+    def window_len(self, end: int, start: int = 0) -> int:
+        lo, hi = self.window(end, start)
         return max(hi - lo, 0)
 
-    def sample(self, k: int, rng: np.random.Generator, *, end: int) -> np.ndarray:
-        """``min(k, window)`` samples drawn without replacement from :meth:`window` ``(end)``."""
-        lo, hi = self.window(end)
+    def sample(self, k: int, rng: np.random.Generator, *, end: int, start: int = 0) -> np.ndarray:
+        """``min(k, window)`` samples drawn without replacement from :meth:`window` ``(end, start)``."""
+        lo, hi = self.window(end, start)
         if hi <= lo or k <= 0:
             return _EMPTY
         idx = np.sort(rng.choice(hi - lo, size=min(k, hi - lo), replace=False)) + lo

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cema_deploy.demo.diagnosis import Diagnosis
 from cema_deploy.demo.frontier_report import (
     EATA_NATURAL,
     Point,
@@ -41,6 +42,7 @@ from cema_deploy.demo.frontier_report import (
     headline,
     needed_share,
     point_from_runs,
+    with_gap,
     write_frontier,
 )
 
@@ -146,9 +148,15 @@ def run_job(
     replay_size: int = 400,
     edge_batch: int = 64,
     cloud_batch: int = 32,
+    diagnose: bool = False,
+    cloud: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One frontier point on one seed, in-process: the real EdgeRuntime (ORT) and the real local deployment,
-    joined by LocalLink, in sync mode. Returns accuracy %, uploaded share % (all kinds) and counters."""
+    joined by LocalLink, in sync mode. Returns accuracy %, uploaded share % (all kinds) and counters.
+
+    ``diagnose``: also a ``"diagnosis"`` (:mod:`cema_deploy.demo.diagnosis`: per corruption the teacher's, the
+    replica's and the edge's accuracy on the uploaded frames, and a label-aware audit of every rollback verdict).
+    ``cloud``: :class:`~cema_deploy.cloud.config.CemaConfig` fields set for this run (the levers; recorded)."""
     import shutil
 
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec
@@ -168,9 +176,15 @@ def run_job(
         edge=edge_dir,
         teacher=teacher[0],
         teacher_weights=teacher[1],
-        method=CemaConfig(batch_size=cloud_batch, replay_size=replay_size, seed=job.seed, statistics=stats),
+        method=CemaConfig(
+            batch_size=cloud_batch, replay_size=replay_size, seed=job.seed, statistics=stats, **(cloud or {})
+        ),
     )
-    engine = LocalEngine([Deployment.from_spec(spec, state)])
+    dep = Deployment.from_spec(spec, state)
+    diag = Diagnosis() if diagnose else None
+    if diag is not None:
+        dep.add_listener(lambda v: diag.on_publish(v, dep.job))
+    engine = LocalEngine([dep])
     engine.start()
     backend = get_backend("ort-cpu", edge_dir, intra_op_threads=1)
     cfg = _selector_config(job, WARMUP[job.protocol], None)
@@ -191,13 +205,24 @@ def run_job(
                 upload_batch=cloud_batch,
                 selector_factory=lambda: SampleSelector(cfg),
             )
+            if diag is not None:
+                rt.monitor.audit = diag.audit
             try:
                 for seg in segments:
+                    if diag is not None:
+                        diag.begin(seg.name, rt.rollbacks)
                     for a in range(0, len(seg.labels), edge_batch):
-                        step = rt.process(np.asarray(seg.images[a : a + edge_batch]))
+                        images = np.asarray(seg.images[a : a + edge_batch])
+                        if diag is not None:  # before processing: a sync run judges refits within process()
+                            diag.served(_at_size(rt, images), seg.labels[a : a + edge_batch])
+                        step = rt.process(images)
                         if not rt.sync(timeout=300):
                             raise RuntimeError(f"{job.key}: sync timed out")
                         correct += int((step.predictions == seg.labels[a : a + edge_batch]).sum())
+                        if diag is not None:
+                            diag.batch(*_uploaded(rt, images, seg.labels[a : a + edge_batch], step))
+                    if diag is not None:
+                        _end_corruption(diag, dep, rt)
                 m = rt.metrics()
                 seen += m["frames"]
                 uploaded += sum(m["uploaded"].values())
@@ -215,7 +240,43 @@ def run_job(
         "share": 100 * uploaded / seen,
         "rollbacks": rollbacks,
         "frames": seen,
+        "cloud": dict(cloud or {}),
+        **({"diagnosis": diag.as_dict()} if diag is not None else {}),
     }
+
+
+def _at_size(rt: Any, images: np.ndarray) -> np.ndarray:
+    from cema_deploy.runtime.frames.preprocess import images_at_model_size
+
+    return np.asarray(images_at_model_size(images, rt.manifest.preprocess))
+
+
+def _uploaded(rt: Any, images: np.ndarray, labels: np.ndarray, step: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(frames at model size, labels, uploaded mask) of one edge batch: a calibration batch goes up whole."""
+    frames = _at_size(rt, images)
+    sel = step.selection
+    up = np.ones(len(frames), bool) if step.calibration else sel.mask.copy()
+    if sel.stats_mask is not None and not step.calibration:
+        up |= sel.stats_mask
+    return frames, np.asarray(labels), up
+
+
+def _end_corruption(diag: Diagnosis, dep: Any, rt: Any) -> None:
+    """The teacher's, the replica's (cloud) and the edge's predictions on the corruption's uploaded frames."""
+    from cema_deploy.runtime.frames.preprocess import normalize
+
+    frames, _ = diag.uploaded
+    dep.wait_idle(300)
+    if len(frames):
+        teacher, replica = dep.cema.predict(frames)
+        edge = np.concatenate(
+            [rt.backend.infer(normalize(frames[a : a + 64], rt.manifest.preprocess)) for a in range(0, len(frames), 64)]
+        )
+    else:
+        teacher = replica = edge = np.zeros((0, 1), np.float32)
+    diag.end(
+        teacher_pred=teacher.argmax(1), replica_pred=replica.argmax(1), edge_pred=edge.argmax(1), rollbacks=rt.rollbacks
+    )
 
 
 _WORKER: dict[str, Any] = {}
@@ -228,6 +289,8 @@ def _init_worker(
     corruptions: tuple[str, ...],
     train_seed: int,
     work: str,
+    diagnose: bool = False,
+    cloud: dict[str, Any] | None = None,
 ) -> None:
     import logging
 
@@ -245,6 +308,8 @@ def _init_worker(
         corruptions=corruptions,
         work=Path(work),
         streams={},
+        diagnose=diagnose,
+        cloud=cloud,
     )
 
 
@@ -269,6 +334,8 @@ def _run_in_worker(job: Job) -> dict[str, Any]:
         edge_dir=_WORKER["edge_dir"],
         teacher=_WORKER["teacher"],
         stream=_stream(job.severity, job.seed),
+        diagnose=_WORKER["diagnose"],
+        cloud=_WORKER["cloud"],
     )
 
 
@@ -305,15 +372,21 @@ def run_frontier(
     train_seed: int = 0,
     sweep: dict[str, tuple[float, ...]] | None = None,
     on_step: Callable[[str], None] = lambda _m: None,
+    diagnose: bool = False,
+    cloud: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Sweep, aggregate over seeds, and write frontier.json/png. Runs are appended to ``frontier_runs.jsonl``
     as they finish, and runs already there are not repeated (a long sweep resumes where it stopped). ``sweep``
-    replaces :data:`SWEEP`'s knob values for the rules it names."""
+    replaces :data:`SWEEP`'s knob values for the rules it names. ``diagnose`` and ``cloud`` go to every
+    :func:`run_job` and are recorded in ``frontier.json`` (runs of another setting need another ``out_dir``:
+    the run log's keys do not hold them)."""
     import multiprocessing as mp
 
     from cema_deploy.demo.baselines import run_baseline
+    from cema_deploy.demo.gap import floor_of
     from cema_deploy.demo.models import load_model, resolve_models
     from cema_deploy.demo.stream import CORRUPTIONS, corrupted_stream, digits_splits
+    from cema_deploy.demo.teacher_ceiling import teacher_runs
     from cema_deploy.export.to_onnx import export_timm
 
     corruptions = corruptions or CORRUPTIONS
@@ -322,6 +395,7 @@ def run_frontier(
     splits = digits_splits(train_seed)
     models = resolve_models(None, None, splits, seed=train_seed)
     edge_model = load_model(models.edge.name, models.edge.checkpoint)
+    teacher_model = load_model(models.teacher.name, models.teacher.checkpoint)
     edge_dir = out_dir / "edge-model"
     if not (edge_dir / "manifest.json").exists():
         export_timm(models.edge.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
@@ -337,6 +411,8 @@ def run_frontier(
         corruptions,
         train_seed,
         str(out_dir / "work"),
+        diagnose,
+        cloud,
     )
     with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool, open(log, "a") as f:
         for i, res in enumerate(pool.imap_unordered(_run_in_worker, todo), 1):
@@ -346,9 +422,30 @@ def run_frontier(
             on_step(f"frontier {i}/{len(todo)}: {res['key']} -> {res['accuracy']:.1f} % at {res['share']:.1f} %")
     panels: dict[str, dict[str, list[Point]]] = {}
     baselines_out: dict[str, dict[str, float]] = {}
+    ceiling_out: dict[str, float] = {}
+    floor_out: dict[str, float] = {}
     for p in protocols:
         for s in severities:
             name = f"{p}/{s}"
+            accs: dict[str, list[float]] = {
+                "no_adapt": [],
+                "bn_adapt": [],
+                "teacher_no_adapt": [],
+                "teacher_adapted": [],
+            }
+            for seed in seeds:
+                x, y = splits[2], splits[3]
+                if per_corruption is not None:
+                    x, y = x[:per_corruption], y[:per_corruption]
+                stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed).shuffled(seed)
+                for b in ("no_adapt", "bn_adapt"):
+                    accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
+                for b, run in teacher_runs(teacher_model, stream, protocol=p).items():
+                    accs[b].append(100 * float(run.correct.mean()))
+            floors = [floor_of({b: v[i] for b, v in accs.items()}) for i in range(len(seeds))]
+            ceilings = accs["teacher_adapted"]
+            baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}
+            floor_out[name], ceiling_out[name] = float(np.mean(floors)), float(np.mean(ceilings))
             panels[name] = {}
             for r in rules:
                 pts = []
@@ -358,25 +455,20 @@ def run_frontier(
                         for j in jobs_for([r], [p], [s], seeds, sweep)
                         if math.isclose(j.knob, k)
                     ]
-                    pts.append(point_from_runs(k, runs))
+                    pts.append(with_gap(point_from_runs(k, runs), [a for a, _ in runs], floors, ceilings))
                 panels[name][r] = pts
-            accs: dict[str, list[float]] = {"no_adapt": [], "bn_adapt": []}
-            for seed in seeds:
-                x, y = splits[2], splits[3]
-                if per_corruption is not None:
-                    x, y = x[:per_corruption], y[:per_corruption]
-                stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed).shuffled(seed)
-                for b in accs:
-                    accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
-            baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}
     main = next(iter(panels))
     meta = {
         "seeds": list(seeds),
         "baselines": baselines_out,
+        "teacher_ceiling": ceiling_out,
+        "floor": floor_out,
         "best_rule": {k: best_rule(v, (10, 20, 40)) for k, v in panels.items()},
         "sweep": {r: list(sweep[r]) for r in rules},
         "stats_share": STATS_SHARE,
         "d_margin": None,
+        "diagnose": diagnose,
+        "cloud": dict(cloud or {}),
         "models": {
             "edge": models.edge.name,
             "edge_clean_accuracy": 100 * models.edge.clean_accuracy,

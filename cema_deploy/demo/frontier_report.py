@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class Point:
     accuracy: float  # %, mean over seeds
     spread: float | None  # standard deviation of the accuracy over seeds (points)
     seeds: int
+    gap_closed: float | None = None  # share of the teacher's lead reached, mean over seeds (demo.gap)
+    gap_closed_spread: float | None = None  # its standard deviation over seeds
 
 
 def _sd(values: np.ndarray) -> float | None:
@@ -49,6 +51,15 @@ def point_from_runs(knob: float, runs: Sequence[tuple[float, float]]) -> Point:
         spread=_sd(acc),
         seeds=len(runs),
     )
+
+
+def with_gap(point: Point, accuracies: Sequence[float], floors: Sequence[float], ceilings: Sequence[float]) -> Point:
+    """``point`` with its gap closed (:func:`cema_deploy.demo.gap.gap_over_seeds`) from the per-seed accuracies,
+    floors and teacher ceilings, all in seed order."""
+    from cema_deploy.demo.gap import gap_over_seeds
+
+    mean, spread = gap_over_seeds(accuracies, floors, ceilings)
+    return replace(point, gap_closed=mean, gap_closed_spread=spread)
 
 
 def needed_share(curve: Sequence[Point], accuracy: float) -> float | None:
@@ -103,8 +114,9 @@ def best_rule(methods: dict[str, list[Point]], shares: Sequence[float], slack: f
 def write_frontier(
     panels: dict[str, dict[str, list[Point]]], default: str, main: str, out_dir: Path, meta: dict[str, Any]
 ) -> list[Path]:
-    """``frontier.json`` (``{"default", "methods" (the main panel), "panels", "headline", ...}``) and
-    ``frontier.png`` (one subplot per panel, mean accuracy against mean share, error bars = spread)."""
+    """``frontier.json`` (``{"default", "methods" (the main panel), "panels", "headline", ...}``, and from ``meta``
+    ``"teacher_ceiling"`` and ``"floor"`` keyed by panel, means over seeds) and ``frontier.png`` (one subplot per
+    panel, mean accuracy against mean share, error bars = spread, the ceiling and the floor as horizontal lines)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     as_json = {k: {m: [asdict(p) for p in pts] for m, pts in v.items()} for k, v in panels.items()}
     doc = {
@@ -137,6 +149,9 @@ def write_frontier(
         for ref, style in (("no_adapt", ":"), ("bn_adapt", "--")):
             if ref in meta.get("baselines", {}).get(name, {}):
                 ax.axhline(meta["baselines"][name][ref], color="grey", ls=style, lw=0.8, label=ref)
+        for ref, color in (("teacher_ceiling", "black"), ("floor", "tab:brown")):
+            if meta.get(ref, {}).get(name) is not None:
+                ax.axhline(meta[ref][name], color=color, ls="-.", lw=1.0, label=ref)
         ax.set(title=name, xlabel="frames uploaded %", ylabel="accuracy %", xscale="log")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)

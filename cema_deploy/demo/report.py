@@ -24,6 +24,8 @@ METHODS = {
     "edge_stats": "edge statistics (no cloud)",
     "edge_stats_ema": "edge statistics, ema (no cloud)",
     "edge_stats_alpha": "edge statistics, alpha (no cloud)",
+    "teacher_no_adapt": "teacher, no adaptation",
+    "teacher_adapted": "teacher, own adaptation (ceiling)",
 }
 
 
@@ -37,7 +39,16 @@ class MethodRun:
 
 
 #: Methods that run in-process at the edge (no cloud, no uploads); every other method is cloud-backed.
-LOCAL_METHODS = ("no_adapt", "bn_adapt", "tent", "edge_stats", "edge_stats_ema", "edge_stats_alpha")
+LOCAL_METHODS = (
+    "no_adapt",
+    "bn_adapt",
+    "tent",
+    "edge_stats",
+    "edge_stats_ema",
+    "edge_stats_alpha",
+    "teacher_no_adapt",
+    "teacher_adapted",
+)
 
 
 def is_cloud(method: str) -> bool:

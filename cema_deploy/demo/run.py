@@ -90,6 +90,7 @@ class DemoConfig:
     stream_order: str = "shuffled"  # or "sorted": grouped by class within each corruption (demo/edge_only.py)
     edge_epochs: int | None = None  # None: the edge recipe's (models.EDGE_DEFAULT)
     teacher_epochs: int | None = None  # None: the teacher recipe's (models.TEACHER_DEFAULT)
+    teacher_rows: bool = True  # the teacher_no_adapt / teacher_adapted rows and gap_closed (demo.teacher_ceiling)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -402,7 +403,29 @@ def run_stream(
     if cloud:
         on_step(f"{tag}: {' and '.join(cloud)} (cloud + torch-free edge processes)")
         runs.update(_run_cloud_methods(cloud, stream, edge_dir, teacher, out_dir, tag, cfg, seed))
-    return {m: runs[m] for m in cfg.methods if m in runs}
+    out = {m: runs[m] for m in cfg.methods if m in runs}
+    if cfg.teacher_rows:
+        from cema_deploy.demo.teacher_ceiling import teacher_runs
+
+        on_step(f"{tag}: the teacher's rows (no adaptation, own adaptation)")
+        out.update(
+            teacher_runs(
+                load_model(teacher.name, teacher.checkpoint),
+                stream,
+                protocol=cfg.protocol,
+                edge_batch=cfg.edge_batch,
+                cloud_batch=cfg.cloud_batch,
+            )
+        )
+    return out
+
+
+def _gap(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"gap_closed": ...}`` for a severity's results (demo.gap), or nothing without the rows it needs."""
+    from cema_deploy.demo.gap import results_gap
+
+    got = results_gap(per_seed)
+    return {"gap_closed": got} if got else {}
 
 
 def run_demo(
@@ -474,6 +497,6 @@ def run_demo(
             per_seed.append(summarize(runs, stream.segment_of, [s.name for s in stream.segments]))
             if seed == seeds[0]:
                 first_runs[sev], boundaries[sev] = runs, stream.boundaries
-        results["severities"][str(sev)] = {"methods": aggregate(per_seed, seeds)}
+        results["severities"][str(sev)] = {"methods": aggregate(per_seed, seeds), **_gap(per_seed)}
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     return results, first_runs, boundaries

@@ -167,6 +167,7 @@ class AdminMixin(PublishingMixin):
                 dropped = s.take_all()
                 self.generation += 1
                 self.calibrated, self.episode_n, self.shift_step = False, 0, -1
+                self.episode_start = s.adapt_total  # a reset starts an episode (its samples are gone)
                 self._replay_due, self._publish_req = None, False
                 self._awaiting.clear()
                 self._awaiting_cal.clear()

@@ -28,6 +28,8 @@ class CalibrationMixin(PublishingMixin):
             else:  # other devices' batches of the same start or shift episode: merge by sample count
                 keep = self.episode_n / (self.episode_n + n)
             self.episode_n = n if keep == 0.0 else self.episode_n + n
+            if keep == 0.0:  # a new episode (replay_scope = "episode" replays from here on)
+                self.episode_start = up.adapt_start
             self.calibrated = True
         t0 = time.perf_counter()
         self.cema.calibrate(images, student=True, teacher=both, keep=keep)

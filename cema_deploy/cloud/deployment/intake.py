@@ -237,7 +237,7 @@ class IntakeMixin(DeploymentState):
             if report.generation in (0, self.generation):
                 known = self.full_steps + (self.samples.adapt_total - self.cursor) // c.batch_size
                 ran, self._attributed = max(known - self._attributed, 0), known
-                window = self.samples.window_len(self.samples.adapt_total)
+                window = self.samples.window_len(self.samples.adapt_total, self.replay_start)
                 if ran == 0 and c.replay_steps and c.replay_size > 0 and window > c.replay_min:
                     fired = True
                     if self._replay_due is None:

@@ -85,6 +85,12 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
         """``fn(version)`` is called (on the worker thread) after each publish."""
         self._listeners.append(fn)
 
+    @property
+    def job(self) -> str:
+        """The job the worker runs or ran last (``step``, ``replay``, ``calibration``, ...; "" before the first):
+        read by publish listeners, which run on the worker thread, to tell what made a version."""
+        return getattr(self, "_last_job", "")
+
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Block until the worker has nothing due (for tests, benchmarks and ``--sync`` simulations)."""
         with self._cond:
@@ -117,7 +123,7 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
         if (
             c.idle_after_s > 0
             and self._idle_steps < c.idle_max_steps
-            and s.window_len(s.adapt_total) > c.replay_min
+            and s.window_len(s.adapt_total, self.replay_start) > c.replay_min
             and time.monotonic() - self._last_upload >= c.idle_after_s * (self._idle_steps + 1)
         ):
             return "idle"
@@ -144,6 +150,7 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
                         timeout=0.5 if self.config.idle_after_s <= 0 else min(0.5, self.config.idle_after_s)
                     )
                 self._inflight = (job, self._publishes(job))
+                self._last_job: str = job
                 self._job_steps = self.cema.steps
             try:
                 getattr(self, f"_do_{job}")()
@@ -171,8 +178,9 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             images = s.read_adapt(start, end)
             w_end = s.upload_end(end - 1)
             replayed = None
-            if c.replay_size > 0 and c.replay_factor > 0 and s.window_len(w_end) >= c.replay_min:
-                replayed = s.sample(c.replay_factor * c.batch_size, self._rng(), end=w_end)
+            lo = self.replay_start
+            if c.replay_size > 0 and c.replay_factor > 0 and s.window_len(w_end, lo) >= c.replay_min:
+                replayed = s.sample(c.replay_factor * c.batch_size, self._rng(), end=w_end, start=lo)
         report = self.cema.adapt(images, replayed)
         if report.replayed:
             self.count("mixed_steps")  # cloud steps that replayed 3B samples
@@ -198,9 +206,9 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             end = s.adapt_total
             if due:
                 end, self._replay_due = self._replay_due or end, None
-            if s.window_len(end) <= c.replay_min:
+            if s.window_len(end, self.replay_start) <= c.replay_min:
                 return
-            replayed = s.sample(c.idle_factor * c.batch_size, self._rng(), end=end)
+            replayed = s.sample(c.idle_factor * c.batch_size, self._rng(), end=end, start=self.replay_start)
         report = self.cema.replay_step(replayed)
         publish = self.cema.steps % c.publish_every == 0 and not self.frozen
         self._commit(counter, publish=publish, seconds=report.seconds)

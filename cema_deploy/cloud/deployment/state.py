@@ -90,6 +90,8 @@ class DeploymentState:
         self._rollbacks: dict[int, set[str]] = {}  # version -> devices that rolled it back
         self._publish_req = False
         self._replay_due: int | None = None  # the replay window's end for the due replay-only step
+        self.episode_start = 0  # adapt index where the current episode began (its last setting calibration); not
+        # saved: after a restart replay keeps to the episode from the next such calibration on
         self._attributed = self.full_steps + (self.samples.adapt_total - self.cursor) // self.config.batch_size
         self._inflight: tuple[str, int] = ("", 0)  # (job, publishes it will make)
         self._inflight_seq = -1  # the calibration in flight
@@ -263,6 +265,11 @@ class DeploymentState:
         }
 
     # ---- metrics ------------------------------------------------------------------------------------------
+    @property
+    def replay_start(self) -> int:
+        """The lowest adapt index replay may draw: the episode's start under ``replay_scope = "episode"``, else 0."""
+        return self.episode_start if self.config.replay_scope == "episode" else 0
+
     def count(self, key: str, n: int = 1) -> None:
         with self._cond:
             self.counters[key] += n
@@ -281,7 +288,7 @@ class DeploymentState:
                 "steps": self.cema.steps,
                 "pending": self._pending_samples(),
                 "pending_cap": self.spec.pending_cap,
-                "replay_window": s.window_len(s.adapt_total),
+                "replay_window": s.window_len(s.adapt_total, self.replay_start),
                 "held": s.held(),
                 "counters": dict(self.counters),
                 **self._timings.figures(),

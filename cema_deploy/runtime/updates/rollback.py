@@ -197,6 +197,10 @@ class RollbackMonitor:
         #: Refits accepted without a judgement because ``unjudgeable`` gave a reason.
         self.unjudged = 0
         self.ring = InputRing(config.window)
+        #: ``audit(judgement, frames, old_logits, new_logits)``, called on this thread after each judgement with
+        #: the frames judged (uint8 at model size) and both parameter sets' logits on them: for label-aware audits
+        #: of the verdicts (the demo's frontier); None: nothing is called.
+        self.audit: Callable[[Judgement, np.ndarray, np.ndarray, np.ndarray], None] | None = None
         self.judged = 0
         self.last: Judgement | None = None
         self._pending: int | None = None
@@ -330,5 +334,8 @@ class RollbackMonitor:
                 return None
             old[missing[done : done + n]] = got[0][:n]
             done += n
-        return judge(old, new, num_classes=self.num_classes, margin_ratio=self.config.margin_ratio,
-                     version=version, previous_version=prev_version)  # fmt: skip
+        j = judge(old, new, num_classes=self.num_classes, margin_ratio=self.config.margin_ratio,
+                  version=version, previous_version=prev_version)  # fmt: skip
+        if self.audit is not None:
+            self.audit(j, images, old, new)
+        return j
