@@ -391,7 +391,7 @@ async def _fleet(
 
 
 def _run_n(n: int, args: argparse.Namespace, work: Path, console: Any) -> list[dict[str, Any]]:
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.manifest import manifest_from_dir
     from cema_deploy.contract.samples import SampleBatch, samples_to_bytes
 

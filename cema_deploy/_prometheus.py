@@ -1,5 +1,5 @@
 """The Prometheus text exposition format (0.0.4) that both ``/metrics`` speak: the edge's (``edge run
---metrics-port``, :mod:`cema_deploy.runtime.metrics`) and the cloud's (:mod:`cema_deploy.cloud.api`).
+--metrics-port``, :mod:`cema_deploy.runtime.metrics`) and the cloud's (:mod:`cema_deploy.cloud.service.api`).
 
 Standard library only, so the torch-free edge and the cloud share it. Each side keeps its own metric names; this
 module only writes them: ``# HELP`` and ``# TYPE`` lines, then one sample a line, ``name{label="value",...} number``.

@@ -122,17 +122,17 @@ def serve_cmd(
     import torch
     import uvicorn
 
-    from cema_deploy.cloud.api import create_app
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig, config_from_toml, parse_duration
     from cema_deploy.cloud.engines import get_engine
-    from cema_deploy.cloud.lock import hold_service_state
-    from cema_deploy.cloud.memory import pin_mmap_threshold
-    from cema_deploy.cloud.state import StateStore, TokenTable
+    from cema_deploy.cloud.service.api import create_app
+    from cema_deploy.cloud.service.lock import hold_service_state
+    from cema_deploy.cloud.service.memory import pin_mmap_threshold
+    from cema_deploy.cloud.store.state import StateStore, TokenTable
     from cema_deploy.contract.protocol import MAX_WAIT_S
 
     if threads > 0:
         torch.set_num_threads(threads)
-    pin_mmap_threshold()  # large buffers go back to the system when freed (cema_deploy/cloud/memory.py)
+    pin_mmap_threshold()  # large buffers go back to the system when freed (cema_deploy/cloud/service/memory.py)
     service_opts: dict[str, Any] = {
         "state": state,
         "host": host,
@@ -195,7 +195,7 @@ def serve_cmd(
     level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise CemaError(f"--log-level {log_level!r} is not one of debug, info, warning, error, critical.")
-    # One writer per state, before any model is loaded or port bound (cema_deploy/cloud/lock.py).
+    # One writer per state, before any model is loaded or port bound (cema_deploy/cloud/service/lock.py).
     locks = hold_service_state(cfg)
     StateStore(cfg.state).record_deployments({s.name: s.state for s in cfg.deployments})  # for `token add`
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -312,7 +312,7 @@ def token_add_cmd(
     """Create a bearer token for DEVICE and print it once (only its hash is stored; a running service picks it
     up at once)."""
     from cema_deploy.cli._operator import parse_expiry, utc
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
 
     if sum([bool(deployment), all_, admin]) != 1:
         raise CemaError("Give --deployment NAME (repeatable), --all, or --admin: what may this token do?")
@@ -350,7 +350,7 @@ def token_revoke_cmd(
     state: Annotated[Path, typer.Option(help=_STATE_HELP)] = Path("cema-state"),
 ) -> None:
     """Revoke DEVICE's token; a running service refuses it from its next request on (no restart)."""
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
 
     if not StateStore(state).revoke_token(device):
         raise CemaError(f"{device!r} holds no token in {state / 'tokens.json'}.")
@@ -363,7 +363,7 @@ def token_list_cmd(
 ) -> None:
     """List the token holders and what each may use."""
     from cema_deploy.cli._operator import utc
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
 
     for g in StateStore(state).grants():
         expiry = "" if g.expires is None else f"\t{'expired' if g.expired() else 'expires'} {utc(g.expires)}"

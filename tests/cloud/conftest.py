@@ -85,8 +85,8 @@ def serve_engine(engine: Any, state: Path, *, max_upload_bytes: int = 16 << 20) 
     stopped on exit."""
     import uvicorn
 
-    from cema_deploy.cloud.api import create_app
-    from cema_deploy.cloud.state import StateStore, TokenTable
+    from cema_deploy.cloud.service.api import create_app
+    from cema_deploy.cloud.store.state import StateStore, TokenTable
 
     server = uvicorn.Server(
         uvicorn.Config(

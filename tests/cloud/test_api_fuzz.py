@@ -25,9 +25,9 @@ def _samples_body(ctx: Any, value: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, exported, teacher_ckpt):  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.api import create_app
     from cema_deploy.cloud.engines.local import LocalEngine
-    from cema_deploy.cloud.state import StateStore, TokenTable
+    from cema_deploy.cloud.service.api import create_app
+    from cema_deploy.cloud.store.state import StateStore, TokenTable
     from tests.cloud.conftest import make_deployment
 
     edge, _ = exported("bn")

@@ -41,7 +41,7 @@ def _png_body(manifest: Any, n: int, seed: int = 0, *, garbage: bool = False) ->
 def test_an_upload_over_the_decode_budget_is_refused_from_its_header(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import samples_url
 
     edge, _ = exported("bn")
@@ -60,7 +60,7 @@ def test_an_upload_over_the_decode_budget_is_refused_from_its_header(exported, t
 def test_the_pending_cap_is_checked_from_the_header_before_decoding(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import samples_url
 
     edge, _ = exported("bn")
@@ -78,7 +78,7 @@ def test_the_pending_cap_is_checked_from_the_header_before_decoding(exported, te
 
 
 def test_a_json_body_is_refused_while_it_streams_in(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import reports_url
 
     edge, _ = exported("bn")

@@ -39,8 +39,8 @@ def test_edge_uploads_refits_and_matches_the_replica(cloud_factory, exported) ->
     import torch
 
     from cema_deploy.cloud.models import replica_from_export
-    from cema_deploy.cloud.replay import SampleStore
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.replay import SampleStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.blob import blob_from_path
     from cema_deploy.contract.manifest import manifest_from_dir
     from cema_deploy.runtime.frames.preprocess import normalize
@@ -80,7 +80,7 @@ def _free_port() -> int:
 
 
 def test_outage_keeps_serving_bounds_the_queue_then_resumes(cloud_factory, exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
 
     out, _ = exported("bn")
     port = _free_port()
@@ -101,7 +101,7 @@ def test_outage_keeps_serving_bounds_the_queue_then_resumes(cloud_factory, expor
 
 
 def test_signed_blobs_from_the_cloud(cloud_factory, exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.signing import BlobVerifier, load_public_key, new_key_pair
 
     out, _ = exported("bn")

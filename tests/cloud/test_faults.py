@@ -15,8 +15,8 @@ pytestmark = [needs_torch, pytest.mark.network]
 
 
 def test_cloud_killed_mid_stream(cloud_factory, exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.replay import SampleStore
-    from cema_deploy.cloud.state import DeploymentStore, StateStore
+    from cema_deploy.cloud.store.replay import SampleStore
+    from cema_deploy.cloud.store.state import DeploymentStore, StateStore
 
     out, _ = exported("bn")
     with socket.socket() as s:

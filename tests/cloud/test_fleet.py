@@ -65,7 +65,7 @@ def test_two_deployments_in_one_service_over_tls(cloud_factory, exported, teache
     from typer.testing import CliRunner
 
     from cema_deploy.cli import app
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.blob import blob_from_bytes
     from cema_deploy.contract.manifest import manifest_from_dir
     from cema_deploy.contract.protocol import MODELS_PATH, blob_url, model_url, samples_url
@@ -143,7 +143,7 @@ batch_size = 8
 def test_the_pending_cap_answers_429_with_retry_after_then_recovers(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import samples_url
     from cema_deploy.exceptions import UplinkError
     from cema_deploy.runtime.link.client import CloudClient
@@ -181,7 +181,7 @@ def test_an_upload_retried_after_its_202_was_lost_is_stored_once_also_after_a_re
 ) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import batches_url, samples_url
 
     edge, _ = exported("bn")
@@ -228,7 +228,7 @@ def test_operator_reset_and_freeze_from_the_cli(exported, teacher_ckpt, tmp_path
     from typer.testing import CliRunner
 
     from cema_deploy.cli import app
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.blob import blob_from_path
     from cema_deploy.contract.protocol import admin_url, samples_url
 

@@ -53,7 +53,7 @@ def test_rollback_reports_of_four_devices_never_wipe_the_generations_adaptation(
 ) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import reports_url, samples_url
 
     edge, _ = exported("bn")
@@ -132,7 +132,7 @@ def test_the_epoch_is_minted_once_per_state_newer_states_have_greater_ones_and_b
     import httpx
 
     from cema_deploy.cloud.deployment import Deployment
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.blob import blob_from_bytes, blob_to_bytes
     from cema_deploy.contract.protocol import model_url
     from cema_deploy.contract.signing import BlobVerifier, SignatureError, new_key_pair
@@ -192,7 +192,7 @@ def test_acks_promise_only_versions_the_worker_publishes(exported, teacher_ckpt,
 def test_batch_report_answers_survive_a_restart(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import batches_url
 
     edge, _ = exported("bn")
@@ -218,7 +218,7 @@ def test_health_shows_no_fingerprint_without_a_valid_token_and_a_wrong_token_is_
 ) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore, _hash
+    from cema_deploy.cloud.store.state import StateStore, _hash
     from cema_deploy.contract.protocol import HEALTH_PATH, model_url
 
     edge, _ = exported("bn")

@@ -14,9 +14,9 @@ pytestmark = needs_torch
 def test_the_protocol_header_is_in_the_openapi_document(exported, teacher_ckpt, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fastapi.testclient import TestClient
 
-    from cema_deploy.cloud.api import create_app
     from cema_deploy.cloud.engines.local import LocalEngine
-    from cema_deploy.cloud.state import StateStore, TokenTable
+    from cema_deploy.cloud.service.api import create_app
+    from cema_deploy.cloud.store.state import StateStore, TokenTable
 
     edge, _ = exported("bn")
     service = make_deployment(edge, teacher_ckpt, tmp_path / "s", batch_size=8)

@@ -40,7 +40,7 @@ def _cli(*args: str) -> object:
 
 
 def _admin_token(state: Path, path: Path) -> list[str]:
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
 
     path.write_text(StateStore(state).add_token("ops", admin=True))
     return ["--token-file", str(path)]
@@ -50,7 +50,7 @@ def _admin_token(state: Path, path: Path) -> list[str]:
 
 
 def test_state_lock_refuses_a_second_holder_and_takes_over_a_dead_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.lock import StateLocked, hold_state
+    from cema_deploy.cloud.service.lock import StateLocked, hold_state
 
     state = tmp_path / "state"
     state.mkdir()
@@ -113,7 +113,7 @@ def test_a_ray_actor_locks_its_deployment_state(exported, teacher_ckpt, tmp_path
 
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec
     from cema_deploy.cloud.engines import ray_engine
-    from cema_deploy.cloud.lock import StateLocked
+    from cema_deploy.cloud.service.lock import StateLocked
 
     edge, _ = exported("bn")
     spec = DeploymentSpec(
@@ -133,7 +133,7 @@ def test_a_ray_actor_locks_its_deployment_state(exported, teacher_ckpt, tmp_path
 
 
 def test_token_add_refuses_a_held_device_and_an_unknown_deployment(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
 
     state = tmp_path / "state"
     r = _cli("cloud", "token", "add", "cam-01", "--deployment", "resnet50", "--state", str(state))
@@ -148,7 +148,7 @@ def test_token_add_refuses_a_held_device_and_an_unknown_deployment(tmp_path) -> 
     assert r.exit_code == 1 and "already holds a token" in str(r.exception) and "--rotate" in str(r.exception)  # type: ignore[attr-defined]
     assert StateStore(state).grants()[0].deployments == ("resnet50",)
     table = StateStore(state)
-    from cema_deploy.cloud.state import TokenTable
+    from cema_deploy.cloud.store.state import TokenTable
 
     assert TokenTable(table).lookup(first) is not None  # the refused replacement changed nothing
     r = _cli("cloud", "token", "add", "cam-01", "--deployment", "doors", "--force", "--rotate", "--state", str(state))
@@ -169,7 +169,7 @@ def test_token_add_refuses_a_held_device_and_an_unknown_deployment(tmp_path) -> 
 def test_an_expired_token_is_refused_with_401_and_counted(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import blob_url
 
     edge, _ = exported("bn")
@@ -194,7 +194,7 @@ def test_an_expired_token_is_refused_with_401_and_counted(exported, teacher_ckpt
 def test_reset_says_what_it_deletes_and_needs_yes_without_a_terminal(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import samples_url
 
     edge, _ = exported("bn")
@@ -254,7 +254,7 @@ def _at_a_terminal(args: list[str], *, answer: str) -> tuple[str, int]:
 def test_status_per_device_publish_pin_unpin_on_real_http(exported, teacher_ckpt, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.blob import blob_from_bytes, blob_from_path
     from cema_deploy.contract.protocol import admin_url, blob_url, reports_url, samples_url
 
@@ -333,7 +333,7 @@ def ops_token(args: list[str]) -> str:
 def test_status_survives_80_columns_and_a_pipe(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.protocol import samples_url
 
     edge, _ = exported("bn")

@@ -45,7 +45,7 @@ class Cluster:
 
 def _on_disk(directory: Path) -> list[tuple[str, int]]:
     """(idempotency key, samples) of every acknowledged upload held in a deployment's state directory."""
-    from cema_deploy.cloud.replay import Upload
+    from cema_deploy.cloud.store.replay import Upload
 
     ups = [Upload.from_file(f) for f in sorted((directory / "uploads").glob("*.safetensors"))]
     return [(u.key, u.count) for u in ups]
@@ -59,7 +59,7 @@ def _keys_on_disk(directory: Path) -> list[str]:
 def cluster(exported, teacher_ckpt, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig
     from cema_deploy.cloud.engines import get_engine
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.manifest import manifest_from_dir
 
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
@@ -250,7 +250,7 @@ def test_cloud_serve_engine_ray_joins_the_cluster_and_a_new_ingress_serves_the_s
     cluster: Cluster, exported, teacher_ckpt, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     from cema_deploy.cloud.engines.ray_engine import NAMESPACE
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.manifest import manifest_from_dir
     from cema_deploy.runtime.link.client import CloudClient
     from tests.cloud.conftest import start_cloud
@@ -311,7 +311,7 @@ def test_while_an_actor_restarts_a_call_past_the_retry_bound_gets_503_with_retry
 def test_operator_status_devices_pin_and_unpin_through_ray_actors(cluster: Cluster) -> None:
     import httpx
 
-    from cema_deploy.cloud.lock import DEPLOYMENT_LOCK
+    from cema_deploy.cloud.service.lock import DEPLOYMENT_LOCK
     from cema_deploy.contract.protocol import blob_url
 
     m = cluster.manifests["doors"]

@@ -19,7 +19,7 @@ def _append(store, kind, imgs, **kw):  # type: ignore[no-untyped-def]
 
 
 def test_uploads_survive_a_restart_in_order_with_their_keys(tmp_path: Path) -> None:
-    from cema_deploy.cloud.replay import SampleStore
+    from cema_deploy.cloud.store.replay import SampleStore
 
     store = SampleStore(tmp_path / "uploads", capacity=10)
     batches = [images(4, seed=i, size=8) for i in range(5)]
@@ -35,7 +35,7 @@ def test_uploads_survive_a_restart_in_order_with_their_keys(tmp_path: Path) -> N
 
 
 def test_the_window_holds_the_newest_consumed_capacity_whatever_is_pending(tmp_path: Path) -> None:
-    from cema_deploy.cloud.replay import SampleStore
+    from cema_deploy.cloud.store.replay import SampleStore
 
     store = SampleStore(tmp_path / "u", capacity=8)
     for i in range(10):  # 40 samples, of which the deployment consumed 12: 28 pending
@@ -54,7 +54,7 @@ def test_the_window_holds_the_newest_consumed_capacity_whatever_is_pending(tmp_p
 
 
 def test_calibration_batches_are_held_whole_until_applied_and_statistics_until_used(tmp_path: Path) -> None:
-    from cema_deploy.cloud.replay import SampleStore
+    from cema_deploy.cloud.store.replay import SampleStore
 
     store = SampleStore(tmp_path / "u", capacity=100)
     x = images(6, seed=1, size=4)

@@ -17,7 +17,7 @@ pytestmark = [needs_torch, pytest.mark.network]
 
 
 def _setup(cloud_factory, exported, *extra):  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.manifest import manifest_from_dir
 
     edge, _ = exported("bn")
@@ -83,7 +83,7 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
 def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.state import StateStore
+    from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.manifest import manifest_from_dir
     from cema_deploy.contract.protocol import blob_url, reports_url, samples_url
     from tests.cloud.conftest import serve_in_thread
@@ -149,7 +149,7 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
 def test_sigkill_loses_no_acknowledged_upload_and_never_reuses_a_version(cloud_factory, exported) -> None:  # type: ignore[no-untyped-def]
     import httpx
 
-    from cema_deploy.cloud.replay import SampleStore
+    from cema_deploy.cloud.store.replay import SampleStore
     from cema_deploy.contract.blob import blob_from_bytes
     from cema_deploy.contract.protocol import blob_url, samples_url
 

@@ -11,7 +11,7 @@ import time
 
 from cema_deploy.cloud.deployment.state import REPORT_KEYS, DeploymentState
 from cema_deploy.cloud.errors import PendingCapReached, Refused, StaleGeneration
-from cema_deploy.cloud.replay import Upload
+from cema_deploy.cloud.store.replay import Upload
 from cema_deploy.contract.messages import BatchAck, BatchReport, UploadAck
 from cema_deploy.contract.samples import KIND_CALIBRATION, SampleBatch, samples_from_bytes, upload_header
 from cema_deploy.exceptions import CemaError

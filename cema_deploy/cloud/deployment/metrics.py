@@ -1,5 +1,6 @@
 """The timing figures of one deployment: upload-to-blob latency (a histogram since the start and the newest
-10,000), blob publish delays, and seconds per adaptation job. Read by ``/metrics`` (:mod:`cema_deploy.cloud.api`)."""
+10,000), blob publish delays, and seconds per adaptation job. Read by ``/metrics``
+(:mod:`cema_deploy.cloud.service.api`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The operator's view and undo: per-device records (:mod:`cema_deploy.cloud.devices`), the status the operator
+"""The operator's view and undo: per-device records (:mod:`cema_deploy.cloud.store.devices`), the status the operator
 reads (``cloud status``), ``publish`` (a kept version's state published anew as a new, higher version) and ``pin``
 / ``unpin``.
 
@@ -19,8 +19,8 @@ from typing import Any
 from cema_deploy.cloud.deployment.admin import AdminMixin
 from cema_deploy.cloud.deployment.intake import IntakeMixin
 from cema_deploy.cloud.deployment.state import log
-from cema_deploy.cloud.devices import DeviceBook
 from cema_deploy.cloud.errors import Refused
+from cema_deploy.cloud.store.devices import DeviceBook
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.contract.samples import SampleBatch
 from cema_deploy.exceptions import CloudError

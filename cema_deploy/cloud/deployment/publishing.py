@@ -9,7 +9,7 @@ import time
 
 from cema_deploy import __version__
 from cema_deploy.cloud.deployment.state import _POINTERS, DeploymentState, log
-from cema_deploy.cloud.replay import Upload
+from cema_deploy.cloud.store.replay import Upload
 from cema_deploy.contract.blob import RefitBlob
 
 #: The counter of each job, as its log line names it.

@@ -15,8 +15,8 @@ from typing import Any
 
 from cema_deploy.cloud.config import DeploymentSpec
 from cema_deploy.cloud.deployment.metrics import Timings
-from cema_deploy.cloud.replay import SampleStore, keys_journal_lines
-from cema_deploy.cloud.state import DeploymentStore
+from cema_deploy.cloud.store.replay import SampleStore, keys_journal_lines
+from cema_deploy.cloud.store.state import DeploymentStore
 from cema_deploy.contract.blob import RefitBlob
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.messages import BatchAck, DeploymentStatus

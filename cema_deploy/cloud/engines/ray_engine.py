@@ -7,7 +7,7 @@ written, and a restarted deployment resumes from its state directory. The actor 
 deployment table; its state directory is ``service state / table state`` resolved to an absolute path, which must
 be the same storage on every node (a shared mount), because Ray may restart the actor on another node.
 
-The ingress is the same FastAPI app (:func:`cema_deploy.cloud.api.create_app`) under the same uvicorn server as
+The ingress is the same FastAPI app (:func:`cema_deploy.cloud.service.api.create_app`) under the same uvicorn server as
 ``--engine local``, with this engine inside, rather than a Ray Serve deployment: the app already carries TLS,
 tokens, the protocol middleware, graceful shutdown that answers parked polls, and its error mapping, and it parks a
 long poll as one coroutine rather than in a Serve replica's ``max_ongoing_requests`` slot. The ingress holds no
@@ -46,7 +46,7 @@ from cema_deploy.cloud.config import DeploymentSpec, ServiceConfig
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine, by_fingerprint, by_name
 from cema_deploy.cloud.engines.polls import ParkedPolls
 from cema_deploy.cloud.errors import Refused
-from cema_deploy.cloud.lock import DEPLOYMENT_LOCK, hold_state
+from cema_deploy.cloud.service.lock import DEPLOYMENT_LOCK, hold_state
 from cema_deploy.contract.messages import BatchAck, BatchReport, DeploymentStatus, EdgeReport, UploadAck
 from cema_deploy.exceptions import CemaError, CloudError
 
@@ -80,7 +80,7 @@ class DeploymentActor:
         import torch
 
         from cema_deploy.cloud.deployment import Deployment
-        from cema_deploy.cloud.memory import pin_mmap_threshold
+        from cema_deploy.cloud.service.memory import pin_mmap_threshold
 
         torch.set_num_threads(threads)
         pin_mmap_threshold()  # as `cloud serve`: freed upload buffers leave RSS

@@ -1,5 +1,5 @@
 """The OpenAPI document names the protocol header: ``X-Cema-Protocol`` is checked by
-:class:`~cema_deploy.cloud.api.ProtocolVersionMiddleware`, outside FastAPI's routing, so FastAPI cannot see it;
+:class:`~cema_deploy.cloud.service.api.ProtocolVersionMiddleware`, outside FastAPI's routing, so FastAPI cannot see it;
 this declares it on every operation the middleware guards (requests) and answers (responses). Behaviour is the
 middleware's, unchanged."""
 

@@ -27,8 +27,8 @@ from cema_deploy import __version__
 from cema_deploy._prometheus import Exposition, Labels, number
 from cema_deploy.cloud.engines.base import DeploymentInfo, Engine
 from cema_deploy.cloud.errors import Refused
-from cema_deploy.cloud.openapi import declare_protocol_header
-from cema_deploy.cloud.state import Grant, TokenTable
+from cema_deploy.cloud.service.openapi import declare_protocol_header
+from cema_deploy.cloud.store.state import Grant, TokenTable
 from cema_deploy.contract import protocol
 from cema_deploy.contract.messages import BatchReport, EdgeReport
 from cema_deploy.exceptions import CemaError, ProtocolError
