@@ -28,7 +28,7 @@ def test_the_defaults_are_the_papers_and_bad_scopes_are_refused() -> None:
 
 
 def test_a_window_start_keeps_draws_inside_the_episode(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cema_deploy.cloud.replay import SampleStore
+    from cema_deploy.cloud.store.replay import SampleStore
 
     store = SampleStore(tmp_path / "u", capacity=100)
     old = [_append(store, "selected", np.full((4, 2, 2, 3), i, np.uint8)) for i in range(5)]  # 20 samples, values 0-4
