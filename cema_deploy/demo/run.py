@@ -413,7 +413,9 @@ def run_stream(
                 load_model(teacher.name, teacher.checkpoint),
                 stream,
                 protocol=cfg.protocol,
-                edge_batch=cfg.edge_batch,
+                # the teacher adapts in the cloud: below an edge batch of 2 (no batch statistics) it sees the
+                # cloud's batches instead
+                edge_batch=cfg.edge_batch if cfg.edge_batch >= 2 else cfg.cloud_batch,
                 cloud_batch=cfg.cloud_batch,
             )
         )
