@@ -65,7 +65,7 @@ def test_quick_demo_edge_stats_at_batch_one(tmp_path) -> None:  # type: ignore[n
     res = json.loads(r.stdout)
     assert res["config"]["edge_batch"] == 1 and res["config"]["stream_order"] == "sorted"
     m = res["severities"]["5"]["methods"]
-    assert set(m) == {"no_adapt", "edge_stats"}
+    assert set(m) == {"no_adapt", "edge_stats", "teacher_no_adapt", "teacher_adapted"}  # the teacher rows: always
     assert "needs batch statistics" in res["skipped"]["bn_adapt"]
     s = m["edge_stats"]["per_seed"][0]
     assert m["edge_stats"]["uploaded"] == 0 and s["uploaded_frames"] == 0 and s["samples"] == 4 * 300
