@@ -380,13 +380,16 @@ class RayEngine:
         if due:
             self._flush_seen(fingerprint)
 
-    def _flush_seen(self, fingerprint: str) -> None:
+    def _flush_seen(self, fingerprint: str, *, wait: bool = False) -> None:
+        """Send the buffered records; ``wait``: until the actor has them (a status read must see every poll)."""
         with self._lock:
             entries = self._seen.pop(fingerprint, [])
             self._seen_sent[fingerprint] = time.monotonic()
         if entries:
             with contextlib.suppress(ray.exceptions.RayError):
-                self.handle(fingerprint).seen_many.remote(entries[-10_000:])
+                ref = self.handle(fingerprint).seen_many.remote(entries[-10_000:])
+                if wait:
+                    ray.get(ref, timeout=30)
 
     def admin(self, name: str, action: str, version: int | None = None) -> DeploymentStatus:
         # reset, publish and pin are not idempotent: never retried
@@ -395,7 +398,7 @@ class RayEngine:
         return status
 
     def operator_status(self, fingerprint: str) -> dict[str, Any]:
-        self._flush_seen(fingerprint)
+        self._flush_seen(fingerprint, wait=True)
         row: dict[str, Any] = self._call(fingerprint, "operator_status")
         return row
 
