@@ -386,11 +386,8 @@ _CA = typer.Option(help="CA bundle to verify an https:// cloud.")
 
 
 def _action(action: str, name: str, cloud: str, token_file: Path, ca_file: Path | None) -> None:
-    client = _admin(cloud, token_file, ca_file)
-    try:
+    with _admin(cloud, token_file, ca_file) as client:
         st = getattr(client, action)(name)
-    finally:
-        client.close()
     print(
         f"{st.name}: generation {st.generation}, version {st.version}, "
         f"{'calibrated' if st.calibrated else 'uncalibrated'}, {'frozen' if st.frozen else 'publishing'}"
@@ -431,8 +428,7 @@ def reset_cmd(
     reset state published at once (versions keep rising). Says what it deletes and asks first, unless --yes."""
     from cema_deploy.cli._operator import reset_preview
 
-    client = _admin(cloud, token_file, ca_file)
-    try:
+    with _admin(cloud, token_file, ca_file) as client:
         row = _fleet_row(client, name)
         preview = reset_preview(row)
         if not yes:
@@ -442,8 +438,6 @@ def reset_cmd(
             if not typer.confirm("Reset?", default=False, err=True):
                 raise CemaError(f"{name} was not reset; nothing was deleted.")
         st = client.reset(name)
-    finally:
-        client.close()
     print(
         f"{st.name}: reset; deleted {row.get('uploads_held', 0)} uploads ({row.get('frames_held', 0)} frames); "
         f"generation {st.generation}, version {st.version}, uncalibrated"
@@ -474,11 +468,8 @@ def status_cmd(
 
     if path is not None and not json_out:
         raise CemaError(f"A PATH ({path!r}) is only taken with --json: `cloud status --json {path}`.")
-    client = _admin(cloud, token_file, ca_file)
-    try:
+    with _admin(cloud, token_file, ca_file) as client:
         rows = client.fleet()
-    finally:
-        client.close()
     if json_out:
         write_json({"deployments": rows}, path)
         return
@@ -499,11 +490,8 @@ def publish_cmd(
 ) -> None:
     """Return NAME to the state behind kept version N and publish it as a new, higher version (edges apply it);
     adaptation goes on from there."""
-    client = _admin(cloud, token_file, ca_file)
-    try:
+    with _admin(cloud, token_file, ca_file) as client:
         st = client.publish(name, version)
-    finally:
-        client.close()
     print(f"{st.name}: the state of version {version} published as version {st.version}; adaptation goes on from it")
 
 
@@ -518,11 +506,8 @@ def pin_cmd(
     """Serve version N's parameters (published as a new, higher version) and publish nothing newer until
     `cloud unpin`; adaptation continues from N's state, unpublished. Reset, freeze, unfreeze and publish are
     refused until unpin."""
-    client = _admin(cloud, token_file, ca_file)
-    try:
+    with _admin(cloud, token_file, ca_file) as client:
         st = client.pin(name, version)
-    finally:
-        client.close()
     print(
         f"{st.name}: pinned to version {version}, served as version {st.version}; nothing newer is published "
         f"until `cema-deploy cloud unpin {st.name}`"

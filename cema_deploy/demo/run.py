@@ -195,12 +195,9 @@ class _Cloud:
         """Reset the (single) deployment as an operator would; returns its new generation."""
         from cema_deploy.runtime.link.client import AdminClient
 
-        admin = AdminClient(self.url, self.admin_file.read_text().strip())
-        try:
+        with AdminClient(self.url, self.admin_file.read_text().strip()) as admin:
             (model,) = admin.models()
             return admin.reset(model.name).generation
-        finally:
-            admin.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -394,6 +394,12 @@ class AdminClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _action(self, name: str, action: str, version: int | None = None) -> DeploymentStatus:
         params = {"version": version} if version is not None else None
         r = self._http.request("POST", protocol.admin_url(self._http.base_url, name, action), ok=(200,), params=params)
