@@ -73,6 +73,15 @@ def test_edge_uploads_refits_and_matches_the_replica(cloud_factory, exported) ->
     assert np.abs(got - want).max() <= 1e-4
 
 
+def _wait_until(cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,6 +98,8 @@ def test_outage_keeps_serving_bounds_the_queue_then_resumes(cloud_factory, expor
     with _edge(out, f"http://127.0.0.1:{port}", token, max_queue_samples=20) as rt:
         for i in range(6):  # cloud down: 48 samples selected, queue holds 20
             assert rt.process(images(8, seed=i)).logits.shape == (8, 10)
+            if i == 0:  # the worker takes the first batch in flight (and fails to send it) before the queue fills
+                _wait_until(lambda: rt.metrics()["uplink"]["retries"] >= 1, timeout=30)
         m = rt.metrics()["uplink"]
         # bounded: the queue cap plus the one batch being retried
         assert m["uploaded"] == 0 and m["dropped_queue"] == 48 - 20 - 8 and rt.uplink.queued_now == 20 + 8
