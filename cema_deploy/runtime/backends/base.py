@@ -38,6 +38,21 @@ from cema_deploy.contract.manifest import Manifest, manifest_from_dir
 from cema_deploy.exceptions import BlobError, CemaError, RefitError, StaleBlobError
 
 
+def merge_local(serving: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``serving`` with some tensors replaced by the edge's own (``Backend.refit_local``), checked: known names, same
+    shapes, finite, variances >= 0. Raises :class:`BlobError` (nothing merged) otherwise."""
+    for name, value in tensors.items():
+        ref = serving.get(name)
+        if ref is None or value.shape != ref.shape or not np.isfinite(value).all():
+            raise BlobError(
+                f"Local tensor {name!r} {getattr(value, 'shape', None)} does not fit the serving parameters "
+                f"({None if ref is None else ref.shape}) or is not finite; nothing was refitted."
+            )
+        if name.endswith("running_var") and (value < 0).any():
+            raise BlobError(f"Local running variance {name!r} has negative values; nothing was refitted.")
+    return {**serving, **{n: np.asarray(v, serving[n].dtype) for n, v in tensors.items()}}
+
+
 @dataclass(frozen=True)
 class EngineState:
     """One set of parameters built into an engine. Never mutated; replaced whole."""
@@ -200,16 +215,7 @@ class Backend(ABC):
         with self._refit_lock:
             old = self._state
             t0 = time.perf_counter()
-            for name, value in tensors.items():
-                ref = old.tensors.get(name)
-                if ref is None or value.shape != ref.shape or not np.isfinite(value).all():
-                    raise BlobError(
-                        f"Local tensor {name!r} {getattr(value, 'shape', None)} does not fit the serving parameters "
-                        f"({None if ref is None else ref.shape}) or is not finite; nothing was refitted."
-                    )
-                if name.endswith("running_var") and (value < 0).any():
-                    raise BlobError(f"Local running variance {name!r} has negative values; nothing was refitted.")
-            merged = {**old.tensors, **{n: np.asarray(v, old.tensors[n].dtype) for n, v in tensors.items()}}
+            merged = merge_local(old.tensors, tensors)
             t1 = time.perf_counter()
             engine = self._build_checked(merged)
             t2 = time.perf_counter()
