@@ -35,6 +35,7 @@ import numpy as np
 
 from cema_deploy.contract.blob import RefitBlob, blob_from_path, validate_blob
 from cema_deploy.contract.manifest import Manifest, manifest_from_dir
+from cema_deploy.contract.stats_probe import ProbeSpec
 from cema_deploy.exceptions import BlobError, CemaError, RefitError, StaleBlobError
 
 
@@ -116,6 +117,11 @@ class Backend(ABC):
     @abstractmethod
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
         """Run one batch on ``engine``; returns logits [N, C]."""
+
+    def stats_probe_engine(self, spec: ProbeSpec) -> Any | None:
+        """An engine running the export's statistics probe on this backend's device (a
+        :class:`~cema_deploy.runtime.stats.probe.ProbeEngine`), or None (default): ONNX Runtime's CPU runs it."""
+        return None
 
     # ---- public API -----------------------------------------------------------------------------------
     @property
