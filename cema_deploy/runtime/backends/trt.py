@@ -11,6 +11,9 @@
   to the ONNX, and ``trt.OnnxParserRefitter.refit_from_file`` refits every refittable weight from it.
 * **Slots** (``trt_slots``): two engines, each with its own execution context, CUDA stream, device buffers for
   the largest batch and pinned host buffers, all allocated once; nothing is allocated per request.
+* **Statistics** (``edge run --adapt-stats``): the export's statistics probe runs as a second engine
+  (``trt_probe``, :meth:`TrtBackend.stats_probe_engine`); a local statistics refit writes both slots, so a cloud
+  blob's rollback stays possible (``trt_slots.DoubleBufferedBackend.refit_local``).
 * **Precision**: ``fp32`` (TF32 off), ``tf32`` (TensorRT's default), ``fp16`` (``BuilderFlag.FP16`` on 10.x;
   on 11.x a reduced-precision ONNX copy, ``trt_fp16``). The export's fingerprint and fp32 blobs stay.
 

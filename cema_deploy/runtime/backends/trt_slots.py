@@ -19,6 +19,10 @@ parameters that served before the last refit, which is what ``rollback`` returns
 
 Slot states: ``ready`` (holds ``tensors`` exactly) -> ``refitting`` -> ``ready`` | ``invalid``.
 
+A local refit of the edge's own statistics (``refit_local``) writes both parameter sets, serving and previous,
+since the edge owns the statistics and a rollback concerns the cloud's parameters (see
+:meth:`DoubleBufferedBackend.refit_local`).
+
 Runs on a given slot (``infer_previous``, the warm-up of a refitted slot) run on *that* slot, never on the serving
 one; a slot that is being refitted or is invalid answers None there.
 """
