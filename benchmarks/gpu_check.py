@@ -11,6 +11,12 @@ its logits on a fixed input set with ONNX Runtime CPU holding the same refit:
   max |gpu - cpu| / max |cpu| <= 1e-3 and top-1 agreement >= 99.9 %;
 * fp16: top-1 agreement >= 99 %.
 
+The statistics probe (``edge run --adapt-stats``) on the backend's own engine where it has one (``trt``: a second
+TensorRT engine; the others run it on ONNX Runtime CPU) against the ONNX Runtime CPU probe: per-layer batch means and
+variances, max relative error <= 1e-3 (probe built at fp32) or 1e-2 (TF32; it is never built at fp16), and its
+median time per batch. On ``trt`` also a local statistics refit after the refit, then a rollback: it must succeed
+and serve the export's parameters with the local statistics, checked against ONNX Runtime CPU as above.
+
 Then a hot refit timed under load (``cema_deploy.bench.measure_refit``) and the bench rows
 (``cema_deploy.bench.run_bench``), the device, versions and, on a Jetson, the power mode (``nvpmodel -q``).
 Everything goes into one JSON (default ``gpu-check.json``); what could not run is listed under ``skipped`` with
@@ -45,6 +51,7 @@ PRECISIONS = {"ort-cuda": ("fp32",), "ort-trt": ("fp32", "fp16"), "trt": ("fp32"
 FP32_MAX_REL_ERR = 1e-3
 FP32_MIN_TOP1 = 0.999
 FP16_MIN_TOP1 = 0.99
+PROBE_MAX_REL_ERR = {"fp32": 1e-3, "tf32": 1e-2}
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -166,8 +173,57 @@ def check_backend(
         result["first_refit_s"] = round(time.perf_counter() - t0, 3)
         result["first_refit_build_s"] = round(report.build_s, 3)
         result["parity"] = compare(ref, logits_of(be, x, batch), precision)
+        result["stats_probe"] = check_stats_probe(be, model_dir, x[:batch], precision)
         result["hot_refit"] = measure_refit(be, x[:1])
     return result
+
+
+def check_stats_probe(be: Any, model_dir: Path, x: np.ndarray, precision: str) -> dict[str, Any]:
+    """The statistics probe on ``be``'s engine against the ORT CPU probe; on ``trt`` a local refit, then rollback."""
+    from cema_deploy.contract import RefitBlob
+    from cema_deploy.runtime import get_backend
+    from cema_deploy.runtime.stats.probe import OrtProbeEngine, StatsProbe, probe_from_dir
+
+    probe = probe_from_dir(model_dir, be.manifest, backend=be)
+    if probe is None:
+        return {"skipped": "the export has no statistics probe (no BatchNorm running statistics)"}
+    cpu = StatsProbe(probe.spec, OrtProbeEngine(model_dir, probe.spec))
+    probe_precision = "fp32" if precision == "fp32" else "tf32"
+    worst = 0.0
+    for mix in (0.0, 0.1, 1.0):
+        got, want = probe.run(x, be.tensors, mix=mix), cpu.run(x, be.tensors, mix=mix)
+        for layer in probe.layers:
+            for a, b in ((got.mean[layer], want.mean[layer]), (got.var[layer], want.var[layer])):
+                worst = max(worst, float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-30)))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        probe.run(x, be.tensors, mix=1.0)
+        times.append(time.perf_counter() - t0)
+    out: dict[str, Any] = {
+        "engine": probe.kind,
+        "batch": len(x),
+        "max_rel_err": worst,
+        "median_ms": round(1000 * float(np.median(times)), 2),
+        "criteria": f"max rel err <= {PROBE_MAX_REL_ERR[probe_precision]:g} (probe at {probe_precision})",
+    }
+    ok = worst <= PROBE_MAX_REL_ERR[probe_precision]
+    if be.name == "trt":  # a cloud blob, local statistics, then the blob's rollback
+        before, (epoch, version) = dict(be.tensors), be.stamp
+        be.refit(RefitBlob(tensors=perturbed_tensors(before, seed=1), fingerprint=be.manifest.fingerprint,
+                           version=version + 1, epoch=epoch))  # fmt: skip
+        stats = probe.run(x, be.tensors, mix=1.0)
+        local = {}
+        for ly in probe.spec.layers:
+            local[ly.mean], local[ly.var] = stats.mean[ly.name], stats.var[ly.name]
+        be.refit_local(local)
+        out["rollback_to"] = be.rollback()
+        with get_backend("ort-cpu", model_dir) as ref_be:
+            ref_be.refit(RefitBlob(tensors={**before, **local}, fingerprint=be.manifest.fingerprint, version=1))
+            out["after_rollback"] = compare(ref_be.infer(x), be.infer(x), precision)
+        ok = ok and out["rollback_to"] == version and out["after_rollback"]["pass"]
+    out["pass"] = bool(ok)
+    return out
 
 
 def main() -> int:
@@ -232,7 +288,11 @@ def main() -> int:
         if tmp is not None:
             tmp.cleanup()
     out["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    failed = [c for c in out["checks"] if not c.get("parity", {}).get("pass", False)]
+    failed = [
+        c
+        for c in out["checks"]
+        if not c.get("parity", {}).get("pass", False) or not c.get("stats_probe", {}).get("pass", True)
+    ]
     out["verdict"] = "fail" if failed or out["errors"] else ("pass" if out["checks"] else "nothing to check")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
@@ -309,6 +369,14 @@ def _summary(out: dict[str, Any], path: Path) -> None:
             f"top-1 agreement {100 * p['top1_agreement']:.2f} % ({p['criteria']}); hot refit received->serving "
             f"{r['received_to_serving_ms']:.0f} ms, {r['failed_requests']} failed requests"
         )
+        sp = c.get("stats_probe", {})
+        if "engine" in sp:
+            print(
+                f"{'PASS' if sp['pass'] else 'FAIL'}  {c['backend']:8s} {c['precision']} statistics probe on "
+                f"{sp['engine']}: max rel err {sp['max_rel_err']:.2e} ({sp['criteria']}), {sp['median_ms']} ms at "
+                f"batch {sp['batch']}"
+                + (f"; rollback after a local refit -> v{sp['rollback_to']}" if "rollback_to" in sp else "")
+            )
     for s in out["skipped"]:
         print(f"SKIPPED  {s['what']}: {s['why']}")
     for e in out["errors"]:

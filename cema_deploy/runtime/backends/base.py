@@ -35,7 +35,23 @@ import numpy as np
 
 from cema_deploy.contract.blob import RefitBlob, blob_from_path, validate_blob
 from cema_deploy.contract.manifest import Manifest, manifest_from_dir
+from cema_deploy.contract.stats_probe import ProbeSpec
 from cema_deploy.exceptions import BlobError, CemaError, RefitError, StaleBlobError
+
+
+def merge_local(serving: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``serving`` with some tensors replaced by the edge's own (``Backend.refit_local``), checked: known names, same
+    shapes, finite, variances >= 0. Raises :class:`BlobError` (nothing merged) otherwise."""
+    for name, value in tensors.items():
+        ref = serving.get(name)
+        if ref is None or value.shape != ref.shape or not np.isfinite(value).all():
+            raise BlobError(
+                f"Local tensor {name!r} {getattr(value, 'shape', None)} does not fit the serving parameters "
+                f"({None if ref is None else ref.shape}) or is not finite; nothing was refitted."
+            )
+        if name.endswith("running_var") and (value < 0).any():
+            raise BlobError(f"Local running variance {name!r} has negative values; nothing was refitted.")
+    return {**serving, **{n: np.asarray(v, serving[n].dtype) for n, v in tensors.items()}}
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,11 @@ class Backend(ABC):
     @abstractmethod
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
         """Run one batch on ``engine``; returns logits [N, C]."""
+
+    def stats_probe_engine(self, spec: ProbeSpec) -> Any | None:
+        """An engine running the export's statistics probe on this backend's device (a
+        :class:`~cema_deploy.runtime.stats.probe.ProbeEngine`), or None (default): ONNX Runtime's CPU runs it."""
+        return None
 
     # ---- public API -----------------------------------------------------------------------------------
     @property
@@ -200,22 +221,17 @@ class Backend(ABC):
         with self._refit_lock:
             old = self._state
             t0 = time.perf_counter()
-            for name, value in tensors.items():
-                ref = old.tensors.get(name)
-                if ref is None or value.shape != ref.shape or not np.isfinite(value).all():
-                    raise BlobError(
-                        f"Local tensor {name!r} {getattr(value, 'shape', None)} does not fit the serving parameters "
-                        f"({None if ref is None else ref.shape}) or is not finite; nothing was refitted."
-                    )
-                if name.endswith("running_var") and (value < 0).any():
-                    raise BlobError(f"Local running variance {name!r} has negative values; nothing was refitted.")
-            merged = {**old.tensors, **{n: np.asarray(v, old.tensors[n].dtype) for n, v in tensors.items()}}
+            merged = merge_local(old.tensors, tensors)
             t1 = time.perf_counter()
             engine = self._build_checked(merged)
             t2 = time.perf_counter()
             self._warm_up(engine)
             t3 = time.perf_counter()
-            self._state = EngineState(engine, old.version, merged)
+            with self._swap_lock:
+                if self._state is not old:  # a rollback landed meanwhile: swapping now would undo it
+                    raise RefitError("A rollback landed while the edge's statistics were refitted; nothing was "
+                                     "swapped. The next batch refits them into what serves now.")  # fmt: skip
+                self._state = EngineState(engine, old.version, merged, applied_at=old.applied_at, epoch=old.epoch)
             return RefitReport(old_version=old.version, new_version=old.version, validate_s=t1 - t0,
                                build_s=t2 - t1, warmup_s=t3 - t2)  # fmt: skip
 

@@ -11,6 +11,9 @@
   to the ONNX, and ``trt.OnnxParserRefitter.refit_from_file`` refits every refittable weight from it.
 * **Slots** (``trt_slots``): two engines, each with its own execution context, CUDA stream, device buffers for
   the largest batch and pinned host buffers, all allocated once; nothing is allocated per request.
+* **Statistics** (``edge run --adapt-stats``): the export's statistics probe runs as a second engine
+  (``trt_probe``, :meth:`TrtBackend.stats_probe_engine`); a local statistics refit writes both slots, so a cloud
+  blob's rollback stays possible (``trt_slots.DoubleBufferedBackend.refit_local``).
 * **Precision**: ``fp32`` (TF32 off), ``tf32`` (TensorRT's default), ``fp16`` (``BuilderFlag.FP16`` on 10.x;
   on 11.x a reduced-precision ONNX copy, ``trt_fp16``). The export's fingerprint and fp32 blobs stay.
 
@@ -22,55 +25,27 @@ hardware section); tests that need TensorRT and a GPU are marked ``trt``/``gpu``
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout, write_norms_file
-from cema_deploy.exceptions import BackendError, BackendUnavailableError, RefitError
+from cema_deploy.contract.stats_probe import PROBE_SIDECAR, ProbeSpec
+from cema_deploy.exceptions import BackendError, RefitError
 from cema_deploy.runtime.backends import trt_build as tb
+from cema_deploy.runtime.backends.trt_cuda import CudaBuffers
+from cema_deploy.runtime.backends.trt_cuda import check as _check
+from cema_deploy.runtime.backends.trt_cuda import load_cudart as _cudart
 from cema_deploy.runtime.backends.trt_fp16 import COPY_FORMAT, fp16_copy_of_onnx, write_fp16_norms
+from cema_deploy.runtime.backends.trt_probe import TrtProbeEngine, probe_options
 from cema_deploy.runtime.backends.trt_slots import DoubleBufferedBackend
-
-
-def _cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "The TensorRT backend needs cuda-python for device memory and streams: pip install "
-                "'cema-deploy[trt]' (on a Jetson: pip install 'cuda-python>=12,<13' for JetPack 6's CUDA 12)."
-            ) from exc
-    return cudart
-
-
-def _check(cudart: Any, result: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(error, *values)`` result; raise when the error is not success."""
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        try:
-            name = cudart.cudaGetErrorName(err)[1]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-        except Exception:
-            name = str(err)
-        raise BackendError(
-            f"CUDA {what} failed: {name} ({int(err)}). Check that the GPU is visible (nvidia-smi / tegrastats) "
-            "and has free memory; on out-of-memory lower --max-batch."
-        )
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else tuple(rest)
 
 
 def device_info(cudart: Any) -> tb.DeviceInfo:
@@ -93,6 +68,20 @@ def read_norms_file(manifest: Manifest, path: str | os.PathLike[str]) -> dict[st
         if out[name].nbytes != nbytes:
             raise BackendError(f"{path} is shorter than its manifest says; export again.")
     return out
+
+
+_E = TypeVar("_E")
+
+
+class _ProbeSource:
+    """The export's probe graph as the plan cache keys it: its sidecar's digest and the graph file's size (hashing
+    the graph itself would read the model's weights again at every start)."""
+
+    def __init__(self, spec: ProbeSpec, model_dir: Path) -> None:
+        self.spec = spec
+        sidecar = (model_dir / PROBE_SIDECAR).read_bytes()
+        size = (model_dir / spec.model_file).stat().st_size
+        self.digest = f"{hashlib.sha256(sidecar).hexdigest()[:32]}:{size}"
 
 
 class _RefitSource:
@@ -120,16 +109,15 @@ class _RefitSource:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-class TrtEngine:
+class TrtEngine(CudaBuffers):
     """One deserialized engine with its context, stream and buffers (a :class:`~.trt_slots.SlotEngine`)."""
 
     def __init__(
         self, trt: Any, runtime: Any, logger: Any, plan: bytes, manifest: Manifest, max_batch: int,
         source: _RefitSource | None,
     ) -> None:  # fmt: skip
+        super().__init__()
         self.trt, self.logger, self.manifest, self.max_batch, self.source = trt, logger, manifest, max_batch, source
-        self.cudart = _cudart()
-        self._allocs: list[tuple[Callable[[Any], Any], Any]] = []
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BackendError("TensorRT could not deserialize the engine plan (built by another TensorRT or GPU?).")
@@ -157,24 +145,13 @@ class TrtEngine:
         self.sample_in, self.sample_out = int(np.prod(chw)), int(np.prod(out_shape[1:]))
         self.out_tail = out_shape[1:]
         n_in, n_out = self.max_batch * self.sample_in, self.max_batch * self.sample_out
-        self.d_in = self._malloc(n_in * 4)
-        self.d_out = self._malloc(n_out * 4)
-        self.h_in = self._pinned(n_in)
-        self.h_out = self._pinned(n_out)
+        self.d_in = self.malloc(n_in * 4)
+        self.d_out = self.malloc(n_out * 4)
+        self.h_in = self.pinned(n_in)
+        self.h_out = self.pinned(n_out)
         for name, ptr in ((m.input.name, self.d_in), (m.output_name, self.d_out)):
             if not self.context.set_tensor_address(name, int(ptr)):
                 raise BackendError(f"TensorRT refused the device address for tensor {name!r}.")
-
-    def _malloc(self, nbytes: int) -> Any:
-        ptr = _check(self.cudart, self.cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes} bytes)")
-        self._allocs.append((self.cudart.cudaFree, ptr))
-        return ptr
-
-    def _pinned(self, n: int) -> np.ndarray:
-        ptr = _check(self.cudart, self.cudart.cudaMallocHost(n * 4), f"cudaMallocHost({n * 4} bytes)")
-        self._allocs.append((self.cudart.cudaFreeHost, ptr))
-        buf = (ctypes.c_float * n).from_address(int(ptr))
-        return np.ctypeslib.as_array(buf)
 
     def _set_shape(self, shape: tuple[int, ...]) -> None:
         if not self.context.set_input_shape(self.manifest.input.name, shape):
@@ -214,10 +191,7 @@ class TrtEngine:
             raise RefitError(f"TensorRT refit failed; weights still missing: {refitter.get_missing_weights()[:5]}.")
 
     def close(self) -> None:
-        allocs, self._allocs = self._allocs, []
-        for free, ptr in reversed(allocs):
-            with contextlib.suppress(Exception):
-                free(ptr)
+        super().close()
         self.context = None
         self.engine = None
 
@@ -259,7 +233,8 @@ class TrtBackend(DoubleBufferedBackend):
         self.device = device_info(_cudart())
         self.cache = tb.PlanCache(cache_dir or tb.default_cache_dir())
         self.plan_sources: dict[str, str] = {}  # kind -> "cache" | "built", for reports
-        self._extra: list[TrtEngine] = []
+        self._extra: list[TrtEngine | TrtProbeEngine] = []
+        self._probe: _ProbeSource | None = None
         self._source: _RefitSource | None = None
         self._export_norms: dict[str, np.ndarray] | None = None
         self._plan_bytes = b""
@@ -272,14 +247,20 @@ class TrtBackend(DoubleBufferedBackend):
         copy_dir = self.cache.root / self.manifest.fingerprint[:16] / f"onnx-fp16-v{COPY_FORMAT}"
         return fp16_copy_of_onnx(self.model_dir, self.manifest, copy_dir)
 
+    def _options(self, kind: str) -> tb.TrtOptions:
+        return probe_options(self.options) if kind == "probe" else self.options
+
     def _key(self, kind: str) -> dict[str, Any]:
-        return tb.plan_key(
+        key = tb.plan_key(
             fingerprint=self.manifest.fingerprint,
             tensorrt_version=self._trt.__version__,
             device=self.device,
-            options=self.options,
+            options=self._options(kind),
             kind=kind,
         )
+        if kind == "probe" and self._probe is not None:  # the probe graph as the sidecar describes it
+            key["probe"] = self._probe.digest
+        return key
 
     def _plan(self, kind: str) -> bytes:
         key = self._key(kind)
@@ -287,27 +268,35 @@ class TrtBackend(DoubleBufferedBackend):
         if plan is not None:
             self.plan_sources[kind] = "cache"
             return plan
+        if kind == "probe":
+            assert self._probe is not None
+            onnx = self.model_dir / self._probe.spec.model_file
+        else:
+            onnx = self._onnx_for_build()
         plan = tb.build_plan(
-            self._trt, self._logger, self._onnx_for_build(), self.manifest, self.options, refittable=kind == "refit"
+            self._trt, self._logger, onnx, self.manifest, self._options(kind), refittable=kind == "refit"
         )
         self.plan_sources[kind] = "built"
         return self.cache.store(key, plan)
 
-    def _engine(self, kind: str, source: _RefitSource | None) -> TrtEngine:
+    def _load(self, kind: str, make: Callable[[bytes], _E]) -> _E:
         """An engine from the cached plan; a cached plan TensorRT cannot load is discarded and rebuilt once."""
         plan = self._plan_bytes if kind == "refit" and self._plan_bytes else self._plan(kind)
-        args = (self._trt, self._runtime, self._logger)
         try:
-            engine = TrtEngine(*args, plan, self.manifest, self.options.max_batch, source)
+            engine = make(plan)
         except BackendError:
             if self.plan_sources.get(kind) != "cache":
                 raise
             self.cache.discard(self._key(kind))
             plan = self._plan(kind)
-            engine = TrtEngine(*args, plan, self.manifest, self.options.max_batch, source)
+            engine = make(plan)
         if kind == "refit":
             self._plan_bytes = plan
         return engine
+
+    def _engine(self, kind: str, source: _RefitSource | None) -> TrtEngine:
+        args = (self._trt, self._runtime, self._logger)
+        return self._load(kind, lambda plan: TrtEngine(*args, plan, self.manifest, self.options.max_batch, source))
 
     # ---- DoubleBufferedBackend hook -------------------------------------------------------------------
     def _new_engine(self, tensors: Mapping[str, np.ndarray]) -> TrtEngine:
@@ -343,6 +332,15 @@ class TrtBackend(DoubleBufferedBackend):
             "plan": dict(self.plan_sources),
             "cache_dir": str(self.cache.root),
         }
+
+    def stats_probe_engine(self, spec: ProbeSpec) -> TrtProbeEngine:
+        """The statistics probe as a second TensorRT engine (``trt_probe``), from the cached plan or built once."""
+        self._probe = _ProbeSource(spec, self.model_dir)
+        chw = tuple(int(d) for d in self.manifest.input.shape[1:])
+        max_batch = self.options.max_batch
+        engine = self._load("probe", lambda plan: TrtProbeEngine(self._trt, self._runtime, plan, spec, max_batch, chw))
+        self._extra.append(engine)
+        return engine
 
     def plain_engine(self) -> Callable[[np.ndarray], np.ndarray]:
         """A non-refittable engine of the same ONNX and options (what a plain deployment runs), for ``bench``."""

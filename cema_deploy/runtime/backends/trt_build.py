@@ -43,6 +43,8 @@ PRECISIONS = ("fp32", "tf32", "fp16")
 REFIT_MODES = ("full", "individual")
 DEFAULT_MAX_BATCH = 32
 MAX_BATCH_LIMIT = 4096
+#: What a plan is: the serving engine, a plain one for ``bench``, the statistics probe (``trt_probe``).
+PLAN_KINDS = ("refit", "plain", "probe")
 #: Bumped whenever what a cached plan means changes; old plans are then never read again.
 PLAN_FORMAT = 1
 #: The ONNX parser's names for BatchNormalization folded into a scale/shift (onnx-tensorrt ``WeightsContext``).
@@ -176,13 +178,14 @@ class DeviceInfo:
 def plan_key(
     *, fingerprint: str, tensorrt_version: str, device: DeviceInfo, options: TrtOptions, kind: str
 ) -> dict[str, Any]:
-    """Everything a plan depends on. ``kind``: ``"refit"`` (the serving engine) or ``"plain"`` (bench baseline).
+    """Everything a plan depends on. ``kind``: ``"refit"`` (the serving engine), ``"plain"`` (bench baseline) or
+    ``"probe"`` (the statistics probe, ``trt_probe``; not refittable).
 
     The refittable tensors' values are deliberately absent: the cache holds the plan as built from the export,
     and every load refits it from the serving blob, so one plan serves every blob version.
     """
-    if kind not in ("refit", "plain"):
-        raise BackendError(f"plan kind must be 'refit' or 'plain', got {kind!r}.")
+    if kind not in PLAN_KINDS:
+        raise BackendError(f"plan kind must be one of {', '.join(PLAN_KINDS)}, got {kind!r}.")
     return {
         "format": PLAN_FORMAT,
         "fingerprint": fingerprint,

@@ -19,14 +19,20 @@ parameters that served before the last refit, which is what ``rollback`` returns
 
 Slot states: ``ready`` (holds ``tensors`` exactly) -> ``refitting`` -> ``ready`` | ``invalid``.
 
+A local refit of the edge's own statistics (``refit_local``) writes both parameter sets, serving and previous,
+since the edge owns the statistics and a rollback concerns the cloud's parameters (see
+:meth:`DoubleBufferedBackend.refit_local`).
+
 Runs on a given slot (``infer_previous``, the warm-up of a refitted slot) run on *that* slot, never on the serving
 one; a slot that is being refitted or is invalid answers None there.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -35,7 +41,9 @@ import numpy as np
 
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.exceptions import CemaError, RefitError
-from cema_deploy.runtime.backends.base import Backend, EngineState
+from cema_deploy.runtime.backends.base import Backend, EngineState, RefitReport, merge_local
+
+log = logging.getLogger("cema_deploy.edge")
 
 READY, REFITTING, INVALID = "ready", "refitting", "invalid"
 
@@ -209,6 +217,10 @@ class SlotPair:
             s.engine.close()
 
 
+def _local_report(version: int, t0: float, t1: float, t2: float, t3: float) -> RefitReport:
+    return RefitReport(old_version=version, new_version=version, validate_s=t1 - t0, build_s=t2 - t1, warmup_s=t3 - t2)
+
+
 def _restore(slot: Slot, held: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray] | None:
     """Refit ``slot`` back to ``held`` after a failed refit; None when that fails too (slot invalid)."""
     try:
@@ -245,6 +257,51 @@ class DoubleBufferedBackend(Backend):
         with self._swap_lock:
             standby = self._pair.claim_standby(self._state.engine)
         return self._pair.refit(standby, tensors, self.drain_timeout_s)
+
+    def refit_local(self, tensors: Mapping[str, np.ndarray]) -> RefitReport:
+        """The edge's own statistics into *both* parameter sets: the serving one and the previous one.
+
+        The edge owns the running statistics and a rollback concerns the cloud's parameters, so the previous set
+        (the rollback target) takes the new statistics too, and rollback stays possible after a local refit. With
+        two slots that takes two refits: the standby (it held the previous set) is refitted with the serving
+        parameters and the new statistics and swapped in; then the slot that served until now is refitted with the
+        previous parameters and the new statistics and becomes the rollback target. A rollback in between is
+        refused as during any refit ("a refit in progress"). Without a previous set (no cloud blob since the start
+        or since a rollback) the second refit is skipped. If the second refit fails, the new statistics serve and
+        the rollback target is dropped (logged): a rollback then says there is nothing to roll back to, never
+        serves mixed or stale parameters. Raises :class:`~cema_deploy.exceptions.BlobError` or
+        :class:`RefitError` when the first refit fails; the serving state is then unchanged.
+        """
+        assert self._pair is not None
+        with self._refit_lock:
+            t0 = time.perf_counter()
+            merge_local(self._state.tensors, tensors)  # the checks, before a slot is claimed
+            with self._swap_lock:
+                old, prev = self._state, self._previous
+                standby = self._pair.claim_standby(old.engine)
+            merged = merge_local(old.tensors, tensors)
+            t1 = time.perf_counter()
+            slot = self._pair.refit(standby, merged, self.drain_timeout_s)
+            t2 = time.perf_counter()
+            self._warm_up(slot)
+            t3 = time.perf_counter()
+            kept = None if prev is None else merge_local(prev.tensors, tensors)
+            with self._swap_lock:
+                self._state = EngineState(slot, old.version, merged, applied_at=old.applied_at, epoch=old.epoch)
+                if prev is None or kept is None:
+                    return _local_report(old.version, t0, t1, t2, t3)
+                self._previous = EngineState(old.engine, prev.version, kept, applied_at=prev.applied_at,
+                                             epoch=prev.epoch)  # fmt: skip
+                old.engine.claim()  # rollback refuses it until it holds ``kept``
+            try:
+                self._pair.refit(old.engine, kept, self.drain_timeout_s)
+            except CemaError as exc:
+                with self._swap_lock:
+                    if self._previous is not None and self._previous.tensors is kept:
+                        self._previous = None
+                log.warning("the edge's statistics serve, but the rollback target v%d was dropped: %s", prev.version,
+                            exc)  # fmt: skip
+            return _local_report(old.version, t0, t1, t2, time.perf_counter())
 
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
         out = SlotPair.run_on(engine, x)  # this slot, not the serving one (previous parameters, warm-up)

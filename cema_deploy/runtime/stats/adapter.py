@@ -270,7 +270,7 @@ def stats_adapter_from_dir(
 
     if config.mode == "off":
         return None, "off"
-    probe = probe_from_dir(model_dir, backend.manifest)
+    probe = probe_from_dir(model_dir, backend.manifest, backend=backend)
     if probe is None:
         return None, (
             f"{Path(model_dir)} has no statistics probe: the model has no BatchNorm running statistics (GroupNorm or "

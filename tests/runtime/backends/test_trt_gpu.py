@@ -92,3 +92,29 @@ def test_ort_trt_refit_rebuilds_into_a_new_engine_folder(setup) -> None:  # type
         be.refit(blob)
         assert len(set(be.engine_dirs)) == 2
         assert np.abs(be.infer(x) - ref).max() / np.abs(ref).max() <= 1e-2
+
+
+def test_the_statistics_probe_on_tensorrt_matches_onnx_runtime_and_rollback_survives_a_local_refit(setup) -> None:  # type: ignore[no-untyped-def]
+    """Issue 21 item 6 on hardware: the probe as a second engine (plan kind "probe", cached), its statistics equal
+    the ONNX Runtime probe's, and a cloud blob's rollback after a local statistics refit."""
+    from cema_deploy.runtime.stats.adapter import StatsConfig, stats_adapter_from_dir
+    from cema_deploy.runtime.stats.probe import OrtProbeEngine, StatsProbe
+
+    out, manifest, blob, x = setup
+    with get_backend("trt", out, max_batch=16, precision="fp32") as be:
+        adapter, why = stats_adapter_from_dir(be, out, StatsConfig(mode="alpha", every=1))
+        assert adapter is not None and adapter.probe.kind == "tensorrt", why
+        assert be.describe()["plan"]["probe"] == "built"
+        on_cpu = StatsProbe(adapter.probe.spec, OrtProbeEngine(out, adapter.probe.spec))
+        for mix in (0.0, 1.0):
+            got, want = adapter.probe.run(x, be.tensors, mix=mix), on_cpu.run(x, be.tensors, mix=mix)
+            for layer in adapter.probe.layers:
+                np.testing.assert_allclose(got.mean[layer], want.mean[layer], rtol=1e-3, atol=1e-4)
+                np.testing.assert_allclose(got.var[layer], want.var[layer], rtol=1e-3, atol=1e-4)
+        export = dict(be.tensors)
+        be.refit(blob)
+        assert adapter.observe(x)
+        local = adapter.tensors()
+        assert be.rollback() == 0
+        ref = _ref(out, RefitBlob(tensors={**export, **local}, fingerprint=manifest.fingerprint, version=1), x)
+        assert np.abs(be.infer(x) - ref).max() / np.abs(ref).max() <= 1e-3

@@ -50,6 +50,8 @@ def test_the_pipeline_runs_end_to_end_against_ort_cpu(tmp_path: Path) -> None:
     (check,) = report["checks"]
     assert check["parity"]["pass"] and check["parity"]["max_rel_err"] <= 1e-6
     assert check["hot_refit"]["failed_requests"] == 0 and check["hot_refit"]["version"] == [1, 2]
+    probe = check["stats_probe"]  # ort-cpu has no probe engine of its own: the ORT CPU probe, against itself
+    assert probe["engine"] == "onnxruntime-cpu" and probe["pass"] and probe["max_rel_err"] == 0.0
     assert report["reference"]["images"] == 48
     (bench,) = report["bench"]
     assert bench["settings"]["max_batch"] == 8 and {r["batch"] for r in bench["rows"]} == {1, 8}

@@ -254,3 +254,82 @@ def test_infer_previous_and_the_refit_warm_up_run_on_their_own_slot(model_dir: P
             e.run = counted  # type: ignore[method-assign]
         be.refit(_blob(be, 2, 2.0))  # slot 0 is refitted and warmed up, slot 1 serves
         assert runs == [1, 0]
+
+
+# ---- local statistics refits (issue 21 item 6): the edge owns the statistics, rollback the cloud's parameters ----
+def _local_stats(be: DoubleBufferedBackend, factor: float) -> dict[str, np.ndarray]:
+    return {k: v * np.float32(factor) for k, v in be.tensors.items() if k.endswith(("running_mean", "running_var"))}
+
+
+def test_rollback_after_a_local_refit_returns_to_the_previous_cloud_parameters_with_the_local_statistics(
+    model_dir: Path,
+) -> None:
+    with SlotBackend(model_dir, {}) as be:
+        x = _x(model_dir)
+        v0 = dict(be.tensors)
+        blob = RefitBlob(tensors=_blob(be, 1, 1.5).tensors, fingerprint=be.manifest.fingerprint, version=1, epoch=3)
+        be.refit(blob)
+        stats = _local_stats(be, 1.25)
+        report = be.refit_local(stats)
+        assert (report.old_version, report.new_version) == (1, 1) and be.stamp == (3, 1)
+        assert be.previous_version == 0 and be.slot_states == [READY, READY]
+        np.testing.assert_allclose(be.infer(x), logits(x, {**blob.tensors, **stats}), rtol=1e-6)
+        previous = be.infer_previous(x)
+        assert previous is not None
+        np.testing.assert_allclose(previous, logits(x, {**v0, **stats}), rtol=1e-6)
+        assert be.rollback() == 0  # no error: the slot that served v1 was refitted to v0 + the local statistics
+        np.testing.assert_allclose(be.infer(x), logits(x, {**v0, **stats}), rtol=1e-6)
+        for k, v in be.tensors.items():
+            np.testing.assert_array_equal(v, stats.get(k, v0[k]))
+
+
+def test_a_local_refit_without_a_cloud_blob_refits_one_slot_and_leaves_nothing_to_roll_back_to(model_dir: Path) -> None:
+    with SlotBackend(model_dir, {}) as be:
+        x = _x(model_dir)
+        stats = _local_stats(be, 0.5)
+        be.refit_local(stats)
+        assert [e.refits for e in be.engines] == [0, 1] and be.version == 0
+        np.testing.assert_allclose(be.infer(x), logits(x, {**be.tensors, **stats}), rtol=1e-6)
+        with pytest.raises(RefitError, match="no refit has been applied"):
+            be.rollback()
+
+
+def test_a_bad_local_refit_changes_nothing_and_rollback_still_works(model_dir: Path) -> None:
+    from cema_deploy.exceptions import BlobError
+
+    with SlotBackend(model_dir, {}) as be:
+        x = _x(model_dir)
+        be.refit(_blob(be, 1, 1.5))
+        name = next(k for k in be.tensors if k.endswith("running_var"))
+        with pytest.raises(BlobError, match="negative"):
+            be.refit_local({name: -np.abs(be.tensors[name]) - 1})
+        assert be.slot_states == [READY, READY] and [e.refits for e in be.engines] == [0, 1]
+        assert be.rollback() == 0
+        np.testing.assert_allclose(be.infer(x), logits(x, blob_from_path(model_dir / "params.safetensors").tensors),
+                                   rtol=1e-6)  # fmt: skip
+
+
+def test_when_refitting_the_rollback_target_fails_the_statistics_serve_and_rollback_is_refused_cleanly(
+    model_dir: Path,
+) -> None:
+    with SlotBackend(model_dir, {}) as be:
+        x = _x(model_dir)
+        blob = _blob(be, 1, 1.5)
+        be.refit(blob)  # slot 1 serves v1, slot 0 holds v0
+        stats = _local_stats(be, 1.25)
+        real = be.engines[1].refit
+        calls = [0]
+
+        def first_fails(tensors: Mapping[str, np.ndarray]) -> None:  # the refit to v0 + stats fails, the restore not
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("weights rejected")
+            real(tensors)
+
+        be.engines[1].refit = first_fails  # type: ignore[method-assign]
+        be.refit_local(stats)  # slot 0 takes v1 + stats and serves; slot 1 fails to take v0 + stats
+        np.testing.assert_allclose(be.infer(x), logits(x, {**blob.tensors, **stats}), rtol=1e-6)
+        assert be.previous_version is None and be.slot_states == [READY, READY]
+        with pytest.raises(RefitError, match="Nothing to roll back to"):
+            be.rollback()
+        np.testing.assert_allclose(be.infer(x), logits(x, {**blob.tensors, **stats}), rtol=1e-6)
