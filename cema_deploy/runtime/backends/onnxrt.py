@@ -45,7 +45,7 @@ from cema_deploy.runtime.backends.base import Backend, EngineState, RefitReport
 from cema_deploy.runtime.backends.onnxrt_hybrid import HybridSlots, Promoter
 from cema_deploy.runtime.backends.onnxrt_inplace import InplaceEngine, pair_from_prepared, self_test
 from cema_deploy.runtime.backends.onnxrt_prepared import PreparedGraph, PreparedGraphError, prepared_from_onnx
-from cema_deploy.runtime.backends.trt_slots import Slot, SlotPair
+from cema_deploy.runtime.backends.trt_slots import Slot, SlotPair, refit_local_in_slots
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,14 @@ class OnnxrtBackend(Backend):
         if self._promoter is not None:
             self._promoter.swapped(self.serving_fused)
         return report
+
+    def refit_local(self, tensors: Mapping[str, np.ndarray]) -> RefitReport:
+        """On the in-place path (two slots) the edge's statistics go into the serving and the previous slot, as on
+        TensorRT's double buffer, so a cloud blob's rollback stays possible after a local refit; elsewhere (hybrid,
+        prepared, plain: separate engines) :meth:`Backend.refit_local`."""
+        if self._pair is not None and self._hybrid is None and getattr(self, "_state", None) is not None:
+            return refit_local_in_slots(self, self._pair, tensors)
+        return super().refit_local(tensors)
 
     def rollback(self, *, only_if_serving: int | None = None) -> int:
         version = super().rollback(only_if_serving=only_if_serving)

@@ -230,6 +230,54 @@ def _restore(slot: Slot, held: Mapping[str, np.ndarray]) -> Mapping[str, np.ndar
     return held
 
 
+def refit_local_in_slots(backend: Any, pair: SlotPair, tensors: Mapping[str, np.ndarray]) -> RefitReport:
+    """The edge's own statistics into *both* parameter sets: the serving one and the previous one.
+
+    The edge owns the running statistics and a rollback concerns the cloud's parameters, so the previous set
+    (the rollback target) takes the new statistics too, and rollback stays possible after a local refit. With
+    two slots that takes two refits: the standby (it held the previous set) is refitted with the serving
+    parameters and the new statistics and swapped in; then the slot that served until now is refitted with the
+    previous parameters and the new statistics and becomes the rollback target. A rollback in between is
+    refused as during any refit ("a refit in progress"). Without a previous set (no cloud blob since the start
+    or since a rollback) the second refit is skipped. If the second refit fails, the new statistics serve and
+    the rollback target is dropped (logged): a rollback then says there is nothing to roll back to, never
+    serves mixed or stale parameters. Raises :class:`~cema_deploy.exceptions.BlobError` or
+    :class:`RefitError` when the first refit fails; the serving state is then unchanged.
+
+    ``backend`` is a :class:`Backend` serving from ``pair`` (the TensorRT double buffer, ONNX Runtime's in-place
+    path): its refit/swap locks, states, ``_warm_up`` and ``drain_timeout_s`` are used.
+    """
+    with backend._refit_lock:
+        t0 = time.perf_counter()
+        merge_local(backend._state.tensors, tensors)  # the checks, before a slot is claimed
+        with backend._swap_lock:
+            old, prev = backend._state, backend._previous
+            standby = pair.claim_standby(old.engine)
+        merged = merge_local(old.tensors, tensors)
+        t1 = time.perf_counter()
+        slot = pair.refit(standby, merged, backend.drain_timeout_s)
+        t2 = time.perf_counter()
+        backend._warm_up(slot)
+        t3 = time.perf_counter()
+        kept = None if prev is None else merge_local(prev.tensors, tensors)
+        with backend._swap_lock:
+            backend._state = EngineState(slot, old.version, merged, applied_at=old.applied_at, epoch=old.epoch)
+            if prev is None or kept is None:
+                return _local_report(old.version, t0, t1, t2, t3)
+            backend._previous = EngineState(old.engine, prev.version, kept, applied_at=prev.applied_at,
+                                            epoch=prev.epoch)  # fmt: skip
+            old.engine.claim()  # rollback refuses it until it holds ``kept``
+        try:
+            pair.refit(old.engine, kept, backend.drain_timeout_s)
+        except CemaError as exc:
+            with backend._swap_lock:
+                if backend._previous is not None and backend._previous.tensors is kept:
+                    backend._previous = None
+            log.warning("the edge's statistics serve, but the rollback target v%d was dropped: %s", prev.version,
+                        exc)  # fmt: skip
+        return _local_report(old.version, t0, t1, t2, time.perf_counter())
+
+
 class DoubleBufferedBackend(Backend):
     """A :class:`Backend` over two refittable engines; subclasses say how to make one (``_new_engine``)."""
 
@@ -259,49 +307,9 @@ class DoubleBufferedBackend(Backend):
         return self._pair.refit(standby, tensors, self.drain_timeout_s)
 
     def refit_local(self, tensors: Mapping[str, np.ndarray]) -> RefitReport:
-        """The edge's own statistics into *both* parameter sets: the serving one and the previous one.
-
-        The edge owns the running statistics and a rollback concerns the cloud's parameters, so the previous set
-        (the rollback target) takes the new statistics too, and rollback stays possible after a local refit. With
-        two slots that takes two refits: the standby (it held the previous set) is refitted with the serving
-        parameters and the new statistics and swapped in; then the slot that served until now is refitted with the
-        previous parameters and the new statistics and becomes the rollback target. A rollback in between is
-        refused as during any refit ("a refit in progress"). Without a previous set (no cloud blob since the start
-        or since a rollback) the second refit is skipped. If the second refit fails, the new statistics serve and
-        the rollback target is dropped (logged): a rollback then says there is nothing to roll back to, never
-        serves mixed or stale parameters. Raises :class:`~cema_deploy.exceptions.BlobError` or
-        :class:`RefitError` when the first refit fails; the serving state is then unchanged.
-        """
+        """The edge's own statistics into the serving and the previous parameter sets: :func:`refit_local_in_slots`."""
         assert self._pair is not None
-        with self._refit_lock:
-            t0 = time.perf_counter()
-            merge_local(self._state.tensors, tensors)  # the checks, before a slot is claimed
-            with self._swap_lock:
-                old, prev = self._state, self._previous
-                standby = self._pair.claim_standby(old.engine)
-            merged = merge_local(old.tensors, tensors)
-            t1 = time.perf_counter()
-            slot = self._pair.refit(standby, merged, self.drain_timeout_s)
-            t2 = time.perf_counter()
-            self._warm_up(slot)
-            t3 = time.perf_counter()
-            kept = None if prev is None else merge_local(prev.tensors, tensors)
-            with self._swap_lock:
-                self._state = EngineState(slot, old.version, merged, applied_at=old.applied_at, epoch=old.epoch)
-                if prev is None or kept is None:
-                    return _local_report(old.version, t0, t1, t2, t3)
-                self._previous = EngineState(old.engine, prev.version, kept, applied_at=prev.applied_at,
-                                             epoch=prev.epoch)  # fmt: skip
-                old.engine.claim()  # rollback refuses it until it holds ``kept``
-            try:
-                self._pair.refit(old.engine, kept, self.drain_timeout_s)
-            except CemaError as exc:
-                with self._swap_lock:
-                    if self._previous is not None and self._previous.tensors is kept:
-                        self._previous = None
-                log.warning("the edge's statistics serve, but the rollback target v%d was dropped: %s", prev.version,
-                            exc)  # fmt: skip
-            return _local_report(old.version, t0, t1, t2, time.perf_counter())
+        return refit_local_in_slots(self, self._pair, tensors)
 
     def _run(self, engine: Any, x: np.ndarray) -> np.ndarray:
         out = SlotPair.run_on(engine, x)  # this slot, not the serving one (previous parameters, warm-up)

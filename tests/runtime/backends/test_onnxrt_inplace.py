@@ -107,6 +107,31 @@ def test_rollback_is_a_swap_to_the_engine_still_holding_the_previous_parameters(
             assert all(slot.engine.arrays[n] is a for n, a in before.items())
 
 
+@pytest.mark.parametrize("path", ["hybrid", "inplace"])
+def test_rollback_after_a_local_statistics_refit_keeps_the_local_statistics(exported, path) -> None:  # type: ignore[no-untyped-def]
+    """A cloud blob, then the edge's own statistics (``refit_local``), then a rollback, which is never refused. On
+    the in-place pair the previous cloud parameters serve with the edge's statistics (the local refit rewrites both
+    slots; it used to overwrite the rollback target's slot, so the rollback was refused as "left invalid"); the
+    hybrid keeps the previous engine untouched and serves it as it was (the adapter merges its statistics into
+    whatever serves at its next batch)."""
+    out, model = exported("bn")
+    manifest = manifest_from_dir(out)
+    x = _x(manifest)
+    _, t1 = _perturbed(model, manifest, 41)
+    with get_backend("ort-cpu", out, refit_path=path) as be:
+        assert be.refit_path == path
+        v0 = dict(be.tensors)
+        be.refit(RefitBlob(tensors=t1, fingerprint=manifest.fingerprint, version=1, epoch=2))
+        stats = {k: v * np.float32(1.3) for k, v in be.tensors.items() if k.endswith(("running_mean", "running_var"))}
+        assert stats
+        report = be.refit_local(stats)
+        assert (report.old_version, report.new_version) == (1, 1) and be.stamp == (2, 1)
+        np.testing.assert_allclose(be.infer(x), be.build_plain({**t1, **stats}).run(x), atol=1e-4, rtol=0)
+        assert be.rollback() == 0
+        want = {**v0, **stats} if path == "inplace" else v0
+        np.testing.assert_allclose(be.infer(x), be.build_plain(want).run(x), atol=1e-4, rtol=0)
+
+
 def test_a_failing_self_test_falls_back_to_building_sessions_with_one_log_line(  # type: ignore[no-untyped-def]
     exported, monkeypatch, caplog
 ) -> None:
