@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,11 +122,18 @@ def normalised_by_device(model: nn.Module, groups: StudentGroups, device: torch.
             groups.used[groups.devices[g]] += int(idx.numel())
 
 
-def _grouped(prev, parts, inverse, stats):  # type: ignore[no-untyped-def]
+def _grouped(
+    prev: Callable[[torch.Tensor], torch.Tensor],
+    parts: list[tuple[int, torch.Tensor]],
+    inverse: torch.Tensor,
+    stats: list[tuple[torch.Tensor, torch.Tensor]],
+) -> Callable[[nn.modules.batchnorm._BatchNorm, torch.Tensor], torch.Tensor]:
+    """A BatchNorm forward over groups of samples: group ``-1`` by ``prev`` (TBR with the replica's own running
+    statistics), group ``g`` by :func:`_fixed_stats_forward` with ``stats[g]``; the output in the input's order."""
+
     def forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            out: torch.Tensor = prev(x)
-            return out
+            return prev(x)
         ys = [
             prev(x.index_select(0, idx)) if g < 0 else _fixed_stats_forward(self, x.index_select(0, idx), *stats[g])
             for g, idx in parts
