@@ -116,6 +116,8 @@ class BatchReport(_Message):
     :mod:`cema_deploy.contract.edge_statistics`; "" otherwise) and ``stats_generation``, the edge's local
     statistics generation (informational). An edge whose adapter is on sends them, when they changed, in a
     *statistics report*: ``seen = 0``, queued ahead of the batch's uploads; it ends no batch (no replay-only step).
+    Its other batch reports carry ``stats_generation`` > 0; one with 0 tells the cloud that this edge serves the
+    blob's statistics (its adapter is off) and the cloud forgets the statistics it reported.
     """
 
     _nonneg = ("seen", "selected", "uploaded", "generation", "stats_generation")

@@ -283,7 +283,8 @@ class EdgeRuntime:
             if stats.any():
                 up.put(at_size[stats], sel.entropy[stats], version=version, kind=KIND_STATISTICS, generation=gen)
             uploaded = selected + int(stats.sum())
-        up.put_report(BatchReport(seen=n, selected=selected, uploaded=uploaded, generation=gen))
+        owns = self.stats.local_generation if self.stats is not None else 0  # > 0: this edge owns its statistics
+        up.put_report(BatchReport(seen=n, selected=selected, uploaded=uploaded, generation=gen, stats_generation=owns))
         return reason
 
     def _statistics_report(self) -> dict[str, Any]:

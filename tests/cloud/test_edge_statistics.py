@@ -193,6 +193,7 @@ def test_a_bad_statistics_report_is_refused_and_changes_nothing(exported, teache
     from cema_deploy.cloud.store.state import StateStore
     from cema_deploy.contract.blob import blob_from_path
     from cema_deploy.contract.edge_statistics import statistics_to_text
+    from cema_deploy.contract.messages import BatchReport
     from cema_deploy.contract.protocol import batches_url
     from cema_deploy.contract.safetensors_io import tensors_to_bytes
 
@@ -232,6 +233,20 @@ def test_a_bad_statistics_report_is_refused_and_changes_nothing(exported, teache
         assert r.status_code == 202, r.text
         assert dep.edge_stats.get("cam-1").local_generation == 4  # type: ignore[union-attr]
         assert dep.counters["batch_reports"] == 1 and dep.counters["edge_stats_reports"] == 1
+        metrics = http.get(srv.url + "/metrics").text
+        assert 'cema_edge_statistics_reports_total{deployment="test_resnet"' in metrics
+        assert 'cema_requests_refused_total{deployment="test_resnet",status="400"} 7' in metrics
+    # the book is part of the deployment's durable state: a restarted cloud has it
+    again = make_deployment(out, teacher_ckpt, state, batch_size=8)
+    kept = again.edge_stats.get("cam-1")
+    assert kept is not None and kept.local_generation == 4
+    for k, v in good.items():
+        np.testing.assert_allclose(kept.tensors[k], v, rtol=1e-3, atol=1e-3)
+    # a report of an edge whose adapter is now off (stats_generation 0) makes the cloud forget its statistics
+    again.batch_report(BatchReport(seen=8, selected=0, uploaded=0, generation=0, stats_generation=5), device="cam-1")
+    assert again.edge_stats.get("cam-1") is not None
+    again.batch_report(BatchReport(seen=8, selected=0, uploaded=0, generation=0), device="cam-1")
+    assert again.edge_stats.get("cam-1") is None and not any((again.store.directory / "edge-stats").iterdir())
 
 
 def test_an_edge_of_protocol_2_is_refused_naming_both_versions(exported, teacher_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]

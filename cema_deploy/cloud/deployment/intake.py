@@ -235,6 +235,8 @@ class IntakeMixin(DeploymentState):
                     self.counters["refused:400"] += 1
                 raise Refused(f"Batch report with bad edge statistics: {exc}", 400) from exc
             self.edge_stats.put(device, tensors, local_generation=local_generation)
+        elif report.seen and not report.stats_generation and self.edge_stats.get(device) is not None:
+            self.edge_stats.forget(device)  # its adapter is off now: it serves the blob's statistics
         with self._cond:
             if idempotency_key and idempotency_key in self._report_keys:
                 self.counters["duplicate_reports"] += 1

@@ -6,7 +6,8 @@ file per device (``edge-stats/<hash of the device>.safetensors``, float32, the d
 in the metadata), written atomically and fsynced before the report is acknowledged, so the book survives a
 restart with the rest of the deployment's state. The student step normalises each device's uploads with that
 device's statistics (:mod:`cema_deploy.cloud.edge_statistics`). An operator reset keeps the book: the statistics
-are the edges', not the cloud's adaptation state. Thread-safe; numpy only.
+are the edges', not the cloud's adaptation state. A device whose batch report says it owns no statistics (its
+adapter was switched off, ``stats_generation`` 0) is forgotten. Thread-safe; numpy only.
 
 Example:
     >>> import tempfile, numpy as np
@@ -93,6 +94,15 @@ class EdgeStatsBook:
                     "reports": str(st.reports)}  # fmt: skip
             write_atomic(self.path(device), tensors_to_bytes(st.tensors, meta))
             self._by_device[device] = st
+
+    def forget(self, device: str) -> bool:
+        """``device`` no longer owns its statistics (its adapter was switched off): drop its entry and file; True
+        when there was one."""
+        with self._lock:
+            if self._by_device.pop(device, None) is None:
+                return False
+            self.path(device).unlink(missing_ok=True)
+            return True
 
     def get(self, device: str) -> DeviceStatistics | None:
         with self._lock:
