@@ -215,7 +215,7 @@ class Backend(ABC):
             t2 = time.perf_counter()
             self._warm_up(engine)
             t3 = time.perf_counter()
-            self._state = EngineState(engine, old.version, merged)
+            self._state = EngineState(engine, old.version, merged, epoch=old.epoch)  # the same cloud stamp
             return RefitReport(old_version=old.version, new_version=old.version, validate_s=t1 - t0,
                                build_s=t2 - t1, warmup_s=t3 - t2)  # fmt: skip
 

@@ -30,7 +30,9 @@ def _runtime(out: Any, **cfg: Any) -> tuple[EdgeRuntime, Any]:
     return EdgeRuntime(be, sel, rollback=RollbackConfig(window=16, min_samples=8), stats=adapter), be
 
 
-def _blob(out: Any, version: int, *, affine: float = 1.0, mean_shift: float = 0.0, var_scale: float = 1.0) -> bytes:
+def _blob(
+    out: Any, version: int, *, affine: float = 1.0, mean_shift: float = 0.0, var_scale: float = 1.0, epoch: int = 0
+) -> bytes:
     v0 = blob_from_path(out / "params.safetensors")
     tensors = {}
     for k, v in v0.tensors.items():
@@ -40,7 +42,7 @@ def _blob(out: Any, version: int, *, affine: float = 1.0, mean_shift: float = 0.
             tensors[k] = (v * var_scale).astype(v.dtype)
         else:
             tensors[k] = (v * affine if k.endswith("weight") else v).astype(v.dtype)
-    return blob_to_bytes(RefitBlob(tensors=tensors, fingerprint=v0.fingerprint, version=version))
+    return blob_to_bytes(RefitBlob(tensors=tensors, fingerprint=v0.fingerprint, version=version, epoch=epoch))
 
 
 def test_a_cloud_blob_serves_with_the_edges_statistics_from_its_first_batch(exported) -> None:  # type: ignore[no-untyped-def]
@@ -98,3 +100,19 @@ def test_local_statistics_refits_are_never_judged_as_cloud_blobs(exported) -> No
         assert rt.monitor.wait_judged(30)
         assert rt.monitor.judged == 1 and rt.monitor.last is not None and rt.monitor.last.version == 1
         assert be.version == 1 and be.previous_version == 0  # the rollback target is still the cloud's previous
+
+
+def test_a_local_refit_keeps_the_cloud_stamp_so_sync_waits_end(exported) -> None:  # type: ignore[no-untyped-def]
+    """A local refit serves under the same (epoch, version) as the cloud blob it merged into: an edge waiting for
+    that version (``--sync``, an ack naming the version already served) is done, and the state saves that stamp."""
+    out, _ = exported("bn")
+    rt, be = _runtime(out)
+    epoch = 1_796_000_000_000
+    with rt, be:
+        assert rt.apply_blob_bytes(_blob(out, 3, affine=1.05, epoch=epoch))
+        assert be.stamp == (epoch, 3)
+        rt.process(images(4, 0, size=64))  # probed and refitted locally
+        assert rt.stats.local_generation >= 1  # type: ignore[union-attr]
+        assert be.stamp == (epoch, 3) and rt.ledger.done(3)
+        assert rt.wait_for_version(3, timeout=1.0)
+        assert (rt.state().serving_epoch, rt.state().serving_version) == (epoch, 3)
