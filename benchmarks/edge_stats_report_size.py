@@ -2,7 +2,7 @@
 channels counted on the timm models (random init, no download), the report encoded as the edge sends it (float16
 safetensors, base64 in the batch report's JSON). Writes JSON beside the printout.
 
-    PYTHONPATH=$PWD python benchmarks/edge_stats_report_size.py --out benchmarks/results/2026-12-03-edge-stats-report
+    PYTHONPATH=$PWD python benchmarks/edge_stats_report_size.py --out benchmarks/results/2026-12-03-edge-stats-cloud
 """
 
 from __future__ import annotations
