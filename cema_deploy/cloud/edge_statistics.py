@@ -11,9 +11,9 @@ batch statistics of ``d``'s samples in the step, as TBR's does through those of 
 devices that report no statistics keep the replica's own running statistics (the paper's TBR, moving them as
 configured). The teacher is not touched.
 
-Beyond the paper: CEMA's edge serves the replica's statistics (FACTS: the official code sends gamma, beta, mean
-and variance every step); here each device serves its own and the replica learns affine parameters that suit
-each device's statistics, so one deployment can serve cameras whose scenes differ.
+Beyond the paper: CEMA's edge serves the replica's statistics (the official code, chenyaofo/CEMA, sends gamma,
+beta, mean and variance every step); here each device serves its own and the replica learns affine parameters
+that suit each device's statistics, so one deployment can serve cameras whose scenes differ.
 
 Blobs are unchanged: a blob carries the affine parameters *and* the replica's running statistics, as the contract
 has every refittable tensor (an edge with its adapter off, or without a statistics probe, needs them); an edge

@@ -6,7 +6,7 @@ actually serves, the edge attaches its statistics to a :class:`~cema_deploy.cont
 (``statistics``) whenever they changed since its last report: every BatchNorm layer's running mean and variance
 as float16 safetensors bytes, base64 text in the JSON body (beyond the paper: CEMA's edge has no statistics of its
 own). Sizes: 2 x 2 bytes per channel plus the safetensors header (names and shapes), e.g. the demo's resnet10t
-and ResNet-50 (26,560 BatchNorm channels, FACTS "Refit blob size") in the README's "Statistics reports".
+and ResNet-50 (26,560 BatchNorm channels) in the README's "Protocol 3" (``benchmarks/edge_stats_report_size.py``).
 
 The cloud checks a report against the manifest before it changes anything: exactly the manifest's running-mean
 and running-variance names, their shapes, finite values, variances >= 0. A report that fails is refused (400).
