@@ -22,12 +22,13 @@ pytestmark = needs_torch
 _STATS = ("running_mean", "running_var")
 
 
-def _runtime(out: Any, **cfg: Any) -> tuple[EdgeRuntime, Any]:
+def _runtime(out: Any, state_dir: Any = None, **cfg: Any) -> tuple[EdgeRuntime, Any]:
     be = get_backend("ort-cpu", out)
     adapter, why = stats_adapter_from_dir(be, out, StatsConfig(**{"mode": "ema", "every": 1, **cfg}))
     assert adapter is not None, why
     sel = SampleSelector(SelectionConfig.for_classes(10, d_margin=None))
-    return EdgeRuntime(be, sel, rollback=RollbackConfig(window=16, min_samples=8), stats=adapter), be
+    rollback = RollbackConfig(window=16, min_samples=8)
+    return EdgeRuntime(be, sel, rollback=rollback, stats=adapter, state_dir=state_dir), be
 
 
 def _blob(
@@ -116,3 +117,19 @@ def test_a_local_refit_keeps_the_cloud_stamp_so_sync_waits_end(exported) -> None
         assert be.stamp == (epoch, 3) and rt.ledger.done(3)
         assert rt.wait_for_version(3, timeout=1.0)
         assert (rt.state().serving_epoch, rt.state().serving_version) == (epoch, 3)
+
+
+def test_a_restart_serves_the_saved_cloud_blob_with_the_saved_edge_statistics(exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out, _ = exported("bn")
+    rt, be = _runtime(out, state_dir=tmp_path / "state")
+    with rt, be:
+        for i in range(3):
+            rt.process(images(4, i, size=64))
+        assert rt.apply_blob_bytes(_blob(out, 2, affine=1.1, mean_shift=1.0, epoch=7))
+        saved = rt.stats.tensors()  # type: ignore[union-attr]
+    rt2, be2 = _runtime(out, state_dir=tmp_path / "state")
+    with rt2, be2:  # before any batch: the saved blob's affine parameters under the saved statistics
+        assert be2.stamp == (7, 2) and rt2.restored_version == 2
+        cloud = blob_from_bytes(_blob(out, 2, affine=1.1, mean_shift=1.0, epoch=7)).tensors
+        for k, v in be2.tensors.items():
+            np.testing.assert_array_equal(v, saved[k] if k.endswith(_STATS) else cloud[k])
