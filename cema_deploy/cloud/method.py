@@ -348,9 +348,11 @@ class Cema:
         self._initial = self.state_dict()
 
     # ---- steps ----------------------------------------------------------------------------------------------
-    def adapt(self, images: np.ndarray, replayed: np.ndarray | None = None) -> StepReport:
+    def adapt(self, images: np.ndarray, replayed: np.ndarray | None = None, *, groups: Any = None) -> StepReport:
         """One cloud step: the teacher on B uploaded uint8 ``[N, H, W, 3]`` images (Eqn. 6), then the replica
-        distilled on them plus ``replayed`` (Eqn. 7; official: 3B from the replay window once it holds >= 256)."""
+        distilled on them plus ``replayed`` (Eqn. 7; official: 3B from the replay window once it holds >= 256).
+        ``groups``: a :class:`~cema_deploy.cloud.edge_statistics.StudentGroups` over ``images`` then ``replayed``
+        (beyond the paper: each device's samples normalised with the statistics that device serves)."""
         t0 = time.perf_counter()
         x, xt = self._inputs(images)
         t_loss = teacher_step(self.teacher, self.opt_teacher, xt, e0=self.e0, autocast=self._ac(), scaler=self._scaler)
@@ -358,7 +360,8 @@ class Cema:
         if n_rep:
             rx, rxt = self._inputs(replayed)  # type: ignore[arg-type]
             x, xt = torch.cat([x, rx]), torch.cat([xt, rxt])
-        s_loss = self._distill(x, xt)
+        with self._edge_norm(groups):
+            s_loss = self._distill(x, xt)
         return StepReport(
             step=self.steps,
             new_samples=len(images),
@@ -368,16 +371,18 @@ class Cema:
             seconds=time.perf_counter() - t0,
         )
 
-    def replay_step(self, replayed: np.ndarray) -> StepReport:
+    def replay_step(self, replayed: np.ndarray, *, groups: Any = None) -> StepReport:
         """The official replay-only step: the replica distilled on replayed samples (4B), no teacher step. With
-        ``replay_moves_stats = False`` (beyond the paper) no running statistics move during it."""
+        ``replay_moves_stats = False`` (beyond the paper) no running statistics move during it. ``groups``: as in
+        :meth:`adapt`."""
         t0 = time.perf_counter()
         frozen = [] if self.config.replay_moves_stats else [m for _, m in self._bns()]
         tracking = [getattr(m, "_cema_track", True) for m in frozen]
         for m in frozen:
             m._cema_track = False  # type: ignore[assignment]
         try:
-            s_loss = self._distill(*self._inputs(replayed))
+            with self._edge_norm(groups):
+                s_loss = self._distill(*self._inputs(replayed))
         finally:
             for m, t in zip(frozen, tracking, strict=True):
                 m._cema_track = t  # type: ignore[assignment]
@@ -479,6 +484,15 @@ class Cema:
         c = self.config
         self.opt_teacher = torch.optim.SGD(collect_params(self.teacher)[0], lr=c.teacher_lr, momentum=c.momentum)
         self.opt_student = torch.optim.SGD(collect_params(self.student)[0], lr=c.student_lr, momentum=c.momentum)
+
+    def _edge_norm(self, groups: Any) -> Any:
+        """Beyond the paper: within the block, the replica normalises each device's samples with the statistics
+        that device serves (cloud/edge_statistics.py); no-op without ``groups``."""
+        if groups is None:
+            return contextlib.nullcontext()
+        from cema_deploy.cloud.edge_statistics import normalised_by_device
+
+        return normalised_by_device(self.student, groups, self.device)
 
     def _distill(self, x: torch.Tensor, xt: torch.Tensor) -> float:
         c = self.config

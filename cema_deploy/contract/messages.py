@@ -112,15 +112,22 @@ class BatchReport(_Message):
     ``seen``: frames run; ``selected``: of them uploaded for adaptation (selected, or the selected part of a
     calibration batch); ``uploaded``: all frames uploaded for this batch (selected, calibration and statistics
     samples), which the cloud may count against the deployment's uplink; ``generation``: the generation the
-    edge worked in.
+    edge worked in. Protocol 3: ``statistics``, the edge's own BatchNorm statistics (base64 float16 safetensors,
+    :mod:`cema_deploy.contract.edge_statistics`; "" otherwise) and ``stats_generation``, the edge's local
+    statistics generation (informational). An edge whose adapter is on sends them, when they changed, in a
+    *statistics report*: ``seen = 0``, queued ahead of the batch's uploads; it ends no batch (no replay-only step).
+    Its other batch reports carry ``stats_generation`` > 0; one with 0 tells the cloud that this edge serves the
+    blob's statistics (its adapter is off) and the cloud forgets the statistics it reported.
     """
 
-    _nonneg = ("seen", "selected", "uploaded", "generation")
+    _nonneg = ("seen", "selected", "uploaded", "generation", "stats_generation")
 
     seen: int
     selected: int
     uploaded: int
     generation: int
+    statistics: str = ""
+    stats_generation: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """The HTTP protocol between edges and the cloud: version, paths, headers, media types and limits, defined once.
 
 Every route is under ``/v1``. Requests that touch a model carry ``Authorization: Bearer <device token>`` and
-``X-Cema-Protocol: 2`` (:data:`PROTOCOL_VERSION`); the cloud answers every response with the same header and
+``X-Cema-Protocol: 3`` (:data:`PROTOCOL_VERSION`); the cloud answers every response with the same header and
 refuses a request that names another protocol version (or none) with 400 and a message naming both versions
 (:func:`check_protocol`). JSON bodies are the dataclasses of :mod:`cema_deploy.contract.messages`.
 
@@ -28,8 +28,11 @@ by one on every operator reset, its blob *version* rises on every publish and ne
                                                        also when it selected nothing, sent after that batch's
                                                        uploads (the edge's queue keeps the order). The cloud runs
                                                        the official loop's replay-only step for a report interval
-                                                       in which no cloud step ran. 202 :class:`~.messages.BatchAck`.
-                                                       Takes :data:`IDEMPOTENCY_HEADER` too.
+                                                       in which no cloud step ran. Protocol 3: carries the edge's
+                                                       own BatchNorm statistics when they changed (``statistics``;
+                                                       400 when they do not fit the manifest, nothing changed).
+                                                       202 :class:`~.messages.BatchAck`. Takes
+                                                       :data:`IDEMPOTENCY_HEADER` too.
 ``GET /v1/models/{fingerprint}/blob?after=N&wait=S``   200 with the newest refit blob whose version > N (header
                                                        :data:`VERSION_HEADER`, :data:`BLOB_MEDIA_TYPE`); 204 when
                                                        none is newer after waiting up to S seconds (S <=
@@ -50,7 +53,7 @@ by one on every operator reset, its blob *version* rises on every publish and ne
                                                        deployment its status, pin, held uploads, kept versions and
                                                        per device the version served, last seen, uploads,
                                                        refusals and rollbacks (``cloud status``).
-``GET /v1/health``                                     200 JSON ``{"status": "ok", "protocol": 2, "models": {fp:
+``GET /v1/health``                                     200 JSON ``{"status": "ok", "protocol": 3, "models": {fp:
                                                        version}}``; no token, no protocol header needed.
 ``GET /metrics``                                       Prometheus text format 0.0.4; no token.
 =====================================================  =============================================================
@@ -62,8 +65,9 @@ from cema_deploy.exceptions import ProtocolMismatchError
 
 #: Version of this protocol. Both sides send it in :data:`PROTOCOL_HEADER` and refuse any other.
 #: 1: the first release (no header). 2: calibration and statistics samples, batch reports, generations, admin
-#: routes, idempotent uploads.
-PROTOCOL_VERSION = 2
+#: routes, idempotent uploads. 3: batch reports carry the edge's own statistics (an edge with ``--adapt-stats``
+#: owns its running statistics, sends no calibration batches, and applies cloud blobs with its statistics).
+PROTOCOL_VERSION = 3
 
 API_PREFIX = "/v1"
 MODELS_PATH = API_PREFIX + "/models"
@@ -101,8 +105,9 @@ RETRY_AFTER_HEADER = "Retry-After"
 MAX_WAIT_S = 30.0
 #: Default limit on one upload's body, bytes (the service can lower or raise it).
 MAX_UPLOAD_BYTES = 16 * 1024 * 1024
-#: Largest JSON body (batch reports, edge reports) the cloud reads.
-MAX_JSON_BYTES = 64 * 1024
+#: Largest JSON body (batch reports, edge reports) the cloud reads: a batch report with a ResNet-50's statistics
+#: (protocol 3) is ~160 KB of base64; 1 MiB leaves room for models with ~6x as many BatchNorm channels.
+MAX_JSON_BYTES = 1024 * 1024
 
 
 def check_protocol(value: str | None, *, peer: str) -> None:
@@ -111,7 +116,7 @@ def check_protocol(value: str | None, *, peer: str) -> None:
     ``peer`` names the other side for the message, e.g. ``"the cloud at http://host:8750"`` or ``"the edge"``.
 
     Example:
-        >>> check_protocol("2", peer="the edge")
+        >>> check_protocol("3", peer="the edge")
         >>> check_protocol(None, peer="the edge")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

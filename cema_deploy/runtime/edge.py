@@ -10,6 +10,13 @@ The jobs live in their own modules, wired together here:
   next edge batch goes up whole as ``calibration="start"``; ``SelectionResult.shift`` sends that batch as
   ``calibration="shift"`` (``recalibrate``); a newer generation (any acknowledgement, a 409) starts a fresh
   selector. Frames of ``SelectionResult.stats_mask`` go up as ``statistics`` samples.
+* :mod:`~cema_deploy.runtime.stats.adapter` (``stats``, protocol 3): the edge owns its running statistics. It then
+  sends no calibration batches and no statistics samples; whenever its statistics changed, a statistics report (a
+  batch report of ``seen = 0`` carrying them, :mod:`cema_deploy.contract.edge_statistics`) goes ahead of the
+  batch's uploads, so the cloud adapts on them under the statistics they were served with; every cloud blob is
+  built with the edge's current statistics in place of the blob's (the refit scheduler's ``prepare``), so no batch
+  is served, and no blob judged by the rollback guard, with the cloud's statistics. Local statistics refits are not
+  judged.
 * :mod:`~cema_deploy.runtime.updates.intake`: poll, verify the signature before parsing, validate, refit scheduler;
   refusals counted and reported.
 * :mod:`~cema_deploy.runtime.updates.ledger`: the one owner of the versions: the cloud epoch followed, the refusal
@@ -29,13 +36,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cema_deploy.contract.blob import blob_from_bytes
+from cema_deploy.contract.blob import RefitBlob, blob_from_bytes
+from cema_deploy.contract.edge_statistics import statistics_to_text
 from cema_deploy.contract.messages import BatchReport, EdgeReport
 from cema_deploy.contract.samples import KIND_STATISTICS
 from cema_deploy.exceptions import CemaError, RefitError
@@ -167,7 +175,8 @@ class EdgeRuntime:
         self.ledger = VersionLedger(lambda: serving_stamp(backend))
         self.deployment = GenerationTracker(client, recalibrate=recalibrate, on_new_generation=self._on_new_generation,
                                             on_calibration_done=self.ledger.calibration_done,
-                                            on_cloud_version=self.ledger.cloud_says)  # fmt: skip
+                                            on_cloud_version=self.ledger.cloud_says,
+                                            owns_statistics=stats is not None)  # fmt: skip
         unsigned_refused = not allow_unsigned and not is_loopback_url(getattr(client, "base_url", None))
         self.intake = BlobIntake(
             backend, self.manifest, client=client, verifier=verifier, swap_lock=self._swap_lock,
@@ -178,10 +187,12 @@ class EdgeRuntime:
         )  # fmt: skip
         self._store = EdgeStateStore(state_dir) if state_dir is not None else None
         self.stats = stats  # the edge's own BatchNorm statistics (runtime/stats/adapter.py); None = off
+        self._stats_reported: tuple[int, int] | None = None  # (probes, resets) of the last statistics report
+        self.intake.scheduler.prepare = self._with_edge_statistics
         if self._store is not None:
-            self._restore(self._store)
-            if stats is not None:
+            if stats is not None:  # first: the saved blob is applied with the edge's statistics
                 stats.load(self._store.directory)
+            self._restore(self._store)
         self.monitor = RollbackMonitor(
             backend, self.rollback_cfg, num_classes=self.manifest.num_classes,
             normalize=lambda im: normalize(im, self.manifest.preprocess), on_judged=self._on_judged,
@@ -256,6 +267,9 @@ class EdgeRuntime:
             return ""
         reason = start or ("shift" if sel.shift and self.deployment.claim_shift() else "")
         n, selected = len(at_size), int(sel.mask.sum())
+        stats_report = self._statistics_report()
+        if stats_report:  # ahead of this batch's uploads: the cloud adapts on them under the statistics they met
+            up.put_report(BatchReport(seen=0, selected=0, uploaded=0, generation=gen, **stats_report))
         if reason:  # the whole batch, once: its selected samples are adapted on from it
             self.ledger.calibration_queued()
             up.put_calibration(at_size, sel.entropy, sel.mask, version=version, generation=gen, reason=reason)
@@ -264,11 +278,31 @@ class EdgeRuntime:
             if selected:
                 up.put(at_size[sel.mask], sel.entropy[sel.mask], version=version, generation=gen)
             stats = sel.stats_mask & ~sel.mask if sel.stats_mask is not None else np.zeros(n, bool)
+            if self.stats is not None:  # the edge owns its statistics: the cloud needs no statistics samples
+                stats = np.zeros(n, bool)
             if stats.any():
                 up.put(at_size[stats], sel.entropy[stats], version=version, kind=KIND_STATISTICS, generation=gen)
             uploaded = selected + int(stats.sum())
-        up.put_report(BatchReport(seen=n, selected=selected, uploaded=uploaded, generation=gen))
+        owns = self.stats.local_generation if self.stats is not None else 0  # > 0: this edge owns its statistics
+        up.put_report(BatchReport(seen=n, selected=selected, uploaded=uploaded, generation=gen, stats_generation=owns))
         return reason
+
+    def _statistics_report(self) -> dict[str, Any]:
+        """The ``statistics`` fields of a statistics report (protocol 3: a batch report of ``seen = 0``, queued
+        ahead of the batch's uploads) when the edge's statistics changed since its last report; else nothing."""
+        st = self.stats
+        if st is None or self._stats_reported == (st.probes, st.resets):
+            return {}
+        self._stats_reported = (st.probes, st.resets)
+        text = statistics_to_text(st.tensors(), local_generation=st.local_generation)
+        return {"statistics": text, "stats_generation": st.local_generation}
+
+    def _with_edge_statistics(self, blob: RefitBlob) -> RefitBlob:
+        """A cloud blob as this edge serves it: the cloud's affine parameters with the edge's current running
+        statistics (the refit scheduler calls it right before the build); unchanged without an adapter."""
+        if self.stats is None:
+            return blob
+        return replace(blob, tensors={**blob.tensors, **self.stats.tensors()})
 
     @property
     def version(self) -> int:
@@ -440,7 +474,7 @@ class EdgeRuntime:
                 if ik.verifier is not None:
                     ik.verifier(data)
                 blob = blob_from_bytes(data, source=f"the saved serving blob v{st.serving_version}")
-                self.backend.refit(blob)
+                self.backend.refit(self._with_edge_statistics(blob))
             except CemaError as exc:
                 log.warning("not serving the saved blob v%d: %s; serving the export's parameters", st.serving_version,
                             exc)  # fmt: skip

@@ -312,11 +312,11 @@ def test_operator_status_devices_pin_and_unpin_through_ray_actors(cluster: Clust
     import httpx
 
     from cema_deploy.cloud.service.lock import DEPLOYMENT_LOCK
-    from cema_deploy.contract.protocol import blob_url
+    from cema_deploy.contract.protocol import PROTOCOL_VERSION, blob_url
 
     m = cluster.manifests["doors"]
     fp = m.fingerprint
-    headers = {"Authorization": f"Bearer {cluster.token}", "X-Cema-Protocol": "2"}
+    headers = {"Authorization": f"Bearer {cluster.token}", "X-Cema-Protocol": str(PROTOCOL_VERSION)}
     with cluster.client("doors") as client:
         client.upload(batch(m, B, seed=70), idempotency_key="operator-1")
         assert client.fetch_blob(after=0, wait=60) is not None

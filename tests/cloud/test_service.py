@@ -100,11 +100,11 @@ def test_refused_requests_change_nothing(exported, teacher_ckpt, tmp_path) -> No
         good = _body(manifest, 2)
         big = _body(manifest, 40, encoding="raw")
         cases = [
-            ({PROTOCOL_HEADER: "2"}, good, url, 401, "Missing bearer token"),
-            ({**auth, PROTOCOL_HEADER: "1"}, good, url, 400, "speaks cema protocol '1'; this side speaks protocol 2"),
+            ({PROTOCOL_HEADER: "3"}, good, url, 401, "Missing bearer token"),
+            ({**auth, PROTOCOL_HEADER: "1"}, good, url, 400, "speaks cema protocol '1'; this side speaks protocol 3"),
             ({"Authorization": auth["Authorization"]}, good, url, 400, "sent no X-Cema-Protocol header"),
             (
-                {"Authorization": "Bearer not-a-token", PROTOCOL_HEADER: "2"},
+                {"Authorization": "Bearer not-a-token", PROTOCOL_HEADER: "3"},
                 good,
                 url,
                 401,

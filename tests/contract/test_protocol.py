@@ -22,8 +22,10 @@ from cema_deploy.exceptions import ProtocolError, ProtocolMismatchError
 def test_same_version_passes_and_others_are_refused_naming_both() -> None:
     protocol.check_protocol(str(protocol.PROTOCOL_VERSION), peer="the edge")
     protocol.check_protocol(f" {protocol.PROTOCOL_VERSION} ", peer="the edge")
-    with pytest.raises(ProtocolMismatchError, match=r"The cloud at http://x speaks cema protocol '3'.*protocol 2"):
-        protocol.check_protocol("3", peer="the cloud at http://x")
+    with pytest.raises(ProtocolMismatchError, match=r"The cloud at http://x speaks cema protocol '4'.*protocol 3"):
+        protocol.check_protocol("4", peer="the cloud at http://x")
+    with pytest.raises(ProtocolMismatchError, match=r"The edge speaks cema protocol '2'; this side speaks protocol 3"):
+        protocol.check_protocol("2", peer="the edge")
     with pytest.raises(ProtocolMismatchError, match=r"protocol 1 \(it sent no X-Cema-Protocol header\)"):
         protocol.check_protocol(None, peer="the edge")
 

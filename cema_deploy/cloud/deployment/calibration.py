@@ -1,10 +1,13 @@
 """Calibration and statistics: calibration batches set (first of a generation), merge (further ``start`` batches)
 or re-initialise (``shift``) the running statistics and publish at once; statistics samples move them (beyond the
-paper)."""
+paper); the statistics each edge reports (protocol 3) normalise that edge's samples in the student step (beyond the
+paper, :mod:`cema_deploy.cloud.edge_statistics`)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from cema_deploy.cloud.deployment.publishing import PublishingMixin
 from cema_deploy.cloud.deployment.state import log
@@ -53,3 +56,17 @@ class CalibrationMixin(PublishingMixin):
         self._commit(
             "statistics_updates", publish=not self.frozen, seconds=time.perf_counter() - t0, stats_cursor=start + b
         )
+
+    def _student_groups(self, indices: Iterable[int]) -> Any:
+        """Which device's statistics normalise each sample of a student step over adapt ``indices`` (the new
+        samples, then the replayed, in the order the step reads them); None when no device reported statistics
+        (the step runs as the paper's). Held under the lock."""
+        if not len(self.edge_stats):
+            return None
+        from cema_deploy.cloud.edge_statistics import groups_for
+
+        groups = groups_for(self.samples.devices_at(indices), self.edge_stats)
+        if groups is not None:  # samples normalised with each device's statistics, counted for status and tests
+            groups.used = self.edge_stats_used
+            self.last_student_groups = groups
+        return groups

@@ -12,6 +12,7 @@ import time
 from cema_deploy.cloud.deployment.state import REPORT_KEYS, DeploymentState
 from cema_deploy.cloud.errors import PendingCapReached, Refused, StaleGeneration
 from cema_deploy.cloud.store.replay import Upload
+from cema_deploy.contract.edge_statistics import statistics_from_text
 from cema_deploy.contract.messages import BatchAck, BatchReport, UploadAck
 from cema_deploy.contract.samples import KIND_CALIBRATION, SampleBatch, samples_from_bytes, upload_header
 from cema_deploy.exceptions import CemaError
@@ -226,15 +227,27 @@ class IntakeMixin(DeploymentState):
         in this report interval and the replay window holds more than ``replay_min`` samples."""
         c = self.config
         compact: list[tuple[str, BatchAck]] | None = None
+        if report.statistics:  # protocol 3: the edge's own statistics, checked before anything changes; kept
+            try:  # durably before the ack (a retry stores the same values again)
+                tensors, local_generation = statistics_from_text(report.statistics, self.manifest)
+            except CemaError as exc:
+                with self._cond:
+                    self.counters["refused:400"] += 1
+                raise Refused(f"Batch report with bad edge statistics: {exc}", 400) from exc
+            self.edge_stats.put(device, tensors, local_generation=local_generation)
+        elif report.seen and not report.stats_generation and self.edge_stats.get(device) is not None:
+            self.edge_stats.forget(device)  # its adapter is off now: it serves the blob's statistics
         with self._cond:
             if idempotency_key and idempotency_key in self._report_keys:
                 self.counters["duplicate_reports"] += 1
                 return self._report_keys[idempotency_key]
-            self.counters["batch_reports"] += 1
+            ends_batch = not (report.seen == 0 and report.statistics)  # a statistics report ends no batch
+            self.counters["edge_stats_reports"] += bool(report.statistics)
+            self.counters["batch_reports"] += ends_batch
             self.counters["reported_seen"] += report.seen
             self.counters["reported_uploaded"] += report.uploaded
             fired = False
-            if report.generation in (0, self.generation):
+            if ends_batch and report.generation in (0, self.generation):
                 known = self.full_steps + (self.samples.adapt_total - self.cursor) // c.batch_size
                 ran, self._attributed = max(known - self._attributed, 0), known
                 window = self.samples.window_len(self.samples.adapt_total, self.replay_start)

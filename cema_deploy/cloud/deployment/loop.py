@@ -179,9 +179,12 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             w_end = s.upload_end(end - 1)
             replayed = None
             lo = self.replay_start
+            drawn: list[int] = []
             if c.replay_size > 0 and c.replay_factor > 0 and s.window_len(w_end, lo) >= c.replay_min:
                 replayed = s.sample(c.replay_factor * c.batch_size, self._rng(), end=w_end, start=lo)
-        report = self.cema.adapt(images, replayed)
+                drawn = [*s.draw(c.replay_factor * c.batch_size, self._rng(), end=w_end, start=lo)]  # the same draw
+            groups = self._student_groups([*range(start, end), *drawn])  # the edges' statistics (protocol 3)
+        report = self.cema.adapt(images, replayed, groups=groups)
         if report.replayed:
             self.count("mixed_steps")  # cloud steps that replayed 3B samples
         publish = self.cema.steps % c.publish_every == 0 and not self.frozen
@@ -209,6 +212,8 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             if s.window_len(end, self.replay_start) <= c.replay_min:
                 return
             replayed = s.sample(c.idle_factor * c.batch_size, self._rng(), end=end, start=self.replay_start)
-        report = self.cema.replay_step(replayed)
+            drawn = s.draw(c.idle_factor * c.batch_size, self._rng(), end=end, start=self.replay_start)  # the same
+            groups = self._student_groups(drawn)  # the edges' statistics (protocol 3)
+        report = self.cema.replay_step(replayed, groups=groups)
         publish = self.cema.steps % c.publish_every == 0 and not self.frozen
         self._commit(counter, publish=publish, seconds=report.seconds)

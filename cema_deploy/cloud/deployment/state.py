@@ -15,6 +15,7 @@ from typing import Any
 
 from cema_deploy.cloud.config import DeploymentSpec
 from cema_deploy.cloud.deployment.metrics import Timings
+from cema_deploy.cloud.store.edge_stats import EdgeStatsBook
 from cema_deploy.cloud.store.replay import SampleStore, keys_journal_lines
 from cema_deploy.cloud.store.state import DeploymentStore
 from cema_deploy.contract.blob import RefitBlob
@@ -62,6 +63,9 @@ class DeploymentState:
         self.store = DeploymentStore(state_dir, keep_blobs=spec.keep_blobs)
         self.epoch = self.store.epoch  # carried by every blob this state publishes
         self.samples = SampleStore(self.store.directory / "uploads", capacity=self.config.replay_size)
+        self.edge_stats = EdgeStatsBook(self.store.directory / "edge-stats")  # each device's own (protocol 3)
+        self.edge_stats_used: collections.Counter[str] = collections.Counter()  # samples a student step normalised
+        self.last_student_groups: Any = None  # with each device's statistics; the groups of the last such step
         self.cema = Cema(
             teacher,
             student,

@@ -305,10 +305,26 @@ class SampleStore:
 
     def sample(self, k: int, rng: np.random.Generator, *, end: int, start: int = 0) -> np.ndarray:
         """``min(k, window)`` samples drawn without replacement from :meth:`window` ``(end, start)``."""
+        idx = self.draw(k, rng, end=end, start=start)
+        return self.frames_at(idx) if len(idx) else _EMPTY
+
+    def draw(self, k: int, rng: np.random.Generator, *, end: int, start: int = 0) -> np.ndarray:
+        """The adapt indices :meth:`sample` reads (ascending), drawn as it draws them."""
         lo, hi = self.window(end, start)
         if hi <= lo or k <= 0:
-            return _EMPTY
-        idx = np.sort(rng.choice(hi - lo, size=min(k, hi - lo), replace=False)) + lo
+            return np.zeros(0, np.int64)
+        return np.sort(rng.choice(hi - lo, size=min(k, hi - lo), replace=False)) + lo
+
+    def devices_at(self, idx: Iterable[int]) -> list[str]:
+        """The device that uploaded each adapt sample of ``idx`` ("" when not said)."""
+        out = []
+        for g in idx:
+            i = bisect.bisect_right(self._adapt_starts, int(g)) - 1
+            out.append(self._adapt[i].device if i >= 0 else "")
+        return out
+
+    def frames_at(self, idx: np.ndarray) -> np.ndarray:
+        """The frames of adapt indices ``idx`` (ascending, held)."""
         by_upload: dict[int, list[int]] = {}
         for g in idx:  # ascending, so each upload's frames are ascending too
             i = bisect.bisect_right(self._adapt_starts, int(g)) - 1

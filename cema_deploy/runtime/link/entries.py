@@ -36,6 +36,7 @@ class UplinkCounters:
     retries: int = 0  # attempts (uploads and reports) repeated after a retryable failure
     reports_sent: int = 0  # batch reports the cloud acknowledged
     reports_dropped: int = 0  # batch reports refused (4xx) or dropped from a full queue
+    statistics_superseded: int = 0  # unsent statistics reports replaced by a newer one (protocol 3)
     edge_reports_sent: int = 0  # rollback/refusal reports delivered
     edge_reports_dropped: int = 0
     restored: int = 0  # samples found in the spool at start (left by an earlier run)

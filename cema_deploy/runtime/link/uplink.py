@@ -192,8 +192,19 @@ class Uplink(UplinkDelivery):
         )  # fmt: skip
 
     def put_report(self, report: BatchReport) -> None:
-        """Queue a batch report behind the uploads queued so far."""
-        self._append(Entry(BATCH_REPORT, message=report))
+        """Queue a batch report behind the uploads queued so far. A statistics report (protocol 3: ``seen`` 0 with
+        ``statistics``) replaces the statistics reports still queued and unsent: only the newest statistics matter,
+        and a ResNet-50's are ~150 KB, so an edge offline for hours holds one, not thousands."""
+        e = Entry(BATCH_REPORT, message=report)
+        if _statistics_only(e):
+            with self._cond:
+                for old in [x for x in self._q if _statistics_only(x) and not x.inflight]:
+                    self._q.remove(old)
+                    self._q_reports -= 1
+                    self._q_bytes -= old.nbytes
+                    self._forget(old)
+                    self._counters.statistics_superseded += 1
+        self._append(e)
 
     def put_edge_report(self, report: EdgeReport) -> None:
         """Queue a rollback or refusal report (delivered in order, retried like uploads)."""
@@ -473,3 +484,9 @@ class Uplink(UplinkDelivery):
             self._forget(e)
             if self.spool is not None:
                 self._q_bytes -= e.nbytes
+
+
+def _statistics_only(e: Entry) -> bool:
+    """A statistics report: a batch report of ``seen`` 0 carrying the edge's statistics (protocol 3)."""
+    m = e.message
+    return e.kind == BATCH_REPORT and isinstance(m, BatchReport) and m.seen == 0 and bool(m.statistics)

@@ -8,7 +8,11 @@ sent only if that one was lost). A shift the selector detects sends that batch a
 (switchable). A newer generation starts a fresh selector (the runtime does that on its serving thread).
 
 :class:`GenerationTracker` is also the uplink's listener: every acknowledgement names the generation and its
-calibration state. An older cloud that sends neither (generation 0) changes nothing. Never imports torch.
+calibration state. An older cloud that sends neither (generation 0) changes nothing.
+
+Protocol 3: an edge whose statistics adapter is on (``owns_statistics``) sends no calibration batch, neither at
+start nor on a shift: it owns its running statistics (its adapter resets them on a shift itself) and reports them
+with its batch reports instead. Never imports torch.
 """
 
 from __future__ import annotations
@@ -48,8 +52,11 @@ class GenerationTracker(UplinkListener):
         on_new_generation: Callable[[int], None] | None = None,
         on_calibration_done: Callable[[int | None], None] | None = None,
         on_cloud_version: Callable[[int], None] | None = None,
+        owns_statistics: bool = False,
     ) -> None:
         self.client, self.recalibrate = client, recalibrate
+        #: The edge's adapter owns the running statistics: no calibration batches (see the module docstring).
+        self.owns_statistics = owns_statistics
         self.generation = generation  # 0: not known yet
         self.calibrated = calibrated  # None: not known yet
         self.on_new_generation = on_new_generation
@@ -133,7 +140,8 @@ class GenerationTracker(UplinkListener):
         deployment's calibration batch (counted; one in flight at a time), else ``("", generation)``. The
         generation is the one to stamp on its uploads."""
         with self._lock:
-            if self.client is not None and not self._calibrating and self.calibrated is False:
+            calibrates = self.client is not None and not self.owns_statistics
+            if calibrates and not self._calibrating and self.calibrated is False:
                 self._calibrating = True
                 self.calibrations["start"] += 1
                 return "start", self.generation
@@ -143,7 +151,7 @@ class GenerationTracker(UplinkListener):
         """The selector detected a shift on this batch: True when it goes up whole as ``calibration="shift"``
         (recalibration on, no calibration in flight); counted."""
         with self._lock:
-            if self.client is None or not self.recalibrate or self._calibrating:
+            if self.client is None or not self.recalibrate or self._calibrating or self.owns_statistics:
                 return False
             self._calibrating = True
             self.calibrations["shift"] += 1

@@ -69,6 +69,9 @@ class RefitScheduler:
         self.backend = backend
         self.min_interval_s = float(min_interval_s)
         self.on_done = on_done
+        #: Called on the worker right before each build: the blob to build instead (the edge's own statistics
+        #: substituted when its adapter is on, :class:`~cema_deploy.runtime.edge.EdgeRuntime`); None: as received.
+        self.prepare: Callable[[RefitBlob], RefitBlob] | None = None
         self.submitted = 0
         self.applied = 0
         self.coalesced = 0
@@ -174,7 +177,7 @@ class RefitScheduler:
 
     def _apply(self, blob: RefitBlob) -> RefitOutcome:
         try:
-            report = self.backend.refit(blob)
+            report = self.backend.refit(blob if self.prepare is None else self.prepare(blob))
         except Exception as exc:  # a refused or failed blob: the old parameters keep serving
             log.warning("refit to v%d not applied: %s", blob.version, exc)
             return RefitOutcome(version=blob.version, applied=False, error=exc, epoch=blob.epoch)

@@ -239,13 +239,13 @@ def test_long_poll_wait_is_capped_at_the_protocol_limit(protocol_server) -> None
     assert srv.state.blob_waits == [protocol.MAX_WAIT_S, 0.0]
 
 
-@pytest.mark.parametrize(("header", "said"), [(None, "1 \\(it sent no X-Cema-Protocol header\\)"), ("3", "'3'")])
+@pytest.mark.parametrize(("header", "said"), [(None, "1 \\(it sent no X-Cema-Protocol header\\)"), ("2", "'2'")])
 def test_a_cloud_of_another_protocol_version_is_refused_naming_both(protocol_server, header, said) -> None:  # type: ignore[no-untyped-def]
     srv = protocol_server(FP)
     srv.state.protocol_header = header
     with CloudClient(srv.url, "t0k", FP) as client:
         with pytest.raises(
-            UplinkError, match=rf"The cloud at {srv.url} speaks cema protocol {said}; this side speaks protocol 2"
+            UplinkError, match=rf"The cloud at {srv.url} speaks cema protocol {said}; this side speaks protocol 3"
         ) as e:
             client.fetch_blob(after=0)
         assert not e.value.retryable
