@@ -33,8 +33,16 @@ def main() -> None:
     ap.add_argument("--protocols", default="reset,continual")
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--head-lrs", default="", help="comma-separated head_lr values run besides the default (0)")
+    ap.add_argument("--only", default="", help="comma-separated variants to run (norms, head, head_lr=X); default all")
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--all-corruptions", action="store_true", help="the 13 corruptions (default: demo --quick's 4)")
+    ap.add_argument(
+        "--rows-from",
+        type=Path,
+        nargs="+",
+        help="take each protocol's baseline and teacher rows (floor, ceiling) from a teacher_lead.py JSON of the same "
+        "models, stream and seed instead of recomputing them (~75 s of CPU per protocol)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -59,6 +67,8 @@ def main() -> None:
     variants: dict[str, tuple[str, dict[str, Any]]] = {"norms": ("norms", {}), "head": ("head", {})}
     for lr in filter(None, args.head_lrs.split(",")):
         variants[f"head_lr={lr}"] = ("head", {"head_lr": float(lr)})
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
     edge_dirs = {}
     for refit in ("norms", "head"):
         edge_dirs[refit] = args.out / "work" / f"edge-model-{refit}"
@@ -83,10 +93,23 @@ def main() -> None:
         },
         "protocols": {},
     }
+    earlier: dict[str, Any] | None = None
+    for path in args.rows_from or []:
+        got = json.loads(path.read_text())
+        same = {k: got[k] for k in ("severity", "seed", "corruptions", "per_corruption", "models")}
+        if same != {k: doc[k] for k in same}:
+            raise SystemExit(f"{path} is of another stream or models: {same}")
+        earlier = {"protocols": {**(earlier or {}).get("protocols", {}), **got["protocols"]}}
+    doc["rows_from"] = [str(p) for p in args.rows_from or []]
     for protocol in args.protocols.split(","):
-        rows = {b: 100 * run_baseline(b, edge, stream, protocol=protocol).accuracy for b in ("no_adapt", "bn_adapt")}
-        t = teacher_runs(teacher, stream, protocol=protocol)
-        rows |= {k: 100 * float(r.correct.mean()) for k, r in t.items()}
+        if earlier is not None:
+            rows = dict(earlier["protocols"][protocol]["rows"])
+        else:
+            rows = {
+                b: 100 * run_baseline(b, edge, stream, protocol=protocol).accuracy for b in ("no_adapt", "bn_adapt")
+            }
+            t = teacher_runs(teacher, stream, protocol=protocol)
+            rows |= {k: 100 * float(r.correct.mean()) for k, r in t.items()}
         floor, ceiling = floor_of(rows), rows["teacher_adapted"]
         out: dict[str, Any] = {"rows": rows, "floor": floor, "teacher_ceiling": ceiling, "runs": {}}
         doc["protocols"][protocol] = out
