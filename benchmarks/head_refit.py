@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--protocols", default="reset,continual")
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--head-lrs", default="", help="comma-separated head_lr values run besides the default (0)")
+    ap.add_argument("--diagnose", action="store_true", help="run_job(diagnose=True): per corruption, the audit")
     ap.add_argument("--only", default="", help="comma-separated variants to run (norms, head, head_lr=X); default all")
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--all-corruptions", action="store_true", help="the 13 corruptions (default: demo --quick's 4)")
@@ -124,6 +125,7 @@ def main() -> None:
                 teacher=(models.teacher.name, models.teacher.checkpoint),
                 stream=stream,
                 cloud=cloud,
+                diagnose=args.diagnose,
             )
             res["refit"] = refit
             res["seconds"] = round(time.perf_counter() - t0, 1)
