@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--head-lrs", default="", help="comma-separated head_lr values run besides the default (0)")
     ap.add_argument("--diagnose", action="store_true", help="run_job(diagnose=True): per corruption, the audit")
-    ap.add_argument("--only", default="", help="comma-separated variants to run (norms, head, head_lr=X); default all")
+    ap.add_argument(
+        "--only", default="", help="comma-separated variants to run (norms, head, head_episode, head_lr=X); default all"
+    )
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--all-corruptions", action="store_true", help="the 13 corruptions (default: demo --quick's 4)")
     ap.add_argument(
@@ -65,7 +67,11 @@ def main() -> None:
     models = resolve_models(None, None, splits, seed=0, edge_spec=edge_spec, teacher_spec=teacher_spec)
     edge = load_model(models.edge.name, models.edge.checkpoint)
     teacher = load_model(models.teacher.name, models.teacher.checkpoint)
-    variants: dict[str, tuple[str, dict[str, Any]]] = {"norms": ("norms", {}), "head": ("head", {})}
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
+        "norms": ("norms", {}),
+        "head": ("head", {}),
+        "head_episode": ("head", {"head_scope": "episode"}),
+    }
     for lr in filter(None, args.head_lrs.split(",")):
         variants[f"head_lr={lr}"] = ("head", {"head_lr": float(lr)})
     if args.only:

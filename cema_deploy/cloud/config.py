@@ -19,6 +19,8 @@ from cema_deploy.exceptions import CloudError
 
 #: Values of :attr:`CemaConfig.statistics`.
 STATISTICS_MODES = ("training", "samples")
+#: Values of :attr:`CemaConfig.head_scope`.
+HEAD_SCOPES = ("run", "episode")
 #: Values of :attr:`CemaConfig.replay_scope`.
 REPLAY_SCOPES = ("window", "episode")
 #: Values of :attr:`DeploymentSpec.teacher_dtype` (autocast of the teacher's forward).
@@ -64,6 +66,8 @@ class CemaConfig:
     # move them by momentum) or "samples" (beyond the paper: only calibration batches and statistics samples do)
     head_lr: float = 0.0  # beyond the paper (issue 22): SGD lr of the replica's classifier tensors when the export
     # marks them refittable (`export --refit head`); 0 = student_lr, the affine parameters' lr
+    head_scope: str = "run"  # beyond the paper: "run" keeps a refittable head's training until a reset; "episode"
+    # also restores the export's head at every calibration that starts an episode (a generation's start, a shift)
     channels_last: bool = True  # NHWC memory layout for both models: same values, conv ~30 % faster on CPU
     # (measured: resnet18 teacher + resnet10t replica at 32x32, B = 32 + 3B replayed, 0.39 -> 0.27 s per step)
     seed: int = 0  # seeds replay sampling (per step, so a restart draws what an uninterrupted run would)
@@ -93,6 +97,8 @@ class CemaConfig:
             problems.append(f"bn_momentum = {self.bn_momentum} must be in (0, 1]")
         if self.statistics not in STATISTICS_MODES:
             problems.append(f"statistics = {self.statistics!r} must be one of {STATISTICS_MODES}")
+        if self.head_scope not in HEAD_SCOPES:
+            problems.append(f"head_scope = {self.head_scope!r} must be one of {HEAD_SCOPES}")
         if self.replay_scope not in REPLAY_SCOPES:
             problems.append(f"replay_scope = {self.replay_scope!r} must be one of {REPLAY_SCOPES}")
         if problems:

@@ -54,3 +54,13 @@ def head_state(model: nn.Module, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Copies of the refittable classifier tensors of ``model`` (empty for a norms-only export)."""
     state = model.state_dict()
     return {p.name: state[p.name].detach().clone() for p in manifest.head_refittable}
+
+
+@torch.no_grad()
+def restore_head(model: nn.Module, manifest: Manifest, saved: dict[str, torch.Tensor], optimizer: Any) -> None:
+    """``head_scope = "episode"``: the head's tensors back to ``saved`` (the replica's state at construction: the
+    export's head) and their SGD momentum dropped, so a new episode does not inherit what earlier ones taught it."""
+    params = dict(model.named_parameters())
+    for p in manifest.head_refittable:
+        params[p.name].copy_(saved[p.name])
+        optimizer.state.pop(params[p.name], None)

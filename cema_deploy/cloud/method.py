@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cema_deploy.cloud.config import CemaConfig
-from cema_deploy.cloud.head import group_lr, head_parameters, head_state, student_param_groups
+from cema_deploy.cloud.head import group_lr, head_parameters, head_state, restore_head, student_param_groups
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.exceptions import CloudError
 from cema_deploy.export.norms import norm_kind
@@ -395,6 +395,8 @@ class Cema:
     def calibrate(self, images: np.ndarray, *, student: bool = True, teacher: bool = False, keep: float = 0.0) -> None:
         """:func:`calibrate` the replica and/or the teacher on a calibration batch."""
         x, xt = self._inputs(images)
+        if student and keep == 0 and self.config.head_scope == "episode":  # beyond the paper (cloud/head.py)
+            restore_head(self.student, self.manifest, self._initial["student"], self.opt_student)
         if student:
             calibrate(self.student, x, keep=keep)
         if teacher:

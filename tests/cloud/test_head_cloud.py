@@ -101,3 +101,27 @@ def test_a_norms_only_export_never_moves_the_head(exported) -> None:  # type: ig
     cema.adapt(images(8, seed=0))
     assert len(cema.opt_student.param_groups) == 1 and "fc.bias" not in cema.blob_tensors()
     assert all(torch.equal(v, before[k]) for k, v in cema.student.fc.state_dict().items())
+
+
+def test_head_scope_episode_restores_the_exports_head_at_a_new_episode_only(exported_head) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from cema_deploy.exceptions import CloudError
+    from tests.cloud.conftest import images
+
+    out, model = exported_head("bn")
+    exported_bias = model.state_dict()["fc.bias"]
+    for scope in ("run", "episode"):
+        cema = _cema(out, head_lr=1e-2, head_scope=scope)
+        cema.adapt(images(8, seed=0))
+        trained = cema.student.fc.bias.detach().clone()
+        assert not torch.equal(trained, exported_bias)
+        cema.calibrate(images(8, seed=1), keep=0.5)  # merged into the current episode: the head stays
+        assert torch.equal(cema.student.fc.bias.detach(), trained)
+        cema.calibrate(images(8, seed=2))  # keep = 0: a new episode (a generation's start, a shift)
+        restored = torch.equal(cema.student.fc.bias.detach(), exported_bias)
+        assert restored == (scope == "episode")
+        head = cema.student.fc.bias
+        assert (head in cema.opt_student.state) == (scope == "run")  # its momentum went with it
+    with pytest.raises(CloudError, match="head_scope = 'device'"):
+        _cema(out, head_scope="device")
