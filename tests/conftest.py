@@ -60,3 +60,23 @@ def exported(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exported_head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """``exported_head(kind)`` -> (export dir, torch model): the ``exported`` model made with ``refit="head"``
+    (its classifier's weight and bias refittable, beyond the paper); each kind exported once per test session."""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(kind: str) -> tuple[Path, object]:
+        if kind not in cache:
+            from cema_deploy.export.to_onnx import export_timm
+
+            name, _, size = TINY_MODELS[kind]
+            model = tiny_model(kind)
+            out = tmp_path_factory.mktemp(f"export-head-{kind}")
+            export_timm(name, out, model=model, img_size=size, refit="head")
+            cache[kind] = (out, model)
+        return cache[kind]
+
+    return get

@@ -90,6 +90,13 @@ def demo_cmd(
         ),
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
+    refit: Annotated[
+        str,
+        typer.Option(
+            help="What the edge export's refit carries: norms (the paper's) or head (also the classifier, beyond "
+            "the paper: `cema-deploy export --refit head`)."
+        ),
+    ] = "norms",
 ) -> None:
     """Run CEMA end to end on ImageNet-C corruptions of scikit-learn's digits (no download).
 
@@ -124,6 +131,7 @@ def demo_cmd(
                 sweep=parse_sweep(sweep) if sweep else None,
                 on_step=on_step,
                 diagnose=diagnose,
+                refit=refit,
             )
         for p in paths:
             console.print(f"wrote {p}")
@@ -144,6 +152,7 @@ def demo_cmd(
         "sync": sync,
         "edge_batch": edge_batch,
         "stream_order": stream,
+        "refit": refit,
         **({"warmup": warmup} if warmup is not None else {}),
     }
     cfg = DemoConfig.quick(**options) if quick else DemoConfig(**options)

@@ -19,6 +19,8 @@ from cema_deploy.exceptions import CloudError
 
 #: Values of :attr:`CemaConfig.statistics`.
 STATISTICS_MODES = ("training", "samples")
+#: Values of :attr:`CemaConfig.head_scope`.
+HEAD_SCOPES = ("run", "episode")
 #: Values of :attr:`CemaConfig.replay_scope`.
 REPLAY_SCOPES = ("window", "episode")
 #: Values of :attr:`DeploymentSpec.teacher_dtype` (autocast of the teacher's forward).
@@ -62,6 +64,10 @@ class CemaConfig:
     bn_momentum: float = 0.1  # momentum of the running statistics under test-time batch renormalisation (TBR)
     statistics: str = "training"  # where running statistics come from: "training" (official: training forwards
     # move them by momentum) or "samples" (beyond the paper: only calibration batches and statistics samples do)
+    head_lr: float = 0.0  # beyond the paper (issue 22): SGD lr of the replica's classifier tensors when the export
+    # marks them refittable (`export --refit head`); 0 = student_lr, the affine parameters' lr
+    head_scope: str = "run"  # beyond the paper: "run" keeps a refittable head's training until a reset; "episode"
+    # also restores the export's head at every calibration that starts an episode (a generation's start, a shift)
     channels_last: bool = True  # NHWC memory layout for both models: same values, conv ~30 % faster on CPU
     # (measured: resnet18 teacher + resnet10t replica at 32x32, B = 32 + 3B replayed, 0.39 -> 0.27 s per step)
     seed: int = 0  # seeds replay sampling (per step, so a restart draws what an uninterrupted run would)
@@ -78,6 +84,7 @@ class CemaConfig:
                 ("idle_factor", 1),
                 ("idle_max_steps", 0),
                 ("idle_after_s", 0),
+                ("head_lr", 0),
             )
             if getattr(self, name) < low
         ]
@@ -90,6 +97,8 @@ class CemaConfig:
             problems.append(f"bn_momentum = {self.bn_momentum} must be in (0, 1]")
         if self.statistics not in STATISTICS_MODES:
             problems.append(f"statistics = {self.statistics!r} must be one of {STATISTICS_MODES}")
+        if self.head_scope not in HEAD_SCOPES:
+            problems.append(f"head_scope = {self.head_scope!r} must be one of {HEAD_SCOPES}")
         if self.replay_scope not in REPLAY_SCOPES:
             problems.append(f"replay_scope = {self.replay_scope!r} must be one of {REPLAY_SCOPES}")
         if problems:
@@ -101,6 +110,11 @@ class CemaConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def head_learning_rate(self) -> float:
+        """The lr of a refittable head: :attr:`head_lr`, or :attr:`student_lr` when it is 0."""
+        return self.head_lr or self.student_lr
 
 
 @dataclass(frozen=True, kw_only=True)

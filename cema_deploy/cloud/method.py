@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cema_deploy.cloud.config import CemaConfig
+from cema_deploy.cloud.head import group_lr, head_parameters, head_state, restore_head, student_param_groups
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.exceptions import CloudError
 from cema_deploy.export.norms import norm_kind
@@ -344,6 +345,7 @@ class Cema:
                 f"The replica of {manifest.model_name} lacks refittable tensors {missing[:3]}; "
                 "load the replica from the same export as the manifest."
             )
+        self._head = head_parameters(self.student, manifest)  # beyond the paper: `export --refit head`
         self._new_optimizers()
         self._initial = self.state_dict()
 
@@ -398,6 +400,8 @@ class Cema:
     def calibrate(self, images: np.ndarray, *, student: bool = True, teacher: bool = False, keep: float = 0.0) -> None:
         """:func:`calibrate` the replica and/or the teacher on a calibration batch."""
         x, xt = self._inputs(images)
+        if student and keep == 0 and self.config.head_scope == "episode":  # beyond the paper (cloud/head.py)
+            restore_head(self.student, self.manifest, self._initial["student"], self.opt_student)
         if student:
             calibrate(self.student, x, keep=keep)
         if teacher:
@@ -431,7 +435,8 @@ class Cema:
         """Why this state must not be published (a non-finite tensor or a negative variance in either model), or
         ``None``. Checked after every step: a diverged step is never published."""
         for side, model in (("teacher", self.teacher), ("replica", self.student)):
-            for name, v in norm_state(model).items():
+            tensors = {**norm_state(model), **(head_state(model, self.manifest) if model is self.student else {})}
+            for name, v in tensors.items():
                 if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                     return f"the {side}'s {name} holds NaN or Inf"
                 if name.endswith("running_var") and bool((v < 0).any()):
@@ -445,7 +450,7 @@ class Cema:
         out: dict[str, Any] = _to_cpu(
             {
                 "teacher": norm_state(self.teacher),
-                "student": norm_state(self.student),
+                "student": {**norm_state(self.student), **head_state(self.student, self.manifest)},
                 "steps": self.steps,
                 "opt_teacher": self.opt_teacher.state_dict(),
                 "opt_student": self.opt_student.state_dict(),
@@ -458,6 +463,8 @@ class Cema:
         """Restore :meth:`state_dict` (onto this device); learning rates stay the config's."""
         for side, model in (("teacher", self.teacher), ("student", self.student)):
             missing = set(norm_state(model)) - set(state[side])
+            if side == "student":
+                missing |= set(head_state(model, self.manifest)) - set(state[side])
             if missing:
                 raise CloudError(
                     f"The saved adaptation state lacks {len(missing)} {side} tensors, e.g. "
@@ -466,9 +473,10 @@ class Cema:
             model.load_state_dict(state[side], strict=False)
         self.opt_teacher.load_state_dict(state["opt_teacher"])  # moves the momentum buffers onto the device
         self.opt_student.load_state_dict(state["opt_student"])
-        for opt, lr in ((self.opt_teacher, self.config.teacher_lr), (self.opt_student, self.config.student_lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        for group in self.opt_teacher.param_groups:
+            group["lr"] = self.config.teacher_lr
+        for group in self.opt_student.param_groups:
+            group["lr"] = group_lr(group, self.config)
         if steps:
             self.steps = int(state.get("steps", 0))
         for name, mod in self._bns():
@@ -483,7 +491,8 @@ class Cema:
     def _new_optimizers(self) -> None:
         c = self.config
         self.opt_teacher = torch.optim.SGD(collect_params(self.teacher)[0], lr=c.teacher_lr, momentum=c.momentum)
-        self.opt_student = torch.optim.SGD(collect_params(self.student)[0], lr=c.student_lr, momentum=c.momentum)
+        groups = student_param_groups(collect_params(self.student)[0], self._head, c)
+        self.opt_student = torch.optim.SGD(groups, lr=c.student_lr, momentum=c.momentum)
 
     def _edge_norm(self, groups: Any) -> Any:
         """Beyond the paper: within the block, the replica normalises each device's samples with the statistics

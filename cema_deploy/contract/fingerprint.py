@@ -4,7 +4,8 @@ graph says about its inputs, outputs and initializers.
 The fingerprint is a SHA-256 over, in this order:
 
 * the manifest fields that the edge and the cloud act on (:func:`binding` of a manifest: model name and
-  constructor arguments, class count, preprocessing, input and output, the refittable list), as canonical JSON;
+  constructor arguments, class count, preprocessing, input and output, the refittable list: the normalization
+  tensors, plus the classifier's of an ``export --refit head``), as canonical JSON;
 * the opset imports, the graph's inputs and outputs and every node, as their serialized protobuf messages;
 * every initializer's name, element type and shape, and for the non-refittable ones their values (inline bytes,
   or the bytes of their external-data file).

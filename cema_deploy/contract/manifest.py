@@ -12,7 +12,7 @@ from typing import Any
 
 from cema_deploy._atomic import PUBLIC_FILE_MODE, write_atomic
 from cema_deploy.contract.fingerprint import FINGERPRINT_SCHEME, GraphSummary, summarize_graph
-from cema_deploy.contract.names import NORM_KINDS
+from cema_deploy.contract.names import HEAD_KIND, REFIT_KINDS
 from cema_deploy.contract.onnx_wire import WireError
 from cema_deploy.exceptions import ExportIntegrityError, ManifestError
 
@@ -118,6 +118,16 @@ class Manifest:
     def refittable_bytes(self) -> int:
         """Size of the refittable tensors' payload (what one refit blob carries, headers aside)."""
         return sum(p.numel * _itemsize(p.dtype) for p in self.refittable)
+
+    @property
+    def head_refittable(self) -> tuple[RefittableParam, ...]:
+        """The classifier's refittable tensors (exported with ``--refit head``; empty for a norms-only export)."""
+        return tuple(p for p in self.refittable if p.layer_type == HEAD_KIND)
+
+    @property
+    def refit_scope(self) -> str:
+        """What a refit carries: ``"head"`` (norms plus classifier tensors) or ``"norms"`` (the paper's)."""
+        return "head" if self.head_refittable else "norms"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -345,8 +355,8 @@ def _problems(m: Manifest) -> list[str]:
         seen.add(p.name)
         if p.dtype not in _DTYPES:
             out.append(f"refittable {p.name!r} has unsupported dtype {p.dtype!r}")
-        if p.layer_type not in NORM_KINDS:
-            out.append(f"refittable {p.name!r} has layer type {p.layer_type!r}, expected one of {NORM_KINDS}")
+        if p.layer_type not in REFIT_KINDS:
+            out.append(f"refittable {p.name!r} has layer type {p.layer_type!r}, expected one of {REFIT_KINDS}")
         if any(d < 1 for d in p.shape):
             out.append(f"refittable {p.name!r} has shape {p.shape}")
     return out

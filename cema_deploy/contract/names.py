@@ -9,6 +9,11 @@ from __future__ import annotations
 
 #: Normalization layer kinds whose parameters are refittable.
 NORM_KINDS: tuple[str, ...] = ("BatchNorm", "LayerNorm", "GroupNorm")
+#: The layer kind of the classifier's tensors when an export makes the head refittable (``--refit head``, beyond
+#: the paper, which refits the normalization layers only).
+HEAD_KIND = "Classifier"
+#: Every layer kind a manifest may name for a refittable tensor.
+REFIT_KINDS: tuple[str, ...] = (*NORM_KINDS, HEAD_KIND)
 
 _AFFINE = ("weight", "bias")
 _BN_STATS = ("running_mean", "running_var")

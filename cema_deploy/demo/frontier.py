@@ -374,12 +374,14 @@ def run_frontier(
     on_step: Callable[[str], None] = lambda _m: None,
     diagnose: bool = False,
     cloud: dict[str, Any] | None = None,
+    refit: str = "norms",
 ) -> list[Path]:
     """Sweep, aggregate over seeds, and write frontier.json/png. Runs are appended to ``frontier_runs.jsonl``
     as they finish, and runs already there are not repeated (a long sweep resumes where it stopped). ``sweep``
     replaces :data:`SWEEP`'s knob values for the rules it names. ``diagnose`` and ``cloud`` go to every
     :func:`run_job` and are recorded in ``frontier.json`` (runs of another setting need another ``out_dir``:
-    the run log's keys do not hold them)."""
+    the run log's keys do not hold them). ``refit="head"`` exports the edge model with its classifier refittable
+    (``export --refit head``, beyond the paper; recorded as well)."""
     import multiprocessing as mp
 
     from cema_deploy.demo.baselines import run_baseline
@@ -396,9 +398,9 @@ def run_frontier(
     models = resolve_models(None, None, splits, seed=train_seed)
     edge_model = load_model(models.edge.name, models.edge.checkpoint)
     teacher_model = load_model(models.teacher.name, models.teacher.checkpoint)
-    edge_dir = out_dir / "edge-model"
+    edge_dir = out_dir / ("edge-model" if refit == "norms" else f"edge-model-{refit}")
     if not (edge_dir / "manifest.json").exists():
-        export_timm(models.edge.name, edge_dir, model=edge_model, img_size=splits[0].shape[1])
+        export_timm(models.edge.name, edge_dir, model=edge_model, img_size=splits[0].shape[1], refit=refit)
     log = out_dir / "frontier_runs.jsonl"
     done = {json.loads(line)["key"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
     todo = [j for j in jobs_for(rules, protocols, severities, seeds, sweep) if j.key not in done]
@@ -469,6 +471,7 @@ def run_frontier(
         "d_margin": None,
         "diagnose": diagnose,
         "cloud": dict(cloud or {}),
+        "refit": refit,
         "models": {
             "edge": models.edge.name,
             "edge_clean_accuracy": 100 * models.edge.clean_accuracy,

@@ -91,6 +91,7 @@ class DemoConfig:
     edge_epochs: int | None = None  # None: the edge recipe's (models.EDGE_DEFAULT)
     teacher_epochs: int | None = None  # None: the teacher recipe's (models.TEACHER_DEFAULT)
     teacher_rows: bool = True  # the teacher_no_adapt / teacher_adapted rows and gap_closed (demo.teacher_ceiling)
+    refit: str = "norms"  # what the edge export's refit carries: "norms" (paper) or "head" (export --refit head)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -458,7 +459,7 @@ def run_demo(
     edge_model = load_model(edge_tm.name, edge_tm.checkpoint)
     on_step(f"export {edge_tm.name} to a refittable ONNX model")
     edge_dir = out_dir / "edge-model"
-    export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1], force=True)  # its own folder
+    export_timm(edge_tm.name, edge_dir, model=edge_model, img_size=splits[0].shape[1], force=True, refit=cfg.refit)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     results: dict[str, Any] = {
         "protocol": cfg.protocol,

@@ -37,7 +37,8 @@ from cema_deploy.contract.manifest import (
 )
 from cema_deploy.contract.norms_file import NORMS_FILE, norms_layout, write_norms_file
 from cema_deploy.exceptions import ExportError, ModelError
-from cema_deploy.export.norms import collect_norm_params
+from cema_deploy.export.head import HeadParam, check_refit_scope, collect_head_params
+from cema_deploy.export.norms import NormParam, collect_norm_params
 from cema_deploy.export.stats_probe import write_stats_probe
 from cema_deploy.export.target import check_target, discard, publish, work_dir_for
 
@@ -187,6 +188,7 @@ def export_timm(
     folded_reference: bool = False,
     force: bool = False,
     on_step: StepCallback | None = None,
+    refit: str = "norms",
 ) -> ExportResult:
     """Export a timm model (by name, or ``model`` if given) into ``out_dir`` and verify it.
 
@@ -202,11 +204,16 @@ def export_timm(
     ``model_args`` are the keyword arguments ``model`` was built with by ``timm.create_model`` (recorded in the
     manifest so the cloud builds the same model; a given ``model`` without them records only its class count).
 
+    ``refit="head"`` (beyond the paper) also makes the classifier refittable: its bias, and its weight for heads of
+    at most 100 classes (:mod:`cema_deploy.export.head`). The refittable list is bound by the fingerprint, so the
+    two scopes of one model are two exports whose blobs never cross.
+
     Example:
         >>> result = export_timm("resnet18", "out/r18")  # doctest: +SKIP
         >>> result.manifest.fingerprint[:12]  # doctest: +SKIP
     """
     lazy_import("torch", extra="export", purpose="cema-deploy export")  # the missing extra, said first
+    check_refit_scope(refit)
     step = on_step or (lambda _msg: None)
     t0 = time.perf_counter()
 
@@ -232,6 +239,7 @@ def export_timm(
             opset=opset,
             atol=atol,
             folded_reference=folded_reference,
+            refit=refit,
             step=step,
             seconds={"build": time.perf_counter() - t0},
         )
@@ -253,6 +261,7 @@ def _export_into(
     opset: int,
     atol: float,
     folded_reference: bool,
+    refit: str,
     step: StepCallback,
     seconds: dict[str, float],
 ) -> ExportResult:
@@ -263,7 +272,8 @@ def _export_into(
     onnx = lazy_import("onnx", extra="export", purpose="cema-deploy export")
     data_cfg = _data_config(model, img_size)
     _, height, width = data_cfg["input_size"]
-    norm_params = collect_norm_params(model)
+    norm_params: list[NormParam | HeadParam] = [*collect_norm_params(model)]
+    norm_params += collect_head_params(model) if refit == "head" else []
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 
     step("Exporting to ONNX (normalization layers kept, initializers named as in the state dict)")
@@ -275,8 +285,9 @@ def _export_into(
     missing = [n for n in refit_names if n not in {i.name for i in proto.graph.initializer}]
     if missing:
         raise ExportError(
-            f"{len(missing)} normalization tensors did not survive as ONNX initializers (e.g. {missing[:3]}); "
-            "this model's norms cannot be made refittable by the TorchScript exporter."
+            f"{len(missing)} refittable tensors did not survive as ONNX initializers (e.g. {missing[:3]}); "
+            f"this model's {'norms and head' if refit == 'head' else 'norms'} cannot be made refittable by the "
+            "TorchScript exporter."
         )
     model_path = out / MODEL_FILE
 

@@ -65,7 +65,7 @@ class InplaceEngine:
         self.arrays = prepared.initializers(tensors)
         handed = {n: a.copy() for n, a in self.arrays.items()} if hand_copies else self.arrays
         self.session: Any
-        self.session, self._held = prepared.session_on(handed, options)
+        self.session, self._held = prepared.session_on(handed, options, in_place=True)
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
 

@@ -56,6 +56,10 @@ INLINE_BYTES = 1024
 ALIGN = 64
 #: Elements per row of the broadcast multiply that computes a fused weight.
 ROW = 1024
+#: Operators whose CPU kernels copy a constant weight input (``B``, input 1) into a packed buffer when the session
+#: is made (``PrePack``), so later in-place writes to it are never seen: a refittable head's Gemm/MatMul weight.
+#: Their bias (Gemm's ``C``) is read at every run.
+PREPACKING_OPS = frozenset({"Gemm", "MatMul", "FusedGemm", "FusedMatMul"})
 
 
 class PreparedGraphError(RuntimeError):
@@ -136,8 +140,12 @@ class PreparedGraph:
         constants: dict[str, Any],
         recipes: dict[str, Recipe],
         fused: list[_Fused],
+        packed: frozenset[str] = frozenset(),
     ) -> None:
         self._graph = graph_bytes
+        #: Refit-dependent initializers that a prepacking kernel reads (a refittable head's weight): sessions
+        #: written in place are made with prepacking off (:meth:`session_on`).
+        self.packed = packed
         self._dir = data_dir
         self._cleanup = weakref.finalize(self, shutil.rmtree, data_dir, ignore_errors=True)
         self._constants = constants  # name -> OrtValue, shared by every session (read-only)
@@ -253,13 +261,24 @@ class PreparedGraph:
         session, held = self.session_on(arrays, options)
         return session, held, partial(self.recycle, arrays)
 
-    def session_on(self, arrays: Mapping[str, np.ndarray], options: Callable[[], Any]) -> tuple[Any, list[Any]]:
+    def session_on(
+        self, arrays: Mapping[str, np.ndarray], options: Callable[[], Any], *, in_place: bool = False
+    ) -> tuple[Any, list[Any]]:
         """An ``InferenceSession`` reading ``arrays`` (from :meth:`initializers`) in place, and the objects it
-        borrows (keep them while it lives)."""
+        borrows (keep them while it lives).
+
+        ``in_place``: the arrays will be written while the session lives (``onnxrt_inplace``). Where a
+        refit-dependent array is a prepacking kernel's weight (:attr:`packed`: a refittable head's Gemm), the
+        session is made with ``session.disable_prepacking``, so the kernel reads the array itself at every run
+        (the head's matrix product then packs its weight per run: one small matrix for the <= 100-class heads
+        whose weight an export makes refittable).
+        """
         import onnxruntime as ort
 
         so = options()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if in_place and self.packed:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._dir))
         values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
         for name, value in (*self._constants.items(), *values.items()):
@@ -318,7 +337,8 @@ def prepared_from_onnx(
     with open(data_dir / _DATA_FILE, "wb") as fh:
         fh.truncate(data_size)
     assert ref_logits is not None
-    prepared = PreparedGraph(graph_bytes, data_dir, constants, recipes, fused)
+    packed = frozenset(n.inputs[1] for n in ref_model.nodes if n.op_type in PREPACKING_OPS and n.inputs[1] in recipes)
+    prepared = PreparedGraph(graph_bytes, data_dir, constants, recipes, fused, packed)
     session, held, recycle = prepared.session(reference, options)
     got = np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
     tol = 1e-4 * (1.0 + float(np.abs(ref_logits).max()))
