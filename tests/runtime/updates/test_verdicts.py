@@ -139,3 +139,31 @@ def test_refits_are_judged_only_on_frames_since_the_ring_was_rebased(exported) -
 def test_hold_frames_must_not_be_negative() -> None:
     with pytest.raises(RollbackConfigError, match="hold_frames"):
         RollbackConfig(hold_frames=-1)
+
+
+@pytest.mark.network
+def test_edge_run_json_lists_every_verdict(exported, protocol_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from cema_deploy.cli import app
+    from tests.runtime.test_edge import _publishing_cloud
+
+    out, srv = _publishing_cloud(exported, protocol_server, tmp_path, n=32, seed=4)
+    r = CliRunner().invoke(app, [
+        "edge", "run", str(out), "--selection", "cema", "--source", str(tmp_path / "s.npy"), "--cloud", srv.url,
+        "--token-file", str(tmp_path / "token"), "--batch", "8", "--sync", "--encoding", "raw", "--e0-ratio", "1.5",
+        "--e-min-ratio", "0", "--d-margin", "off", "--rollback-window", "8", "--rollback-hold", "512",
+        "--json", str(tmp_path / "m.json"), "--quiet",
+    ])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["blobs_applied"] >= 2 and m["verdicts"], "refits after the first one with 8 frames are judged"
+    judged = [v["version"] for v in m["verdicts"]]
+    assert judged == sorted(set(judged)) and set(judged) <= set(range(1, m["blobs_applied"] + 1))
+    for v in m["verdicts"]:
+        assert v["frames"] == 8 and v["previous_version"] < v["version"]
+        assert v["action"] in ("kept", "rolled back") and (v["action"] == "rolled back") == v["rollback"]
+        assert {"score_previous", "score_new", "allowed_drop", "reason", "episode"} <= set(v)
+    assert m["held_blobs"] == 0 and m["holding"] is None and m["rollbacks"] == sum(v["rollback"] for v in m["verdicts"])
