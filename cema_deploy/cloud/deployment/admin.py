@@ -53,7 +53,8 @@ class AdminMixin(PublishingMixin):
         latest upload's ``edge_version``); the state to return to is a *kept* snapshot (``keep_blobs``), never
         the export by default; and it is at or after the version that published the generation's newest
         calibration or reset (``floor``), so ``calibrated`` stays true of what is served. Reports outside the
-        bounds are recorded and counted (``report:ignored``), nothing else."""
+        bounds are recorded and counted (``report:ignored``), nothing else. A deployment that has heard from the
+        reporter only acts on its report alone, once per episode (module doc: a sole device's report)."""
         self.store.append_report({**report.to_json(), "device": device, "received": time.time()})
         with self._cond:
             self.counters[f"report:{report.kind}"] += 1
