@@ -240,6 +240,15 @@ def run_cmd(
         float,
         typer.Option(metavar="X", min=0.0, help="Allowed information drop, fraction of ln C.", rich_help_panel=_REFIT),
     ] = 0.05,
+    rollback_hold: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            min=0,
+            help="After a rollback, decline the episode's later blobs for N frames (0: judge every blob).",
+            rich_help_panel=_REFIT,
+        ),
+    ] = 1024,
     min_refit_interval: Annotated[
         float, typer.Option(metavar="S", min=0.0, help="Shortest time between refit builds, s.", rich_help_panel=_REFIT)
     ] = 0.0,
@@ -404,6 +413,7 @@ def run_cmd(
                 window=rollback_window,
                 margin_ratio=rollback_margin,
                 min_samples=min(32, rollback_window),
+                hold_frames=rollback_hold,
             ),
             sync=sync,
             sync_timeout_s=sync_timeout,

@@ -11,7 +11,8 @@ diagnose=True)``), with the labels the demo holds and the edge never sees:
   scores, the frames and what made each version on the cloud (``calibration``, ``step``, ``replay``, ...).
 
 :func:`audit_summary` gives the guard's precision (rolled-back blobs that were worse) and recall (blobs that lost
->= 5 points on their judged frames and were rolled back).
+>= 5 points on their judged frames and were rolled back); :func:`rollbacks_per_corruption` the most rollbacks in one
+corruption (issue 22's target: <= 1) and the blobs the edge declined unjudged while it held a rejected line.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Diagnosis:
         self._segment = ""
         self._up_frames: list[np.ndarray] = []
         self._up_labels: list[np.ndarray] = []
-        self._rollbacks_at_start = 0
+        self._rollbacks_at_start = self._held_at_start = 0
         self._lock = threading.Lock()
 
     # ---- feeding --------------------------------------------------------------------------------------------
@@ -50,8 +51,9 @@ class Diagnosis:
         with self._lock:
             self.kinds[version] = job or "unknown"
 
-    def begin(self, segment: str, rollbacks: int) -> None:
-        self._segment, self._rollbacks_at_start = segment, rollbacks
+    def begin(self, segment: str, rollbacks: int, held: int = 0) -> None:
+        """A corruption begins; ``rollbacks`` and ``held`` (blobs declined unjudged) are the edge's totals so far."""
+        self._segment, self._rollbacks_at_start, self._held_at_start = segment, rollbacks, held
         self._up_frames, self._up_labels = [], []
 
     def served(self, frames: np.ndarray, labels: np.ndarray) -> None:
@@ -66,7 +68,15 @@ class Diagnosis:
             self._up_frames.append(frames[uploaded])
             self._up_labels.append(labels[uploaded])
 
-    def end(self, *, teacher_pred: np.ndarray, replica_pred: np.ndarray, edge_pred: np.ndarray, rollbacks: int) -> None:
+    def end(
+        self,
+        *,
+        teacher_pred: np.ndarray,
+        replica_pred: np.ndarray,
+        edge_pred: np.ndarray,
+        rollbacks: int,
+        held: int = 0,
+    ) -> None:
         """The corruption's end: predictions of the teacher, the replica and the edge on :attr:`uploaded`."""
         _, y = self.uploaded
         self.corruptions.append(
@@ -77,6 +87,7 @@ class Diagnosis:
                 "replica_accuracy": _acc(replica_pred, y),
                 "edge_accuracy": _acc(edge_pred, y),
                 "rollbacks": rollbacks - self._rollbacks_at_start,
+                "held": held - self._held_at_start,
             }
         )
 
@@ -115,7 +126,8 @@ class Diagnosis:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"corruptions": self.corruptions, "verdicts": self.verdicts, "audit": audit_summary(self.verdicts)}
+        audit = audit_summary(self.verdicts) | rollbacks_per_corruption(self.corruptions)
+        return {"corruptions": self.corruptions, "verdicts": self.verdicts, "audit": audit}
 
 
 def _acc(pred: np.ndarray, labels: np.ndarray) -> float | None:
@@ -137,4 +149,15 @@ def audit_summary(verdicts: list[dict[str, Any]], loss_points: float = LOSS_POIN
         "losing": len(losing),
         "recall": sum(1 for v in losing if v["rollback"]) / len(losing) if losing else None,
         "rolled_back_mean_change": float(np.mean(back)) if back else None,
+    }
+
+
+def rollbacks_per_corruption(corruptions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the corruptions of a run: the most rollbacks in one (``max_rollbacks_per_corruption``), the
+    corruptions with more than one, and the blobs declined unjudged (``held``; the edge's hold after a rollback)."""
+    counts = [int(c["rollbacks"]) for c in corruptions]
+    return {
+        "max_rollbacks_per_corruption": max(counts, default=0),
+        "corruptions_over_one_rollback": sum(1 for n in counts if n > 1),
+        "held": sum(int(c.get("held", 0)) for c in corruptions),
     }

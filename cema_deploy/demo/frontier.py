@@ -210,7 +210,7 @@ def run_job(
             try:
                 for seg in segments:
                     if diag is not None:
-                        diag.begin(seg.name, rt.rollbacks)
+                        diag.begin(seg.name, rt.rollbacks, rt.ledger.snapshot().held)
                     for a in range(0, len(seg.labels), edge_batch):
                         images = np.asarray(seg.images[a : a + edge_batch])
                         if diag is not None:  # before processing: a sync run judges refits within process()
@@ -275,7 +275,11 @@ def _end_corruption(diag: Diagnosis, dep: Any, rt: Any) -> None:
     else:
         teacher = replica = edge = np.zeros((0, 1), np.float32)
     diag.end(
-        teacher_pred=teacher.argmax(1), replica_pred=replica.argmax(1), edge_pred=edge.argmax(1), rollbacks=rt.rollbacks
+        teacher_pred=teacher.argmax(1),
+        replica_pred=replica.argmax(1),
+        edge_pred=edge.argmax(1),
+        rollbacks=rt.rollbacks,
+        held=rt.ledger.snapshot().held,
     )
 
 

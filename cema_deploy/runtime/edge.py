@@ -23,7 +23,9 @@ The jobs live in their own modules, wired together here:
   floor (moved only by verified metadata), refusals, rollbacks and the calibration exemption; the intake, the
   uplink's acknowledgements and the rollback guard report to it.
 * :mod:`~cema_deploy.runtime.updates.rollback`: each refit judged against the previous parameters on the same recent
-  frames (mutual information between input and prediction); a drop beyond the margin rolls it back.
+  frames since the last calibration (mutual information between input and prediction); a drop beyond the margin
+  rolls it back, is reported once, and the ledger holds the episode's line (later blobs of the episode declined
+  unjudged, ``RollbackConfig.hold_frames``). Every verdict is recorded (``metrics()["verdicts"]``).
 * :mod:`~cema_deploy.runtime.updates.state`: with ``state_dir`` the selector, refused versions, generation and serving
   blob survive restarts (written on an interval, on every refit, rollback or refusal, and on close).
 
@@ -32,6 +34,7 @@ Never imports torch.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -162,6 +165,9 @@ class EdgeRuntime:
         #: Source frames that could not be read and were skipped (set by the caller that reads the source).
         self.frames_unreadable = 0
         self.pin_version = pin_version
+        #: Every rollback verdict (the newest 1,000): version, previous, scores, frames, episode, what was done.
+        self.verdicts: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+        self._hold_from: int | None = None  # frames served when the ledger began to hold (the runtime releases it)
         self._generation_of: dict[int, int] = {}  # serving version -> the generation it was applied in
         self._reset_due = False
         self._started = time.monotonic()
@@ -247,6 +253,7 @@ class EdgeRuntime:
         self.monitor.ring.add(at_size, logits, version)
         self.monitor.frames_added()
         self.frames += len(at_size)
+        self._release_hold_when_due()
         busy = time.perf_counter() - t0
         step = EdgeStep(logits, logits.argmax(axis=1), sel, version, calibration)
         if self.sync_mode and self.uplink is not None:
@@ -271,7 +278,8 @@ class EdgeRuntime:
         if stats_report:  # ahead of this batch's uploads: the cloud adapts on them under the statistics they met
             up.put_report(BatchReport(seen=0, selected=0, uploaded=0, generation=gen, **stats_report))
         if reason:  # the whole batch, once: its selected samples are adapted on from it
-            self.ledger.calibration_queued()
+            self.ledger.calibration_queued()  # a new episode: the hold (if any) ends
+            self.monitor.ring.rebase()  # refits are judged only on frames from this batch on
             up.put_calibration(at_size, sel.entropy, sel.mask, version=version, generation=gen, reason=reason)
             uploaded = n
         else:
@@ -425,32 +433,55 @@ class EdgeRuntime:
             self.monitor.applied(version)
 
     def _on_judged(self, j: Judgement) -> None:
-        """RollbackMonitor callback (its thread): roll ``j.version`` back if judged bad and still serving."""
+        """RollbackMonitor callback (its thread): roll ``j.version`` back if judged bad and still serving; record
+        the verdict. After a rollback the cloud is told once and the ledger holds this episode's line."""
+        action = self._act_on(j)
+        record = asdict(j)
+        record["frames"] = record.pop("n")
+        self.verdicts.append({**record, "episode": self.ledger.episode, "action": action})
+
+    def _act_on(self, j: Judgement) -> str:
         if not j.rollback:
             log.debug("%s", j.describe())
-            return
+            return "kept"
         with self._swap_lock:
             serving, previous = serving_stamp(self.backend), previous_stamp(self.backend)
             if serving[1] != j.version:  # a newer refit replaced it already: never again, nor anything older
                 if previous is not None and previous[1] == j.version:
                     self.ledger.rolled_back(previous, j.reason, swapped=False)
-                return
+                return "replaced already"
             try:
                 restored = self.backend.rollback(only_if_serving=j.version)  # atomic with the backend's swaps
             except RefitError as exc:  # a refit landed since the check above, or nothing to return to
                 log.warning("v%d judged bad but not rolled back: %s", j.version, exc)
-                return
+                return "not rolled back"
             same_epoch = self.ledger.rolled_back(serving, j.reason, detail=j.describe(), swapped=True)
+            if same_epoch and self.rollback_cfg.hold_frames > 0:  # one verdict per episode: hold its line
+                self.ledger.hold(j.version)
+                self._hold_from = self.frames
         log.warning("rolled back v%d, serving v%d again: %s", j.version, restored, j.describe())
         if same_epoch:  # a version of an epoch the cloud left behind means nothing to it
             self._report(EdgeReport(kind="rollback", version=j.version, reason=j.describe()))
         self._state_changed()
+        return "rolled back"
+
+    def _release_hold_when_due(self) -> None:
+        """End the ledger's hold ``hold_frames`` frames after the rollback that began it (serving thread)."""
+        since = self._hold_from
+        if since is None:
+            return
+        if self.ledger.holding is None:  # a new episode ended it
+            self._hold_from = None
+        elif self.frames - since >= self.rollback_cfg.hold_frames:
+            self._hold_from = None
+            self.ledger.release(f"{self.frames - since} frames served since the rollback")
 
     def _report(self, report: EdgeReport) -> None:
         if self.uplink is not None:
             self.uplink.put_edge_report(report)
 
     def _on_new_generation(self, generation: int) -> None:
+        self.ledger.new_episode()
         self._reset_due = True  # the serving thread starts a fresh selector before its next batch
         self._state_changed()
 
@@ -590,6 +621,10 @@ class EdgeRuntime:
             "pin_version": self.pin_version,
             "held_by_pin": ik.held_by_pin,
             "unjudged_refits": self.monitor.unjudged,
+            "episode": led.episode,
+            "held_blobs": led.held,
+            "holding": led.holding,
+            "verdicts": list(self.verdicts),
             "stats": self.stats.metrics() if self.stats is not None else {"mode": "off"},
         }
 

@@ -71,12 +71,15 @@ def test_uploads_in_blob_out(cloud_factory, exported) -> None:  # type: ignore[n
         r = http.post(
             reports_url(cloud.url, fp), json={"kind": "rollback", "version": 2, "reason": "entropy"}, headers=auth
         )
-        assert r.status_code == 202
+        # the only device the deployment knows rolled v2 back: its line is restored (the state of v1, as v3)
+        assert r.status_code == 202 and r.json()["outcome"] == "restoring the state of version 1"
+        r = http.get(blob_url(cloud.url, fp), params={"after": 2, "wait": 30}, headers=auth)
+        assert r.status_code == 200 and r.headers["X-Cema-Version"] == "3"
         metrics = http.get(cloud.url + "/metrics").text
-        assert f'cema_blob_version{{deployment="test_resnet",model="{fp[:16]}"}} 2' in metrics
+        assert f'cema_blob_version{{deployment="test_resnet",model="{fp[:16]}"}} 3' in metrics
         assert "cema_samples_total" in metrics and "cema_upload_to_blob_seconds_count" in metrics
         assert 'kind="rollback"} 1' in metrics
-        assert http.get(cloud.url + "/v1/health", headers=auth).json()["models"] == {fp: 2}
+        assert http.get(cloud.url + "/v1/health", headers=auth).json()["models"] == {fp: 3}
         assert "/v1/models/{fingerprint}/samples" in http.get(cloud.url + "/openapi.json").json()["paths"]
 
 

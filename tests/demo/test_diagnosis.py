@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from cema_deploy.demo.diagnosis import audit_summary
+from cema_deploy.demo.diagnosis import audit_summary, rollbacks_per_corruption
 from tests.conftest import needs_torch
 
 
@@ -30,6 +30,21 @@ def test_audit_precision_and_recall_on_constructed_verdicts() -> None:
     assert got["rolled_back_mean_change"] == pytest.approx((-20 + 5) / 2)
     none = audit_summary([_v(False, 60.0, 61.0)])
     assert none["precision"] is None and none["recall"] is None  # never a division by zero
+
+
+def test_rollbacks_per_corruption_and_held_blobs() -> None:
+    corruptions = [
+        {"rollbacks": 0, "held": 0},
+        {"rollbacks": 1, "held": 7},
+        {"rollbacks": 3, "held": 2},
+        {"rollbacks": 2},
+    ]
+    assert rollbacks_per_corruption(corruptions) == {
+        "max_rollbacks_per_corruption": 3,
+        "corruptions_over_one_rollback": 2,
+        "held": 9,
+    }
+    assert rollbacks_per_corruption([])["max_rollbacks_per_corruption"] == 0
 
 
 @needs_torch
@@ -55,6 +70,8 @@ def test_a_diagnosed_run_records_corruptions_and_scored_verdicts(quick_edge, spl
         assert c["uploaded"] > 0
         assert all(0 <= c[k] <= 100 for k in ("teacher_accuracy", "replica_accuracy", "edge_accuracy"))
     assert sum(c["rollbacks"] for c in d["corruptions"]) == res["rollbacks"]
+    assert d["audit"]["max_rollbacks_per_corruption"] == max(c["rollbacks"] for c in d["corruptions"])
+    assert d["audit"]["held"] == sum(c["held"] for c in d["corruptions"])
     assert d["verdicts"], "refits after the first calibration are judged"
     for v in d["verdicts"]:
         assert v["labelled"] == v["frames"] > 0  # every judged frame found among those served, by content

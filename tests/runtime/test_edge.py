@@ -40,10 +40,10 @@ def _until(pred, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
     return until(pred, timeout)
 
 
-def _runtime(out, cfg=None, window: int = 32, **kw) -> EdgeRuntime:  # type: ignore[no-untyped-def]
+def _runtime(out, cfg=None, window: int = 32, hold_frames: int = 1024, **kw) -> EdgeRuntime:  # type: ignore[no-untyped-def]
     cfg = cfg or SelectionConfig.for_classes(10, d_margin=None)
-    return EdgeRuntime(get_backend("ort-cpu", out), SampleSelector(cfg),
-                       rollback=RollbackConfig(window=window, min_samples=min(window, 8)), **kw)  # fmt: skip
+    rollback = RollbackConfig(window=window, min_samples=min(window, 8), hold_frames=hold_frames)
+    return EdgeRuntime(get_backend("ort-cpu", out), SampleSelector(cfg), rollback=rollback, **kw)
 
 
 def _diverse(n: int, seed: int = 0) -> np.ndarray:
@@ -129,7 +129,7 @@ def test_rollback_on_identical_inputs_when_the_information_drops(exported) -> No
     v0 = blob_from_path(out / "params.safetensors")
     sharp, flat = _sharp_and_flat(v0.tensors)
     x = _diverse(32, seed=3)
-    with _runtime(out, window=32) as rt:
+    with _runtime(out, window=32, hold_frames=0) as rt:  # no hold after a rollback: the next blob is judged
         rt.process(x)
         assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 1)) and rt.monitor.wait_judged(20)
         sharp_logits = rt.process(x).logits

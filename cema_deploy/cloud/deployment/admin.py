@@ -10,6 +10,17 @@ newest calibration or reset (no restore while a calibration applied under freeze
 reports returns a calibrated deployment to source statistics, ``calibrated`` always describes what is served, and no
 restore crosses a reset. A restore re-checks the bounds when it runs (a reset or calibration may have come first, a
 snapshot may have been pruned) and is dropped, never degraded to the export, when they no longer hold.
+
+**A sole device's report** (issue 22; beyond the paper). With one device, ``rollback_devices = 2`` meant the cloud
+never acted: the device rolled back every later blob of the same trajectory (chains of ~15), and with
+``rollback_devices = 1`` the deployment oscillated (44 restores in 90 batches). So a report from the *only* device
+the deployment has heard from (its line is the deployment's line: it can harm no one else) restores, within the
+same bounds, once per *episode* (the versions since ``floor``, the newest calibration or reset): a second report in
+the same episode is counted (``report:hysteresis``) and nothing else happens, so the deployment never oscillates
+between a restore and the trajectory that follows it; the edge, for its part, holds the episode's line after a
+rollback (``runtime/updates/ledger.py``). Fleets keep the two-device rule: once any other device is known, a
+version is marked bad only when ``rollback_devices`` distinct devices rolled it back, as before, without the
+once-per-episode limit (independent devices agreeing are the stronger signal).
 """
 
 from __future__ import annotations
@@ -28,6 +39,10 @@ class AdminMixin(PublishingMixin):
     """Operator actions, rollback reports and the reset / restore jobs of a
     :class:`~cema_deploy.cloud.deployment.Deployment`."""
 
+    #: ``floor`` of the episode in which a sole device's report restored the deployment (at most once per episode;
+    #: not saved: a restarted cloud may act once more in the episode it restarts in).
+    _sole_restored_floor: int | None = None
+
     def edge_report(self, report: EdgeReport, *, device: str = "") -> str:
         """Record a rollback/refusal report and say what it did. A rollback report counts only within the bounds
         below; once ``rollback_devices`` distinct devices rolled a version back, it and every version built on it
@@ -38,7 +53,8 @@ class AdminMixin(PublishingMixin):
         latest upload's ``edge_version``); the state to return to is a *kept* snapshot (``keep_blobs``), never
         the export by default; and it is at or after the version that published the generation's newest
         calibration or reset (``floor``), so ``calibrated`` stays true of what is served. Reports outside the
-        bounds are recorded and counted (``report:ignored``), nothing else."""
+        bounds are recorded and counted (``report:ignored``), nothing else. A deployment that has heard from the
+        reporter only acts on its report alone, once per episode (module doc: a sole device's report)."""
         self.store.append_report({**report.to_json(), "device": device, "received": time.time()})
         with self._cond:
             self.counters[f"report:{report.kind}"] += 1
@@ -54,10 +70,17 @@ class AdminMixin(PublishingMixin):
             devices.add(device)
             if self.pinned is not None:  # the operator chose the version: nothing is marked bad
                 return "counted: pinned, nothing is marked bad while pinned"
-            if len(devices) < self.spec.rollback_devices:
+            sole = len(devices) < self.spec.rollback_devices and set(self._device_versions) <= {device}
+            if len(devices) < self.spec.rollback_devices and not sole:
                 return f"counted: {len(devices)} of {self.spec.rollback_devices} devices"
+            if sole and self._sole_restored_floor == self.floor:
+                self.counters["report:hysteresis"] += 1
+                return (f"counted: the sole device's line was restored once in this episode (since version "
+                        f"{self.floor}) already; not again until the next calibration or reset")  # fmt: skip
             if self._restore is not None:
                 return "counted: a restore is under way"
+            if sole:
+                self._sole_restored_floor = self.floor
             self._restore = (v, good)
             log.warning(
                 "%s: version %d rolled back by %d devices %s; returning to the state behind version %d",

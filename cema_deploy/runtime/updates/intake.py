@@ -174,6 +174,8 @@ class BlobIntake:
                 self._hold_by_pin(blob.version)
                 return None
             validate_blob(blob, self.manifest)
+            if self.ledger.declines(blob):  # the rollback guard holds this episode's line (ledger.py): not reported
+                return None
             self.ledger.admit(blob, source=source)
         except StaleBlobError as exc:
             if probe and not isinstance(exc, StaleEpochError):

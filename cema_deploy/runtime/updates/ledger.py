@@ -19,6 +19,13 @@ these fields themselves):
 * Unsigned messages may only *hint*: a cloud whose status or acknowledgements say its newest version fell below
   the floor (a new cloud state starts again at v1) earns one probe (a poll from version 0) per distinct hinted
   version, whose answer goes through the same checks as any other.
+* **One verdict per episode** (issue 22): an *episode* runs from one calibration batch queued (or a new epoch or
+  generation) to the next. After a rollback the guard *holds* the episode's line (:meth:`hold`): later blobs of the
+  episode continue the trajectory just rejected and reported once, so they are declined unjudged (counted as
+  ``held``, covered by the floor, never reported) instead of being applied and rolled back one by one (before
+  this, one bad trajectory became a chain of ~15 rollbacks, each judged against the same calibration blob). The
+  hold ends at the next episode or when the runtime releases it (``RollbackConfig.hold_frames`` frames later);
+  the next blob is then judged against the serving parameters again (re-based).
 
 Thread-safe (one lock; callbacks never run under it). Never imports torch.
 """
@@ -59,6 +66,9 @@ class LedgerSnapshot:
     rollbacks: dict[str, int] = field(default_factory=dict)  # every rollback since start, by reason
     unverified: int = 0
     rebaselines: int = 0
+    episode: int = 0
+    held: int = 0  # blobs declined unjudged while the guard held an episode's line (since start)
+    holding: int | None = None  # the rolled-back version the guard holds on, None: not holding
 
 
 class VersionLedger:
@@ -90,6 +100,10 @@ class VersionLedger:
         self._probed: int | None = None  # the hint the last probe answered
         self._calib_window = False  # a calibration batch is queued: blobs answering it are not judged
         self._calib_target: int | None = None
+        self._episode = 0  # rises at every calibration batch queued and every new cloud epoch or generation
+        self._holding: int | None = None  # the version rolled back in this episode; later blobs are declined
+        self._held: set[int] = set()  # versions of the epoch declined while holding (the newest few)
+        self._held_total = 0
 
     # ---- reads ------------------------------------------------------------------------------------------
     @property
@@ -132,7 +146,9 @@ class VersionLedger:
         with self._lock:
             if self._serving() >= stamp:
                 return True
-            return stamp[0] == self._epoch and (stamp[1] in self._refused or stamp[1] in self._rolled_back)
+            return stamp[0] == self._epoch and any(
+                stamp[1] in d for d in (self._refused, self._rolled_back, self._held)
+            )
 
     def snapshot(self) -> LedgerSnapshot:
         with self._lock:
@@ -146,6 +162,9 @@ class VersionLedger:
                 rollbacks=dict(self._rollbacks),
                 unverified=self._unverified,
                 rebaselines=self._rebaselines,
+                episode=self._episode,
+                held=self._held_total,
+                holding=self._holding,
             )
 
     # ---- the intake -------------------------------------------------------------------------------------
@@ -172,6 +191,8 @@ class VersionLedger:
                 self._epoch, self._refused_upto, self._submitted_upto = blob.epoch, 0, 0
                 self._refused.clear()
                 self._rolled_back.clear()
+                self._held.clear()
+                self._new_episode()
                 self._hint = self._hint_max = self._probed = None
                 self._behind = False
                 if first:
@@ -250,6 +271,7 @@ class VersionLedger:
         accepted unjudged until one of at least its acknowledged target version was applied."""
         with self._lock:
             self._calib_window, self._calib_target = True, None
+            self._new_episode()
 
     def calibration_done(self, target: int | None) -> None:
         """The calibration batch was acknowledged with ``target`` (None: it was lost)."""
@@ -273,6 +295,57 @@ class VersionLedger:
                 return False
             self._calib_window = False
             return True
+
+    # ---- episodes and the hold (one verdict per episode) -----------------------------------------------------
+    @property
+    def episode(self) -> int:
+        """The episode: frames since the last calibration batch queued (or the last new epoch or generation)."""
+        with self._lock:
+            return self._episode
+
+    @property
+    def holding(self) -> int | None:
+        """The version rolled back in this episode whose line the guard holds (later blobs are declined), or None."""
+        with self._lock:
+            return self._holding
+
+    def new_episode(self) -> None:
+        """A new episode begins (a new generation; calibration batches and new epochs call it themselves)."""
+        with self._lock:
+            self._new_episode()
+
+    def hold(self, version: int) -> None:
+        """``version`` was rolled back: decline the later blobs of this episode unjudged (they continue the line
+        that was just rejected, which the cloud was told about once) until :meth:`release` or a new episode."""
+        with self._lock:
+            self._holding = version
+
+    def release(self, why: str) -> None:
+        """Stop holding: the next blob is applied and judged against the serving parameters (re-based)."""
+        with self._lock:
+            if self._holding is None:
+                return
+            held, self._holding = self._holding, None
+        log.info("no longer holding the line of rolled-back v%d (%s): the next blob is judged again", held, why)
+
+    def declines(self, blob: RefitBlob) -> bool:
+        """True when ``blob`` (verified and valid) is declined unjudged because the guard holds this episode's
+        line: counted and remembered like a refusal (the floor covers it) but never reported; False otherwise
+        (a blob at or below the floor is left to :meth:`admit`, which refuses it as stale)."""
+        with self._lock:
+            if self._holding is None or blob.epoch != self._epoch or blob.version <= self._floor():
+                return False
+            self._refused_upto = max(self._refused_upto, blob.version)
+            self._held = {v for v in self._held if v > blob.version - 64} | {blob.version}
+            self._held_total += 1
+            holding = self._holding
+        log.info("v%d declined unjudged: it continues the line of rolled-back v%d in this episode", blob.version,
+                 holding)  # fmt: skip
+        return True
+
+    def _new_episode(self) -> None:
+        self._episode += 1
+        self._holding = None
 
     # ---- durable state ------------------------------------------------------------------------------------
     def restore(

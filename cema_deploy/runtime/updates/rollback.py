@@ -64,12 +64,22 @@ class RollbackConfig:
     margin_ratio: float = 0.05
     min_samples: int = 32
     enabled: bool = True
+    #: After a rollback, later blobs of the same episode (frames since the last calibration) are declined unjudged
+    #: until a calibration starts a new episode or this many frames were served; then the next blob is judged
+    #: against the serving parameters again (re-based). 0: no hold, every blob is applied and judged (the rule
+    #: before issue 22: one bad trajectory became a chain of rollbacks). Beyond the paper. Default: 8 windows.
+    hold_frames: int = 1024
 
     def __post_init__(self) -> None:
-        if self.window < 1 or not self.margin_ratio >= 0 or not 1 <= self.min_samples <= self.window:
+        if (
+            self.window < 1
+            or not self.margin_ratio >= 0
+            or not 1 <= self.min_samples <= self.window
+            or self.hold_frames < 0
+        ):
             raise RollbackConfigError(
-                f"Rollback window must be >= 1, margin_ratio >= 0 and 1 <= min_samples <= window, got "
-                f"{self.window}, {self.margin_ratio}, {self.min_samples}."
+                f"Rollback window must be >= 1, margin_ratio >= 0, 1 <= min_samples <= window and hold_frames >= 0, "
+                f"got {self.window}, {self.margin_ratio}, {self.min_samples}, {self.hold_frames}."
             )
 
 
@@ -160,6 +170,12 @@ class InputRing:
             self.largest_batch = max(self.largest_batch, len(images))
             for im, lg in zip(images, logits, strict=True):
                 self._d.append((im, lg, version))
+
+    def rebase(self) -> None:
+        """Forget every frame held: a calibration batch begins a new episode, and a refit is judged only on the
+        frames served since (frames of the previous domain say nothing about parameters calibrated for this one)."""
+        with self._lock:
+            self._d.clear()
 
     def snapshot(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
         with self._lock:

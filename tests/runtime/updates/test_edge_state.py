@@ -107,7 +107,7 @@ def _edge_run(out: Path, tmp: Path, srv: Any, source: str, *extra: str) -> list[
             "--source", str(tmp / source), "--cloud",
             srv.url, "--token", srv.state.token, "--batch", "8", "--sync", "--sync-timeout", "30", "--e0-ratio", "1.5",
             "--e-min-ratio", "0", "--d-margin", "off", "--warmup", "16", "--rollback-window", "32", "--state",
-            str(tmp / "state"), "--quiet", *extra]  # fmt: skip
+            str(tmp / "state"), "--quiet", "--rollback-hold", "0", *extra]  # fmt: skip
 
 
 @pytest.mark.network
