@@ -50,17 +50,17 @@ def edge_accuracy(
     be = get_backend("ort-cpu", edge_dir, intra_op_threads=1)
     adapter, _ = stats_adapter_from_dir(be, edge_dir, cfg)
     pre, correct = be.manifest.preprocess, []
-    for seg in segments:
-        images = np.asarray(seg.images)
-        for i in range(0, len(images), batch):
-            at_size = images_at_model_size(images[i : i + batch], pre)
-            x = normalize(at_size, pre)
-            if adapter is not None:
-                adapter.observe(x, at_size)
-            pred = be.infer(x).argmax(axis=1)
-            if adapter is not None:
-                adapter.served(pred)
-            correct.append(pred == seg.labels[i : i + batch])
+    images = np.concatenate([np.asarray(s.images) for s in segments])  # one stream: batches straddle corruptions
+    labels = np.concatenate([s.labels for s in segments])
+    for i in range(0, len(images), batch):
+        at_size = images_at_model_size(images[i : i + batch], pre)
+        x = normalize(at_size, pre)
+        if adapter is not None:
+            adapter.observe(x, at_size)
+        pred = be.infer(x).argmax(axis=1)
+        if adapter is not None:
+            adapter.served(pred)
+        correct.append(pred == labels[i : i + batch])
     return np.concatenate(correct), (adapter.metrics() if adapter is not None else {})
 
 
