@@ -320,7 +320,7 @@ def run_cmd(
     ] = 0.002,
     stats_prior: Annotated[
         float, typer.Option(metavar="N", min=0.0, help="ema: frames the source counts as.", rich_help_panel=_STATS)
-    ] = 16.0,
+    ] = 8.0,
     stats_every: Annotated[
         int, typer.Option(metavar="K", min=1, help="Probe one batch in K.", rich_help_panel=_STATS)
     ] = 128,
@@ -328,6 +328,19 @@ def run_cmd(
         int,
         typer.Option(metavar="N", min=0, help="N frames probed densely after reset.", rich_help_panel=_STATS),
     ] = 128,
+    stats_balance_window: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            min=0,
+            help="ema: served predictions watched; concentrated labels raise the prior (0: off).",
+            rich_help_panel=_STATS,
+        ),
+    ] = 32,
+    stats_balance_power: Annotated[
+        float,
+        typer.Option(metavar="P", min=0.0, help="ema: prior x concentration^P (README).", rich_help_panel=_STATS),
+    ] = 2.0,
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.
 
@@ -378,7 +391,8 @@ def run_cmd(
         stats, stats_why = stats_adapter_from_dir(
             be, model_dir, StatsConfig(mode=adapt_stats, alpha=stats_alpha, momentum=stats_momentum,
                                        prior_frames=stats_prior, every=stats_every,
-                                       dense_frames=stats_dense_frames)
+                                       dense_frames=stats_dense_frames, balance_window=stats_balance_window,
+                                       balance_power=stats_balance_power)
         )  # fmt: skip
         if stats is None and adapt_stats != "off":
             _say(f"warning: --adapt-stats {adapt_stats}: the adapter stays off: {stats_why}.")

@@ -246,6 +246,8 @@ class EdgeRuntime:
         if self.stats is not None:  # probe when due and refit the edge's statistics before this batch is served
             self.stats.observe(x, at_size)
         logits, version = self.backend.infer_versioned(x)
+        if self.stats is not None:  # its label-concentration guard watches the served predictions
+            self.stats.served(logits.argmax(axis=1))
         start, gen = self.deployment.begin_batch() if self.uplink is not None else ("", 0)
         with self._sel_lock:  # a start calibration sends the batch whole: the selector counts it so
             sel = self.selector.select(logits, images=at_size, calibration=bool(start))

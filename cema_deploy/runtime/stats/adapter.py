@@ -13,6 +13,12 @@ Modes (``edge run --adapt-stats``):
   ``prior_frames`` frames, until it becomes an EMA of per-frame momentum ``momentum``. Beyond RBN, the mix is one of
   distributions (means and second moments mix with weight ``w``; ``var = E[x^2] - mean^2``), so frames probed one
   at a time still add up to the variance across frames, not just the average variance within one.
+  A label-concentration guard (beyond RBN; runtime/stats/labels.py) scales the prior: a probe enters with
+  ``prior_frames * c ** balance_power`` where ``c = K / exp(H)`` of the last ``balance_window`` served predictions
+  (1 when they spread over all ``K`` classes, ``K`` when they are all one class). On a label-correlated stream
+  (a camera watching one class for a while) the frames of one class then barely move the statistics; on a mixed one
+  the prior stays small. Chosen over a larger fixed prior and a depth-graded one on the quick demo's sorted and
+  shuffled streams (README, "The edge's own statistics").
 
 Probe rate: every batch until ``dense_frames`` frames entered the statistics since the last reset (the start or a
 detected shift, when the estimate needs data fast), then one batch in ``every`` (the other batches cost nothing:
@@ -44,6 +50,7 @@ from cema_deploy.contract.safetensors_io import tensors_from_bytes, tensors_to_b
 from cema_deploy.exceptions import CemaError, ContractError
 from cema_deploy.runtime.backends.base import Backend
 from cema_deploy.runtime.selection.shift import ShiftConfig, ShiftDetector
+from cema_deploy.runtime.stats.labels import LabelWindow
 from cema_deploy.runtime.stats.probe import BatchStats, StatsProbe
 
 __all__ = ["STATS_MODES", "StatsAdapter", "StatsConfig", "StatsConfigError"]
@@ -70,9 +77,11 @@ class StatsConfig:
     mode: str = "off"
     alpha: float = 0.1  # a of alpha-BN (You et al. 2021); 0.1 at batch 1 in mariodoebler/test-time-adaptation
     momentum: float = 0.002  # ema: per-frame weight floor (memory ~ 1 / momentum frames)
-    prior_frames: float = 16.0  # ema: the source statistics count as this many frames after a reset
+    prior_frames: float = 8.0  # ema: the source statistics count as this many frames after a reset ...
     every: int = DEFAULT_EVERY  # probe one batch in `every` ...
     dense_frames: int = 0  # ... once this many frames entered since the last reset (every batch before)
+    balance_window: int = 32  # ... times concentration ** balance_power of the last `balance_window` served
+    balance_power: float = 2.0  # predictions (runtime/stats/labels.py; window 0: off)
     reset_on_shift: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
@@ -85,6 +94,8 @@ class StatsConfig:
             and self.prior_frames >= 0
             and self.every >= 1
             and self.dense_frames >= 0
+            and self.balance_window >= 0
+            and self.balance_power >= 0
         ):
             raise StatsConfigError(
                 f"Need 0 < alpha <= 1, 0 < momentum <= 1, prior_frames >= 0, every >= 1, dense_frames >= 0; got "
@@ -109,9 +120,11 @@ def moment_mix(
     return mean, np.maximum(second - mean**2, 0.0)
 
 
-def ema_weight(n: int, seen: int, cfg: StatsConfig) -> float:
-    """Weight of a probed batch of ``n`` frames when ``seen`` frames entered since the last reset (see module doc)."""
-    return max(1.0 - (1.0 - cfg.momentum) ** n, n / (n + seen + cfg.prior_frames))
+def ema_weight(n: int, seen: int, cfg: StatsConfig, prior_frames: float | None = None) -> float:
+    """Weight of a probed batch of ``n`` frames when ``seen`` frames entered since the last reset (see module doc);
+    ``prior_frames`` overrides ``cfg.prior_frames`` (a layer's or a concentrated stream's prior)."""
+    prior = cfg.prior_frames if prior_frames is None else prior_frames
+    return max(1.0 - (1.0 - cfg.momentum) ** n, n / (n + seen + prior))
 
 
 class StatsAdapter:
@@ -139,6 +152,12 @@ class StatsAdapter:
         self._since_probe = config.every - 1  # batches since the last probe: the first batch is probed
         self.cloud_version: int | None = None  # the cloud version the statistics were last merged into
         self.last_refit_s = 0.0
+        self.labels = (
+            LabelWindow(frames=config.balance_window, num_classes=backend.manifest.num_classes)
+            if config.balance_window
+            else None
+        )
+        self.last_concentration = 1.0
 
     # ---- the stream -----------------------------------------------------------------------------------
     def observe(self, x: np.ndarray, images: np.ndarray | None = None, probs: np.ndarray | None = None) -> bool:
@@ -163,9 +182,16 @@ class StatsAdapter:
             return self.refit()
         return False
 
+    def served(self, predictions: np.ndarray) -> None:
+        """The labels the engine predicted for the batch just served (the label-concentration guard watches them)."""
+        if self.labels is not None:
+            self.labels.add(predictions)
+
     def reset(self) -> None:
         """Back to the source statistics (a detected shift): the next probes start a fresh estimate."""
         self.current, self.seen = dict(self.source), 0
+        if self.labels is not None:
+            self.labels.clear()
         self._since_probe = self.config.every - 1  # probe the batch that showed the shift
         self.resets += 1
         if self.detector is not None:
@@ -179,7 +205,10 @@ class StatsAdapter:
             mix = cfg.alpha
         else:
             prior = self.current
-            mix = ema_weight(n, self.seen, cfg)
+            self.last_concentration = (
+                self.labels.concentration() ** cfg.balance_power if self.labels is not None else 1.0
+            )
+            mix = ema_weight(n, self.seen, cfg, cfg.prior_frames * self.last_concentration)
         feeds = {
             name: arr.astype(np.float32)
             for ly in self.layers
