@@ -89,6 +89,13 @@ def demo_cmd(
             "frames and audit every rollback verdict with the labels (frontier_runs.jsonl)."
         ),
     ] = False,
+    cloud_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="--frontier: a CemaConfig field for every cloud-backed run, KEY=VALUE (repeatable), e.g. "
+            "student_steps=4, gate=true (recorded in frontier.json)."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
 ) -> None:
     """Run CEMA end to end on ImageNet-C corruptions of scikit-learn's digits (no download).
@@ -107,6 +114,7 @@ def demo_cmd(
     from cema_deploy.demo.run import DEFAULT_METHOD, DemoConfig, run_demo
 
     if frontier:
+        from cema_deploy.cloud.config import parse_method_settings
         from cema_deploy.demo.frontier import parse_sweep, run_frontier
         from cema_deploy.demo.run import DEFAULT_METHOD
 
@@ -124,6 +132,7 @@ def demo_cmd(
                 sweep=parse_sweep(sweep) if sweep else None,
                 on_step=on_step,
                 diagnose=diagnose,
+                cloud=parse_method_settings(cloud_set or []),
             )
         for p in paths:
             console.print(f"wrote {p}")

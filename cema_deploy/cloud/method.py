@@ -338,6 +338,8 @@ class Cema:
         self._scaler = torch.amp.GradScaler(self.device.type) if self._autocast_dtype == torch.float16 else None
         self._fmt = fmt
         self.steps = 0
+        self.distill_steps = 0  # SGD steps of the replica (student_steps per cloud step; not saved) ...
+        self.distilled_samples = 0  # ... and the samples they distilled on, new and replayed (the effort, measured)
         missing = [p.name for p in manifest.refittable if p.name not in self.student.state_dict()]
         if missing:
             raise CloudError(
@@ -350,15 +352,23 @@ class Cema:
     # ---- steps ----------------------------------------------------------------------------------------------
     def adapt(self, images: np.ndarray, replayed: np.ndarray | None = None) -> StepReport:
         """One cloud step: the teacher on B uploaded uint8 ``[N, H, W, 3]`` images (Eqn. 6), then the replica
-        distilled on them plus ``replayed`` (Eqn. 7; official: 3B from the replay window once it holds >= 256)."""
+        distilled on them plus ``replayed`` (Eqn. 7; official: 3B from the replay window once it holds >= 256).
+        With ``student_steps = k`` (beyond the paper) the replica takes k SGD steps, each on the new images plus
+        its own k-th share of ``replayed`` (the caller draws k times the replay of one step)."""
         t0 = time.perf_counter()
         x, xt = self._inputs(images)
         t_loss = teacher_step(self.teacher, self.opt_teacher, xt, e0=self.e0, autocast=self._ac(), scaler=self._scaler)
         n_rep = 0 if replayed is None else len(replayed)
-        if n_rep:
-            rx, rxt = self._inputs(replayed)  # type: ignore[arg-type]
-            x, xt = torch.cat([x, rx]), torch.cat([xt, rxt])
-        s_loss = self._distill(x, xt)
+        k = self.config.student_steps
+        shares: list[np.ndarray | None] = list(np.array_split(replayed, k)) if replayed is not None and n_rep else []
+        shares += [None] * (k - len(shares))
+        for share in shares:
+            sx, sxt = x, xt
+            if share is not None and len(share):
+                rx, rxt = self._inputs(share)
+                sx, sxt = torch.cat([x, rx]), torch.cat([xt, rxt])
+            s_loss = self._distill(sx, sxt, count=False)
+        self.steps += 1
         return StepReport(
             step=self.steps,
             new_samples=len(images),
@@ -422,6 +432,16 @@ class Cema:
             p.name: state[p.name].detach().to("cpu", torch.float32).numpy().copy() for p in self.manifest.refittable
         }
 
+    @torch.no_grad()
+    def load_replica(self, tensors: dict[str, np.ndarray], *, clear_momentum: bool = False) -> None:
+        """Put :meth:`blob_tensors` (e.g. the last published ones) into the replica; ``clear_momentum`` also drops
+        its optimizer's momentum, which would push it back the way it came (the cloud-side gate's refusal)."""
+        state = self.student.state_dict()
+        for name, value in tensors.items():
+            state[name].copy_(torch.from_numpy(np.asarray(value)))
+        if clear_momentum:
+            self.opt_student.state.clear()
+
     def problem(self) -> str | None:
         """Why this state must not be published (a non-finite tensor or a negative variance in either model), or
         ``None``. Checked after every step: a diverged step is never published."""
@@ -480,7 +500,8 @@ class Cema:
         self.opt_teacher = torch.optim.SGD(collect_params(self.teacher)[0], lr=c.teacher_lr, momentum=c.momentum)
         self.opt_student = torch.optim.SGD(collect_params(self.student)[0], lr=c.student_lr, momentum=c.momentum)
 
-    def _distill(self, x: torch.Tensor, xt: torch.Tensor) -> float:
+    def _distill(self, x: torch.Tensor, xt: torch.Tensor, *, count: bool = True) -> float:
+        """One distillation step; ``count``: it is the whole cloud step (a multi-step :meth:`adapt` counts once)."""
         c = self.config
         loss = student_step(
             self.student,
@@ -495,7 +516,9 @@ class Cema:
             temperature=c.temperature,
             autocast=self._ac(),
         )
-        self.steps += 1
+        self.distill_steps += 1
+        self.distilled_samples += len(x)
+        self.steps += int(count)
         return loss
 
     def _ac(self) -> Any:

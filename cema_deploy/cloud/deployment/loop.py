@@ -180,7 +180,8 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             replayed = None
             lo = self.replay_start
             if c.replay_size > 0 and c.replay_factor > 0 and s.window_len(w_end, lo) >= c.replay_min:
-                replayed = s.sample(c.replay_factor * c.batch_size, self._rng(), end=w_end, start=lo)
+                n = c.student_steps * c.replay_factor * c.batch_size  # each student step its own 3B (official k=1)
+                replayed = s.sample(n, self._rng(), end=w_end, start=lo)
         report = self.cema.adapt(images, replayed)
         if report.replayed:
             self.count("mixed_steps")  # cloud steps that replayed 3B samples
