@@ -423,6 +423,12 @@ class Cema:
         x, xt = self._inputs(images)
         return self.teacher(xt).float().cpu().numpy(), self.student(x).float().cpu().numpy()
 
+    @torch.no_grad()
+    def predict_replica(self, images: np.ndarray) -> np.ndarray:
+        """The replica's logits alone (:meth:`predict` without the teacher): the gate's second candidate."""
+        set_bn_training(self.student, False)
+        return self.student(self._inputs(images)[0]).float().cpu().numpy()  # type: ignore[no-any-return]
+
     # ---- state ----------------------------------------------------------------------------------------------
     def blob_tensors(self) -> dict[str, np.ndarray]:
         """The replica's tensors named in the manifest (affine parameters and running statistics), float32 on the

@@ -69,7 +69,7 @@ class GateMixin(DeploymentState):
         candidate = self.cema.blob_tensors()
         teacher, student = self.cema.predict(frames)
         self.cema.load_replica(ref[1])
-        _, published = self.cema.predict(frames)
+        published = self.cema.predict_replica(frames)
         target = teacher.argmax(1)
         cand = 100.0 * float((student.argmax(1) == target).mean())
         old = 100.0 * float((published.argmax(1) == target).mean())
