@@ -4,6 +4,7 @@ paper's whatever the defaults become."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,41 @@ def test_without_the_gate_nothing_is_judged(exported, teacher_ckpt, tmp_path) ->
         assert dep.gate_decisions() == [] and "gate_last" not in dep.metrics() and not dep.counters["gate_passed"]
     finally:
         dep.stop()
+
+
+@needs_torch
+@pytest.mark.network
+def test_cloud_serve_takes_the_effort_and_gate_options(cloud_factory, exported) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from cema_deploy.cloud.store.state import StateStore
+    from cema_deploy.contract.manifest import manifest_from_dir
+    from cema_deploy.contract.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION, blob_url, samples_url
+    from cema_deploy.contract.samples import SampleBatch, samples_to_bytes
+
+    manifest = manifest_from_dir(exported("bn")[0])
+    cloud = cloud_factory("--student-steps", "2", "--gate", "--cloud-set", "gate_frames=16", "--cloud-preset", "cema")
+    token = StateStore(cloud.state).add_token("cam-01")
+    auth = {"Authorization": f"Bearer {token}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+    fp = manifest.fingerprint
+    with httpx.Client(timeout=60) as http:
+        for seed in (1, 2):
+            body = samples_to_bytes(SampleBatch(images=images(8, seed), fingerprint=fp, edge_version=0), encoding="raw")
+            assert http.post(samples_url(cloud.url, fp), content=body, headers=auth).status_code == 202
+        for _ in range(4):  # published, or promised unchanged where the gate refused the second candidate
+            r = http.get(blob_url(cloud.url, fp), params={"after": 1, "wait": 30}, headers=auth)
+            if r.status_code == 200:
+                break
+        assert r.status_code == 200 and r.headers["X-Cema-Version"] == "2"
+        for _ in range(100):  # the counters follow the publish within the same job
+            metrics = http.get(cloud.url + "/metrics").text
+            gate = [x for x in metrics.splitlines() if x.startswith(("cema_gate_passed_total{", "cema_gate_refused"))]
+            if sum(float(line.rsplit(" ", 1)[1]) for line in gate) == 2:
+                break
+            time.sleep(0.2)
+    # the first step had no published reference (passed), the second was judged; 2 steps of 2 SGD steps each
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in gate) == 2, gate
+    assert 'cema_steps_total{deployment="test_resnet"' in metrics
+    for line in metrics.splitlines():
+        if line.startswith("cema_steps_total{"):
+            assert float(line.rsplit(" ", 1)[1]) == 2  # cloud steps, not SGD steps
