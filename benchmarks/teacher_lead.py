@@ -5,8 +5,10 @@ streams, severities 3 and 5).
 Per protocol: the edge's ``no_adapt`` and ``bn_adapt`` (the floor), the teacher's rows (``teacher_adapted`` is the
 ceiling), then the default rule (random, share 0.1) in the frontier's in-process runner (real EdgeRuntime on ORT,
 real local deployment, ``--sync``) with ``diagnose=True`` for each lever setting: the paper's (``{}``),
-``replay_scope="episode"``, ``replay_moves_stats=False``, both. Prints a table and writes JSON (gap closed per
-run, the diagnosis per corruption and the rollback audit).
+``replay_scope="episode"``, ``replay_moves_stats=False``, both, and (``--levers``) the effort levers and the
+cloud-side gate of :data:`LEVERS`. Prints a table and writes JSON (gap closed per run, the diagnosis per corruption,
+the rollback audit, every gate decision, the cloud's seconds per uploaded sample). The teacher rows are cached per
+stream under ``OUT/work``; ``--no-teacher-rows`` skips them (no gap closed).
 
 Example:
     CEMA_DEPLOY_CACHE=/tmp/tl-cache python benchmarks/teacher_lead.py --out benchmarks/results/2026-12-03-teacher-lead
@@ -21,11 +23,26 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cema_deploy.cloud.config import CEMA_PRESETS, parse_method_settings
+
+#: Lever settings (CemaConfig fields) of one run each. ``paper`` is the ``cema`` preset (the paper's values of every
+#: lever, whatever the defaults); the others start from CemaConfig's defaults. Issue 22 item 6 (delivery): replay
+#: from the current episode, replay-only steps that leave the statistics; item 2 (distillation effort per upload):
+#: student steps per cloud batch, replay starting within a corruption, the affine lr, the temperature; item 6 (the
+#: cloud-side gate before publishing).
 LEVERS: dict[str, dict[str, Any]] = {
-    "paper": {},
+    "paper": dict(CEMA_PRESETS["cema"]),
     "episode": {"replay_scope": "episode"},
     "no_replay_stats": {"replay_moves_stats": False},
     "both": {"replay_scope": "episode", "replay_moves_stats": False},
+    "steps4": {"student_steps": 4},
+    "replay_min32": {"replay_min": 32},
+    "lr_x4": {"student_lr": 1e-2},
+    "t2": {"temperature": 2.0},
+    "gate": {"gate": True},
+    "gate_m2": {"gate": True, "gate_margin": 2.0},
+    "effort": {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode"},
+    "effort_gate": {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode", "gate": True},
 }
 
 
@@ -36,7 +53,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-corruption", type=int, default=300, help="0: the whole test split (899)")
     ap.add_argument("--protocols", default="continual,reset")
-    ap.add_argument("--levers", default=",".join(LEVERS))
+    ap.add_argument("--levers", default="paper,episode,no_replay_stats,both", help=f"of {','.join(LEVERS)}")
+    ap.add_argument(
+        "--no-teacher-rows", action="store_true", help="skip the teacher's rows (no gap closed): saves ~75 s"
+    )
+    ap.add_argument("--cloud-set", action="append", default=[], help="KEY=VALUE: a CemaConfig field for every run")
     ap.add_argument("--share", type=float, default=0.1)
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--all-corruptions", action="store_true", help="the 13 corruptions (default: demo --quick's 4)")
@@ -84,11 +105,21 @@ def main() -> None:
         "protocols": {},
     }
     for protocol in args.protocols.split(","):
-        rows = {b: 100 * run_baseline(b, edge, stream, protocol=protocol).accuracy for b in ("no_adapt", "bn_adapt")}
-        t = teacher_runs(teacher, stream, protocol=protocol)
-        rows |= {k: 100 * float(r.correct.mean()) for k, r in t.items()}
-        floor, ceiling = floor_of(rows), rows["teacher_adapted"]
-        out: dict[str, Any] = {"rows": rows, "teacher_adapted": t["teacher_adapted"].extra, "floor": floor}
+        cached = args.out / "work" / f"rows-{protocol}-{args.severity}-{args.seed}-{n}-{len(corruptions)}.json"
+        if cached.exists():  # the rows do not depend on the levers: computed once per stream (~75 s)
+            rows, extra = json.loads(cached.read_text())
+        else:
+            rows = {
+                b: 100 * run_baseline(b, edge, stream, protocol=protocol).accuracy for b in ("no_adapt", "bn_adapt")
+            }
+            extra = None
+            if not args.no_teacher_rows:
+                t = teacher_runs(teacher, stream, protocol=protocol)
+                rows |= {k: 100 * float(r.correct.mean()) for k, r in t.items()}
+                extra = t["teacher_adapted"].extra
+                cached.write_text(json.dumps([rows, extra]))
+        floor, ceiling = floor_of(rows), rows.get("teacher_adapted", float("nan"))
+        out: dict[str, Any] = {"rows": rows, "teacher_adapted": extra, "floor": floor}
         out["teacher_ceiling"], out["runs"] = ceiling, {}
         print(f"{protocol}: {rows} floor {floor:.1f} ceiling {ceiling:.1f}", flush=True)
         for name in args.levers.split(","):
@@ -101,17 +132,22 @@ def main() -> None:
                 teacher=(models.teacher.name, models.teacher.checkpoint),
                 stream=stream,
                 diagnose=True,
-                cloud=LEVERS[name],
+                cloud=LEVERS[name] | parse_method_settings(args.cloud_set),
             )
             res["seconds"] = round(time.perf_counter() - t0, 1)
-            res["gap_closed"] = gap_closed(res["accuracy"], floor=floor, ceiling=ceiling)
+            res["gap_closed"] = None if extra is None else gap_closed(res["accuracy"], floor=floor, ceiling=ceiling)
             out["runs"][name] = res
             doc["protocols"][protocol] = out
             (args.out / "teacher_lead.json").write_text(json.dumps(doc, indent=2))
             a = res["diagnosis"]["audit"]
+            uploaded = res["share"] * res["frames"] / 100
+            res["cloud_s_per_uploaded_sample"] = res["cloud_seconds"] / uploaded if uploaded else None
+            refused = sum(not d["passed"] for d in res.get("gate", []))
             print(
                 f"  {name:16s} acc {res['accuracy']:.1f} share {res['share']:.1f} gap {res['gap_closed']} "
-                f"rollbacks {res['rollbacks']} precision {a['precision']} ({res['seconds']} s)",
+                f"rollbacks {res['rollbacks']} precision {a['precision']} recall {a.get('recall')} "
+                f"gate refused {refused}/{len(res.get('gate', []))} "
+                f"cloud {1000 * (res['cloud_s_per_uploaded_sample'] or 0):.1f} ms/sample ({res['seconds']} s)",
                 flush=True,
             )
         doc["protocols"][protocol] = out

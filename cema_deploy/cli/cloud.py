@@ -87,6 +87,34 @@ def serve_cmd(
     idle_after: Annotated[
         float, typer.Option(help="Also replay after this many seconds without uploads (0 = off; beyond the paper).")
     ] = 0.0,
+    cloud_preset: Annotated[
+        str,
+        typer.Option(help="With --edge: 'default' (CemaConfig's defaults) or 'cema' (the paper's, whatever they are)."),
+    ] = "default",
+    student_steps: Annotated[
+        int | None, typer.Option(min=1, help="Replica SGD steps per cloud batch, each with its own replay (paper: 1).")
+    ] = None,
+    replay_factor: Annotated[
+        int | None, typer.Option(min=0, help="Replayed samples per new sample in a cloud step (paper: 3).")
+    ] = None,
+    replay_min: Annotated[
+        int | None, typer.Option(min=0, help="Replay starts once the window holds this many samples (paper: 256).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="T of the distillation softmax (paper: 1).")] = None,
+    gate: Annotated[
+        bool | None,
+        typer.Option(
+            help="Cloud-side gate: publish a step's replica only if it agrees with the teacher on the episode's "
+            "uploads no less than the last published one (beyond the paper; off in the cema preset)."
+        ),
+    ] = None,
+    gate_margin: Annotated[
+        float | None, typer.Option(min=0, help="--gate: agreement points (%) a candidate may lose and still publish.")
+    ] = None,
+    cloud_set: Annotated[
+        list[str] | None,
+        typer.Option(help="With --edge: any CemaConfig field as KEY=VALUE (repeatable; README lists them)."),
+    ] = None,
     pending_cap: Annotated[int, typer.Option(help="Pending samples per deployment before uploads get 429.")] = 4096,
     keep_blobs: Annotated[int, typer.Option(help="Blob versions (and state snapshots) kept besides version 0.")] = 16,
     rollback_devices: Annotated[
@@ -122,7 +150,14 @@ def serve_cmd(
     import torch
     import uvicorn
 
-    from cema_deploy.cloud.config import CemaConfig, DeploymentSpec, ServiceConfig, config_from_toml, parse_duration
+    from cema_deploy.cloud.config import (
+        CemaConfig,
+        DeploymentSpec,
+        ServiceConfig,
+        config_from_toml,
+        parse_duration,
+        parse_method_settings,
+    )
     from cema_deploy.cloud.engines import get_engine
     from cema_deploy.cloud.service.api import create_app
     from cema_deploy.cloud.service.lock import hold_service_state
@@ -152,15 +187,25 @@ def serve_cmd(
         from cema_deploy.contract.manifest import manifest_from_dir
 
         assert edge is not None
-        method = CemaConfig(
-            batch_size=batch_size,
-            publish_every=publish_every,
-            idle_after_s=idle_after,
-            seed=seed,
-            replay_size=replay_size,
-            replay_steps=replay_steps,
-            statistics=statistics,
-        )
+        settings: dict[str, Any] = {
+            "batch_size": batch_size,
+            "publish_every": publish_every,
+            "idle_after_s": idle_after,
+            "seed": seed,
+            "replay_size": replay_size,
+            "replay_steps": replay_steps,
+            "statistics": statistics,
+        }
+        effort = {
+            "student_steps": student_steps,
+            "replay_factor": replay_factor,
+            "replay_min": replay_min,
+            "temperature": temperature,
+            "gate": gate,
+            "gate_margin": gate_margin,
+        }
+        settings |= {k: v for k, v in effort.items() if v is not None}
+        method = CemaConfig.preset(cloud_preset, **(settings | parse_method_settings(cloud_set or [])))
         if student_lr is not None:
             method = dataclasses.replace(method, student_lr=student_lr)
         if teacher_lr is not None:

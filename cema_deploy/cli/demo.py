@@ -89,6 +89,13 @@ def demo_cmd(
             "frames and audit every rollback verdict with the labels (frontier_runs.jsonl)."
         ),
     ] = False,
+    cloud_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="--frontier: a CemaConfig field for every cloud-backed run, KEY=VALUE (repeatable), e.g. "
+            "student_steps=4, gate=true (recorded in frontier.json)."
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
     refit: Annotated[
         str,
@@ -114,6 +121,7 @@ def demo_cmd(
     from cema_deploy.demo.run import DEFAULT_METHOD, DemoConfig, run_demo
 
     if frontier:
+        from cema_deploy.cloud.config import parse_method_settings
         from cema_deploy.demo.frontier import parse_sweep, run_frontier
         from cema_deploy.demo.run import DEFAULT_METHOD
 
@@ -132,6 +140,7 @@ def demo_cmd(
                 on_step=on_step,
                 diagnose=diagnose,
                 refit=refit,
+                cloud=parse_method_settings(cloud_set or []),
             )
         for p in paths:
             console.print(f"wrote {p}")

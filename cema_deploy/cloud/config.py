@@ -71,6 +71,17 @@ class CemaConfig:
     channels_last: bool = True  # NHWC memory layout for both models: same values, conv ~30 % faster on CPU
     # (measured: resnet18 teacher + resnet10t replica at 32x32, B = 32 + 3B replayed, 0.39 -> 0.27 s per step)
     seed: int = 0  # seeds replay sampling (per step, so a restart draws what an uninterrupted run would)
+    # ---- distillation effort (beyond the paper, issue 22 item 2; the paper's values are the ``cema`` preset) ----
+    # The other effort levers are fields above: replay per uploaded sample (``replay_factor``), the replay minimum
+    # (``replay_min``: lower it so replay starts within a corruption), the affine lr (``student_lr``), ``temperature``.
+    student_steps: int = 1  # SGD steps of the replica per cloud batch, each on the B new samples plus its own
+    # replay_factor * B replayed draw (official: 1, one distillation step per cloud batch)
+    # ---- the cloud-side gate before publishing (beyond the paper, issue 22 item 6; off in the ``cema`` preset) ----
+    gate: bool = False  # score a step's candidate replica against the last published one, by agreement with the
+    # teacher's argmax on the current episode's uploads; publish only if not worse by more than gate_margin, else
+    # return the replica to the published parameters (see ``cloud/deployment/gate.py``)
+    gate_margin: float = 0.0  # points of agreement (%) a candidate may lose and still be published
+    gate_frames: int = 256  # the episode's newest uploaded samples the gate scores on, at most
 
     def __post_init__(self) -> None:
         problems = [
@@ -85,6 +96,9 @@ class CemaConfig:
                 ("idle_max_steps", 0),
                 ("idle_after_s", 0),
                 ("head_lr", 0),
+                ("student_steps", 1),
+                ("gate_frames", 1),
+                ("gate_margin", 0),
             )
             if getattr(self, name) < low
         ]
@@ -104,6 +118,14 @@ class CemaConfig:
         if problems:
             raise CloudError("Invalid CEMA settings: " + "; ".join(problems) + ".")
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> CemaConfig:
+        """A named setting of :data:`CEMA_PRESETS` with ``overrides``: ``cema`` is the paper's (one distillation step
+        per cloud batch, replay of 3B from 256 samples on, no gate, episode-blind replay), whatever the defaults."""
+        if name not in CEMA_PRESETS:
+            raise CloudError(f"Unknown cloud preset {name!r}; expected one of {sorted(CEMA_PRESETS)}.")
+        return cls(**{**CEMA_PRESETS[name], **overrides})
+
     def e0(self, num_classes: int) -> float:
         """E_0 = ``e0_ratio * ln(num_classes)`` (Eqn. 6-7)."""
         return self.e0_ratio * math.log(num_classes)
@@ -115,6 +137,56 @@ class CemaConfig:
     def head_learning_rate(self) -> float:
         """The lr of a refittable head: :attr:`head_lr`, or :attr:`student_lr` when it is 0."""
         return self.head_lr or self.student_lr
+
+
+#: Named cloud settings (:meth:`CemaConfig.preset`). ``cema``: the paper's values of every setting a lever of issue 22
+#: can change (arXiv 2402.17316 Sec. 3.3 and the official chenyaofo/CEMA ``conf/cema.conf``, ``core/tta/cema.py``).
+CEMA_PRESETS: dict[str, dict[str, Any]] = {
+    "cema": {
+        "student_lr": 2.5e-3,
+        "temperature": 1.0,
+        "replay_min": 256,
+        "replay_factor": 3,
+        "idle_factor": 4,
+        "replay_scope": "window",
+        "replay_moves_stats": True,
+        "student_steps": 1,
+        "gate": False,
+    },
+    "default": {},
+}
+
+
+def parse_method_settings(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["student_steps=4", "gate=true"]`` -> ``{"student_steps": 4, "gate": True}``: CemaConfig fields set from
+    the command line (``--cloud-set KEY=VALUE``), each value converted to its field's type.
+
+    Example:
+        >>> parse_method_settings(["student_steps=2", "gate=yes", "student_lr=1e-2"])
+        {'student_steps': 2, 'gate': True, 'student_lr': 0.01}
+    """
+    types = {f.name: f.type for f in dataclasses.fields(CemaConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or key not in types:
+            raise CloudError(f"Cloud setting {item!r} is not KEY=VALUE with KEY one of {sorted(types)}.")
+        kind = str(types[key])
+        try:
+            if kind == "bool":
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                out[key] = text.lower() in ("1", "true", "yes", "on")
+            elif kind == "int":
+                out[key] = int(text)
+            elif kind == "float":
+                out[key] = float(text)
+            else:
+                out[key] = text
+        except ValueError as exc:
+            raise CloudError(f"Cloud setting {item!r}: {text!r} is not a {kind}.") from exc
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)

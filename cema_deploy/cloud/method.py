@@ -18,6 +18,7 @@ an autocast teacher, and a separate input normalisation for the teacher (:class:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import types
 from collections.abc import Iterator
@@ -339,6 +340,8 @@ class Cema:
         self._scaler = torch.amp.GradScaler(self.device.type) if self._autocast_dtype == torch.float16 else None
         self._fmt = fmt
         self.steps = 0
+        self.distill_steps = 0  # SGD steps of the replica (student_steps per cloud step; not saved) ...
+        self.distilled_samples = 0  # ... and the samples they distilled on, new and replayed (the effort, measured)
         missing = [p.name for p in manifest.refittable if p.name not in self.student.state_dict()]
         if missing:
             raise CloudError(
@@ -354,16 +357,24 @@ class Cema:
         """One cloud step: the teacher on B uploaded uint8 ``[N, H, W, 3]`` images (Eqn. 6), then the replica
         distilled on them plus ``replayed`` (Eqn. 7; official: 3B from the replay window once it holds >= 256).
         ``groups``: a :class:`~cema_deploy.cloud.edge_statistics.StudentGroups` over ``images`` then ``replayed``
-        (beyond the paper: each device's samples normalised with the statistics that device serves)."""
+        (beyond the paper: each device's samples normalised with the statistics that device serves).
+        With ``student_steps = k`` (beyond the paper) the replica takes k SGD steps, each on the new images plus
+        its own k-th share of ``replayed`` (the caller draws k times the replay of one step)."""
         t0 = time.perf_counter()
         x, xt = self._inputs(images)
         t_loss = teacher_step(self.teacher, self.opt_teacher, xt, e0=self.e0, autocast=self._ac(), scaler=self._scaler)
         n_rep = 0 if replayed is None else len(replayed)
-        if n_rep:
-            rx, rxt = self._inputs(replayed)  # type: ignore[arg-type]
-            x, xt = torch.cat([x, rx]), torch.cat([xt, rxt])
-        with self._edge_norm(groups):
-            s_loss = self._distill(x, xt)
+        k, b = self.config.student_steps, len(images)
+        bounds = np.cumsum([0] + [n_rep // k + (i < n_rep % k) for i in range(k)])  # np.array_split's shares
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            sx, sxt = x, xt
+            if hi > lo:
+                rx, rxt = self._inputs(replayed[lo:hi])  # type: ignore[index]
+                sx, sxt = torch.cat([x, rx]), torch.cat([xt, rxt])
+            rows = np.r_[0:b, b + lo : b + hi]  # this step's samples in ``groups`` (new, then its replay share)
+            with self._edge_norm(groups, rows):
+                s_loss = self._distill(sx, sxt, count=False)
+        self.steps += 1
         return StepReport(
             step=self.steps,
             new_samples=len(images),
@@ -422,6 +433,12 @@ class Cema:
         x, xt = self._inputs(images)
         return self.teacher(xt).float().cpu().numpy(), self.student(x).float().cpu().numpy()
 
+    @torch.no_grad()
+    def predict_replica(self, images: np.ndarray) -> np.ndarray:
+        """The replica's logits alone (:meth:`predict` without the teacher): the gate's second candidate."""
+        set_bn_training(self.student, False)
+        return self.student(self._inputs(images)[0]).float().cpu().numpy()  # type: ignore[no-any-return]
+
     # ---- state ----------------------------------------------------------------------------------------------
     def blob_tensors(self) -> dict[str, np.ndarray]:
         """The replica's tensors named in the manifest (affine parameters and running statistics), float32 on the
@@ -430,6 +447,16 @@ class Cema:
         return {
             p.name: state[p.name].detach().to("cpu", torch.float32).numpy().copy() for p in self.manifest.refittable
         }
+
+    @torch.no_grad()
+    def load_replica(self, tensors: dict[str, np.ndarray], *, clear_momentum: bool = False) -> None:
+        """Put :meth:`blob_tensors` (e.g. the last published ones) into the replica; ``clear_momentum`` also drops
+        its optimizer's momentum, which would push it back the way it came (the cloud-side gate's refusal)."""
+        state = self.student.state_dict()
+        for name, value in tensors.items():
+            state[name].copy_(torch.from_numpy(np.asarray(value)))
+        if clear_momentum:
+            self.opt_student.state.clear()
 
     def problem(self) -> str | None:
         """Why this state must not be published (a non-finite tensor or a negative variance in either model), or
@@ -494,16 +521,20 @@ class Cema:
         groups = student_param_groups(collect_params(self.student)[0], self._head, c)
         self.opt_student = torch.optim.SGD(groups, lr=c.student_lr, momentum=c.momentum)
 
-    def _edge_norm(self, groups: Any) -> Any:
+    def _edge_norm(self, groups: Any, rows: np.ndarray | None = None) -> Any:
         """Beyond the paper: within the block, the replica normalises each device's samples with the statistics
-        that device serves (cloud/edge_statistics.py); no-op without ``groups``."""
+        that device serves (cloud/edge_statistics.py); no-op without ``groups``. ``rows``: the samples of
+        ``groups`` this forward sees (one student step of several), all of them when None."""
         if groups is None:
             return contextlib.nullcontext()
         from cema_deploy.cloud.edge_statistics import normalised_by_device
 
+        if rows is not None:
+            groups = dataclasses.replace(groups, index=groups.index[rows])  # the same devices, stats and counter
         return normalised_by_device(self.student, groups, self.device)
 
-    def _distill(self, x: torch.Tensor, xt: torch.Tensor) -> float:
+    def _distill(self, x: torch.Tensor, xt: torch.Tensor, *, count: bool = True) -> float:
+        """One distillation step; ``count``: it is the whole cloud step (a multi-step :meth:`adapt` counts once)."""
         c = self.config
         loss = student_step(
             self.student,
@@ -518,7 +549,9 @@ class Cema:
             temperature=c.temperature,
             autocast=self._ac(),
         )
-        self.steps += 1
+        self.distill_steps += 1
+        self.distilled_samples += len(x)
+        self.steps += int(count)
         return loss
 
     def _ac(self) -> Any:

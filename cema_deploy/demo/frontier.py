@@ -242,6 +242,8 @@ def run_job(
         "frames": seen,
         "cloud": dict(cloud or {}),
         **({"diagnosis": diag.as_dict()} if diag is not None else {}),
+        "cloud_seconds": dep.metrics()["step_seconds_sum"],  # the deployment's adaptation jobs (gates included)
+        **({"gate": dep.gate_decisions()} if spec.method.gate else {}),  # every cloud-side gate decision
     }
 
 

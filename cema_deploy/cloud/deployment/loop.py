@@ -181,8 +181,9 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             lo = self.replay_start
             drawn: list[int] = []
             if c.replay_size > 0 and c.replay_factor > 0 and s.window_len(w_end, lo) >= c.replay_min:
-                replayed = s.sample(c.replay_factor * c.batch_size, self._rng(), end=w_end, start=lo)
-                drawn = [*s.draw(c.replay_factor * c.batch_size, self._rng(), end=w_end, start=lo)]  # the same draw
+                n = c.student_steps * c.replay_factor * c.batch_size  # each student step its own 3B (official k=1)
+                replayed = s.sample(n, self._rng(), end=w_end, start=lo)
+                drawn = [*s.draw(n, self._rng(), end=w_end, start=lo)]  # the same draw
             groups = self._student_groups([*range(start, end), *drawn])  # the edges' statistics (protocol 3)
         report = self.cema.adapt(images, replayed, groups=groups)
         if report.replayed:

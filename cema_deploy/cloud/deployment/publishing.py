@@ -8,7 +8,8 @@ import collections
 import time
 
 from cema_deploy import __version__
-from cema_deploy.cloud.deployment.state import _POINTERS, DeploymentState, log
+from cema_deploy.cloud.deployment.gate import GateMixin
+from cema_deploy.cloud.deployment.state import _POINTERS, log
 from cema_deploy.cloud.store.replay import Upload
 from cema_deploy.contract.blob import RefitBlob
 
@@ -25,9 +26,10 @@ _JOB_NAMES = {
     "republishes": "republish",
     "diverged": "diverged step",
 }
+_REFUSED = "refused by the gate"
 
 
-class PublishingMixin(DeploymentState):
+class PublishingMixin(GateMixin):
     """Polls, publishes and retention of a :class:`~cema_deploy.cloud.deployment.Deployment`."""
 
     def latest(self, after: int) -> tuple[int, bytes] | None:
@@ -89,6 +91,10 @@ class PublishingMixin(DeploymentState):
             self.cema.load_state_dict(saved["cema"] if saved is not None else self.cema._initial, steps=False)
             log.error("%s: %s after a %s step; not published, last good state restored", self.name, problem, counter)
             counter, publish = "diverged", False
+        t0 = time.perf_counter()
+        gate = self._gate_judge(counter) if publish else None  # the cloud-side gate (CemaConfig.gate; gate.py)
+        seconds += (time.perf_counter() - t0) if gate is not None else 0.0  # a job's time includes its gate's
+        publish = publish and (gate is None or gate["passed"])
         with self._cond:
             book = self._book()
             book.update(pointers)
@@ -108,6 +114,7 @@ class PublishingMixin(DeploymentState):
             if self.signer is not None:
                 blob = self.signer(blob)
             data = self.store.save_blob(blob)  # the version is taken from here on, even if we crash next
+            self._gate_ref = (version, dict(blob.tensors))  # what the gate judges the next candidate against
             # Polls may fetch it now: a crash before the state below is saved restarts from the state before this
             # step (its samples are adapted on again and published under a newer version; none is reused).
             with self._cond:  # version, pointers and blob become visible together: acks never lag the blob
@@ -137,6 +144,8 @@ class PublishingMixin(DeploymentState):
             self.counters[counter] += 1
             if seconds > 0:
                 self._timings.job(seconds)
+            if gate is not None:
+                self._gate_record(gate, version if data is not None else None)
             if calibration is not None:
                 rewrite = self.samples.applied(calibration)
             done = list(released or [])
@@ -144,7 +153,7 @@ class PublishingMixin(DeploymentState):
             if data is not None:
                 self.counters["blobs"] += 1
                 self._dirty = False
-            elif counter != "diverged":
+            elif counter != "diverged" and gate is None:  # a refused candidate left the published state
                 self._dirty = True
             state = self._state_json()
             self._cond.notify_all()
@@ -152,14 +161,15 @@ class PublishingMixin(DeploymentState):
             self.samples.write(rewrite)
         self.store.save_state(state)
         self._release(done)
-        self._log_commit(counter, seconds, version if data is not None else None)
+        self._log_commit(counter, seconds, version if data is not None else None, refused=gate is not None)
 
-    def _log_commit(self, counter: str, seconds: float, published: int | None) -> None:
+    def _log_commit(self, counter: str, seconds: float, published: int | None, *, refused: bool = False) -> None:
         """One line per job (INFO; ``cloud serve --log-level warning`` silences it)."""
         if published is not None:
             outcome = f"published version {published}"
         else:
             why = "pinned" if self.pinned is not None else "frozen" if self.frozen else "diverged"
+            why = _REFUSED if refused else why
             if why == "diverged" and counter != "diverged":
                 why = f"publishes every {self.config.publish_every} steps"
             outcome = f"not published ({why})"

@@ -369,6 +369,8 @@ def prometheus_text(rows: list[dict[str, Any]], refused: dict[str, int] | None =
         ("cema_blob_polls_total", "blob_polls", "Blob queries."),
         ("cema_step_errors_total", "step_errors", "Failed adaptation jobs."),
         ("cema_edge_statistics_reports_total", "edge_stats_reports", "Edges' own statistics received (protocol 3)."),
+        ("cema_gate_passed_total", "gate_passed", "Candidates the cloud-side gate published (CemaConfig.gate)."),
+        ("cema_gate_refused_total", "gate_refused", "Candidates the gate refused: agreed less with the teacher."),
     ):
         metric(name, "counter", help_, per(counter(key)))
     metric("cema_pending_samples", "gauge", "Acknowledged samples not yet used.", per(lambda m: m["pending"]))
