@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 import types
 from collections.abc import Iterator
@@ -366,7 +367,7 @@ class Cema:
         n_rep = 0 if replayed is None else len(replayed)
         k, b = self.config.student_steps, len(images)
         bounds = np.cumsum([0] + [n_rep // k + (i < n_rep % k) for i in range(k)])  # np.array_split's shares
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        for lo, hi in itertools.pairwise(bounds):
             sx, sxt = x, xt
             if hi > lo:
                 rx, rxt = self._inputs(replayed[lo:hi])  # type: ignore[index]
