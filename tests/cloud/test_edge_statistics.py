@@ -274,3 +274,30 @@ def test_an_edge_of_protocol_2_is_refused_naming_both_versions(exported, teacher
             assert "speaks cema protocol '2'; this side speaks protocol 3" in r.text
             assert r.headers[PROTOCOL_HEADER] == "3"
     assert dep.counters["batch_reports"] == 0
+
+
+def test_each_of_k_student_steps_normalises_its_own_samples_with_their_devices_statistics(  # type: ignore[no-untyped-def]
+    exported, teacher_ckpt, tmp_path
+) -> None:
+    """``student_steps = 3`` with the edges' statistics: every step sees the new samples plus its share of the
+    replay, and the groups follow the samples (the new ones' devices three times, each replayed one's once)."""
+    from cema_deploy.cloud.edge_statistics import groups_for
+    from cema_deploy.cloud.store.edge_stats import EdgeStatsBook
+
+    out, _ = exported("bn")
+    dep = make_deployment(out, teacher_ckpt, tmp_path / "state", batch_size=4, channels_last=False, student_steps=3)
+    cema = dep.cema
+    cema.calibrate(images(8, seed=1))
+    stats = {k: v.detach().numpy().copy() for k, v in cema.student.state_dict().items() if k.endswith(("mean", "var"))}
+    book = EdgeStatsBook(tmp_path / "book")
+    book.put("a", stats, local_generation=1)
+    book.put("b", {k: v * 1.5 for k, v in stats.items()}, local_generation=1)
+    new, replayed = images(2, seed=2), images(7, seed=3)
+    devices = ["a", "b", "a", "a", "b", "b", "b", "", "a"]  # the 2 new samples, then the 7 replayed
+    groups = groups_for(devices, book)
+    assert groups is not None
+    before = cema.distill_steps
+    cema.adapt(new, replayed, groups=groups)
+    assert cema.distill_steps - before == 3
+    # replay shares 3, 2, 2 (np.array_split): "a","a","b" | "b","b" | "","a"; the new "a","b" in every step
+    assert dict(groups.used) == {"a": 3 + 2 + 0 + 1, "b": 3 + 1 + 2}
