@@ -102,8 +102,7 @@ def run_cmd(
         str,
         typer.Option(
             metavar="SOURCE",
-            help="Image folder, .npy of uint8 [N, H, W, 3], video file, camera index (0, 1, ...), rtsp:// or "
-            "http(s):// URL, or GStreamer pipeline ending in appsink (README, Sources).",
+            help="Image folder, .npy, video, camera index, rtsp/http URL or GStreamer pipeline (README, Sources).",
             rich_help_panel=_SOURCE,
         ),
     ],
@@ -145,8 +144,7 @@ def run_cmd(
         str,
         typer.Option(
             metavar="RULE",
-            help="random (default: a uniform --upload-share, README frontier), cema (the paper), eata, "
-            "entropy-top or all.",
+            help="random (uniform, default), cema (the paper), eata, entropy-top or all.",
             rich_help_panel=_SELECT,
         ),
     ] = "random",
@@ -155,7 +153,7 @@ def run_cmd(
         typer.Option(
             metavar="SHARE",
             callback=_share,
-            help="Share of frames random/entropy-top upload, in (0, 1] (default 0.1).",
+            help="random/entropy-top: share uploaded, (0, 1] (default 0.1).",
             rich_help_panel=_SELECT,
         ),
     ] = None,
@@ -220,7 +218,7 @@ def run_cmd(
         typer.Option(
             metavar="S",
             min=0.0,
-            help="At the end, wait this long for the cloud to take queued uploads (a stop: 5 s at most).",
+            help="At the end, wait S for queued uploads (a stop: 5 s).",
             rich_help_panel=_CLOUD,
         ),
     ] = 30.0,
@@ -245,7 +243,7 @@ def run_cmd(
         typer.Option(
             metavar="N",
             min=0,
-            help="After a rollback, decline the episode's later blobs for N frames (0: judge every blob).",
+            help="Hold a rolled-back episode N frames (0: off).",
             rich_help_panel=_REFIT,
         ),
     ] = 1024,
@@ -257,8 +255,7 @@ def run_cmd(
         typer.Option(
             metavar="V",
             min=0,
-            help="Serve at most this version (the saved one in --state, or what the cloud has up to it) and apply "
-            "nothing newer; restart without it to unpin.",
+            help="Apply no blob above version V (README).",
             rich_help_panel=_REFIT,
         ),
     ] = None,
@@ -312,9 +309,7 @@ def run_cmd(
             rich_help_panel=_STATS,
         ),
     ] = "off",
-    stats_alpha: Annotated[
-        float, typer.Option(metavar="A", help="alpha: the batch's share (alpha-BN).", rich_help_panel=_STATS)
-    ] = 0.1,
+    stats_alpha: Annotated[float, typer.Option(metavar="A", help="alpha-BN's a.", rich_help_panel=_STATS)] = 0.1,
     stats_momentum: Annotated[
         float, typer.Option(metavar="M", help="ema: per-frame weight floor.", rich_help_panel=_STATS)
     ] = 0.002,
@@ -326,20 +321,20 @@ def run_cmd(
     ] = 128,
     stats_dense_frames: Annotated[
         int,
-        typer.Option(metavar="N", min=0, help="N frames probed densely after reset.", rich_help_panel=_STATS),
+        typer.Option(metavar="N", min=0, help="Dense probes after a reset.", rich_help_panel=_STATS),
     ] = 128,
     stats_balance_window: Annotated[
         int,
         typer.Option(
             metavar="N",
             min=0,
-            help="ema: served predictions watched; concentrated labels raise the prior (0: off).",
+            help="ema: label window of the guard (0: off).",
             rich_help_panel=_STATS,
         ),
     ] = 32,
     stats_balance_power: Annotated[
         float,
-        typer.Option(metavar="P", min=0.0, help="ema: prior x concentration^P (README).", rich_help_panel=_STATS),
+        typer.Option(metavar="P", min=0.0, help="ema: prior x concentration^P.", rich_help_panel=_STATS),
     ] = 2.0,
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.
