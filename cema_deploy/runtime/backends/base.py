@@ -215,7 +215,11 @@ class Backend(ABC):
             t2 = time.perf_counter()
             self._warm_up(engine)
             t3 = time.perf_counter()
-            self._state = EngineState(engine, old.version, merged)
+            with self._swap_lock:
+                if self._state is not old:  # a rollback landed meanwhile: swapping now would undo it
+                    raise RefitError("A rollback landed while the edge's statistics were refitted; nothing was "
+                                     "swapped. The next batch refits them into what serves now.")  # fmt: skip
+                self._state = EngineState(engine, old.version, merged, applied_at=old.applied_at, epoch=old.epoch)
             return RefitReport(old_version=old.version, new_version=old.version, validate_s=t1 - t0,
                                build_s=t2 - t1, warmup_s=t3 - t2)  # fmt: skip
 
