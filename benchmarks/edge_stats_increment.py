@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,7 @@ def main() -> None:
         {**common, "severity": int(sev), "seed": int(seed), "rule": rule, "knob": knob, "edge_dir": str(edge_dir)}
         for seed in args.seeds.split(",")
         for sev in args.severities.split(",")
-        for rule, knob in [("baselines", 0.0), *rules]
+        for rule, knob in [*rules, ("baselines", 0.0)]  # the context rows last
     ]
     for seed in args.seeds.split(","):  # corrupt once here (cached on disk), not in every worker at once
         for sev in args.severities.split(","):
@@ -201,8 +202,10 @@ def main() -> None:
     done = {_key(r): r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
     todo = [t for t in tasks if _key(t) not in done]
     print(f"{len(todo)} runs to go ({len(done)} done); random knobs {knobs} for targets {args.targets} %", flush=True)
-    with ProcessPoolExecutor(args.workers) as pool, open(log, "a") as f:
-        for r in pool.map(_one, todo):
+    # spawn: a forked worker of a process that imported torch can hang before its first task (seen here)
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool, open(log, "a") as f:
+        for fut in as_completed([pool.submit(_one, t) for t in todo]):
+            r = fut.result()
             done[_key(r)] = r
             f.write(json.dumps(r) + "\n")
             f.flush()
