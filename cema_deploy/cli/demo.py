@@ -39,8 +39,9 @@ def demo_cmd(
         typer.Option(
             help="Comma-separated subset of no_adapt, bn_adapt, tent, eata_style, cema, cema_recal, random, "
             "entropy_top, edge_stats (the edge alone with its own statistics, no cloud; edge_stats_ema, "
-            "edge_stats_alpha pin the mode) (default: no_adapt,bn_adapt,tent,eata_style,cema,random; continual adds "
-            "cema_recal)."
+            "edge_stats_alpha pin the mode), RULE+stats (a cloud rule with the edge's statistics on: random+stats, "
+            "cema+stats, eata_style+stats, entropy_top+stats, cema_recal+stats) (default: "
+            "no_adapt,bn_adapt,tent,eata_style,cema,random; continual adds cema_recal)."
         ),
     ] = None,
     share: Annotated[
@@ -72,8 +73,12 @@ def demo_cmd(
         ),
     ] = False,
     rules: Annotated[
-        str, typer.Option(help="--frontier: comma-separated rules (cema, eata_style, random, entropy_top, cema_stats).")
-    ] = "cema,eata_style,random,entropy_top,cema_stats",
+        str,
+        typer.Option(
+            help="--frontier: comma-separated rules (cema, eata_style, random, entropy_top, cema_stats; RULE+stats "
+            "with the edge's statistics on, e.g. random+stats; edge_stats: the edge alone, the plot's 0 % point)."
+        ),
+    ] = "edge_stats,cema,eata_style,random,entropy_top,cema_stats",
     workers: Annotated[int, typer.Option(min=1, help="--frontier: runs at once (one core each).")] = 2,
     sweep: Annotated[
         str | None,

@@ -7,6 +7,10 @@ accuracy the adapter reaches when its cost does not matter). Nothing leaves the 
 cloud-backed methods get a reset deployment; under the continual protocol one process streams everything and the
 adapter's shift detector decides when to start afresh.
 
+``RULE+stats`` (``random+stats``, ``cema+stats``, ...): a cloud rule whose edge also runs its statistics adapter
+with ``edge_stats``'s settings (:data:`EDGE_STATS_SETTINGS`): the edge owns the running statistics, the cloud
+the affine parameters (:func:`split_stats`).
+
 Also the stream orders of ``demo --stream``: ``shuffled`` (the paper's) and ``sorted`` (frames grouped by class within
 each corruption, the label-correlated case of a camera watching one class for a while).
 """
@@ -26,9 +30,29 @@ from cema_deploy.demo.stream import LazyImages, Segment, Stream
 from cema_deploy.exceptions import CemaError
 from cema_deploy.runtime.stats.adapter import DEFAULT_EVERY
 
+#: The statistics adapter's settings of ``edge_stats`` and of every ``RULE+stats`` method (``StatsConfig`` fields;
+#: the others keep ``edge run``'s defaults).
+EDGE_STATS_SETTINGS: dict[str, Any] = {"mode": "ema", "every": DEFAULT_EVERY, "dense_frames": 128}
+#: A cloud rule with the edge's statistics on: ``random+stats``.
+STATS_SUFFIX = "+stats"
+
+
+def stats_flags(settings: dict[str, Any] = EDGE_STATS_SETTINGS) -> list[str]:
+    """``edge run`` options of the statistics adapter with ``settings``."""
+    flags = ["--adapt-stats", str(settings["mode"]), "--stats-every", str(settings["every"])]
+    return [*flags, "--stats-dense-frames", str(settings["dense_frames"])]
+
+
+def split_stats(method: str) -> tuple[str, bool]:
+    """``"random+stats"`` -> ``("random", True)``; ``"random"`` -> ``("random", False)``."""
+    if method.endswith(STATS_SUFFIX):
+        return method[: -len(STATS_SUFFIX)], True
+    return method, False
+
+
 #: ``edge run`` options of each edge-alone method.
 EDGE_ONLY_METHODS: dict[str, list[str]] = {
-    "edge_stats": ["--adapt-stats", "ema", "--stats-every", str(DEFAULT_EVERY), "--stats-dense-frames", "128"],
+    "edge_stats": stats_flags(),
     "edge_stats_ema": ["--adapt-stats", "ema", "--stats-every", "1"],
     "edge_stats_alpha": ["--adapt-stats", "alpha", "--stats-every", "1"],
 }

@@ -5,7 +5,10 @@ Each point is one rule at one setting of its knob, run over the demo's stream un
 every seed: ``cema`` by its upload budget (the paper's rules, E_max's scale steered, E_min kept;
 a budget of 1.0 is no budget: the paper's rule as it is), ``eata_style`` by E_0, ``random`` and ``entropy_top`` by
 their share, ``cema_stats`` (CEMA's rule plus a uniform 5 % of statistics samples, from which alone the cloud
-estimates BatchNorm statistics) by budget. The *share* of a point is what was measured, calibration batches and
+estimates BatchNorm statistics) by budget; ``RULE+stats`` (``random+stats``, ``cema+stats``, ``eata_style+stats``,
+``entropy_top+stats``) is the rule with the edge's own statistics adapter on, at ``edge_stats``'s settings
+(:data:`~cema_deploy.demo.edge_only.EDGE_STATS_SETTINGS`), by the rule's knob; ``edge_stats`` is the edge alone (no
+cloud, nothing uploaded: the plot's point at 0 %). The *share* of a point is what was measured, calibration batches and
 statistics samples included, not the knob. The redundancy rule (EATA Eqn. 6) is off for every rule here
 (``d_margin=None``; FACTS.md: its threshold was made for 1,000 classes; on 10 classes nearly every softmax vector lies
 close to the moving average); the demo runs it with ``d_margin="auto"``. ``frontier.json`` records ``d_margin``.
@@ -37,6 +40,7 @@ import numpy as np
 from cema_deploy.demo.diagnosis import Diagnosis
 from cema_deploy.demo.frontier_report import (
     EATA_NATURAL,
+    ZERO_UPLINK,
     Point,
     best_rule,
     headline,
@@ -45,14 +49,18 @@ from cema_deploy.demo.frontier_report import (
     with_gap,
     write_frontier,
 )
+from cema_deploy.exceptions import CemaError
 
 __all__ = [
     "EATA_NATURAL",
+    "EDGE_ALONE",
     "RULES",
+    "STATS_RULES",
     "SWEEP",
     "Job",
     "Point",
     "best_rule",
+    "check_rules",
     "headline",
     "jobs_for",
     "needed_share",
@@ -71,6 +79,25 @@ SWEEP: dict[str, tuple[float, ...]] = {
     "entropy_top": (0.02, 0.05, 0.1, 0.2, 0.4),  # share
     "cema_stats": (0.05, 0.1, 0.2, 0.4, 1.0),  # upload budget (1.0: none), with 5 % statistics samples
 }
+#: Rules that run with the edge's statistics on as ``RULE+stats`` (same knob and sweep as RULE).
+STATS_RULES = ("cema", "eata_style", "random", "entropy_top")
+#: The edge alone with its statistics adapter (no cloud): one point, at 0 % uploaded; its knob means nothing.
+EDGE_ALONE = ZERO_UPLINK
+SWEEP |= {f"{r}+stats": SWEEP[r] for r in STATS_RULES} | {EDGE_ALONE: (0.0,)}
+
+
+def check_rules(rules: Sequence[str]) -> None:
+    """Refuse a frontier rule that does not exist, naming the valid ones."""
+    unknown = [r for r in rules if r not in SWEEP]
+    if unknown:
+        raise CemaError(f"Unknown frontier rules {unknown}; choose from {', '.join(SWEEP)}.")
+
+
+def _stats_on(rule: str) -> bool:
+    """Whether ``rule``'s edge runs its own statistics adapter."""
+    from cema_deploy.demo.edge_only import split_stats
+
+    return rule == EDGE_ALONE or split_stats(rule)[1]
 
 
 def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
@@ -81,8 +108,9 @@ def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         rule, sep, values = part.partition("=")
         rule = rule.strip()
-        if not sep or rule not in SWEEP:
-            raise CemaError(f"--sweep expects RULE=V1,V2;... with RULE one of {', '.join(SWEEP)}; got {part!r}.")
+        if not sep or rule not in SWEEP or rule == EDGE_ALONE:
+            knobbed = [r for r in SWEEP if r != EDGE_ALONE]
+            raise CemaError(f"--sweep expects RULE=V1,V2;... with RULE one of {', '.join(knobbed)}; got {part!r}.")
         try:
             knobs = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError as exc:
@@ -125,10 +153,13 @@ class Job:
 
 
 def _selector_config(job: Job, warmup: int, d_margin: float | None) -> Any:
+    from cema_deploy.demo.edge_only import split_stats
     from cema_deploy.runtime.selection.rules import SelectionConfig
     from cema_deploy.runtime.selection.shift import ShiftConfig
 
-    preset, knob, stats = RULES[job.rule]
+    if job.rule == EDGE_ALONE:  # no cloud: the selector only scores (nothing can go up)
+        return SelectionConfig.preset("random", 10, warmup=warmup, d_margin=d_margin, seed=job.seed, share=0.1)
+    preset, knob, stats = RULES[split_stats(job.rule)[0]]
     kw: dict[str, Any] = {knob: job.knob}
     if knob == "budget" and job.knob >= 1.0:
         kw["budget"] = None  # a budget of every frame: no budget, the paper's E_max as it is (Eqn. 4)
@@ -156,54 +187,72 @@ def run_job(
 
     ``diagnose``: also a ``"diagnosis"`` (:mod:`cema_deploy.demo.diagnosis`: per corruption the teacher's, the
     replica's and the edge's accuracy on the uploaded frames, and a label-aware audit of every rollback verdict).
-    ``cloud``: :class:`~cema_deploy.cloud.config.CemaConfig` fields set for this run (the levers; recorded)."""
+    ``cloud``: :class:`~cema_deploy.cloud.config.CemaConfig` fields set for this run (the levers; recorded).
+    ``RULE+stats`` and ``edge_stats`` give each edge runtime (a fresh one per corruption under the reset protocol,
+    as the demo starts a fresh ``edge run``) its own :class:`~cema_deploy.runtime.stats.adapter.StatsAdapter`;
+    ``edge_stats`` runs no cloud at all. The result says ``edge_stats`` (on or not) and the adapter's counters."""
     import shutil
 
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec
     from cema_deploy.cloud.deployment import Deployment
     from cema_deploy.cloud.engines.local import LocalEngine
     from cema_deploy.cloud.local_link import LocalLink
+    from cema_deploy.demo.edge_only import EDGE_STATS_SETTINGS, split_stats
     from cema_deploy.demo.run import WARMUP
     from cema_deploy.runtime.backends.registry import get_backend
     from cema_deploy.runtime.edge import EdgeRuntime
     from cema_deploy.runtime.selection.rules import SampleSelector
+    from cema_deploy.runtime.stats.adapter import StatsConfig, stats_adapter_from_dir
 
     state = work / job.key.replace("/", "_")
     shutil.rmtree(state, ignore_errors=True)
-    stats = RULES[job.rule][2]
-    spec = DeploymentSpec(
-        name="frontier",
-        edge=edge_dir,
-        teacher=teacher[0],
-        teacher_weights=teacher[1],
-        method=CemaConfig(
-            batch_size=cloud_batch, replay_size=replay_size, seed=job.seed, statistics=stats, **(cloud or {})
-        ),
-    )
-    dep = Deployment.from_spec(spec, state)
-    diag = Diagnosis() if diagnose else None
-    if diag is not None:
-        dep.add_listener(lambda v: diag.on_publish(v, dep.job))
-    engine = LocalEngine([dep])
-    engine.start()
+    alone, with_stats = job.rule == EDGE_ALONE, _stats_on(job.rule)
+    engine: Any = None
+    dep: Any = None
+    diag = Diagnosis() if diagnose and not alone else None
+    if not alone:
+        spec = DeploymentSpec(
+            name="frontier",
+            edge=edge_dir,
+            teacher=teacher[0],
+            teacher_weights=teacher[1],
+            method=CemaConfig(
+                batch_size=cloud_batch,
+                replay_size=replay_size,
+                seed=job.seed,
+                statistics=RULES[split_stats(job.rule)[0]][2],
+                **(cloud or {}),
+            ),
+        )
+        dep = Deployment.from_spec(spec, state)
+        if diag is not None:
+            dep.add_listener(lambda v: diag.on_publish(v, dep.job))
+        engine = LocalEngine([dep])
+        engine.start()
     backend = get_backend("ort-cpu", edge_dir, intra_op_threads=1)
     cfg = _selector_config(job, WARMUP[job.protocol], None)
     correct = seen = uploaded = rollbacks = 0
+    stats_counts = {"probes": 0, "local_generation": 0, "resets": 0}
     fp = backend.manifest.fingerprint
     try:
         parts = [[s] for s in stream.segments] if job.protocol == "reset" else [list(stream.segments)]
         for i, segments in enumerate(parts):
-            if job.protocol == "reset" and i > 0:
+            if engine is not None and job.protocol == "reset" and i > 0:
                 engine.admin("frontier", "reset")
-            link = LocalLink(engine, fp, f"frontier-{job.seed}")
+            adapter = None
+            if with_stats:  # fresh statistics per edge runtime, as a fresh `edge run --adapt-stats` has
+                adapter, why = stats_adapter_from_dir(backend, edge_dir, StatsConfig(**EDGE_STATS_SETTINGS))
+                if adapter is None:
+                    raise CemaError(f"{job.key}: the edge's statistics adapter stays off: {why}.")
             rt = EdgeRuntime(
                 backend,
                 SampleSelector(cfg),
-                client=link,
+                client=LocalLink(engine, fp, f"frontier-{job.seed}") if engine is not None else None,
                 poll_wait_s=1.0,
                 sync=True,
                 upload_batch=cloud_batch,
                 selector_factory=lambda: SampleSelector(cfg),
+                stats=adapter,
             )
             if diag is not None:
                 rt.monitor.audit = diag.audit
@@ -227,11 +276,14 @@ def run_job(
                 seen += m["frames"]
                 uploaded += sum(m["uploaded"].values())
                 rollbacks += int(m["rollbacks"])
+                for k in stats_counts:
+                    stats_counts[k] += int(m["stats"].get(k, 0))
             finally:
                 rt.close()
     finally:
         backend.close()
-        engine.stop()
+        if engine is not None:
+            engine.stop()
         shutil.rmtree(state, ignore_errors=True)
     return {
         "key": job.key,
@@ -240,6 +292,8 @@ def run_job(
         "share": 100 * uploaded / seen,
         "rollbacks": rollbacks,
         "frames": seen,
+        "edge_stats": with_stats,
+        **({f"stats_{k}": v for k, v in stats_counts.items()} if with_stats else {}),
         "cloud": dict(cloud or {}),
         **({"diagnosis": diag.as_dict()} if diag is not None else {}),
         "cloud_seconds": dep.metrics()["step_seconds_sum"],  # the deployment's adaptation jobs (gates included)
@@ -387,16 +441,20 @@ def run_frontier(
     replaces :data:`SWEEP`'s knob values for the rules it names. ``diagnose`` and ``cloud`` go to every
     :func:`run_job` and are recorded in ``frontier.json`` (runs of another setting need another ``out_dir``:
     the run log's keys do not hold them). ``refit="head"`` exports the edge model with its classifier refittable
-    (``export --refit head``, beyond the paper; recorded as well)."""
+    (``export --refit head``, beyond the paper; recorded as well).
+    With ``edge_stats`` among ``rules`` the floor of every seed counts it
+    (:func:`cema_deploy.demo.gap.floor_of`)."""
     import multiprocessing as mp
 
     from cema_deploy.demo.baselines import run_baseline
+    from cema_deploy.demo.edge_only import EDGE_STATS_SETTINGS
     from cema_deploy.demo.gap import floor_of
     from cema_deploy.demo.models import load_model, resolve_models
     from cema_deploy.demo.stream import CORRUPTIONS, corrupted_stream, digits_splits
     from cema_deploy.demo.teacher_ceiling import teacher_runs
     from cema_deploy.export.to_onnx import export_timm
 
+    check_rules(rules)
     corruptions = corruptions or CORRUPTIONS
     sweep = {**SWEEP, **(sweep or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -450,6 +508,8 @@ def run_frontier(
                     accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
                 for b, run in teacher_runs(teacher_model, stream, protocol=p).items():
                     accs[b].append(100 * float(run.correct.mean()))
+            if EDGE_ALONE in rules:  # the edge alone counts in the floor (demo.gap), seed by seed
+                accs[EDGE_ALONE] = [done[j.key]["accuracy"] for j in jobs_for([EDGE_ALONE], [p], [s], seeds, sweep)]
             floors = [floor_of({b: v[i] for b, v in accs.items()}) for i in range(len(seeds))]
             ceilings = accs["teacher_adapted"]
             baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}
@@ -474,6 +534,8 @@ def run_frontier(
         "best_rule": {k: best_rule(v, (10, 20, 40)) for k, v in panels.items()},
         "sweep": {r: list(sweep[r]) for r in rules},
         "stats_share": STATS_SHARE,
+        # the edge's own statistics: which rules ran with them, at which adapter settings
+        "edge_statistics": {"rules": [r for r in rules if _stats_on(r)], "settings": dict(EDGE_STATS_SETTINGS)},
         "d_margin": None,
         "diagnose": diagnose,
         "cloud": dict(cloud or {}),

@@ -19,6 +19,8 @@ from cema_deploy._lazy import lazy_import
 
 #: EATA-style's natural setting, the reference of the headline.
 EATA_NATURAL = 0.4
+#: The rule drawn as the plot's point at 0 % uploaded (the edge alone; demo.frontier.EDGE_ALONE).
+ZERO_UPLINK = "edge_stats"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +131,18 @@ def write_frontier(
     }
     path = out_dir / "frontier.json"
     path.write_text(json.dumps(doc, indent=2, allow_nan=False))
+    fig = frontier_figure(panels, default, meta)
+    png = out_dir / "frontier.png"
+    fig.savefig(png, dpi=110)
+    lazy_import("matplotlib.pyplot", extra="demo").close(fig)
+    return [path, png]
+
+
+def frontier_figure(panels: dict[str, dict[str, list[Point]]], default: str, meta: dict[str, Any]) -> Any:
+    """The frontier plot (a matplotlib figure, one subplot per panel): mean accuracy against mean share, error bars
+    = spread, the baselines, the ceiling and the floor as horizontal lines. The share axis is logarithmic above 1 %
+    and linear below (``symlog``), so that it starts at 0 %: the edge alone (``edge_stats``, nothing uploaded) is a
+    point at x = 0, where every curve of a rule with the edge's statistics starts from."""
     matplotlib = lazy_import("matplotlib", extra="demo", purpose="the frontier plot")
     matplotlib.use("Agg")
     plt = lazy_import("matplotlib.pyplot", extra="demo")
@@ -140,11 +154,11 @@ def write_frontier(
                 [p.share for p in pts],
                 [p.accuracy for p in pts],
                 yerr=[p.spread or 0 for p in pts],
-                marker="o",
-                ms=3,
+                marker="*" if m == ZERO_UPLINK else "o",
+                ms=9 if m == ZERO_UPLINK else 3,
                 capsize=2,
                 lw=2.2 if m == default else 1.2,
-                label=m + (" (default)" if m == default else ""),
+                label=m + (" (default)" if m == default else "") + (" (no uplink)" if m == ZERO_UPLINK else ""),
             )
         for ref, style in (("no_adapt", ":"), ("bn_adapt", "--")):
             if ref in meta.get("baselines", {}).get(name, {}):
@@ -152,11 +166,10 @@ def write_frontier(
         for ref, color in (("teacher_ceiling", "black"), ("floor", "tab:brown")):
             if meta.get(ref, {}).get(name) is not None:
                 ax.axhline(meta[ref][name], color=color, ls="-.", lw=1.0, label=ref)
-        ax.set(title=name, xlabel="frames uploaded %", ylabel="accuracy %", xscale="log")
+        ax.set_xscale("symlog", linthresh=1.0)  # linear on [0, 1] %: 0 % uploaded is on the axis
+        ax.set_xlim(left=0)
+        ax.set(title=name, xlabel="frames uploaded %", ylabel="accuracy %")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    png = out_dir / "frontier.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return [path, png]
+    return fig

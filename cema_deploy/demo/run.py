@@ -33,7 +33,16 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.demo import baselines
-from cema_deploy.demo.edge_only import EDGE_ONLY_METHODS, NEEDS_BATCH_STATISTICS, STREAM_ORDERS, ordered, run_edge_only
+from cema_deploy.demo.edge_only import (
+    EDGE_ONLY_METHODS,
+    NEEDS_BATCH_STATISTICS,
+    STATS_SUFFIX,
+    STREAM_ORDERS,
+    ordered,
+    run_edge_only,
+    split_stats,
+    stats_flags,
+)
 from cema_deploy.demo.models import EDGE_DEFAULT, TEACHER_DEFAULT, TrainedModel, TrainSpec, load_model, resolve_models
 from cema_deploy.demo.report import MethodRun, aggregate, summarize
 from cema_deploy.demo.stream import (
@@ -62,6 +71,8 @@ SELECTION_ARGS: dict[str, list[str]] = {
     "random": ["--selection", "random"],
     "entropy_top": ["--selection", "entropy-top"],
 }
+#: Cloud rules that ``RULE+stats`` accepts (the edge's statistics adapter on, with ``edge_stats``'s settings).
+STATS_RULES = ("cema", "cema_recal", "eata_style", "random", "entropy_top")
 #: The default rule of the toolkit, as the demo runs it (see README "Which selection rule").
 DEFAULT_METHOD = "random"  # runtime.selection.DEFAULT_PRESET, by its demo name
 
@@ -97,9 +108,15 @@ class DemoConfig:
         if self.protocol not in PROTOCOLS:
             raise CemaError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}.")
         local = (*baselines.BASELINES, *EDGE_ONLY_METHODS)
-        unknown = [m for m in self.methods if m not in local and m not in SELECTION_ARGS]
+        bad_stats = [m for m in self.methods if m.endswith(STATS_SUFFIX) and split_stats(m)[0] not in STATS_RULES]
+        if bad_stats:
+            raise CemaError(
+                f"Unknown demo methods {bad_stats}: {STATS_SUFFIX} turns on the edge's statistics under a cloud rule, "
+                f"one of {', '.join(STATS_RULES)} (e.g. random{STATS_SUFFIX}); for the edge alone use edge_stats."
+            )
+        unknown = [m for m in self.methods if m not in local and split_stats(m)[0] not in SELECTION_ARGS]
         if unknown:
-            known = [*local, *SELECTION_ARGS]
+            known = [*local, *SELECTION_ARGS, *(r + STATS_SUFFIX for r in STATS_RULES)]
             raise CemaError(f"Unknown demo methods {unknown}; choose from {', '.join(known)}.")
         if self.seeds < 1:
             raise CemaError(f"--seeds must be >= 1, got {self.seeds}.")
@@ -239,9 +256,7 @@ def _edge_run(
     source = _write_source(segments, work / f"stream-{tag}")
     labels = np.concatenate([s.labels for s in segments])
     np.save(work / f"labels-{tag}.npy", labels)
-    args = [*SELECTION_ARGS[method]]
-    if method in ("random", "entropy_top"):
-        args += ["--upload-share", str(cfg.share)]
+    args = cloud_method_args(method, cfg)
     cmd = _cli(
         "edge",
         "run",
@@ -281,6 +296,16 @@ def _edge_run(
     return {"pred": pred, "labels": labels, "metrics": json.loads((work / f"metrics-{tag}.json").read_text())}
 
 
+def cloud_method_args(method: str, cfg: DemoConfig) -> list[str]:
+    """``edge run`` options of a cloud-backed method: its rule's selection (and share), and with ``RULE+stats`` the
+    statistics adapter at ``edge_stats``'s settings (demo/edge_only.py)."""
+    rule, with_stats = split_stats(method)
+    args = [*SELECTION_ARGS[rule]]
+    if rule in ("random", "entropy_top"):
+        args += ["--upload-share", str(cfg.share)]
+    return args + (stats_flags() if with_stats else [])
+
+
 def run_cloud_method(
     method: str, stream: Stream, edge_dir: Path, teacher: TrainedModel, work: Path, cfg: DemoConfig, seed: int
 ) -> MethodRun:
@@ -318,6 +343,7 @@ def run_cloud_method(
             refused[k] = refused.get(k, 0) + int(v)
     sel = {k: total(k, "selection") for k in ("seen", "selected", "unreliable", "low_info", "redundant", "not_drawn")}
     frames = {f"{k}_frames": total(k, "selection") for k in ("uploaded", "calibration", "statistics")}
+    stats = [m.get("stats") or {} for m in metrics]  # the edge's own statistics adapter (RULE+stats)
     return MethodRun(
         correct=predictions == stream.labels,
         uploaded=uploaded,
@@ -332,6 +358,9 @@ def run_cloud_method(
             "rollbacks": total("rollbacks"),
             "refused": refused,
             "selection_config": metrics[0].get("selection_config", {}),
+            "stats_mode": stats[0].get("mode", "off"),
+            "stats_probes": int(sum(s.get("probes", 0) for s in stats)),
+            "stats_local_generation": int(sum(s.get("local_generation", 0) for s in stats)),
         },
     )
 
