@@ -296,8 +296,10 @@ def run_job(
         **({f"stats_{k}": v for k, v in stats_counts.items()} if with_stats else {}),
         "cloud": dict(cloud or {}),
         **({"diagnosis": diag.as_dict()} if diag is not None else {}),
-        "cloud_seconds": dep.metrics()["step_seconds_sum"],  # the deployment's adaptation jobs (gates included)
-        **({"gate": dep.gate_decisions()} if spec.method.gate else {}),  # every cloud-side gate decision
+        "cloud_seconds": dep.metrics()["step_seconds_sum"] if dep is not None else 0.0,  # adaptation jobs, gates
+        **(
+            {"gate": dep.gate_decisions()} if dep is not None and spec.method.gate else {}
+        ),  # every cloud-side gate decision
     }
 
 

@@ -98,7 +98,9 @@ def test_a_json_body_is_refused_while_it_streams_in(exported, teacher_ckpt, tmp_
             while answer.endswith("\r\n\r\n"):  # the head came alone: its body follows
                 answer += sock.recv(65536).decode(errors="replace")
         status, _, rest = answer.partition("\r\n")
-        assert " 413 " in status and "exceeds the limit of 65536 bytes" in rest
+        from cema_deploy.contract.protocol import MAX_JSON_BYTES
+
+        assert " 413 " in status and f"exceeds the limit of {MAX_JSON_BYTES} bytes" in rest
         assert dep.counters["report:rollback"] == 0
 
 
