@@ -14,6 +14,7 @@ start-up. ``no_adapt`` is the same backend with the adapter off; ``bn_adapt`` is
 Usage (one table at a time keeps each run short; then merge and check the targets):
   python benchmarks/edge_stats_targets.py --seeds 0 1 2 --tables zero_uplink batch_1 [--edge CKPT] [--out DIR]
   python benchmarks/edge_stats_targets.py --seeds 0 1 2 --summarize
+  (--balance-measure runs: the guard's run measure; --out DIR to keep its rows apart)
   (needs the demo extra; the edge checkpoint defaults to the quick demo's cached one.)
 """
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from cema_deploy.demo.models import load_model
 from cema_deploy.demo.stream import Stream, cache_dir, corrupted_stream, digits_splits
 from cema_deploy.runtime.backends.registry import get_backend
 from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
-from cema_deploy.runtime.stats.adapter import DEFAULT_EVERY, StatsConfig, stats_adapter_from_dir
+from cema_deploy.runtime.stats.adapter import BALANCE_MEASURES, DEFAULT_EVERY, StatsConfig, stats_adapter_from_dir
 
 QUICK_CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur"]
 PER_CORRUPTION = 300
@@ -95,7 +97,9 @@ CASES = [
 ]
 
 
-def measure(edge_ckpt: Path, seeds: list[int], tables: list[str], work: Path) -> list[dict[str, Any]]:
+def measure(
+    edge_ckpt: Path, seeds: list[int], tables: list[str], work: Path, stats: StatsConfig = EDGE_STATS
+) -> list[dict[str, Any]]:
     from cema_deploy.export.to_onnx import export_timm
 
     splits = digits_splits(0)
@@ -115,7 +119,7 @@ def measure(edge_ckpt: Path, seeds: list[int], tables: list[str], work: Path) ->
                     plain[seed, sev] = edge_run(edge_dir, stream, OFF, 64, "reset")
                 methods = {
                     "no_adapt": plain[seed, sev],
-                    "edge_stats": edge_run(edge_dir, stream, EDGE_STATS, batch, protocol),
+                    "edge_stats": edge_run(edge_dir, stream, stats, batch, protocol),
                 }
                 if batch >= 2 and table in ("zero_uplink", "continual"):
                     methods["bn_adapt"] = torch_run(model, "bn_adapt", stream, batch, protocol)
@@ -187,6 +191,8 @@ def main() -> None:
     ap.add_argument("--tables", nargs="+", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
     ap.add_argument("--summarize", action="store_true", help="only merge the rows-*.json in --out for --seeds")
     ap.add_argument("--tag", default=None, help="file name stem (default: seeds-<seeds>)")
+    ap.add_argument("--balance-measure", default=EDGE_STATS.balance_measure, choices=BALANCE_MEASURES,
+                    help="the label-concentration guard's measure (StatsConfig.balance_measure)")  # fmt: skip
     args = ap.parse_args()
     tag = args.tag or "seeds-" + "-".join(map(str, args.seeds))
     if args.summarize:
@@ -205,12 +211,13 @@ def main() -> None:
         found = sorted((cache_dir() / "models").glob("edge-resnet10t-*.json"))
         quick = [p for p in found if json.loads(p.read_text()).get("spec", {}).get("epochs") == 4]
         ckpt = (quick or found)[0].with_suffix(".safetensors")
+    stats = replace(EDGE_STATS, balance_measure=args.balance_measure)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(ckpt, args.seeds, args.tables, Path(tmp))
+        rows = measure(ckpt, args.seeds, args.tables, Path(tmp), stats)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"edge_checkpoint": str(ckpt), "seeds": args.seeds, "tables": args.tables,
-              "settings": {k: v for k, v in EDGE_STATS.__dict__.items() if k != "shift"},
+              "settings": {k: v for k, v in stats.__dict__.items() if k != "shift"},
               "per_corruption": PER_CORRUPTION, "corruptions": QUICK_CORRUPTIONS, "rows": rows,
               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     path = args.out / f"rows-{tag}-{'-'.join(args.tables)}.json"

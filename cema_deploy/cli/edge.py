@@ -336,6 +336,14 @@ def run_cmd(
         float,
         typer.Option(metavar="P", min=0.0, help="ema: prior x concentration^P.", rich_help_panel=_STATS),
     ] = 2.0,
+    stats_balance_measure: Annotated[
+        str,
+        typer.Option(
+            metavar="M",
+            help="ema: concentration of the served labels: histogram or runs (README).",
+            rich_help_panel=_STATS,
+        ),
+    ] = "histogram",
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.
 
@@ -387,7 +395,7 @@ def run_cmd(
             be, model_dir, StatsConfig(mode=adapt_stats, alpha=stats_alpha, momentum=stats_momentum,
                                        prior_frames=stats_prior, every=stats_every,
                                        dense_frames=stats_dense_frames, balance_window=stats_balance_window,
-                                       balance_power=stats_balance_power)
+                                       balance_power=stats_balance_power, balance_measure=stats_balance_measure)
         )  # fmt: skip
         if stats is None and adapt_stats != "off":
             _say(f"warning: --adapt-stats {adapt_stats}: the adapter stays off: {stats_why}.")

@@ -15,7 +15,8 @@ Modes (``edge run --adapt-stats``):
   at a time still add up to the variance across frames, not just the average variance within one.
   A label-concentration guard (beyond RBN; runtime/stats/labels.py) scales the prior: a probe enters with
   ``prior_frames * c ** balance_power`` where ``c = K / exp(H)`` of the last ``balance_window`` served predictions
-  (1 when they spread over all ``K`` classes, ``K`` when they are all one class). On a label-correlated stream
+  (1 when they spread over all ``K`` classes, ``K`` when they are all one class), or with ``balance_measure="runs"``
+  ``c = K * (share of consecutive predictions that repeat their label)`` (labels.py). On a label-correlated stream
   (a camera watching one class for a while) the frames of one class then barely move the statistics; on a mixed one
   the prior stays small. Chosen over a larger fixed prior and a depth-graded one on the quick demo's sorted and
   shuffled streams (README, "The edge's own statistics").
@@ -53,11 +54,14 @@ from cema_deploy.runtime.selection.shift import ShiftConfig, ShiftDetector
 from cema_deploy.runtime.stats.labels import LabelWindow
 from cema_deploy.runtime.stats.probe import BatchStats, StatsProbe
 
-__all__ = ["STATS_MODES", "StatsAdapter", "StatsConfig", "StatsConfigError"]
+__all__ = ["BALANCE_MEASURES", "STATS_MODES", "StatsAdapter", "StatsConfig", "StatsConfigError"]
 
 log = logging.getLogger("cema_deploy.edge.stats")
 
 STATS_MODES = ("off", "ema", "alpha")
+#: The guard's measure of the served labels: ``histogram`` (``K / exp(H)``, LabelWindow.concentration) or ``runs``
+#: (how often a label repeats from frame to frame, LabelWindow.run_concentration).
+BALANCE_MEASURES = ("histogram", "runs")
 #: Default steady-state probe rate, one batch in 128: a probe plus its refit cost 5.9 served batches at batch 1 and
 #: 3.4 at batch 16 (ResNet-50, ORT CPU, 2 threads), so 128 keeps 0.96x / 0.97x of the adapter-off throughput
 #: (derived from median latencies; 64 gave 0.92x / 0.95x): benchmarks/results/2026-12-03-edge-stats/.
@@ -82,12 +86,17 @@ class StatsConfig:
     dense_frames: int = 0  # ... once this many frames entered since the last reset (every batch before)
     balance_window: int = 32  # ... times concentration ** balance_power of the last `balance_window` served
     balance_power: float = 2.0  # predictions (runtime/stats/labels.py; window 0: off)
+    balance_measure: str = "histogram"  # ... concentration measured as in BALANCE_MEASURES
     reset_on_shift: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in STATS_MODES:
             raise StatsConfigError(f"Unknown statistics mode {self.mode!r}; expected one of {list(STATS_MODES)}.")
+        if self.balance_measure not in BALANCE_MEASURES:
+            raise StatsConfigError(
+                f"Unknown balance measure {self.balance_measure!r}; expected one of {list(BALANCE_MEASURES)}."
+            )
         if not (
             0 < self.alpha <= 1
             and 0 < self.momentum <= 1
@@ -205,9 +214,7 @@ class StatsAdapter:
             mix = cfg.alpha
         else:
             prior = self.current
-            self.last_concentration = (
-                self.labels.concentration() ** cfg.balance_power if self.labels is not None else 1.0
-            )
+            self.last_concentration = self._concentration() ** cfg.balance_power
             mix = ema_weight(n, self.seen, cfg, cfg.prior_frames * self.last_concentration)
         feeds = {
             name: arr.astype(np.float32)
@@ -224,6 +231,14 @@ class StatsAdapter:
         self.seen += n
         self.probes += 1
         self.frames_probed += n
+
+    def _concentration(self) -> float:
+        """The guard's concentration of the served labels (1 when the guard is off)."""
+        if self.labels is None:
+            return 1.0
+        if self.config.balance_measure == "runs":
+            return self.labels.run_concentration()
+        return self.labels.concentration()
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The running mean/var tensors the edge serves now (float32, by refittable name)."""

@@ -5,9 +5,11 @@ class, not the domain; folding them into the served statistics can make the mode
 served predictions tell the two apart for free (the engine computes them anyway): :class:`LabelWindow` keeps the
 predicted labels of the last ``frames`` served frames and measures their *effective number of classes*
 ``exp(H(histogram))`` (1 when every frame got the same label, ``K`` when ``K`` labels are equally frequent).
-:meth:`LabelWindow.concentration` compares it with the number of classes. The adapter multiplies its source prior by it
-(runtime/stats/adapter.py). Beyond the papers: RoTTA (Yuan et al. 2023) balances a memory bank of frames by predicted
-class for the same reason; this keeps no frames, only labels, and costs no probe. Never imports torch.
+:meth:`LabelWindow.concentration` compares it with the number of classes; :meth:`LabelWindow.run_concentration`
+measures instead how often a label repeats from one frame to the next (``balance_measure="runs"``). The adapter
+multiplies its source prior by the chosen one (runtime/stats/adapter.py). Beyond the papers: RoTTA (Yuan et al.
+2023) balances a memory bank of frames by predicted class for the same reason; this keeps no frames, only labels,
+and costs no probe. Never imports torch.
 """
 
 from __future__ import annotations
@@ -59,3 +61,16 @@ class LabelWindow:
         if not self._labels:
             return 1.0
         return max(1.0, self.num_classes / self.effective_classes())
+
+    def run_concentration(self) -> float:
+        """``num_classes`` times the share of consecutive frames in the window that got the same label, clipped to
+        [1, ``num_classes``]: ``num_classes`` for one unbroken run, about 1 for labels that change as often as
+        evenly spread independent ones would; 1 below two frames (no pair yet). A run of one class (a label-correlated
+        stream) repeats its label from frame to frame; a model that a corruption collapses onto a few classes repeats
+        a label only as often as chance does, and a short window of changing labels does not read as concentrated
+        (:meth:`concentration` counts it so). Beyond the papers; chosen on the quick demo's seed 0 (README,
+        "The edge's own statistics")."""
+        if len(self._labels) < 2:
+            return 1.0
+        a = np.fromiter(self._labels, np.int64)
+        return float(np.clip(self.num_classes * np.mean(a[1:] == a[:-1]), 1.0, self.num_classes))
