@@ -62,32 +62,32 @@ def _less_confident(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 def test_a_loss_of_confidence_alone_is_kept_a_collapse_or_flat_outputs_are_rolled_back() -> None:
     # Old: 40 frames, four per class, confident but not saturated. A blob that keeps every prediction and is only
-    # less confident (temperature 1.3) drops the score beyond the margin: the old rule rolled it back (the
+    # less confident (temperature 1.15) drops the score beyond the margin: the old rule rolled it back (the
     # misfires after a calibration, issue 22), the shaped rule keeps it.
     rng = np.random.default_rng(0)
     old = _onehot(list(range(C)) * 4, scale=6.0) + rng.normal(0, 0.3, (40, C))
-    softer = _less_confident(old, 1.3)
+    softer = _less_confident(old, 1.15)
     j_old_rule = judge(old, softer, num_classes=C, margin_ratio=0.05)
     assert j_old_rule.rollback and j_old_rule.score_previous - j_old_rule.score_new > j_old_rule.allowed_drop
-    j = judge(old, softer, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.25)
+    j = judge(old, softer, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08)
     assert not j.rollback and j.reason == "" and j.confidence_only and "confidence only" in j.describe()
-    assert abs(j.collapse) < 0.02 * math.log(C) and 0 < j.flatten < 0.25 * math.log(C)
+    assert abs(j.collapse) < 0.02 * math.log(C) and 0 < j.flatten < 0.08 * math.log(C)
     # the same frames, a blob whose predictions collapse onto a few classes: rolled back
     collapsed = _onehot([0, 1, 2, 3] * 10, scale=6.0)
-    j = judge(old, collapsed, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.25)
+    j = judge(old, collapsed, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08)
     assert j.rollback and j.reason == REASON_INFORMATION and j.collapse > 0.02 * math.log(C)
     # a broken blob: outputs flatten towards uniform with the classes still spread: rolled back
     flat = _less_confident(old, 10.0)
-    j = judge(old, flat, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.25)
-    assert j.rollback and j.flatten > 0.25 * math.log(C) and not j.confidence_only
+    j = judge(old, flat, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08)
+    assert j.rollback and j.flatten > 0.08 * math.log(C) and not j.confidence_only
     # a better blob is never rolled back, whatever its shape
-    assert not judge(softer, old, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.25).rollback
+    assert not judge(softer, old, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08).rollback
     # the parts add up to the score's change
     assert j.score_new - j.score_previous == pytest.approx(-j.collapse - j.flatten, abs=1e-9)
     assert j.drop_se == pytest.approx(information_drop_se(old, flat)) and j.drop_se > 0
     # the defaults the runtime applies are the shaped rule's
     cfg = RollbackConfig()
-    assert (cfg.collapse_ratio, cfg.flatten_ratio) == (0.02, 0.25)
+    assert (cfg.collapse_ratio, cfg.flatten_ratio) == (0.02, 0.08)
 
 
 def test_the_standard_error_of_a_drop_shrinks_with_frames() -> None:
