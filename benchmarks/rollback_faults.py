@@ -11,8 +11,10 @@ between input and prediction, previous vs new parameters on the same frames) whe
 * ``gamma_flip``: one normalisation layer's gamma with its sign flipped
 * ``other_seed``: the blob of the same version from another seed's adaptation run (``--other-blobs``)
 
-The layer is drawn at random per trial. Besides the rates at ``--margin`` the script reports them for a range of
-margins, and the score drops themselves, so the default margin can be chosen from the data. Torch-free (ONNX
+The layer is drawn at random per trial. Besides the rates of the runtime's rule at ``--margin`` (a drop beyond it
+that collapses or flattens the predictions by ``--collapse-ratio`` / ``--flatten-ratio``; both 0: any drop beyond
+the margin) the script reports the rates of any drop beyond a range of margins, and the score drops themselves,
+so the default margin can be chosen from the data. Torch-free (ONNX
 Runtime on CPU). Writes JSON (``--json``) and prints a table.
 
 Example:
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--window", type=int, default=RollbackConfig().window, help="frames in the ring")
     ap.add_argument("--margin", type=float, default=RollbackConfig().margin_ratio, help="allowed drop / ln C")
+    ap.add_argument("--collapse-ratio", type=float, default=RollbackConfig().collapse_ratio,
+                    help="fall of the entropy of the mean prediction that makes a drop count, / ln C")  # fmt: skip
+    ap.add_argument("--flatten-ratio", type=float, default=RollbackConfig().flatten_ratio,
+                    help="rise of the mean entropy that makes a drop count, / ln C")  # fmt: skip
     ap.add_argument(
         "--harm-points",
         type=float,
@@ -146,12 +152,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tensors, what = inject(new, fault, rng, other)
             sess = logits.session(tensors, new_v if fault == "none" else None)
             new_logits = logits.run(sess, start, w)
-            j = judge(old_logits, new_logits, num_classes=c, margin_ratio=args.margin, version=new_v,
+            j = judge(old_logits, new_logits, num_classes=c, margin_ratio=args.margin,
+                      collapse_ratio=args.collapse_ratio, flatten_ratio=args.flatten_ratio, version=new_v,
                       previous_version=old_v)  # fmt: skip
             row = {"trial": trial, "old": old_v, "new": new_v, "start": start, "changed": what,
                    "score_old": j.score_previous, "score_new": j.score_new,
                    "drop_ratio": (j.score_previous - j.score_new) / np.log(c), "rollback": j.rollback,
-                   "reason": j.reason}  # fmt: skip
+                   "reason": j.reason, "collapse": j.collapse, "flatten": j.flatten}  # fmt: skip
             if labels is not None:
                 y = labels[start : start + w]
                 row["acc_old"] = float((old_logits.argmax(1) == y).mean())
@@ -162,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["harmful"] = 100 * (acc_unmodified - row["acc_new"]) >= args.harm_points
             rows[fault].append(row)
         print(f"trial {trial + 1}/{args.trials}: v{old_v} -> v{new_v}, frames {start}..{start + w}", file=sys.stderr)
+
+    def decided(rs: list[dict[str, Any]]) -> float:  # the runtime's rule as configured
+        return float(np.mean([r["rollback"] for r in rs])) if rs else float("nan")
 
     def rate(rs: list[dict[str, Any]], margin: float) -> float:
         hits = [r["reason"] == "nonfinite" or not r["drop_ratio"] <= margin for r in rs]  # NaN drops count as hits
@@ -175,16 +185,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trials": args.trials,
         "window": w,
         "margin_ratio": args.margin,
+        "collapse_ratio": args.collapse_ratio,
+        "flatten_ratio": args.flatten_ratio,
         "num_classes": c,
         "score_mean_old": float(np.mean([r["score_old"] for r in rows["none"]])),
         "ln_c": float(np.log(c)),
-        "false_rollback_rate": rate(rows["none"], args.margin),
-        "detection": {f: rate(rows[f], args.margin) for f in faults if f != "none"},
+        "false_rollback_rate": decided(rows["none"]),
+        "detection": {f: decided(rows[f]) for f in faults if f != "none"},
         "by_margin": {str(m): {f: rate(rows[f], m) for f in faults} for m in MARGINS},
         "drop_ratio": {f: [r["drop_ratio"] for r in rows[f]] for f in faults},
         "harm_points": args.harm_points if labels is not None else None,
         "harmful_detection": (
-            {f: rate([r for r in rows[f] if r["harmful"]], args.margin) for f in faults if f != "none"}
+            {f: decided([r for r in rows[f] if r["harmful"]]) for f in faults if f != "none"}
             if labels is not None
             else None
         ),
@@ -193,16 +205,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t_start, 1),
         "information_of_a_uniform_window": information(np.zeros((w, c))),
     }
-    print(f"\nwindow {w} frames, margin {args.margin:g} ln C ({args.margin * np.log(c):.3f} nats), "
-          f"{args.trials} trials, blobs v{versions[0]}..v{versions[-1]}")  # fmt: skip
+    print(f"\nwindow {w} frames, margin {args.margin:g} ln C ({args.margin * np.log(c):.3f} nats), collapse "
+          f"{args.collapse_ratio:g} / flatten {args.flatten_ratio:g} ln C, {args.trials} trials, "
+          f"blobs v{versions[0]}..v{versions[-1]}")  # fmt: skip
+    print(f"the runtime's rule: false rollbacks {result['false_rollback_rate']:.2f}, detection "
+          + ", ".join(f"{f} {r:.2f}" for f, r in result["detection"].items()))  # fmt: skip
     print(f"{'fault':<12}" + "".join(f"{'m=' + str(m):>9}" for m in MARGINS) + "   max drop/lnC  min drop/lnC")
     for f in faults:
         d = [x for x in result["drop_ratio"][f] if np.isfinite(x)]
         print(f"{f:<12}" + "".join(f"{result['by_margin'][str(m)][f]:>9.2f}" for m in MARGINS)
               + f"   {max(d, default=float('nan')):>11.3f}  {min(d, default=float('nan')):>11.3f}")  # fmt: skip
-    print("(rows: rollback rate; 'none' is the false-rollback rate)")
+    print("(rows: rate of drops beyond each margin; 'none' is the false-rollback rate)")
     if labels is not None:
-        print(f"faults costing >= {args.harm_points:g} accuracy points on the window, caught at m={args.margin:g}: "
+        print(f"faults costing >= {args.harm_points:g} accuracy points on the window, caught by the runtime's rule: "
               + ", ".join(f"{f} {result['harmful_detection'][f]:.2f} of {result['harmful_trials'][f]}"
                           for f in faults if f != "none"))  # fmt: skip
     if args.json is not None:

@@ -35,7 +35,16 @@ from cema_deploy.runtime.selection.entropy import entropy_of_mean, softmax
 
 log = logging.getLogger("cema_deploy.edge")
 
-__all__ = ["InputRing", "Judgement", "RollbackConfig", "RollbackMonitor", "information", "judge", "previous_logits"]
+__all__ = [
+    "InputRing",
+    "Judgement",
+    "RollbackConfig",
+    "RollbackMonitor",
+    "information",
+    "information_drop_se",
+    "judge",
+    "previous_logits",
+]
 
 #: Rollback reasons (metrics label values).
 REASON_INFORMATION, REASON_NONFINITE = "information_drop", "nonfinite"
@@ -69,6 +78,19 @@ class RollbackConfig:
     #: against the serving parameters again (re-based). 0: no hold, every blob is applied and judged (the rule
     #: before issue 22: one bad trajectory became a chain of rollbacks). Beyond the paper. Default: 8 windows.
     hold_frames: int = 1024
+    #: Which way the score fell (beyond the paper, issue 22 item 6): a drop beyond the margin rolls back only when
+    #: the predictions *collapse* (the entropy of the mean prediction falls by more than ``collapse_ratio * ln C``)
+    #: or *flatten* (the mean entropy rises by more than ``flatten_ratio * ln C``). A blob that keeps its
+    #: predictions as spread as before and is only somewhat less confident is kept: after a calibration the next
+    #: blob is often less confident *and* more accurate. 0 and 0: any drop beyond the margin (the rule before).
+    #: Why 0.02 and 0.08 (0.05 and 0.18 nats at C = 10): replayed on the judged frames of the verdict audit's
+    #: continual runs (quick models, seed 0), the severity-3 misfires (+1.6, +3.1, +1.6 points) lost 0.08, 0.08 and
+    #: 0.18 ln C of confidence while the entropy of the mean fell by at most 0.01 ln C; every blob that lost >= 5
+    #: points and was caught before collapsed by more than 0.02 ln C. 0.08 spares the first two; 0.25 spared all
+    #: three but missed injected faults of ``benchmarks/rollback_faults.py`` that flatten the outputs by
+    #: 0.1-0.2 ln C and cost 20-50 points (README, rollback).
+    collapse_ratio: float = 0.02
+    flatten_ratio: float = 0.08
 
     def __post_init__(self) -> None:
         if (
@@ -76,10 +98,13 @@ class RollbackConfig:
             or not self.margin_ratio >= 0
             or not 1 <= self.min_samples <= self.window
             or self.hold_frames < 0
+            or not self.collapse_ratio >= 0
+            or not self.flatten_ratio >= 0
         ):
             raise RollbackConfigError(
-                f"Rollback window must be >= 1, margin_ratio >= 0, 1 <= min_samples <= window and hold_frames >= 0, "
-                f"got {self.window}, {self.margin_ratio}, {self.min_samples}, {self.hold_frames}."
+                f"Rollback window must be >= 1, margin_ratio >= 0, 1 <= min_samples <= window, hold_frames >= 0, "
+                f"collapse_ratio >= 0 and flatten_ratio >= 0, got {self.window}, {self.margin_ratio}, "
+                f"{self.min_samples}, {self.hold_frames}, {self.collapse_ratio}, {self.flatten_ratio}."
             )
 
 
@@ -95,6 +120,29 @@ def information(logits: np.ndarray) -> float:
     return entropy_of_mean(p) - mean_entropy
 
 
+def _information_terms(logits: np.ndarray) -> np.ndarray:
+    """Per-frame terms ``psi_i = -sum_c p_ic ln pbar_c - H(p_i)`` whose mean is :func:`information` exactly
+    (``sum_c pbar_c ln pbar_c`` is the mean of ``sum_c p_ic ln pbar_c``), and whose deviations from it are the
+    first-order influence of each frame on the score (delta method)."""
+    p = softmax(logits.astype(np.float64))
+    logp = np.log(np.clip(p, 1e-300, None))
+    log_mean = np.log(np.clip(p.mean(axis=0), 1e-300, None))
+    return np.asarray(-(p * log_mean).sum(axis=1) + (p * logp).sum(axis=1))
+
+
+def information_drop_se(old_logits: np.ndarray, new_logits: np.ndarray) -> float:
+    """Standard error (nats) of ``information(new) - information(old)`` on the same frames: the sample standard
+    deviation of the paired per-frame terms' difference over ``sqrt(n)`` (delta method). Only frames finite under
+    both are used; 0.0 with fewer than two. Paired frames make it small when the two parameter sets agree frame
+    by frame, and large when a few frames carry the difference (a small ring after a calibration)."""
+    ok = np.isfinite(old_logits).all(axis=1) & np.isfinite(new_logits).all(axis=1)
+    n = int(ok.sum())
+    if n < 2:
+        return 0.0
+    d = _information_terms(new_logits[ok]) - _information_terms(old_logits[ok])
+    return float(d.std(ddof=1) / math.sqrt(n))
+
+
 @dataclass(frozen=True)
 class Judgement:
     """The comparison of ``version`` with ``previous_version`` on ``n`` identical frames."""
@@ -107,17 +155,37 @@ class Judgement:
     allowed_drop: float  # nats
     rollback: bool
     reason: str  # "" (kept), REASON_INFORMATION or REASON_NONFINITE
+    #: How the score moved (nats): ``collapse`` the fall of the entropy of the mean prediction, ``flatten`` the
+    #: rise of the mean entropy (score change = flatten's opposite minus collapse); ``drop_se`` the standard error
+    #: of the score change (:func:`information_drop_se`: whether a drop is more than the frames' noise).
+    collapse: float = 0.0
+    flatten: float = 0.0
+    drop_se: float = 0.0
+    #: Beyond the margin, but the predictions neither collapsed nor flattened by the configured ratios: kept.
+    confidence_only: bool = False
 
     def describe(self) -> str:
         what = "rolled back" if self.rollback else "kept"
         if self.reason == REASON_NONFINITE:
             return (f"v{self.version} {what}: its outputs are not finite on {self.n} recent frames where "
                     f"v{self.previous_version}'s are")  # fmt: skip
+        why = " (a loss of confidence only: the predictions neither collapsed nor flattened)"
         return (
             f"v{self.version} {what}: mutual information between input and prediction on the same {self.n} recent "
             f"frames {self.score_previous:.4f} -> {self.score_new:.4f} nats (v{self.previous_version} -> "
-            f"v{self.version}; allowed drop {self.allowed_drop:.4f})"
+            f"v{self.version}; allowed drop {self.allowed_drop:.4f}; entropy of the mean fell {self.collapse:.4f}, "
+            f"mean entropy rose {self.flatten:.4f}; standard error {self.drop_se:.4f})"
+            + (why if self.confidence_only else "")
         )
+
+
+def _entropies(logits: np.ndarray) -> tuple[float, float]:
+    """(entropy of the mean prediction, mean entropy) over the finite rows of ``logits``; NaNs when none is."""
+    finite = np.isfinite(logits).all(axis=1)
+    if not finite.any():
+        return math.nan, math.nan
+    p = softmax(logits[finite].astype(np.float64))
+    return entropy_of_mean(p), float(-(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1).mean())
 
 
 def judge(
@@ -126,19 +194,31 @@ def judge(
     *,
     num_classes: int,
     margin_ratio: float,
+    collapse_ratio: float = 0.0,
+    flatten_ratio: float = 0.0,
     version: int = 0,
     previous_version: int = 0,
 ) -> Judgement:
     """Decide on logits of the previous and the new parameters for the *same* frames (the rule the runtime
-    applies; :mod:`benchmarks.rollback_faults` calls it too)."""
-    allowed = margin_ratio * math.log(num_classes)
+    applies; :mod:`benchmarks.rollback_faults` calls it too). A drop of the score beyond ``margin_ratio * ln C``
+    rolls back when the entropy of the mean prediction fell by more than ``collapse_ratio * ln C`` (a collapse)
+    or the mean entropy rose by more than ``flatten_ratio * ln C`` (outputs flatten); with both ratios 0, any
+    drop beyond the margin does (both parts are then 0 at most, and one of them is above 0)."""
+    ln_c = math.log(num_classes)
+    allowed = margin_ratio * ln_c
     old_ok, new_ok = np.isfinite(old_logits).all(axis=1), np.isfinite(new_logits).all(axis=1)
     s_old, s_new = information(old_logits), information(new_logits)
+    n = len(new_logits)
     if (new_ok < old_ok).any():
-        return Judgement(version, previous_version, len(new_logits), s_old, s_new, allowed, True, REASON_NONFINITE)
-    drop = not math.isnan(s_old) and (math.isnan(s_new) or s_new < s_old - allowed)
-    return Judgement(version, previous_version, len(new_logits), s_old, s_new, allowed, drop,
-                     REASON_INFORMATION if drop else "")  # fmt: skip
+        return Judgement(version, previous_version, n, s_old, s_new, allowed, True, REASON_NONFINITE)
+    (hm_old, mh_old), (hm_new, mh_new) = _entropies(old_logits), _entropies(new_logits)
+    collapse, flatten = hm_old - hm_new, mh_new - mh_old
+    se = information_drop_se(old_logits, new_logits)
+    beyond = not math.isnan(s_old) and (math.isnan(s_new) or s_new < s_old - allowed)
+    shaped = not (collapse <= collapse_ratio * ln_c and flatten <= flatten_ratio * ln_c)  # NaN: counts as shaped
+    drop = beyond and shaped
+    return Judgement(version, previous_version, n, s_old, s_new, allowed, drop, REASON_INFORMATION if drop else "",
+                     collapse, flatten, se, beyond and not shaped)  # fmt: skip
 
 
 def previous_logits(backend: Backend, x: np.ndarray) -> tuple[np.ndarray, int] | None:
@@ -351,6 +431,7 @@ class RollbackMonitor:
             old[missing[done : done + n]] = got[0][:n]
             done += n
         j = judge(old, new, num_classes=self.num_classes, margin_ratio=self.config.margin_ratio,
+                  collapse_ratio=self.config.collapse_ratio, flatten_ratio=self.config.flatten_ratio,
                   version=version, previous_version=prev_version)  # fmt: skip
         if self.audit is not None:
             self.audit(j, images, old, new)

@@ -15,6 +15,7 @@ from cema_deploy.runtime.updates.rollback import (
     RollbackConfig,
     RollbackConfigError,
     information,
+    information_drop_se,
     judge,
 )
 from tests.conftest import needs_torch
@@ -55,11 +56,69 @@ def test_judge_rolls_back_a_drop_beyond_the_margin_only() -> None:
     assert not judge(_onehot([1] * 30), good, num_classes=C, margin_ratio=0.05).rollback
 
 
+def _less_confident(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return logits / temperature
+
+
+def test_a_loss_of_confidence_alone_is_kept_a_collapse_or_flat_outputs_are_rolled_back() -> None:
+    # Old: 40 frames, four per class, confident but not saturated. A blob that keeps every prediction and is only
+    # less confident (temperature 1.15) drops the score beyond the margin: the old rule rolled it back (the
+    # misfires after a calibration, issue 22), the shaped rule keeps it.
+    rng = np.random.default_rng(0)
+    old = _onehot(list(range(C)) * 4, scale=6.0) + rng.normal(0, 0.3, (40, C))
+    softer = _less_confident(old, 1.15)
+    j_old_rule = judge(old, softer, num_classes=C, margin_ratio=0.05)
+    assert j_old_rule.rollback and j_old_rule.score_previous - j_old_rule.score_new > j_old_rule.allowed_drop
+    j = judge(old, softer, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08)
+    assert not j.rollback and j.reason == "" and j.confidence_only and "confidence only" in j.describe()
+    assert abs(j.collapse) < 0.02 * math.log(C) and 0 < j.flatten < 0.08 * math.log(C)
+    # the same frames, a blob whose predictions collapse onto a few classes: rolled back
+    collapsed = _onehot([0, 1, 2, 3] * 10, scale=6.0)
+    j = judge(old, collapsed, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08)
+    assert j.rollback and j.reason == REASON_INFORMATION and j.collapse > 0.02 * math.log(C)
+    # a broken blob: outputs flatten towards uniform with the classes still spread: rolled back
+    flat = _less_confident(old, 10.0)
+    j = judge(old, flat, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08)
+    assert j.rollback and j.flatten > 0.08 * math.log(C) and not j.confidence_only
+    # a better blob is never rolled back, whatever its shape
+    assert not judge(softer, old, num_classes=C, margin_ratio=0.05, collapse_ratio=0.02, flatten_ratio=0.08).rollback
+    # the parts add up to the score's change
+    assert j.score_new - j.score_previous == pytest.approx(-j.collapse - j.flatten, abs=1e-9)
+    assert j.drop_se == pytest.approx(information_drop_se(old, flat)) and j.drop_se > 0
+    # the defaults the runtime applies are the shaped rule's
+    cfg = RollbackConfig()
+    assert (cfg.collapse_ratio, cfg.flatten_ratio) == (0.02, 0.08)
+
+
+def test_the_standard_error_of_a_drop_shrinks_with_frames() -> None:
+    # One frame in ten goes flat: the same drop on 10 and on 160 frames, a standard error 4x smaller on 16x the frames.
+    errors = []
+    for reps in (1, 16):
+        old = _onehot(list(range(C)) * reps)
+        new = old.copy()
+        new[::C] = 0.0
+        errors.append(information_drop_se(old, new))
+    assert errors[0] > 0 and errors[1] == pytest.approx(errors[0] / 4, rel=0.1)
+    good = _onehot(list(range(C)) * 8)
+    assert information_drop_se(good, good) == 0.0
+
+
+def test_the_information_terms_average_to_the_score() -> None:
+    from cema_deploy.runtime.updates.rollback import _information_terms
+
+    logits = np.random.default_rng(0).normal(0, 3, (50, C))
+    assert float(_information_terms(logits).mean()) == pytest.approx(information(logits), abs=1e-9)
+
+
 def test_bad_rollback_options() -> None:
     with pytest.raises(RollbackConfigError, match="min_samples <= window"):
         RollbackConfig(window=16, min_samples=32)
     with pytest.raises(RollbackConfigError, match="margin_ratio"):
         RollbackConfig(margin_ratio=-0.1)
+    with pytest.raises(RollbackConfigError, match="collapse_ratio"):
+        RollbackConfig(collapse_ratio=-0.01)
+    with pytest.raises(RollbackConfigError, match="flatten_ratio"):
+        RollbackConfig(flatten_ratio=-1.0)
 
 
 @needs_torch
