@@ -172,22 +172,22 @@ def run_cmd(
             metavar="SHARE",
             min=0.0,
             max=1.0,
-            help="Share sent as statistics samples (0: off).",
+            help="Statistics-sample share.",
             rich_help_panel=_SELECT,
         ),
     ] = 0.0,
     recalibrate: Annotated[
-        bool, typer.Option("--recalibrate", help="Recalibrate when the shift detector fires.", rich_help_panel=_SELECT)
+        bool, typer.Option("--recalibrate", help="Recalibrate on a shift.", rich_help_panel=_SELECT)
     ] = False,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the random draws.", rich_help_panel=_SELECT)] = 0,
     e0_ratio: Annotated[
         float, typer.Option(metavar="X", help="E_0 = ratio * ln C (Eqn. 3).", rich_help_panel=_SELECT)
     ] = 0.4,
     e_min_ratio: Annotated[
-        float, typer.Option(metavar="X", help="E_min = ratio * ln C (Eqn. 5; 0: off).", rich_help_panel=_SELECT)
+        float, typer.Option(metavar="X", help="E_min / ln C (Eqn. 5).", rich_help_panel=_SELECT)
     ] = 0.02,
     d_margin: Annotated[
-        str, typer.Option(metavar="M", help="Redundancy margin: auto, off, or a number.", rich_help_panel=_SELECT)
+        str, typer.Option(metavar="M", help="auto, off or a margin.", rich_help_panel=_SELECT)
     ] = "auto",
     warmup: Annotated[
         int, typer.Option(metavar="W", min=1, help="W: samples before E_max adapts (Eqn. 4).", rich_help_panel=_SELECT)
@@ -340,7 +340,7 @@ def run_cmd(
         str,
         typer.Option(
             metavar="M",
-            help="ema: concentration of the served labels: histogram or runs (README).",
+            help="ema: guard measure, histogram or runs.",
             rich_help_panel=_STATS,
         ),
     ] = "histogram",
