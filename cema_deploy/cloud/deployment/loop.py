@@ -182,8 +182,8 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
             drawn: list[int] = []
             if c.replay_size > 0 and c.replay_factor > 0 and s.window_len(w_end, lo) >= c.replay_min:
                 n = c.student_steps * c.replay_factor * c.batch_size  # each student step its own 3B (official k=1)
-                replayed = s.sample(n, self._rng(), end=w_end, start=lo)
-                drawn = [*s.draw(n, self._rng(), end=w_end, start=lo)]  # the same draw
+                idx, replayed = s.sample_indexed(n, self._rng(), end=w_end, start=lo)
+                drawn = [*idx]
             groups = self._student_groups([*range(start, end), *drawn])  # the edges' statistics (protocol 3)
         report = self.cema.adapt(images, replayed, groups=groups)
         if report.replayed:
@@ -212,8 +212,8 @@ class Deployment(OperatorMixin, IntakeMixin, CalibrationMixin, AdminMixin):
                 end, self._replay_due = self._replay_due or end, None
             if s.window_len(end, self.replay_start) <= c.replay_min:
                 return
-            replayed = s.sample(c.idle_factor * c.batch_size, self._rng(), end=end, start=self.replay_start)
-            drawn = s.draw(c.idle_factor * c.batch_size, self._rng(), end=end, start=self.replay_start)  # the same
+            drawn, replayed = s.sample_indexed(c.idle_factor * c.batch_size, self._rng(), end=end,
+                                               start=self.replay_start)  # fmt: skip
             groups = self._student_groups(drawn)  # the edges' statistics (protocol 3)
         report = self.cema.replay_step(replayed, groups=groups)
         publish = self.cema.steps % c.publish_every == 0 and not self.frozen

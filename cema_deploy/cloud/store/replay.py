@@ -305,8 +305,14 @@ class SampleStore:
 
     def sample(self, k: int, rng: np.random.Generator, *, end: int, start: int = 0) -> np.ndarray:
         """``min(k, window)`` samples drawn without replacement from :meth:`window` ``(end, start)``."""
+        return self.sample_indexed(k, rng, end=end, start=start)[1]
+
+    def sample_indexed(
+        self, k: int, rng: np.random.Generator, *, end: int, start: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`sample` with the adapt indices it read (:meth:`draw`), from one draw."""
         idx = self.draw(k, rng, end=end, start=start)
-        return self.frames_at(idx) if len(idx) else _EMPTY
+        return idx, (self.frames_at(idx) if len(idx) else _EMPTY)
 
     def draw(self, k: int, rng: np.random.Generator, *, end: int, start: int = 0) -> np.ndarray:
         """The adapt indices :meth:`sample` reads (ascending), drawn as it draws them."""
