@@ -189,7 +189,7 @@ class EdgeRuntime:
             require_signature=verifier is None and client is not None and unsigned_refused, poll_wait_s=poll_wait_s,
             ledger=self.ledger, min_refit_interval_s=min_refit_interval_s, report=self._report,
             on_applied=self._on_applied, on_changed=self._state_changed, before_poll=self._before_poll,
-            pin_version=pin_version,
+            before_decline=self._read_generation, pin_version=pin_version,
         )  # fmt: skip
         self._store = EdgeStateStore(state_dir) if state_dir is not None else None
         self.stats = stats  # the edge's own BatchNorm statistics (runtime/stats/adapter.py); None = off
@@ -398,6 +398,17 @@ class EdgeRuntime:
     def _before_poll(self) -> None:
         if self.deployment.status_due:
             self.deployment.read_status()
+
+    def _read_generation(self) -> None:
+        """Read the deployment's generation now (before a held blob is declined): the blob of a reset often
+        arrives before any acknowledgement names the new generation, and a new generation ends the hold."""
+        if self.client is None:
+            return
+        try:
+            status = self.client.status()
+        except CemaError:
+            return
+        self.deployment.observe(status.generation, status.calibrated, "status")
 
     def _backlog(self) -> str:
         up = self.uplink

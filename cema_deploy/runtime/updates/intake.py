@@ -67,7 +67,9 @@ class BlobIntake:
 
     ``report(EdgeReport)`` sends refusals to the cloud (the runtime passes the uplink's); ``on_applied(version)``
     runs after a refit swapped in (the rollback monitor judges it); ``on_changed()`` after anything the durable
-    state holds changed; ``before_poll()`` at the top of every poll (the deployment's status read).
+    state holds changed; ``before_poll()`` at the top of every poll (the deployment's status read);
+    ``before_decline()`` before a blob is declined because the guard holds an episode's line (the runtime asks the
+    cloud whether it was reset since: a reset starts a new episode, and its blob is a new start, not the line).
     """
 
     def __init__(
@@ -86,11 +88,13 @@ class BlobIntake:
         on_applied: Callable[[int], None] | None = None,
         on_changed: Callable[[], None] | None = None,
         before_poll: Callable[[], None] | None = None,
+        before_decline: Callable[[], None] | None = None,
         pin_version: int | None = None,
     ) -> None:
         self.backend, self.manifest, self.client, self.verifier = backend, manifest, client, verifier
         self.require_signature, self.swap_lock, self.poll_wait_s = require_signature, swap_lock, poll_wait_s
         self.report, self.on_applied, self.on_changed, self.before_poll = report, on_applied, on_changed, before_poll
+        self.before_decline = before_decline
         self.ledger = ledger if ledger is not None else VersionLedger(lambda: serving_stamp(backend))
         self.blobs_applied = self.unsigned_applied = self.poll_errors = self.bytes_received = 0
         self.last_blob_at: float | None = None
@@ -174,6 +178,8 @@ class BlobIntake:
                 self._hold_by_pin(blob.version)
                 return None
             validate_blob(blob, self.manifest)
+            if self.ledger.holding is not None and self.before_decline is not None:
+                self.before_decline()  # a reset since the rollback ends the hold (a new episode)
             if self.ledger.declines(blob):  # the rollback guard holds this episode's line (ledger.py): not reported
                 return None
             self.ledger.admit(blob, source=source)
