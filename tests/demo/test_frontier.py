@@ -98,6 +98,30 @@ def test_one_real_run_resets_per_corruption_and_measures_the_share(quick_edge, s
     assert 100 * (2 * 64 + 2 * 8) / 256 <= res["share"] <= 100 * (2 * 64 + 2 * 28) / 256
     assert not (tmp_path / "work" / job.key.replace("/", "_")).exists()  # the run's state is cleaned up
     assert np.isfinite(res["accuracy"])
+    assert res["pace"] is None  # --sync: the default
+
+
+def test_a_paced_run_feeds_frames_at_its_rate_and_records_the_pace(quick_edge, splits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pace=500 frames/s, continual, two corruptions of 128 frames: the edge does not wait for the cloud
+    (sync=False), every frame is predicted once, and the run records its pace; the last batch of 64 cannot start
+    before frame 192's time (192 / 500 s), which bounds the achieved rate. A pace with diagnose is refused."""
+    from cema_deploy.demo.frontier import run_job
+    from cema_deploy.demo.stream import corrupted_stream
+    from cema_deploy.exceptions import CemaError
+    from cema_deploy.export.to_onnx import export_timm
+
+    tm, model = quick_edge
+    edge_dir = tmp_path / "edge"
+    export_timm(tm.name, edge_dir, model=model, img_size=splits[0].shape[1])
+    _, _, x, y = splits
+    stream = corrupted_stream(x[:128], y[:128], severity=3, corruptions=("gaussian_noise", "contrast"), seed=0)
+    job = Job(rule="random", knob=0.25, protocol="continual", severity=3, seed=0)
+    kw = dict(work=tmp_path / "work", edge_dir=edge_dir, teacher=(tm.name, tm.checkpoint), stream=stream)
+    res = run_job(job, pace=500.0, **kw)  # type: ignore[arg-type]
+    assert res["frames"] == 256 and 0 <= res["accuracy"] <= 100 and res["share"] > 0
+    assert res["pace"] == 500.0 and 0 < res["fps"] <= 500.0 * 256 / 192
+    with pytest.raises(CemaError, match="pace"):
+        run_job(job, pace=500.0, diagnose=True, **kw)  # type: ignore[arg-type]
 
 
 def test_sweep_option_parses_rules_and_refuses_bad_input() -> None:
