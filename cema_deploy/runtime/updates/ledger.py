@@ -25,7 +25,8 @@ these fields themselves):
   ``held``, covered by the floor, never reported) instead of being applied and rolled back one by one (before
   this, one bad trajectory became a chain of ~15 rollbacks, each judged against the same calibration blob). The
   hold ends at the next episode or when the runtime releases it (``RollbackConfig.hold_frames`` frames later);
-  the next blob is then judged against the serving parameters again (re-based).
+  the next blob is then judged against the serving parameters again (re-based). A blob that answers the
+  episode's calibration batch (:meth:`exempt`) is never declined: it is the episode's new start.
 
 Thread-safe (one lock; callbacks never run under it). Never imports torch.
 """
@@ -334,6 +335,11 @@ class VersionLedger:
         (a blob at or below the floor is left to :meth:`admit`, which refuses it as stale)."""
         with self._lock:
             if self._holding is None or blob.epoch != self._epoch or blob.version <= self._floor():
+                return False
+            if self._calib_window and (self._calib_target is None or blob.version >= self._calib_target):
+                # A blob answering this episode's calibration batch is a new start (it re-initialises the
+                # statistics), not the held line: a rollback between the batch and its blob (typically of a
+                # reset's blob judged against the old parameters) must not make the edge decline it.
                 return False
             self._refused_upto = max(self._refused_upto, blob.version)
             self._held = {v for v in self._held if v > blob.version - 64} | {blob.version}

@@ -108,6 +108,27 @@ def test_a_new_episode_ends_the_hold(exported) -> None:  # type: ignore[no-untyp
         assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 4)) and rt.version == 4
 
 
+def test_the_blob_answering_a_calibration_batch_is_not_held(exported) -> None:  # type: ignore[no-untyped-def]
+    """A rollback after the calibration batch was queued (e.g. of a reset's blob judged against the previous
+    scene's parameters) held the episode's line, and the calibration's own blob was then declined: the edge served
+    the rolled-back-to parameters for ``hold_frames`` frames (a whole corruption of the frontier's reset stream).
+    The blob answering the batch is the episode's new start: applied; a later blob of the line is still held."""
+    out, _ = exported("bn")
+    v0 = blob_from_path(out / "params.safetensors")
+    sharp, flat = _sharp_and_flat(v0.tensors)
+    with _runtime(out) as rt:
+        rt.process(_diverse(32, seed=3))
+        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 1)) and rt.monitor.wait_judged(20)
+        rt.ledger.calibration_queued()  # the new scene's calibration batch goes up ...
+        assert rt.apply_blob_bytes(_blob(flat, v0.fingerprint, 2))  # ... an older blob lands first (exempt: any)
+        rt.ledger.calibration_done(3)  # the batch's acknowledgement: its blob is v3
+        rt.monitor.applied(2)  # judged as a refit (not its calibration's answer) ...
+        assert rt.monitor.wait_judged(20) and _until(lambda: rt.version == 1) and rt.ledger.holding == 2
+        assert rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 3)) and rt.version == 3  # the answer: applied
+        rt.ledger.hold(3)
+        assert not rt.apply_blob_bytes(_blob(sharp, v0.fingerprint, 4))  # the window closed: the line is held
+
+
 def test_refits_are_judged_only_on_frames_since_the_ring_was_rebased(exported) -> None:  # type: ignore[no-untyped-def]
     """A calibration batch rebases the ring (``EdgeRuntime._queue_uploads``): frames of the previous domain are not
     judged. Here on the monitor itself: 32 frames, a rebase, 8 frames, a refit -> judged on the 8."""
