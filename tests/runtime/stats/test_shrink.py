@@ -149,3 +149,24 @@ def test_state_round_trip_keeps_the_frames_estimate(exported, tmp_path) -> None:
     be3, ad3 = _stats(out, prior_frames=8, balance_window=0, prior_mix="moment")
     with be3:
         assert not ad3.load(tmp_path)
+
+
+@needs_torch
+def test_edge_run_takes_the_prior_mix_and_balance_after_options(exported, tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from cema_deploy.cli import app
+
+    out, _ = exported("bn")
+    np.save(tmp_path / "s.npy", images(6, 0, size=64))
+    args = ["edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--batch", "2", "--quiet", "--adapt-stats"]
+    r = CliRunner().invoke(
+        app,
+        [*args, "ema", "--stats-prior-mix", "moment", "--stats-balance-after", "0", "--json", str(tmp_path / "m.json")],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "m.json").read_text())["stats"]["probes"] == 3  # dense: every batch
+    r = CliRunner().invoke(app, [*args, "ema", "--stats-prior-mix", "bayes"])
+    assert r.exit_code != 0 and "prior mix" in str(r.exception)
