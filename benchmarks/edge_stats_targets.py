@@ -14,7 +14,10 @@ start-up. ``no_adapt`` is the same backend with the adapter off; ``bn_adapt`` is
 Usage (one table at a time keeps each run short; then merge and check the targets):
   python benchmarks/edge_stats_targets.py --seeds 0 1 2 --tables zero_uplink batch_1 [--edge CKPT] [--out DIR]
   python benchmarks/edge_stats_targets.py --seeds 0 1 2 --summarize
-  (--balance-measure runs: the guard's run measure; --out DIR to keep its rows apart)
+  (--balance-measure runs: the guard's run measure; --prior-mix moment --balance-after 0 --dense-frames 128: the
+   first round's settings, benchmarks/results/2026-12-03-edge-stats-targets/; --baselines-from DIR reuses
+   no_adapt/bn_adapt rows;
+   --out DIR to keep its rows apart)
   (needs the demo extra; the edge checkpoint defaults to the quick demo's cached one.)
 """
 
@@ -36,12 +39,18 @@ from cema_deploy.demo.models import load_model
 from cema_deploy.demo.stream import Stream, cache_dir, corrupted_stream, digits_splits
 from cema_deploy.runtime.backends.registry import get_backend
 from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
-from cema_deploy.runtime.stats.adapter import BALANCE_MEASURES, DEFAULT_EVERY, StatsConfig, stats_adapter_from_dir
+from cema_deploy.runtime.stats.adapter import (
+    BALANCE_MEASURES,
+    DEFAULT_EVERY,
+    PRIOR_MIXES,
+    StatsConfig,
+    stats_adapter_from_dir,
+)
 
 QUICK_CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur"]
 PER_CORRUPTION = 300
 #: ``edge run --adapt-stats ema`` with every other option at its default (cli/edge.py).
-EDGE_STATS = StatsConfig(mode="ema", every=DEFAULT_EVERY, dense_frames=128)
+EDGE_STATS = StatsConfig(mode="ema", every=DEFAULT_EVERY, dense_frames=512)
 OFF = StatsConfig(mode="off")
 
 
@@ -97,8 +106,26 @@ CASES = [
 ]
 
 
+def load_baselines(directory: Path | None) -> dict[tuple[str, int, int], dict[str, Any]]:
+    """``no_adapt`` and ``bn_adapt`` rows by (table, severity, seed) from the rows-*.json in ``directory`` (the
+    baselines do not depend on the adapter's settings: reusing them measures only the edge)."""
+    if directory is None:
+        return {}
+    found: dict[tuple[str, int, int], dict[str, Any]] = {}
+    for f in sorted(directory.glob("rows-*.json")):
+        for r in json.loads(f.read_text())["rows"]:
+            keep = {m: v for m, v in r["methods"].items() if m in ("no_adapt", "bn_adapt")}
+            found[r["table"], r["severity"], r["seed"]] = keep
+    return found
+
+
 def measure(
-    edge_ckpt: Path, seeds: list[int], tables: list[str], work: Path, stats: StatsConfig = EDGE_STATS
+    edge_ckpt: Path,
+    seeds: list[int],
+    tables: list[str],
+    work: Path,
+    stats: StatsConfig = EDGE_STATS,
+    baselines: dict[tuple[str, int, int], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     from cema_deploy.export.to_onnx import export_timm
 
@@ -115,6 +142,9 @@ def measure(
                 stream = ordered(
                     corrupted_stream(x_te, y_te, severity=sev, corruptions=QUICK_CORRUPTIONS, seed=seed), order, seed
                 )
+                known = (baselines or {}).get((table, sev, seed), {})
+                if "no_adapt" in known:
+                    plain[seed, sev] = known["no_adapt"]
                 if (seed, sev) not in plain:  # per frame and batch-independent: the stream order changes nothing
                     plain[seed, sev] = edge_run(edge_dir, stream, OFF, 64, "reset")
                 methods = {
@@ -122,7 +152,7 @@ def measure(
                     "edge_stats": edge_run(edge_dir, stream, stats, batch, protocol),
                 }
                 if batch >= 2 and table in ("zero_uplink", "continual"):
-                    methods["bn_adapt"] = torch_run(model, "bn_adapt", stream, batch, protocol)
+                    methods["bn_adapt"] = known.get("bn_adapt") or torch_run(model, "bn_adapt", stream, batch, protocol)
                 row = {"table": table, "stream": order, "protocol": protocol, "edge_batch": batch, "severity": sev,
                        "seed": seed, "methods": methods, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
                 print(json.dumps({k: v for k, v in row.items() if k != "methods"}
@@ -193,6 +223,14 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="file name stem (default: seeds-<seeds>)")
     ap.add_argument("--balance-measure", default=EDGE_STATS.balance_measure, choices=BALANCE_MEASURES,
                     help="the label-concentration guard's measure (StatsConfig.balance_measure)")  # fmt: skip
+    ap.add_argument("--prior-mix", default=EDGE_STATS.prior_mix, choices=PRIOR_MIXES,
+                    help="how ema combines the source prior with the frames (StatsConfig.prior_mix)")  # fmt: skip
+    ap.add_argument("--balance-after", type=int, default=EDGE_STATS.balance_after,
+                    help="frames since a reset before the guard reads labels (StatsConfig.balance_after)")  # fmt: skip
+    ap.add_argument("--dense-frames", type=int, default=EDGE_STATS.dense_frames,
+                    help="frames probed densely after a reset (StatsConfig.dense_frames)")  # fmt: skip
+    ap.add_argument("--baselines-from", type=Path, default=None,
+                    help="reuse no_adapt/bn_adapt from the rows-*.json in DIR (same seeds and streams)")  # fmt: skip
     args = ap.parse_args()
     tag = args.tag or "seeds-" + "-".join(map(str, args.seeds))
     if args.summarize:
@@ -211,10 +249,16 @@ def main() -> None:
         found = sorted((cache_dir() / "models").glob("edge-resnet10t-*.json"))
         quick = [p for p in found if json.loads(p.read_text()).get("spec", {}).get("epochs") == 4]
         ckpt = (quick or found)[0].with_suffix(".safetensors")
-    stats = replace(EDGE_STATS, balance_measure=args.balance_measure)
+    stats = replace(
+        EDGE_STATS,
+        balance_measure=args.balance_measure,
+        prior_mix=args.prior_mix,
+        balance_after=args.balance_after,
+        dense_frames=args.dense_frames,
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(ckpt, args.seeds, args.tables, Path(tmp), stats)
+        rows = measure(ckpt, args.seeds, args.tables, Path(tmp), stats, load_baselines(args.baselines_from))
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"edge_checkpoint": str(ckpt), "seeds": args.seeds, "tables": args.tables,
               "settings": {k: v for k, v in stats.__dict__.items() if k != "shift"},

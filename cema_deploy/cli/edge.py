@@ -322,7 +322,7 @@ def run_cmd(
     stats_dense_frames: Annotated[
         int,
         typer.Option(metavar="N", min=0, help="Dense probes after a reset.", rich_help_panel=_STATS),
-    ] = 128,
+    ] = 512,
     stats_balance_window: Annotated[
         int,
         typer.Option(
@@ -344,6 +344,14 @@ def run_cmd(
             rich_help_panel=_STATS,
         ),
     ] = "histogram",
+    stats_balance_after: Annotated[
+        int,
+        typer.Option(metavar="N", min=0, help="ema: guard reads labels after N frames.", rich_help_panel=_STATS),
+    ] = 32,
+    stats_prior_mix: Annotated[
+        str,
+        typer.Option(metavar="M", help="ema: source prior, shrink or moment.", rich_help_panel=_STATS),
+    ] = "shrink",
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.
 
@@ -395,7 +403,8 @@ def run_cmd(
             be, model_dir, StatsConfig(mode=adapt_stats, alpha=stats_alpha, momentum=stats_momentum,
                                        prior_frames=stats_prior, every=stats_every,
                                        dense_frames=stats_dense_frames, balance_window=stats_balance_window,
-                                       balance_power=stats_balance_power, balance_measure=stats_balance_measure)
+                                       balance_power=stats_balance_power, balance_measure=stats_balance_measure,
+                                       balance_after=stats_balance_after, prior_mix=stats_prior_mix)
         )  # fmt: skip
         if stats is None and adapt_stats != "off":
             _say(f"warning: --adapt-stats {adapt_stats}: the adapter stays off: {stats_why}.")

@@ -20,14 +20,25 @@ Modes (``edge run --adapt-stats``):
   (a camera watching one class for a while) the frames of one class then barely move the statistics; on a mixed one
   the prior stays small. Chosen over a larger fixed prior and a depth-graded one on the quick demo's sorted and
   shuffled streams (README, "The edge's own statistics").
+  ``prior_mix`` (default ``shrink``, issue 21's second round) says how the source prior enters. ``moment``: as
+  above, the source counts as ``prior_frames`` frames of the mixture, so a shifted batch's distance from the
+  source mean, ``w (1 - w) (batch_mean - source_mean)^2``, inflates the served variance. ``shrink``: the frames'
+  own estimate (the moment mix above over the frames since the reset, without the source: a running average, then
+  an EMA) is served as alpha-BN's mix with the source, ``(1 - a) * source + a * frames`` for the mean and the
+  variance alike, with ``a = evidence / (evidence + prior_frames)`` (alpha-BN with an ``a`` that grows with the
+  frames seen, where You et al. fix it; beyond the paper). The guard then makes a batch of ``n`` frames count as
+  ``n / c ** balance_power`` frames, and reads the served labels only once ``balance_after`` frames entered since
+  the last reset: the labels served under the stale statistics right after a reset tell how the corruption
+  collapsed the model, not how the stream is ordered (batch 1, severity 3: the guard read a defocus collapse onto
+  one class as a class run and slowed the start, 71.0 % vs 75.3 % without it, seed 0).
 
 Probe rate: every batch until ``dense_frames`` frames entered the statistics since the last reset (the start or a
-detected shift, when the estimate needs data fast), then one batch in ``every`` (the other batches cost nothing:
-a steady edge pays little, a shifted one pays for a short while). On a shift detected by the existing
-detector (:mod:`cema_deploy.runtime.selection.shift`, on the adapter's own instance) the statistics go back to the
-source ones before the batch is probed. After a change of the cloud version (a blob applied, a rollback) the
-statistics are merged into the new parameters at the next batch: the edge owns the running statistics, the cloud
-the affine parameters.
+detected shift, when the estimate needs data fast; ``edge run`` default 512 frames), then one batch in ``every`` (the
+other batches cost nothing: a steady edge pays little, a shifted one pays for a short while). On a shift detected by the
+existing detector (:mod:`cema_deploy.runtime.selection.shift`, on the adapter's own instance) the statistics go back to
+the source ones before the batch is probed. After a change of the cloud version (a blob applied, a rollback) the
+statistics are merged into the new parameters at the next batch: the edge owns the running statistics, the cloud the
+affine parameters.
 
 Each change is refitted with :meth:`~cema_deploy.runtime.backends.base.Backend.refit_local` (build, warm-up and one
 atomic swap, like a cloud blob) under the *same* cloud version; ``local_generation`` counts these refits and is
@@ -62,12 +73,18 @@ STATS_MODES = ("off", "ema", "alpha")
 #: The guard's measure of the served labels: ``histogram`` (``K / exp(H)``, LabelWindow.concentration) or ``runs``
 #: (how often a label repeats from frame to frame, LabelWindow.run_concentration).
 BALANCE_MEASURES = ("histogram", "runs")
+#: How ``ema`` combines the source statistics with the frames' estimate: ``moment`` (the source counts as
+#: ``prior_frames`` frames of a mixture of distributions) or ``shrink`` (alpha-BN's linear mix of the source with the
+#: frames' pooled estimate, ``a = seen / (seen + prior_frames)``; see :func:`shrink_weight`).
+PRIOR_MIXES = ("moment", "shrink")
 #: Default steady-state probe rate, one batch in 128: a probe plus its refit cost 5.9 served batches at batch 1 and
 #: 3.4 at batch 16 (ResNet-50, ORT CPU, 2 threads), so 128 keeps 0.96x / 0.97x of the adapter-off throughput
 #: (derived from median latencies; 64 gave 0.92x / 0.95x): benchmarks/results/2026-12-03-edge-stats/.
 DEFAULT_EVERY = 128
 #: The adapter's statistics in ``edge run --state DIR`` (written atomically beside the edge state).
 STATS_STATE_FILE = "edge-stats.safetensors"
+#: Name prefix of the frames' estimate (``prior_mix="shrink"``) in the state file.
+DATA_PREFIX = "data/"
 
 
 class StatsConfigError(CemaError, ValueError):
@@ -87,6 +104,8 @@ class StatsConfig:
     balance_window: int = 32  # ... times concentration ** balance_power of the last `balance_window` served
     balance_power: float = 2.0  # predictions (runtime/stats/labels.py; window 0: off)
     balance_measure: str = "histogram"  # ... concentration measured as in BALANCE_MEASURES
+    balance_after: int = 32  # ... read only once this many frames entered since the last reset (1 before)
+    prior_mix: str = "shrink"  # ema: how the source prior combines with the frames (PRIOR_MIXES)
     reset_on_shift: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 
@@ -97,6 +116,8 @@ class StatsConfig:
             raise StatsConfigError(
                 f"Unknown balance measure {self.balance_measure!r}; expected one of {list(BALANCE_MEASURES)}."
             )
+        if self.prior_mix not in PRIOR_MIXES:
+            raise StatsConfigError(f"Unknown prior mix {self.prior_mix!r}; expected one of {list(PRIOR_MIXES)}.")
         if not (
             0 < self.alpha <= 1
             and 0 < self.momentum <= 1
@@ -105,6 +126,7 @@ class StatsConfig:
             and self.dense_frames >= 0
             and self.balance_window >= 0
             and self.balance_power >= 0
+            and self.balance_after >= 0
         ):
             raise StatsConfigError(
                 f"Need 0 < alpha <= 1, 0 < momentum <= 1, prior_frames >= 0, every >= 1, dense_frames >= 0; got "
@@ -136,6 +158,28 @@ def ema_weight(n: int, seen: int, cfg: StatsConfig, prior_frames: float | None =
     return max(1.0 - (1.0 - cfg.momentum) ** n, n / (n + seen + prior))
 
 
+def shrink_weight(evidence: float, prior_frames: float) -> float:
+    """alpha-BN's ``a`` for ``evidence`` frames against a source prior of ``prior_frames`` frames:
+    ``evidence / (evidence + prior_frames)`` (1 when both are 0)."""
+    total = evidence + prior_frames
+    return evidence / total if total > 0 else 1.0
+
+
+def shrink_probe_prior(
+    source: tuple[np.ndarray, np.ndarray], data: tuple[np.ndarray, np.ndarray], a: float, w: float
+) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """The probe's ``(prior, mix)`` for ``prior_mix="shrink"``: ``(1 - mix) * prior + mix * batch`` equals
+    ``(1 - a) * source + a * ((1 - w) * data + w * batch)``, the statistics served once the batch entered the frames'
+    estimate with weight ``w`` (exact for the mean; the variance's between-batch term is left out, as the probe
+    mixes linearly)."""
+    mix = a * w
+    if mix >= 1.0:
+        return source, 1.0
+    mean = ((1 - a) * source[0] + a * (1 - w) * data[0]) / (1 - mix)
+    var = ((1 - a) * source[1] + a * (1 - w) * data[1]) / (1 - mix)
+    return (mean, var), mix
+
+
 class StatsAdapter:
     """Keeps the edge's BatchNorm statistics and refits them into ``backend`` (one stream, the serving thread).
 
@@ -154,6 +198,8 @@ class StatsAdapter:
             for ly in self.layers
         }
         self.current = dict(self.source)
+        self.data = dict(self.source)  # prior_mix="shrink": the frames' pooled estimate since the last reset ...
+        self.evidence = 0.0  # ... and how many frames it counts (the guard counts concentrated frames as fewer)
         self.detector = ShiftDetector(config.shift) if config.reset_on_shift else None
         self.local_generation = 0  # refits of the edge's own statistics (never a cloud version)
         self.batches = self.probes = self.frames_probed = self.resets = self.refit_errors = 0
@@ -198,7 +244,7 @@ class StatsAdapter:
 
     def reset(self) -> None:
         """Back to the source statistics (a detected shift): the next probes start a fresh estimate."""
-        self.current, self.seen = dict(self.source), 0
+        self.current, self.data, self.seen, self.evidence = dict(self.source), dict(self.source), 0, 0.0
         if self.labels is not None:
             self.labels.clear()
         self._since_probe = self.config.every - 1  # probe the batch that showed the shift
@@ -209,6 +255,9 @@ class StatsAdapter:
 
     def _update(self, x: np.ndarray) -> None:
         cfg, n = self.config, len(x)
+        if cfg.mode == "ema" and cfg.prior_mix == "shrink":
+            self._update_shrink(x)
+            return
         if cfg.mode == "alpha":
             prior = self.source
             mix = cfg.alpha
@@ -232,9 +281,35 @@ class StatsAdapter:
         self.probes += 1
         self.frames_probed += n
 
+    def _update_shrink(self, x: np.ndarray) -> None:
+        """``prior_mix="shrink"``: the batch enters the frames' estimate (moment mix, running average then EMA), which
+        is served as alpha-BN's mix with the source, ``a = evidence / (evidence + prior_frames)``. The guard's
+        concentration ``c`` makes the batch count as ``n / c`` frames (in the estimate and in ``a``)."""
+        cfg, n = self.config, len(x)
+        self.last_concentration = self._concentration() ** cfg.balance_power
+        frames = n / self.last_concentration
+        w = max(1.0 - (1.0 - cfg.momentum) ** frames, frames / (frames + self.evidence))
+        a = shrink_weight(self.evidence + frames, cfg.prior_frames)
+        priors = {ly.name: shrink_probe_prior(self.source[ly.name], self.data[ly.name], a, w) for ly in self.layers}
+        mix = next(iter(priors.values()))[1] if priors else 1.0
+        feeds = {
+            name: arr.astype(np.float32)
+            for ly in self.layers
+            for name, arr in zip((ly.mean, ly.var), priors[ly.name][0], strict=True)
+        }
+        st: BatchStats = self.probe.run(x, self.backend.tensors, mix=mix, prior=feeds)
+        for ly in self.layers:
+            batch = (st.mean[ly.name].astype(np.float64), st.var[ly.name].astype(np.float64))
+            self.data[ly.name] = moment_mix(self.data[ly.name], batch, w)
+            self.current[ly.name] = alpha_mix(self.source[ly.name], self.data[ly.name], a)
+        self.evidence += frames
+        self.seen += n
+        self.probes += 1
+        self.frames_probed += n
+
     def _concentration(self) -> float:
         """The guard's concentration of the served labels (1 when the guard is off)."""
-        if self.labels is None:
+        if self.labels is None or self.seen < self.config.balance_after:
             return 1.0
         if self.config.balance_measure == "runs":
             return self.labels.run_concentration()
@@ -264,13 +339,26 @@ class StatsAdapter:
 
     # ---- durable state and metrics --------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the statistics and counters to ``directory/edge-stats.safetensors`` (atomic)."""
+        """Write the statistics and counters to ``directory/edge-stats.safetensors`` (atomic); with
+        ``prior_mix="shrink"`` the frames' estimate too (``data/``-prefixed names) and its frame count."""
         meta = {"mode": self.config.mode, "local_generation": str(self.local_generation), "seen": str(self.seen),
-                "resets": str(self.resets)}  # fmt: skip
-        write_atomic(Path(directory) / STATS_STATE_FILE, tensors_to_bytes(self.tensors(), meta))
+                "resets": str(self.resets), "prior_mix": self.config.prior_mix,
+                "evidence": repr(self.evidence)}  # fmt: skip
+        tensors = self.tensors()
+        if self._shrinks:
+            for ly in self.layers:
+                mean, var = self.data[ly.name]
+                tensors[DATA_PREFIX + ly.mean] = mean.astype(np.float32)
+                tensors[DATA_PREFIX + ly.var] = var.astype(np.float32)
+        write_atomic(Path(directory) / STATS_STATE_FILE, tensors_to_bytes(tensors, meta))
+
+    @property
+    def _shrinks(self) -> bool:
+        return self.config.mode == "ema" and self.config.prior_mix == "shrink"
 
     def load(self, directory: str | os.PathLike[str]) -> bool:
-        """Restore what :meth:`save` wrote (same mode and tensors); False when there is nothing usable (logged)."""
+        """Restore what :meth:`save` wrote (same mode, prior mix and tensors); False when there is nothing usable
+        (logged)."""
         path = Path(directory) / STATS_STATE_FILE
         if not path.exists():
             return False
@@ -280,13 +368,29 @@ class StatsAdapter:
             log.warning("not restoring the edge's statistics from %s: %s", path, exc)
             return False
         want = {name for ly in self.layers for name in (ly.mean, ly.var)}
-        if meta.get("mode") != self.config.mode or set(tensors) != want:
-            log.info("not restoring the edge's statistics from %s: saved for mode %r", path, meta.get("mode"))
+        if self._shrinks:
+            want |= {DATA_PREFIX + name for name in set(want)}
+        saved_mix = meta.get("prior_mix", "moment")  # files written before prior mixes existed: moment
+        if (
+            meta.get("mode") != self.config.mode
+            or set(tensors) != want
+            or (self.config.mode == "ema" and saved_mix != self.config.prior_mix)
+        ):
+            log.info(
+                "not restoring the edge's statistics from %s: saved for mode %r (prior mix %r)",
+                path, meta.get("mode"), saved_mix,
+            )  # fmt: skip
             return False
         for ly in self.layers:
             self.current[ly.name] = (tensors[ly.mean].astype(np.float64), tensors[ly.var].astype(np.float64))
+            if self._shrinks:
+                self.data[ly.name] = (
+                    tensors[DATA_PREFIX + ly.mean].astype(np.float64),
+                    tensors[DATA_PREFIX + ly.var].astype(np.float64),
+                )
         self.local_generation = int(meta.get("local_generation", "0"))
         self.seen, self.resets = int(meta.get("seen", "0")), int(meta.get("resets", "0"))
+        self.evidence = float(meta.get("evidence", "0"))
         self.cloud_version = None  # merge into whatever serves at the next batch
         return True
 

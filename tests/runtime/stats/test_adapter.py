@@ -94,7 +94,7 @@ def test_ema_weight_starts_as_an_average_with_a_prior_and_ends_as_an_ema() -> No
 @pytest.mark.parametrize("batch", [1, 8])
 def test_an_update_is_the_formula_over_the_probes_batch_statistics(exported, mode: str, batch: int) -> None:
     out, _ = exported("bn")
-    be, ad = _adapter(out, mode=mode, alpha=0.3, reset_on_shift=False)
+    be, ad = _adapter(out, mode=mode, alpha=0.3, reset_on_shift=False, prior_mix="moment")
     with be:
         x = _x(out, batch)
         source = {k: (m.copy(), v.copy()) for k, (m, v) in ad.source.items()}

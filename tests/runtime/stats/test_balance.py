@@ -48,7 +48,10 @@ def test_concentrated_predictions_raise_the_prior_of_the_next_probe(exported, la
 
     out, _ = exported("bn")
     be = get_backend("ort-cpu", out)
-    cfg = StatsConfig(mode="ema", every=1, prior_frames=8, balance_window=20, balance_power=2, reset_on_shift=False)
+    cfg = StatsConfig(
+        mode="ema", every=1, prior_frames=8, balance_window=20, balance_power=2, reset_on_shift=False,
+        prior_mix="moment", balance_after=0,
+    )  # fmt: skip
     ad, why = stats_adapter_from_dir(be, out, cfg)
     assert ad is not None, why
     k = be.manifest.num_classes

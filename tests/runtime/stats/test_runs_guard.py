@@ -55,7 +55,7 @@ def test_the_runs_measure_does_not_slow_a_stream_of_changing_labels(exported, me
     be = get_backend("ort-cpu", out)
     cfg = StatsConfig(
         mode="ema", every=1, prior_frames=8, balance_window=20, balance_power=2, balance_measure=measure,
-        reset_on_shift=False,
+        reset_on_shift=False, prior_mix="moment", balance_after=0,
     )  # fmt: skip
     ad, why = stats_adapter_from_dir(be, out, cfg)
     assert ad is not None, why
