@@ -322,7 +322,7 @@ def run_cmd(
     stats_dense_frames: Annotated[
         int,
         typer.Option(metavar="N", min=0, help="Dense probes after a reset.", rich_help_panel=_STATS),
-    ] = 512,
+    ] = 128,
     stats_balance_window: Annotated[
         int,
         typer.Option(
@@ -347,11 +347,11 @@ def run_cmd(
     stats_balance_after: Annotated[
         int,
         typer.Option(metavar="N", min=0, help="ema: guard reads labels after N frames.", rich_help_panel=_STATS),
-    ] = 32,
+    ] = 0,
     stats_prior_mix: Annotated[
         str,
-        typer.Option(metavar="M", help="ema: source prior, shrink or moment.", rich_help_panel=_STATS),
-    ] = "shrink",
+        typer.Option(metavar="M", help="ema: source prior, moment or shrink.", rich_help_panel=_STATS),
+    ] = "moment",
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.
 

@@ -32,7 +32,7 @@ from cema_deploy.runtime.stats.adapter import DEFAULT_EVERY
 
 #: The statistics adapter's settings of ``edge_stats`` and of every ``RULE+stats`` method (``StatsConfig`` fields;
 #: the others keep ``edge run``'s defaults).
-EDGE_STATS_SETTINGS: dict[str, Any] = {"mode": "ema", "every": DEFAULT_EVERY, "dense_frames": 512}
+EDGE_STATS_SETTINGS: dict[str, Any] = {"mode": "ema", "every": DEFAULT_EVERY, "dense_frames": 128}
 #: A cloud rule with the edge's statistics on: ``random+stats``.
 STATS_SUFFIX = "+stats"
 

@@ -81,7 +81,7 @@ def test_edge_stats_settings_are_a_valid_adapter_config() -> None:
     from cema_deploy.runtime.stats.adapter import StatsConfig
 
     cfg = StatsConfig(**EDGE_STATS_SETTINGS)
-    assert (cfg.mode, cfg.every, cfg.dense_frames) == ("ema", DEFAULT_EVERY, 512)
+    assert (cfg.mode, cfg.every, cfg.dense_frames) == ("ema", DEFAULT_EVERY, 128)
 
 
 def test_real_frontier_runs_with_the_edge_statistics_refit_them_locally(quick_edge, splits, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,8 @@ Modes (``edge run --adapt-stats``):
   (a camera watching one class for a while) the frames of one class then barely move the statistics; on a mixed one
   the prior stays small. Chosen over a larger fixed prior and a depth-graded one on the quick demo's sorted and
   shuffled streams (README, "The edge's own statistics").
-  ``prior_mix`` (default ``shrink``, issue 21's second round) says how the source prior enters. ``moment``: as
+  ``prior_mix`` (default ``moment``; ``shrink`` from issue 21's second round is an option) says how the source
+  prior enters. ``moment``: as
   above, the source counts as ``prior_frames`` frames of the mixture, so a shifted batch's distance from the
   source mean, ``w (1 - w) (batch_mean - source_mean)^2``, inflates the served variance. ``shrink``: the frames'
   own estimate (the moment mix above over the frames since the reset, without the source: a running average, then
@@ -104,8 +105,8 @@ class StatsConfig:
     balance_window: int = 32  # ... times concentration ** balance_power of the last `balance_window` served
     balance_power: float = 2.0  # predictions (runtime/stats/labels.py; window 0: off)
     balance_measure: str = "histogram"  # ... concentration measured as in BALANCE_MEASURES
-    balance_after: int = 32  # ... read only once this many frames entered since the last reset (1 before)
-    prior_mix: str = "shrink"  # ema: how the source prior combines with the frames (PRIOR_MIXES)
+    balance_after: int = 0  # ... read only once this many frames entered since the last reset (1 before)
+    prior_mix: str = "moment"  # ema: how the source prior combines with the frames (PRIOR_MIXES)
     reset_on_shift: bool = True
     shift: ShiftConfig = field(default_factory=ShiftConfig)
 

@@ -65,7 +65,11 @@ def test_shrink_serves_no_variance_from_the_distance_to_the_source() -> None:
 def _stats(out, **cfg):  # type: ignore[no-untyped-def]
     be = get_backend("ort-cpu", out)
     ad, why = stats_adapter_from_dir(
-        be, out, StatsConfig(**{"mode": "ema", "every": 1, "reset_on_shift": False, **cfg})
+        be,
+        out,
+        StatsConfig(
+            **{"mode": "ema", "every": 1, "reset_on_shift": False, "prior_mix": "shrink", "balance_after": 32, **cfg}
+        ),
     )
     assert ad is not None, why
     return be, ad
@@ -164,7 +168,16 @@ def test_edge_run_takes_the_prior_mix_and_balance_after_options(exported, tmp_pa
     args = ["edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--batch", "2", "--quiet", "--adapt-stats"]
     r = CliRunner().invoke(
         app,
-        [*args, "ema", "--stats-prior-mix", "moment", "--stats-balance-after", "0", "--json", str(tmp_path / "m.json")],
+        [
+            *args,
+            "ema",
+            "--stats-prior-mix",
+            "shrink",
+            "--stats-balance-after",
+            "32",
+            "--json",
+            str(tmp_path / "m.json"),
+        ],
     )
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "m.json").read_text())["stats"]["probes"] == 3  # dense: every batch
