@@ -173,6 +173,9 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="also the random rule without the edge's statistics")
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--rules", default="", help="run only these rows (e.g. edge_stats,random+stats first, cema+stats after)"
+    )
     args = ap.parse_args()
 
     from cema_deploy.demo.models import load_model
@@ -192,6 +195,8 @@ def main() -> None:
     rules = [("edge_stats", 0.0), ("cema+stats", 1.0), *(("random+stats", k) for k in knobs)]
     if args.plain:
         rules += [("random", k) for k in plain_knobs]
+    if args.rules:
+        rules = [(r, k) for r, k in rules if r in args.rules.split(",")]
     common = {"quick": args.quick_models, "per_corruption": args.per_corruption or None, "work": str(args.out / "work")}
     tasks = [
         {**common, "severity": int(sev), "seed": int(seed), "rule": rule, "knob": knob, "edge_dir": str(edge_dir)}
