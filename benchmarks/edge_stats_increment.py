@@ -9,10 +9,12 @@ same knobs.
 
 Every run is the frontier's in-process runner (:func:`cema_deploy.demo.frontier.run_job`: the real EdgeRuntime on
 ORT with its StatsAdapter at ``edge_stats``'s settings, the real local deployment, ``--sync``). What the cloud does
-with the edge's statistics is what this checkout has (it does not know them: a calibration batch still goes up at
-the start of each corruption and its blob's statistics are replaced by the edge's at the next batch). The random
-rule's knob is set so that the *measured* share, calibration batch included, lands near each target:
-``knob = (target - c) / (1 - c)`` with ``c`` = edge batch / frames per corruption; the table shows the measured share.
+with the edge's statistics is what this checkout has: protocol 3 (the edge owns its statistics, sends no calibration
+batch and reports its statistics, and the cloud's replica normalises this device's uploads with them). The random
+rule's knob is set so that the *measured* share lands near each target: with the edge's statistics on, the knob is
+the target (nothing else goes up); without them (``--plain``) a calibration batch goes up whole at the start of each
+corruption, so ``knob = (target - c) / (1 - c)`` with ``c`` = edge batch / frames per corruption. The table shows the
+measured share.
 
 Runs are appended to ``runs.jsonl`` in ``--out`` and not repeated (run seeds one at a time); the table and
 ``edge_stats_increment.json`` always cover every run there.
@@ -171,6 +173,9 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="also the random rule without the edge's statistics")
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--rules", default="", help="run only these rows (e.g. edge_stats,random+stats first, cema+stats after)"
+    )
     args = ap.parse_args()
 
     from cema_deploy.demo.models import load_model
@@ -184,10 +189,14 @@ def main() -> None:
         export_timm(models.edge.name, edge_dir, model=edge, img_size=splits[0].shape[1])
     n = args.per_corruption or len(splits[3])
     cal = EDGE_BATCH / n  # the calibration batch at the start of each corruption goes up whole
-    knobs = [round(max(0.01, (t / 100 - cal) / (1 - cal)), 3) for t in (float(v) for v in args.targets.split(","))]
+    targets = [float(v) / 100 for v in args.targets.split(",")]
+    knobs = [round(t, 3) for t in targets]  # protocol 3: with the edge's statistics no calibration batch goes up
+    plain_knobs = [round(max(0.01, (t - cal) / (1 - cal)), 3) for t in targets]
     rules = [("edge_stats", 0.0), ("cema+stats", 1.0), *(("random+stats", k) for k in knobs)]
     if args.plain:
-        rules += [("random", k) for k in knobs]
+        rules += [("random", k) for k in plain_knobs]
+    if args.rules:
+        rules = [(r, k) for r, k in rules if r in args.rules.split(",")]
     common = {"quick": args.quick_models, "per_corruption": args.per_corruption or None, "work": str(args.out / "work")}
     tasks = [
         {**common, "severity": int(sev), "seed": int(seed), "rule": rule, "knob": knob, "edge_dir": str(edge_dir)}
@@ -201,7 +210,11 @@ def main() -> None:
     log = args.out / "runs.jsonl"
     done = {_key(r): r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
     todo = [t for t in tasks if _key(t) not in done]
-    print(f"{len(todo)} runs to go ({len(done)} done); random knobs {knobs} for targets {args.targets} %", flush=True)
+    print(
+        f"{len(todo)} runs to go ({len(done)} done); random knobs {knobs} (+stats), {plain_knobs} (plain) "
+        f"for targets {args.targets} %",
+        flush=True,
+    )
     # spawn: a forked worker of a process that imported torch can hang before its first task (seen here)
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool, open(log, "a") as f:
         for fut in as_completed([pool.submit(_one, t) for t in todo]):
@@ -214,7 +227,8 @@ def main() -> None:
     summary = summarize(list(done.values()))
     doc = {
         "what": "the cloud on top of the edge's statistics; reset protocol; increments paired by seed",
-        "measured_on": "main as of this commit: the cloud does not know the edge's statistics (no protocol 3)",
+        "measured_on": "protocol 3: the edge owns its statistics (no calibration batch with +stats, statistics "
+        "reports), the cloud's replica normalises this device's uploads with them",
         "models": {
             "edge": [models.edge.name, 100 * models.edge.clean_accuracy],
             "teacher": [models.teacher.name, 100 * models.teacher.clean_accuracy],
@@ -223,6 +237,7 @@ def main() -> None:
         "per_corruption": n,
         "corruptions": len(_corruptions()),
         "random_knobs": dict(zip(args.targets.split(","), knobs, strict=True)),
+        "random_knobs_plain": dict(zip(args.targets.split(","), plain_knobs, strict=True)) if args.plain else {},
         "summary": summary,
     }
     (args.out / "edge_stats_increment.json").write_text(json.dumps(doc, indent=2))

@@ -55,14 +55,15 @@ def demo_cmd(
         int,
         typer.Option(
             min=1,
-            help="Frames per edge batch (1 = a camera; bn_adapt and tent need batch statistics: skipped below 2).",
+            help="Frames per edge batch (1 = a camera; bn_adapt and tent need batch statistics: skipped below 2; "
+            "--frontier also skips the rules without the edge's statistics there: no calibration batch of one frame).",
         ),
     ] = 64,
     stream: Annotated[
         str,
         typer.Option(
             help="shuffled (within each corruption, the paper's) or sorted (grouped by class within each corruption: "
-            "the label-correlated stream of a camera watching one class for a while)."
+            "the label-correlated stream of a camera watching one class for a while). Also for --frontier."
         ),
     ] = "shuffled",
     frontier: Annotated[
@@ -146,6 +147,10 @@ def demo_cmd(
                 diagnose=diagnose,
                 refit=refit,
                 cloud=parse_method_settings(cloud_set or []),
+                edge_batch=edge_batch,
+                stream_order=stream,
+                edge=edge,
+                teacher=teacher,
             )
         for p in paths:
             console.print(f"wrote {p}")

@@ -101,6 +101,23 @@ def _stats_on(rule: str) -> bool:
     return rule == EDGE_ALONE or split_stats(rule)[1]
 
 
+def skipped_at(edge_batch: int, rules: Sequence[str]) -> dict[str, str]:
+    """Rules of ``rules`` and baselines that do not run at ``edge_batch`` frames a batch, and why: below 2 frames
+    ``bn_adapt`` has no batch statistics (as the demo skips it), and a rule without the edge's statistics would
+    calibrate the cloud's statistics on a single frame (its calibration batch is one edge batch); ``RULE+stats``
+    and ``edge_stats`` run (the edge owns its statistics and sends no calibration batch)."""
+    if edge_batch >= 2:
+        return {}
+    calibrates = (
+        f"its cloud's statistics come from a calibration batch of one edge batch, a single frame at edge batch "
+        f"{edge_batch}; skipped (RULE+stats runs: the edge owns its statistics)"
+    )
+    return {
+        "bn_adapt": f"needs batch statistics; skipped at edge batch {edge_batch}",
+        **{r: calibrates for r in rules if not _stats_on(r)},
+    }
+
+
 def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
     """``'random=0.05,0.2;cema=1'`` -> ``{"random": (0.05, 0.2), "cema": (1.0,)}`` (``demo --sweep``)."""
     from cema_deploy.exceptions import CemaError
@@ -246,7 +263,7 @@ def run_job(
         engine.start()
     backend = get_backend("ort-cpu", edge_dir, intra_op_threads=1)
     cfg = _selector_config(job, WARMUP[job.protocol], None)
-    correct = seen = uploaded = rollbacks = 0
+    correct = seen = uploaded = rollbacks = calibration = 0
     stats_counts = {"probes": 0, "local_generation": 0, "resets": 0}
     fp = backend.manifest.fingerprint
     t_start = time.perf_counter()
@@ -293,6 +310,7 @@ def run_job(
                 m = rt.metrics()
                 seen += m["frames"]
                 uploaded += sum(m["uploaded"].values())
+                calibration += int(m["uploaded"].get("calibration", 0))
                 rollbacks += int(m["rollbacks"])
                 for k in stats_counts:
                     stats_counts[k] += int(m["stats"].get(k, 0))
@@ -309,8 +327,10 @@ def run_job(
         **asdict(job),
         "accuracy": 100 * correct / seen,
         "share": 100 * uploaded / seen,
+        "calibration_frames": calibration,  # of the uploads, frames sent in calibration batches
         "rollbacks": rollbacks,
         "frames": seen,
+        "edge_batch": edge_batch,
         "edge_stats": with_stats,
         **({f"stats_{k}": v for k, v in stats_counts.items()} if with_stats else {}),
         "pace": pace,
@@ -374,6 +394,8 @@ def _init_worker(
     work: str,
     diagnose: bool = False,
     cloud: dict[str, Any] | None = None,
+    edge_batch: int = 64,
+    stream_order: str = "shuffled",
 ) -> None:
     import logging
 
@@ -393,10 +415,13 @@ def _init_worker(
         streams={},
         diagnose=diagnose,
         cloud=cloud,
+        edge_batch=edge_batch,
+        stream_order=stream_order,
     )
 
 
 def _stream(severity: int, seed: int) -> Any:
+    from cema_deploy.demo.edge_only import ordered
     from cema_deploy.demo.stream import corrupted_stream
 
     key = (severity, seed)
@@ -404,14 +429,13 @@ def _stream(severity: int, seed: int) -> Any:
         _, _, x, y = _WORKER["splits"]
         n = _WORKER["per_corruption"]
         x, y = (x, y) if n is None else (x[:n], y[:n])
-        _WORKER["streams"][key] = corrupted_stream(
-            x, y, severity=severity, corruptions=_WORKER["corruptions"], seed=seed
-        ).shuffled(seed)
+        stream = corrupted_stream(x, y, severity=severity, corruptions=_WORKER["corruptions"], seed=seed)
+        _WORKER["streams"][key] = ordered(stream, _WORKER["stream_order"], seed)
     return _WORKER["streams"][key]
 
 
 def _run_in_worker(job: Job) -> dict[str, Any]:
-    return run_job(
+    res = run_job(
         job,
         work=_WORKER["work"],
         edge_dir=_WORKER["edge_dir"],
@@ -419,7 +443,9 @@ def _run_in_worker(job: Job) -> dict[str, Any]:
         stream=_stream(job.severity, job.seed),
         diagnose=_WORKER["diagnose"],
         cloud=_WORKER["cloud"],
+        edge_batch=_WORKER["edge_batch"],
     )
+    return {**res, "stream": _WORKER["stream_order"]}
 
 
 def jobs_for(
@@ -458,6 +484,10 @@ def run_frontier(
     diagnose: bool = False,
     cloud: dict[str, Any] | None = None,
     refit: str = "norms",
+    edge_batch: int = 64,
+    stream_order: str = "shuffled",
+    edge: str | None = None,
+    teacher: str | None = None,
 ) -> list[Path]:
     """Sweep, aggregate over seeds, and write frontier.json/png. Runs are appended to ``frontier_runs.jsonl``
     as they finish, and runs already there are not repeated (a long sweep resumes where it stopped). ``sweep``
@@ -466,23 +496,44 @@ def run_frontier(
     the run log's keys do not hold them). ``refit="head"`` exports the edge model with its classifier refittable
     (``export --refit head``, beyond the paper; recorded as well).
     With ``edge_stats`` among ``rules`` the floor of every seed counts it
-    (:func:`cema_deploy.demo.gap.floor_of`)."""
+    (:func:`cema_deploy.demo.gap.floor_of`).
+
+    ``edge_batch``: frames per edge batch (``demo --edge-batch``; 1 = a camera), for every edge runtime and the
+    PyTorch baselines; below 2 the rules and baselines of :func:`skipped_at` do not run (recorded as ``"skipped"``,
+    with their reasons). ``stream_order``: ``shuffled`` or ``sorted`` (``demo --stream``:
+    :func:`cema_deploy.demo.edge_only.ordered`). Both are recorded in ``frontier.json`` and in every run's line; a
+    run log of another setting is refused (use another ``out_dir``). ``edge``, ``teacher``: the demo's ``--edge``
+    and ``--teacher`` (:func:`cema_deploy.demo.models.resolve_models`; None: the default models)."""
     import multiprocessing as mp
 
     from cema_deploy.demo.baselines import run_baseline
-    from cema_deploy.demo.edge_only import EDGE_STATS_SETTINGS
-    from cema_deploy.demo.gap import floor_of
+    from cema_deploy.demo.edge_only import EDGE_STATS_SETTINGS, STREAM_ORDERS, ordered
+    from cema_deploy.demo.gap import FLOOR_ROWS, floor_of
     from cema_deploy.demo.models import load_model, resolve_models
     from cema_deploy.demo.stream import CORRUPTIONS, corrupted_stream, digits_splits
     from cema_deploy.demo.teacher_ceiling import teacher_runs
     from cema_deploy.export.to_onnx import export_timm
 
     check_rules(rules)
+    if edge_batch < 1 or stream_order not in STREAM_ORDERS:
+        raise CemaError(
+            f"--edge-batch must be >= 1 and --stream one of {', '.join(STREAM_ORDERS)}; got {edge_batch}, "
+            f"{stream_order!r}."
+        )
+    skipped = skipped_at(edge_batch, rules)
+    rules = [r for r in rules if r not in skipped]
+    if not rules:
+        raise CemaError(
+            f"No frontier rule runs at edge batch {edge_batch}: {'; '.join(f'{r}: {w}' for r, w in skipped.items())}. "
+            f"Add edge_stats or a RULE+stats rule (e.g. random+stats)."
+        )
+    for what, why in skipped.items():
+        on_step(f"frontier: {what} {why}")
     corruptions = corruptions or CORRUPTIONS
     sweep = {**SWEEP, **(sweep or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = digits_splits(train_seed)
-    models = resolve_models(None, None, splits, seed=train_seed)
+    models = resolve_models(edge, teacher, splits, seed=train_seed)
     edge_model = load_model(models.edge.name, models.edge.checkpoint)
     teacher_model = load_model(models.teacher.name, models.teacher.checkpoint)
     edge_dir = out_dir / ("edge-model" if refit == "norms" else f"edge-model-{refit}")
@@ -490,6 +541,13 @@ def run_frontier(
         export_timm(models.edge.name, edge_dir, model=edge_model, img_size=splits[0].shape[1], refit=refit)
     log = out_dir / "frontier_runs.jsonl"
     done = {json.loads(line)["key"]: json.loads(line) for line in log.read_text().splitlines()} if log.exists() else {}
+    setting = (edge_batch, stream_order)  # lines written before these options ran at (64, "shuffled")
+    other = {(r.get("edge_batch", 64), r.get("stream", "shuffled")) for r in done.values()} - {setting}
+    if other:
+        raise CemaError(
+            f"{log} holds runs at (edge batch, stream) {sorted(other)}, this sweep is at ({edge_batch}, "
+            f"{stream_order!r}): use another --out for another setting."
+        )
     todo = [j for j in jobs_for(rules, protocols, severities, seeds, sweep) if j.key not in done]
     on_step(f"frontier: {len(todo)} runs to go ({len(done)} done) on {workers} worker(s)")
     ctx = mp.get_context("spawn")
@@ -502,6 +560,8 @@ def run_frontier(
         str(out_dir / "work"),
         diagnose,
         cloud,
+        edge_batch,
+        stream_order,
     )
     with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool, open(log, "a") as f:
         for i, res in enumerate(pool.imap_unordered(_run_in_worker, todo), 1):
@@ -512,31 +572,35 @@ def run_frontier(
     panels: dict[str, dict[str, list[Point]]] = {}
     baselines_out: dict[str, dict[str, float]] = {}
     ceiling_out: dict[str, float] = {}
-    floor_out: dict[str, float] = {}
+    floor_out: dict[str, float | None] = {}
     for p in protocols:
         for s in severities:
             name = f"{p}/{s}"
             accs: dict[str, list[float]] = {
-                "no_adapt": [],
-                "bn_adapt": [],
-                "teacher_no_adapt": [],
-                "teacher_adapted": [],
+                b: [] for b in ("no_adapt", "bn_adapt", "teacher_no_adapt", "teacher_adapted") if b not in skipped
             }
             for seed in seeds:
                 x, y = splits[2], splits[3]
                 if per_corruption is not None:
                     x, y = x[:per_corruption], y[:per_corruption]
-                stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed).shuffled(seed)
+                stream = corrupted_stream(x, y, severity=s, corruptions=corruptions, seed=seed)
+                stream = ordered(stream, stream_order, seed)
                 for b in ("no_adapt", "bn_adapt"):
-                    accs[b].append(100 * run_baseline(b, edge_model, stream, protocol=p).accuracy)
-                for b, run in teacher_runs(teacher_model, stream, protocol=p).items():
+                    if b not in skipped:  # no_adapt's predictions do not depend on the batch
+                        batch = max(2, edge_batch)
+                        accs[b].append(100 * run_baseline(b, edge_model, stream, batch=batch, protocol=p).accuracy)
+                # the teacher adapts in the cloud: below an edge batch of 2 it sees the cloud's batches (as the demo)
+                teacher_batch = edge_batch if edge_batch >= 2 else 32
+                for b, run in teacher_runs(teacher_model, stream, protocol=p, edge_batch=teacher_batch).items():
                     accs[b].append(100 * float(run.correct.mean()))
             if EDGE_ALONE in rules:  # the edge alone counts in the floor (demo.gap), seed by seed
                 accs[EDGE_ALONE] = [done[j.key]["accuracy"] for j in jobs_for([EDGE_ALONE], [p], [s], seeds, sweep)]
-            floors = [floor_of({b: v[i] for b, v in accs.items()}) for i in range(len(seeds))]
+            has_floor = any(r in accs for r in FLOOR_ROWS)  # at edge batch 1 only with edge_stats among the rules
+            floors = [floor_of({b: v[i] for b, v in accs.items()}) for i in range(len(seeds))] if has_floor else []
             ceilings = accs["teacher_adapted"]
             baselines_out[name] = {b: float(np.mean(v)) for b, v in accs.items()}
-            floor_out[name], ceiling_out[name] = float(np.mean(floors)), float(np.mean(ceilings))
+            floor_out[name] = float(np.mean(floors)) if floors else None
+            ceiling_out[name] = float(np.mean(ceilings))
             panels[name] = {}
             for r in rules:
                 pts = []
@@ -546,7 +610,8 @@ def run_frontier(
                         for j in jobs_for([r], [p], [s], seeds, sweep)
                         if math.isclose(j.knob, k)
                     ]
-                    pts.append(with_gap(point_from_runs(k, runs), [a for a, _ in runs], floors, ceilings))
+                    point = point_from_runs(k, runs)
+                    pts.append(with_gap(point, [a for a, _ in runs], floors, ceilings) if floors else point)
                 panels[name][r] = pts
     main = next(iter(panels))
     meta = {
@@ -563,6 +628,9 @@ def run_frontier(
         "diagnose": diagnose,
         "cloud": dict(cloud or {}),
         "refit": refit,
+        "edge_batch": edge_batch,
+        "stream": stream_order,
+        "skipped": skipped,  # rules and baselines that did not run at this edge batch, and why
         "models": {
             "edge": models.edge.name,
             "edge_clean_accuracy": 100 * models.edge.clean_accuracy,
