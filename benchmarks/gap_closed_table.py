@@ -92,6 +92,13 @@ def summarize(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "precision_pooled": _pooled([(a["precision"], a["rollbacks"]) for a in audits]),
                 "recall_pooled": _pooled([(a["recall"], a["losing"]) for a in audits]),
             }
+        diag = [s["run"].get("diagnosis", {}).get("corruptions", []) for s in seeds]
+        if all(diag) and all("teacher_accuracy" in c for d in diag for c in d):
+            # mean over the seeds of the mean over corruptions: who is right on the frames the cloud learnt from
+            row["on_uploads"] = {
+                who: float(np.mean([np.mean([c[f"{who}_accuracy"] for c in d]) for d in diag]))
+                for who in ("teacher", "replica", "edge")
+            }
         rows.append(row)
     return rows
 
@@ -108,8 +115,8 @@ def _pm(pair: tuple[float | None, float | None], fmt: str = ".1f") -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| timing | share knob | severity | protocol | levers | seeds | uploaded % | floor % | ceiling % | accuracy % "
-        "| gap closed | rollbacks per run | cloud ms per uploaded sample |",
-        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| gap closed | rollbacks per run | cloud ms per uploaded sample | teacher / replica / edge on uploads % |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ms = r["cloud_s_per_uploaded_sample"]
@@ -117,7 +124,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['timing']} | {r['share_knob']:g} | {r['severity']} | {r['protocol']} | {r['levers']} | "
             f"{','.join(map(str, r['seeds']))} | {r['uploaded']:.1f} | {r['floor']:.1f} | {_f(r['teacher_ceiling'])} | "
             f"{_pm(r['accuracy'])} | {_pm(r['gap_closed'], '.2f')} | {', '.join(map(str, r['rollbacks_per_seed']))} | "
-            f"{_pm((None if ms[0] is None else 1000 * ms[0], None if ms[1] is None else 1000 * ms[1]), '.0f')} |"
+            f"{_pm((None if ms[0] is None else 1000 * ms[0], None if ms[1] is None else 1000 * ms[1]), '.0f')} | "
+            + (" / ".join(f"{v:.1f}" for v in r["on_uploads"].values()) if "on_uploads" in r else "-")
+            + " |"
         )
     lines += [
         "",
