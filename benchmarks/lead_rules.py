@@ -83,13 +83,18 @@ def main() -> None:
         )
         for protocol in args.protocols.split(","):
             tag = f"{protocol}-{args.severity}-{seed}-{n}-{len(corruptions)}"
-            cached = work / f"rows-{tag}.json"
+            cached, edge_rows = work / f"rows-{tag}.json", work / f"rows-{tag}-edge.json"  # with / without teacher
             if cached.exists():
                 rows = json.loads(cached.read_text())
             else:
-                rows = {
-                    b: 100 * run_baseline(b, edge, stream, protocol=protocol).accuracy for b in ("no_adapt", "bn_adapt")
-                }
+                if edge_rows.exists():
+                    rows = json.loads(edge_rows.read_text())
+                else:
+                    rows = {
+                        b: 100 * run_baseline(b, edge, stream, protocol=protocol).accuracy
+                        for b in ("no_adapt", "bn_adapt")
+                    }
+                    edge_rows.write_text(json.dumps(rows))
                 if not args.no_teacher_rows:
                     t = teacher_runs(teacher, stream, protocol=protocol)
                     rows |= {k: 100 * float(r.correct.mean()) for k, r in t.items()}
@@ -120,7 +125,7 @@ def main() -> None:
                         f.write(json.dumps(res) + "\n")
                     print(
                         f"  {rule:12s} share {share:g}: acc {res['accuracy']:.2f} uploaded {res['share']:.1f} % "
-                        f"gap {res['gap_closed']:.3f} rollbacks {res['rollbacks']} ({res['seconds']} s)",
+                        f"gap {_fmt(res['gap_closed'])} rollbacks {res['rollbacks']} ({res['seconds']} s)",
                         flush=True,
                     )
     summary: dict[str, Any] = {}
@@ -136,11 +141,9 @@ def main() -> None:
                 rs.sort(key=lambda r: r["seed"])
                 table.setdefault(panel, {}).setdefault(rule, {})[share] = {
                     "seeds": [r["seed"] for r in rs],
-                    **{k: round(statistics.mean(r[k] for r in rs), 4) for k in ("accuracy", "share", "gap_closed")},
-                    **{
-                        f"{k}_spread": round(statistics.stdev(r[k] for r in rs), 4) if len(rs) > 1 else 0.0
-                        for k in ("accuracy", "gap_closed")
-                    },
+                    **{k: _mean(r[k] for r in rs) for k in ("accuracy", "share", "gap_closed")},
+                    **{f"{k}_spread": _spread(r[k] for r in rs) for k in ("accuracy", "gap_closed")},
+                    "gap_seeds": [r["seed"] for r in rs if r["gap_closed"] is not None],
                     "accuracy_by_seed": [round(r["accuracy"], 2) for r in rs],
                 }
     doc = {
@@ -163,9 +166,25 @@ def main() -> None:
             for share, c in by_share.items():
                 print(
                     f"{panel} {rule:12s} {share:>5s}: acc {c['accuracy']:.2f} ± {c['accuracy_spread']:.2f} "
-                    f"uploaded {c['share']:.1f} % gap {c['gap_closed']:.3f} ± {c['gap_closed_spread']:.3f} "
-                    f"seeds {c['seeds']}"
+                    f"uploaded {c['share']:.1f} % gap {_fmt(c['gap_closed'])} ± {_fmt(c['gap_closed_spread'])} "
+                    f"(seeds {c['gap_seeds']}) seeds {c['seeds']}"
                 )
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _mean(values: Any) -> float | None:
+    """Mean of the values that exist (a run without teacher rows has no gap closed); None when none does."""
+    vs = [v for v in values if v is not None and v == v]
+    return round(statistics.mean(vs), 4) if vs else None
+
+
+def _spread(values: Any) -> float | None:
+    """Sample standard deviation over seeds of the values that exist (0 for one, None for none)."""
+    vs = [v for v in values if v is not None and v == v]
+    return round(statistics.stdev(vs), 4) if len(vs) > 1 else (0.0 if vs else None)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,23 @@ def test_a_blob_with_a_bad_lead_vector_is_refused_and_nothing_is_applied(exporte
             assert rt.refused[reason] >= 1
         assert rt.version == 1 and rt.lead_weights == _onehot(2)
         assert np.array_equal(rt.process(x).logits, before)
+
+
+def test_edge_run_takes_the_lead_rule_with_a_share(exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from cema_deploy.cli import app
+
+    out, _ = exported("bn")
+    np.save(tmp_path / "s.npy", _diverse(64, seed=2))
+    args = ["edge", "run", str(out), "--source", str(tmp_path / "s.npy"), "--batch", "16", "--quiet"]
+    r = CliRunner().invoke(
+        app, [*args, "--selection", "lead", "--upload-share", "0.25", "--json", str(tmp_path / "m.json")]
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "m.json").read_text())["selection"]
+    assert s["seen"] == 64 and s["selected"] == 16 and s["lead_weighted"] == 0  # no cloud, no weights: random at 25 %
+    r = CliRunner().invoke(app, [*args, "--selection", "cema", "--upload-share", "0.25"])
+    assert r.exit_code != 0 and "applies to --selection random, entropy-top or lead" in str(r.exception)
