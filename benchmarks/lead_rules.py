@@ -132,6 +132,8 @@ def main() -> None:
     for r in done.values():
         if r["stream"] not in streams:
             continue
+        st = streams[r["stream"]]  # teacher rows measured after the run (a later invocation): its gap closed now
+        r["gap_closed"] = gap_closed(r["accuracy"], floor=st["floor"], ceiling=st["teacher_ceiling"])
         cell = summary.setdefault(f"{r['protocol']}/{r['severity']}", {}).setdefault(r["rule"], {})
         cell.setdefault(f"{r['knob']:g}", []).append(r)
     table: dict[str, Any] = {}
