@@ -38,14 +38,15 @@ def demo_cmd(
         str | None,
         typer.Option(
             help="Comma-separated subset of no_adapt, bn_adapt, tent, eata_style, cema, cema_recal, random, "
-            "entropy_top, edge_stats (the edge alone with its own statistics, no cloud; edge_stats_ema, "
+            "entropy_top, lead (uploads where the cloud's teacher disagrees), edge_stats (the edge alone with its own "
+            "statistics, no cloud; edge_stats_ema, "
             "edge_stats_alpha pin the mode), RULE+stats (a cloud rule with the edge's statistics on: random+stats, "
             "cema+stats, eata_style+stats, entropy_top+stats, cema_recal+stats) (default: "
             "no_adapt,bn_adapt,tent,eata_style,cema,random; continual adds cema_recal)."
         ),
     ] = None,
     share: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Upload share of the random (default) and entropy_top rules.")
+        float, typer.Option(min=0.0, max=1.0, help="Upload share of the random (default), entropy_top and lead rules.")
     ] = 0.1,
     warmup: Annotated[
         int | None, typer.Option(help="W: samples before CEMA's E_max adapts (default 128 reset, 512 continual).")
@@ -76,7 +77,8 @@ def demo_cmd(
     rules: Annotated[
         str,
         typer.Option(
-            help="--frontier: comma-separated rules (cema, eata_style, random, entropy_top, cema_stats; RULE+stats "
+            help="--frontier: comma-separated rules (cema, eata_style, random, entropy_top, lead, cema_stats; "
+            "RULE+stats "
             "with the edge's statistics on, e.g. random+stats; edge_stats: the edge alone, the plot's 0 % point)."
         ),
     ] = "edge_stats,cema,eata_style,random,entropy_top,cema_stats",
@@ -85,7 +87,7 @@ def demo_cmd(
         str | None,
         typer.Option(
             help="--frontier: knob values per rule instead of the built-in sweep, e.g. 'random=0.05,0.2;cema=1' "
-            "(cema/cema_stats: upload budget, 1 = none; eata_style: E_0 / ln C; random/entropy_top: share)."
+            "(cema/cema_stats: upload budget, 1 = none; eata_style: E_0 / ln C; random/entropy_top/lead: share)."
         ),
     ] = None,
     diagnose: Annotated[

@@ -36,7 +36,7 @@ def selection_config(
 ) -> Any:
     """The selector's config from CLI-style options (``d_margin``: ``auto``, ``off`` or a number in (0, 1])."""
     from cema_deploy.exceptions import CemaError
-    from cema_deploy.runtime.selection.rules import PRESETS, SelectionConfig
+    from cema_deploy.runtime.selection.rules import PRESETS, SHARE_RULES, SelectionConfig
     from cema_deploy.runtime.selection.shift import ShiftConfig
 
     margin: float | Literal["auto"] | None
@@ -53,9 +53,9 @@ def selection_config(
             raise CemaError(f"--d-margin must be 'auto', 'off' or a number in (0, 1], got {d_margin!r}.")
     if selection not in PRESETS:
         raise CemaError(f"--selection must be one of {', '.join(PRESETS)}, got {selection!r}.")
-    if upload_share is not None and selection not in ("random", "entropy-top"):
-        raise CemaError(f"--upload-share applies to --selection random or entropy-top, not {selection!r}.")
-    if upload_share is None and upload_budget is None and selection in ("random", "entropy-top"):
+    if upload_share is not None and selection not in SHARE_RULES:
+        raise CemaError(f"--upload-share applies to --selection random, entropy-top or lead, not {selection!r}.")
+    if upload_share is None and upload_budget is None and selection in SHARE_RULES:
         from cema_deploy.runtime.selection.rules import DEFAULT_SHARE
 
         upload_share = DEFAULT_SHARE
@@ -144,7 +144,8 @@ def run_cmd(
         str,
         typer.Option(
             metavar="RULE",
-            help="random (uniform, default), cema (the paper), eata, entropy-top or all.",
+            help="random (uniform, default), cema (the paper), eata, entropy-top, all or lead (where the cloud's "
+            "teacher disagrees: needs a cloud with lead_frames > 0, else random).",
             rich_help_panel=_SELECT,
         ),
     ] = "random",
@@ -153,7 +154,7 @@ def run_cmd(
         typer.Option(
             metavar="SHARE",
             callback=_share,
-            help="random/entropy-top: share uploaded, (0, 1] (default 0.1).",
+            help="random/entropy-top/lead: share uploaded, (0, 1] (default 0.1).",
             rich_help_panel=_SELECT,
         ),
     ] = None,

@@ -82,6 +82,11 @@ class CemaConfig:
     # return the replica to the published parameters (see ``cloud/deployment/gate.py``)
     gate_margin: float = 0.0  # points of agreement (%) a candidate may lose and still be published
     gate_frames: int = 256  # the episode's newest uploaded samples the gate scores on, at most
+    # ---- lead weights with each blob (beyond the paper, issue 22 item 4; off in the ``cema`` preset) ----
+    lead_frames: int = 0  # > 0: each blob carries per-class teacher-vs-replica disagreement weights measured on the
+    # episode's newest lead_frames uploads, for edges with ``--selection lead`` (``cloud/deployment/lead.py``)
+    lead_prior: float = 8.0  # pseudo-uploads per class pulling its disagreement rate towards the overall rate
+    lead_mix: float = 0.1  # share of the uniform weight mixed in: every class keeps >= lead_mix of the mean weight
 
     def __post_init__(self) -> None:
         problems = [
@@ -99,6 +104,8 @@ class CemaConfig:
                 ("student_steps", 1),
                 ("gate_frames", 1),
                 ("gate_margin", 0),
+                ("lead_frames", 0),
+                ("lead_prior", 0),
             )
             if getattr(self, name) < low
         ]
@@ -107,6 +114,8 @@ class CemaConfig:
             for name in ("teacher_lr", "student_lr", "temperature")
             if not getattr(self, name) > 0
         ]
+        if not 0 <= self.lead_mix <= 1:
+            problems.append(f"lead_mix = {self.lead_mix} must be in [0, 1]")
         if not 0 < self.bn_momentum <= 1:
             problems.append(f"bn_momentum = {self.bn_momentum} must be in (0, 1]")
         if self.statistics not in STATISTICS_MODES:
@@ -152,6 +161,7 @@ CEMA_PRESETS: dict[str, dict[str, Any]] = {
         "replay_moves_stats": True,
         "student_steps": 1,
         "gate": False,
+        "lead_frames": 0,
     },
     "default": {},
 }

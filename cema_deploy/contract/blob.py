@@ -12,6 +12,9 @@ Layout: a standard safetensors file (8-byte little-endian header length, JSON he
 ``producer``   who made it (``cema-deploy export``, ``cema-deploy cloud <host>``)
 ``signature``  detached signature over :func:`blob_digest` (empty when unsigned)
 ``key_id``     which key made ``signature`` (empty when unsigned)
+``lead``       optional (absent: none): JSON list of ``num_classes`` finite weights >= 0, the cloud's *lead
+               weights* (:mod:`cema_deploy.contract.lead`); an edge with ``--selection lead`` uploads frames it
+               predicts as class ``c`` in proportion to ``lead[c]``; other edges ignore it
 =============  =====================================================================
 
 Tensors are named as in the PyTorch state dict (see :mod:`cema_deploy.contract.names`). Reading is done by
@@ -22,7 +25,11 @@ Versions are ordered as ``(epoch, version)``, lexicographically (:attr:`RefitBlo
 epoch once per cloud state (milliseconds since the Unix epoch when that state was created, so a newer state's
 epoch is greater) and writes it into every blob it publishes: a cloud restarted on a new or restored state
 publishes ``(new epoch, 1)``, which an edge orders after everything of the old state. The epoch is metadata like
-any other field, so a signature covers it (:func:`blob_digest`).
+any other field, so a signature covers it (:func:`blob_digest`). So is ``lead``: it is validated against the manifest
+with the tensors (:func:`validate_blob`), so a blob with a bad vector is refused whole, nothing applied. Adding it
+changed neither :data:`BLOB_FORMAT` nor the protocol version: a reader that does not know the field ignores it (every
+reader takes the metadata it needs by name), and a signature is verified over the header as received, unknown fields
+included; a blob without lead weights is byte for byte what it was before.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from cema_deploy._atomic import PUBLIC_FILE_MODE, write_atomic
+from cema_deploy.contract.lead import lead_from_text, lead_to_text, validate_lead
 from cema_deploy.contract.manifest import Manifest
 from cema_deploy.contract.names import is_variance_name
 from cema_deploy.contract.safetensors_io import header_and_chunks, header_json, tensors_from_bytes, tensors_to_bytes
@@ -79,6 +87,7 @@ class RefitBlob:
     signature: str = ""
     key_id: str = ""
     epoch: int = 0  # the cloud state that minted ``version`` (0: a cloud without epochs)
+    lead: tuple[float, ...] | None = None  # the cloud's lead weights per class (contract/lead.py); None: none sent
 
     def __post_init__(self) -> None:
         if not isinstance(self.epoch, int) or isinstance(self.epoch, bool) or not 0 <= self.epoch < 10**19:
@@ -97,7 +106,7 @@ class RefitBlob:
         return sum(int(t.nbytes) for t in self.tensors.values())
 
     def metadata(self) -> dict[str, str]:
-        return {
+        meta = {
             "format": BLOB_FORMAT,
             "fingerprint": self.fingerprint,
             "version": str(self.version),
@@ -107,6 +116,9 @@ class RefitBlob:
             "signature": self.signature,
             "key_id": self.key_id,
         }
+        if self.lead is not None:  # only when sent: a blob without it keeps its bytes (and signatures) as before
+            meta["lead"] = lead_to_text(self.lead)
+        return meta
 
     def with_signature(self, signature: str, key_id: str) -> RefitBlob:
         return replace(self, signature=signature, key_id=key_id)
@@ -188,6 +200,7 @@ def blob_from_bytes(data: bytes, *, source: str = "blob") -> RefitBlob:
         signature=meta.get("signature", ""),
         key_id=meta.get("key_id", ""),
         epoch=int(epoch_text),
+        lead=lead_from_text(meta["lead"], source=source) if "lead" in meta else None,
     )
 
 
@@ -195,7 +208,8 @@ def validate_blob(blob: RefitBlob, manifest: Manifest, *, newer_than: int | None
     """Raise a :class:`~cema_deploy.exceptions.BlobError` unless ``blob`` can be applied to ``manifest``'s model.
 
     Checks, in order: fingerprint, version (``> newer_than`` when given), the exact set of names, every shape
-    and dtype, finiteness, non-negative BatchNorm variances.
+    and dtype, finiteness, non-negative BatchNorm variances, and the lead weights when the blob carries them (one
+    per class of the manifest, finite, >= 0).
     """
     if blob.fingerprint != manifest.fingerprint:
         raise FingerprintMismatchError(
@@ -226,3 +240,5 @@ def validate_blob(blob: RefitBlob, manifest: Manifest, *, newer_than: int | None
             raise BlobValueError(f"Blob tensor {name!r} holds NaN or Inf; refusing to apply it.")
         if is_variance_name(name) and (t < 0).any():
             raise BlobValueError(f"Blob tensor {name!r} holds a negative variance; refusing to apply it.")
+    if blob.lead is not None:
+        validate_lead(blob.lead, manifest.num_classes)

@@ -67,6 +67,8 @@ from cema_deploy.exceptions import ProtocolMismatchError
 #: 1: the first release (no header). 2: calibration and statistics samples, batch reports, generations, admin
 #: routes, idempotent uploads. 3: batch reports carry the edge's own statistics (an edge with ``--adapt-stats``
 #: owns its running statistics, sends no calibration batches, and applies cloud blobs with its statistics).
+#: The blob's optional lead weights (``contract/lead.py``, issue 22 item 4) did not change it: they ride in the blob's
+#: signed metadata, which every reader takes by name, so an edge that does not know them ignores them.
 PROTOCOL_VERSION = 3
 
 API_PREFIX = "/v1"

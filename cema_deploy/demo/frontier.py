@@ -78,6 +78,7 @@ SWEEP: dict[str, tuple[float, ...]] = {
     "eata_style": (0.1, 0.2, 0.3, 0.4, 0.6),  # E_0 / ln C (0.4: its natural setting)
     "random": (0.02, 0.05, 0.1, 0.2, 0.4, 0.8),  # share
     "entropy_top": (0.02, 0.05, 0.1, 0.2, 0.4),  # share
+    "lead": (0.05, 0.1, 0.25, 0.4),  # share (the cloud sends lead weights: CemaConfig.lead_frames = LEAD_FRAMES)
     "cema_stats": (0.05, 0.1, 0.2, 0.4, 1.0),  # upload budget (1.0: none), with 5 % statistics samples
 }
 #: Rules that run with the edge's statistics on as ``RULE+stats`` (same knob and sweep as RULE).
@@ -150,6 +151,7 @@ RULES: dict[str, tuple[str, str, str]] = {
     "eata_style": ("eata", "e0_ratio", "training"),
     "random": ("random", "share", "training"),
     "entropy_top": ("entropy-top", "share", "training"),
+    "lead": ("lead", "share", "training"),
     "cema_stats": ("cema", "budget", "samples"),
 }
 STATS_SHARE = 0.05  # cema_stats: uniform share of frames sent as statistics samples
@@ -230,7 +232,7 @@ def run_job(
     from cema_deploy.cloud.engines.local import LocalEngine
     from cema_deploy.cloud.local_link import LocalLink
     from cema_deploy.demo.edge_only import EDGE_STATS_SETTINGS, split_stats
-    from cema_deploy.demo.run import WARMUP
+    from cema_deploy.demo.run import LEAD_FRAMES, WARMUP
     from cema_deploy.runtime.backends.registry import get_backend
     from cema_deploy.runtime.edge import EdgeRuntime
     from cema_deploy.runtime.selection.rules import SampleSelector
@@ -242,6 +244,8 @@ def run_job(
     engine: Any = None
     dep: Any = None
     diag = Diagnosis() if diagnose and not alone else None
+    if split_stats(job.rule)[0] == "lead":  # its cloud sends lead weights with each blob (cloud/deployment/lead.py)
+        cloud = {"lead_frames": LEAD_FRAMES, **(cloud or {})}
     if not alone:
         spec = DeploymentSpec(
             name="frontier",

@@ -21,6 +21,7 @@ METHODS = {
     "cema_recal": "CEMA + recalibration on shift",
     "random": "random uploads + cloud",
     "entropy_top": "highest entropy first + cloud",
+    "lead": "where the teacher disagrees (cloud's lead weights) + cloud",
     "edge_stats": "edge statistics (no cloud)",
     "edge_stats_ema": "edge statistics, ema (no cloud)",
     "edge_stats_alpha": "edge statistics, alpha (no cloud)",

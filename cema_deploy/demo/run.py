@@ -70,7 +70,11 @@ SELECTION_ARGS: dict[str, list[str]] = {
     "eata_style": ["--selection", "eata"],
     "random": ["--selection", "random"],
     "entropy_top": ["--selection", "entropy-top"],
+    "lead": ["--selection", "lead"],
 }
+#: Uploads the cloud measures its lead weights on when the demo runs the ``lead`` rule (``CemaConfig.lead_frames``;
+#: the other rules run a cloud that sends none): a third of the demo's replay window of 400.
+LEAD_FRAMES = 128
 #: Cloud rules that ``RULE+stats`` accepts (the edge's statistics adapter on, with ``edge_stats``'s settings).
 STATS_RULES = ("cema", "cema_recal", "eata_style", "random", "entropy_top")
 #: The default rule of the toolkit, as the demo runs it (see README "Which selection rule").
@@ -159,7 +163,15 @@ def _check_run(r: subprocess.CompletedProcess[str], what: str) -> None:
 class _Cloud:
     """``cema-deploy cloud serve`` on a free port of 127.0.0.1, with a device token and an admin token."""
 
-    def __init__(self, edge_dir: Path, teacher: TrainedModel, state: Path, cfg: DemoConfig, seed: int) -> None:
+    def __init__(
+        self,
+        edge_dir: Path,
+        teacher: TrainedModel,
+        state: Path,
+        cfg: DemoConfig,
+        seed: int,
+        cloud_args: tuple[str, ...] = (),
+    ) -> None:
         port_file = state.parent / f"{state.name}.port"
         self.log = state.parent / f"{state.name}.log"
         self.token_file, self.admin_file = state.parent / f"{state.name}.token", state.parent / f"{state.name}.admin"
@@ -198,6 +210,7 @@ class _Cloud:
             "1",
             "--log-level",
             "warning",
+            *cloud_args,
         ]
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(_cli(*args), stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -301,7 +314,7 @@ def cloud_method_args(method: str, cfg: DemoConfig) -> list[str]:
     statistics adapter at ``edge_stats``'s settings (demo/edge_only.py)."""
     rule, with_stats = split_stats(method)
     args = [*SELECTION_ARGS[rule]]
-    if rule in ("random", "entropy_top"):
+    if rule in ("random", "entropy_top", "lead"):
         args += ["--upload-share", str(cfg.share)]
     return args + (stats_flags() if with_stats else [])
 
@@ -311,7 +324,8 @@ def run_cloud_method(
 ) -> MethodRun:
     """One cloud-backed method on one stream under ``cfg.protocol``: one cloud process and its edge processes."""
     work.mkdir(parents=True, exist_ok=True)
-    cloud = _Cloud(edge_dir, teacher, work / "cloud-state", cfg, seed)
+    lead = ("--cloud-set", f"lead_frames={LEAD_FRAMES}") if split_stats(method)[0] == "lead" else ()
+    cloud = _Cloud(edge_dir, teacher, work / "cloud-state", cfg, seed, cloud_args=lead)
     try:
         if cfg.protocol == "reset":
             parts = []

@@ -194,7 +194,10 @@ class EdgeRuntime:
         self._store = EdgeStateStore(state_dir) if state_dir is not None else None
         self.stats = stats  # the edge's own BatchNorm statistics (runtime/stats/adapter.py); None = off
         self._stats_reported: tuple[int, int] | None = None  # (probes, resets) of the last statistics report
-        self.intake.scheduler.prepare = self._with_edge_statistics
+        #: The lead weights (contract/lead.py) of each blob prepared for a refit, by (epoch, version); the selector
+        #: gets those of the blob that serves, so a rollback brings back the previous blob's weights with its tensors.
+        self._lead: dict[tuple[int, int], tuple[float, ...]] = {}
+        self.intake.scheduler.prepare = self._prepare
         if self._store is not None:
             if stats is not None:  # first: the saved blob is applied with the edge's statistics
                 stats.load(self._store.directory)
@@ -249,8 +252,9 @@ class EdgeRuntime:
         if self.stats is not None:  # its label-concentration guard watches the served predictions
             self.stats.served(logits.argmax(axis=1))
         start, gen = self.deployment.begin_batch() if self.uplink is not None else ("", 0)
+        lead = self.lead_weights  # those of the blob serving now (after this batch's inference: at worst newer)
         with self._sel_lock:  # a start calibration sends the batch whole: the selector counts it so
-            sel = self.selector.select(logits, images=at_size, calibration=bool(start))
+            sel = self.selector.select(logits, images=at_size, calibration=bool(start), lead=lead)
         calibration = self._queue_uploads(at_size, sel, version, start, gen)
         self.monitor.ring.add(at_size, logits, version)
         self.monitor.frames_added()
@@ -306,6 +310,22 @@ class EdgeRuntime:
         self._stats_reported = (st.probes, st.resets)
         text = statistics_to_text(st.tensors(), local_generation=st.local_generation)
         return {"statistics": text, "stats_generation": st.local_generation}
+
+    def _prepare(self, blob: RefitBlob) -> RefitBlob:
+        """Right before a blob's build: remember its lead weights (none: the ``lead`` rule draws uniformly while it
+        serves) and give it the edge's statistics."""
+        if blob.lead is not None:
+            self._lead[blob.stamp] = blob.lead
+        else:
+            self._lead.pop(blob.stamp, None)
+        for stamp in sorted(self._lead)[:-8]:  # the serving and previous blobs are among the newest
+            del self._lead[stamp]
+        return self._with_edge_statistics(blob)
+
+    @property
+    def lead_weights(self) -> tuple[float, ...] | None:
+        """The lead weights of the blob serving now (validated with it), None when it carried none."""
+        return self._lead.get(serving_stamp(self.backend))
 
     def _with_edge_statistics(self, blob: RefitBlob) -> RefitBlob:
         """A cloud blob as this edge serves it: the cloud's affine parameters with the edge's current running
@@ -518,7 +538,7 @@ class EdgeRuntime:
                 if ik.verifier is not None:
                     ik.verifier(data)
                 blob = blob_from_bytes(data, source=f"the saved serving blob v{st.serving_version}")
-                self.backend.refit(self._with_edge_statistics(blob))
+                self.backend.refit(self._prepare(blob))
             except CemaError as exc:
                 log.warning("not serving the saved blob v%d: %s; serving the export's parameters", st.serving_version,
                             exc)  # fmt: skip

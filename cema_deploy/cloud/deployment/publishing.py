@@ -9,6 +9,7 @@ import time
 
 from cema_deploy import __version__
 from cema_deploy.cloud.deployment.gate import GateMixin
+from cema_deploy.cloud.deployment.lead import LeadMixin
 from cema_deploy.cloud.deployment.state import _POINTERS, log
 from cema_deploy.cloud.store.replay import Upload
 from cema_deploy.contract.blob import RefitBlob
@@ -29,7 +30,7 @@ _JOB_NAMES = {
 _REFUSED = "refused by the gate"
 
 
-class PublishingMixin(GateMixin):
+class PublishingMixin(LeadMixin, GateMixin):
     """Polls, publishes and retention of a :class:`~cema_deploy.cloud.deployment.Deployment`."""
 
     def latest(self, after: int) -> tuple[int, bytes] | None:
@@ -95,6 +96,8 @@ class PublishingMixin(GateMixin):
         gate = self._gate_judge(counter) if publish else None  # the cloud-side gate (CemaConfig.gate; gate.py)
         seconds += (time.perf_counter() - t0) if gate is not None else 0.0  # a job's time includes its gate's
         publish = publish and (gate is None or gate["passed"])
+        lead, lead_s = self._lead_for_blob() if publish else (None, 0.0)  # CemaConfig.lead_frames (lead.py)
+        seconds += lead_s
         with self._cond:
             book = self._book()
             book.update(pointers)
@@ -110,6 +113,7 @@ class PublishingMixin(GateMixin):
                 version=version,
                 epoch=self.epoch,
                 producer=f"cema-deploy {__version__} cloud {self.name} step {self.cema.steps}",
+                lead=lead,
             )
             if self.signer is not None:
                 blob = self.signer(blob)

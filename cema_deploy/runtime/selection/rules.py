@@ -21,6 +21,12 @@ Presets (:meth:`SelectionConfig.preset`; ``edge run --selection``):
 * ``random``: a uniform random share of frames (the official code's commented-out random-upload ablation in
   ``CEMA.infer``); ``entropy-top``: the highest-entropy frames first, a share of each batch (uncertainty
   sampling, as in active learning); ``all``: every frame. Frames a share rule did not draw are ``not_drawn``.
+* ``lead`` (beyond the paper; issue 22 item 4): a share of frames drawn where the cloud's teacher disagrees with the
+  replica. Each cloud blob may carry per-class *lead weights* (:mod:`cema_deploy.contract.lead`); the runtime passes
+  the serving blob's to :meth:`SampleSelector.select`, and frame ``i`` is kept with probability
+  ``min(1, s * w[pred_i])``, ``s`` set so that the expected share over the recently served predictions is the
+  configured share (:mod:`cema_deploy.runtime.selection.lead`). Without weights (before the first blob that carries
+  them, or a cloud that sends none) it is ``random`` at the same share.
 
 Beyond the paper, for every preset: ``stats_share`` sends a uniform random share of the other frames as
 *statistics samples* (the cloud estimates BatchNorm statistics from them without the bias of a selective rule);
@@ -36,6 +42,7 @@ and a uniform vector) at its 1,000-class value: ``0.05 * sqrt(1000 / C)``, cappe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -44,6 +51,7 @@ import numpy as np
 from cema_deploy.exceptions import CemaError
 from cema_deploy.runtime.selection.budget import BudgetController
 from cema_deploy.runtime.selection.entropy import softmax, softmax_entropy
+from cema_deploy.runtime.selection.lead import lead_probabilities, update_histogram
 from cema_deploy.runtime.selection.shift import ShiftConfig, ShiftDetector
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "REASONS",
     "REDUNDANT",
     "RULES",
+    "SHARE_RULES",
     "UNRELIABLE",
     "SampleSelector",
     "SelectionConfig",
@@ -67,8 +76,10 @@ __all__ = [
 KEPT, UNRELIABLE, LOW_INFO, REDUNDANT, NOT_DRAWN = 0, 1, 2, 3, 4
 REASONS = ("kept", "unreliable", "low_info", "redundant", "not_drawn")
 #: ``entropy``: the threshold rules (cema, eata); the others pick a share of each batch.
-RULES = ("entropy", "random", "entropy-top", "all")
-PRESETS = ("cema", "eata", "random", "entropy-top", "all")
+RULES = ("entropy", "random", "entropy-top", "all", "lead")
+PRESETS = ("cema", "eata", "random", "entropy-top", "all", "lead")
+#: The rules that draw a share of each batch (they need ``share`` or ``budget``).
+SHARE_RULES = ("random", "entropy-top", "lead")
 #: The toolkit's default rule (``edge run`` without ``--selection``; the demo's ``random``): the rule that won the
 #: accuracy-uplink frontier (``cema-deploy demo --frontier``; README "Which selection rule is the default"). On
 #: the demo's streams a uniform share matched or beat CEMA's and EATA's selective rules at every share measured;
@@ -117,7 +128,7 @@ class SelectionConfig:
     e_min: float | None = None  # E_min, low-information threshold (Eqn. 5); None = rule off
     d_margin: float | None = None  # redundancy margin (EATA Eqn. 6); None = rule off
     rule: str = "entropy"  # one of RULES
-    share: float | None = None  # random / entropy-top: share of each batch's frames drawn
+    share: float | None = None  # random / entropy-top / lead: share of each batch's frames drawn
     stats_share: float = 0.0  # beyond the paper: share of the other frames sent as statistics samples
     budget: float | None = None  # beyond the paper: target share of frames uploaded, all kinds
     shift: ShiftConfig | None = None  # beyond the paper: recalibrate on a detected shift; None = off
@@ -138,7 +149,7 @@ class SelectionConfig:
             raise SelectionConfigError(f"d_margin must be in (0, 1] or off, got {self.d_margin}.")
         if self.rule not in RULES:
             raise SelectionConfigError(f"rule must be one of {RULES}, got {self.rule!r}.")
-        if self.rule in ("random", "entropy-top") and self.share is None and self.budget is None:
+        if self.rule in SHARE_RULES and self.share is None and self.budget is None:
             raise SelectionConfigError(f"The {self.rule} rule needs a share (--upload-share) or a budget.")
         for name in ("share", "budget"):
             v = getattr(self, name)
@@ -174,7 +185,7 @@ class SelectionConfig:
             return replace(base, **extra)
         if name == "eata":
             return replace(cls.eata_style(num_classes, e0_ratio=e0_ratio, d_margin=d_margin), **extra)
-        if name in ("random", "entropy-top", "all"):
+        if name in (*SHARE_RULES, "all"):
             return cls(num_classes=num_classes, e0=e0, dynamic=False, rule=name, share=share, **extra)
         raise SelectionConfigError(f"Unknown selection preset {name!r}; expected one of {', '.join(PRESETS)}.")
 
@@ -246,6 +257,7 @@ class SelectionCounters:
     ``unreliable`` and left out of ``entropy_sum`` and ``mean_entropy``, so one bad output cannot poison E_max(t).
     ``uploaded`` counts every frame the edge sends (selected, statistics, whole calibration batches);
     ``statistics`` and ``calibration`` the frames sent as those kinds; ``shifts`` the detector's firings.
+    ``lead_weighted`` counts the frames the ``lead`` rule judged with the cloud's weights (not uniformly).
     """
 
     seen: int = 0
@@ -260,6 +272,7 @@ class SelectionCounters:
     calibration: int = 0
     uploaded: int = 0
     shifts: int = 0
+    lead_weighted: int = 0
 
     @property
     def mean_entropy(self) -> float:
@@ -282,6 +295,7 @@ class _State:
     carry: float = 0.0  # fractional frames owed to a share rule
     stats_carry: float = 0.0  # fractional frames owed to statistics sampling
     scale: float = 1.0  # E_max scale set by the budget controller
+    lead_hist: np.ndarray | None = None  # lead rule: decayed histogram of the served predictions
 
 
 class SampleSelector:
@@ -314,13 +328,20 @@ class SampleSelector:
         return cfg.e0 * cfg.lam * (c.mean_entropy / self._s.warmup_mean) * self._s.scale
 
     def select(
-        self, logits: np.ndarray, *, images: np.ndarray | None = None, calibration: bool = False
+        self,
+        logits: np.ndarray,
+        *,
+        images: np.ndarray | None = None,
+        calibration: bool = False,
+        lead: Sequence[float] | None = None,
     ) -> SelectionResult:
         """Judge one batch of logits ``[N, C]`` and update the running state.
 
         ``images`` (the uint8 frames at model size) feed the shift detector. ``calibration=True`` says the runtime
         sends this batch whole as a calibration batch: the mask still says which frames the rule chose (they are
         adapted on), all ``N`` frames count as uploaded, and the shift detector takes a new reference from here.
+        ``lead``: the lead weights of the blob whose parameters produced ``logits`` (``C`` values, validated with
+        the blob), used by the ``lead`` rule and ignored by the others; None: that rule draws uniformly.
         """
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf logits: handled below, not warned about
             ent = softmax_entropy(logits)
@@ -341,7 +362,7 @@ class SampleSelector:
                 self._s.scale = self.budget.e_max_scale(self.e_max, cfg.e_min, want)
             reason, e_max = self._entropy_rules(logits, ent, finite)
         else:
-            reason, e_max = self._share_rule(ent, finite, want), math.inf
+            reason, e_max = self._share_rule(logits, ent, finite, want, lead), math.inf
         mask = reason == KEPT
         shift = False
         if self.shift is not None and images is not None and not calibration:
@@ -393,8 +414,16 @@ class SampleSelector:
                 self._s.m = mean_p if self._s.m is None else MOMENTUM * self._s.m + (1 - MOMENTUM) * mean_p
         return reason, e_max
 
-    def _share_rule(self, ent: np.ndarray, finite: np.ndarray, want: float | None) -> np.ndarray:
-        """random / entropy-top / all: draw ``share x N`` frames (fractions carried to the next batch)."""
+    def _share_rule(
+        self,
+        logits: np.ndarray,
+        ent: np.ndarray,
+        finite: np.ndarray,
+        want: float | None,
+        lead: Sequence[float] | None,
+    ) -> np.ndarray:
+        """random / entropy-top / all: draw ``share x N`` frames (fractions carried to the next batch); lead: keep
+        each frame with its lead probability (random without weights)."""
         cfg, n = self.config, ent.shape[0]
         reason = np.full(n, NOT_DRAWN, dtype=np.int8)
         reason[~finite] = UNRELIABLE
@@ -404,10 +433,19 @@ class SampleSelector:
             return reason
         share = want if want is not None else cfg.share
         assert share is not None  # checked in SelectionConfig
+        if cfg.rule == "lead" and ok.size:
+            pred = np.asarray(logits)[ok].argmax(axis=1)
+            self._s.lead_hist = update_histogram(self._s.lead_hist, pred, cfg.num_classes)
+            p = None if lead is None else lead_probabilities(np.asarray(lead, np.float64), self._s.lead_hist, pred,
+                                                              share)  # fmt: skip
+            if p is not None:
+                self._s.counters.lead_weighted += int(ok.size)
+                reason[ok[self._rng.random(ok.size) < p]] = KEPT
+                return reason
         self._s.carry += share * n
         k = min(int(self._s.carry), ok.size)
         self._s.carry -= int(self._s.carry)
-        if cfg.rule == "random":
+        if cfg.rule in ("random", "lead"):
             picked = self._rng.choice(ok, size=k, replace=False) if k else ok[:0]
         else:  # entropy-top: highest entropy first
             picked = ok[np.argsort(-ent[ok], kind="stable")[:k]]
@@ -436,6 +474,7 @@ class SampleSelector:
             "carry": self._s.carry,
             "stats_carry": self._s.stats_carry,
             "scale": self._s.scale,
+            "lead_hist": None if self._s.lead_hist is None else self._s.lead_hist.tolist(),
             "rng": self._rng.bit_generator.state,
             "budget": None if self.budget is None else self.budget.state_dict(),
             "shift": None if self.shift is None else self.shift.state_dict(),
@@ -449,6 +488,7 @@ class SampleSelector:
             carry=float(state.get("carry", 0.0)),
             stats_carry=float(state.get("stats_carry", 0.0)),
             scale=float(state.get("scale", 1.0)),
+            lead_hist=None if state.get("lead_hist") is None else np.asarray(state["lead_hist"], dtype=np.float64),
         )
         if state.get("rng") is not None:
             self._rng.bit_generator.state = state["rng"]

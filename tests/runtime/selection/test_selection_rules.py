@@ -34,7 +34,7 @@ def _check(sel: SampleSelector) -> None:
 
 
 def test_presets_and_their_errors() -> None:
-    assert PRESETS == ("cema", "eata", "random", "entropy-top", "all")
+    assert PRESETS == ("cema", "eata", "random", "entropy-top", "all", "lead")
     cema = SelectionConfig.preset("cema", 10, warmup=128)
     assert cema.rule == "entropy" and cema.dynamic and cema.e_min == pytest.approx(0.02 * math.log(10))
     eata = SelectionConfig.preset("eata", 10)
