@@ -144,8 +144,7 @@ def run_cmd(
         str,
         typer.Option(
             metavar="RULE",
-            help="random (uniform, default), cema (the paper), eata, entropy-top, all or lead (where the cloud's "
-            "teacher disagrees: needs a cloud with lead_frames > 0, else random).",
+            help="random, cema (the paper), eata, entropy-top, all, lead (README).",
             rich_help_panel=_SELECT,
         ),
     ] = "random",
@@ -329,7 +328,7 @@ def run_cmd(
         typer.Option(
             metavar="N",
             min=0,
-            help="ema: label window of the guard (0: off).",
+            help="ema: guard's label window (0: off).",
             rich_help_panel=_STATS,
         ),
     ] = 32,
@@ -341,17 +340,17 @@ def run_cmd(
         str,
         typer.Option(
             metavar="M",
-            help="ema: guard measure, histogram or runs.",
+            help="ema: guard: histogram or runs.",
             rich_help_panel=_STATS,
         ),
     ] = "histogram",
     stats_balance_after: Annotated[
         int,
-        typer.Option(metavar="N", min=0, help="ema: guard reads labels after N frames.", rich_help_panel=_STATS),
+        typer.Option(metavar="N", min=0, help="ema: guard after N frames.", rich_help_panel=_STATS),
     ] = 0,
     stats_prior_mix: Annotated[
         str,
-        typer.Option(metavar="M", help="ema: source prior, moment or shrink.", rich_help_panel=_STATS),
+        typer.Option(metavar="M", help="ema: prior: moment or shrink.", rich_help_panel=_STATS),
     ] = "moment",
 ) -> None:
     """Stream SOURCE through the engine; select samples, upload them, hot-refit from the cloud.
