@@ -4,6 +4,7 @@ reset (409, new generation, fresh selector, calibration), sync on batch acknowle
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -36,9 +37,14 @@ class _Plan(SampleSelector):
         self.plan, self.i = plan or [], 0
 
     def select(
-        self, logits: np.ndarray, *, images: np.ndarray | None = None, calibration: bool = False
+        self,
+        logits: np.ndarray,
+        *,
+        images: np.ndarray | None = None,
+        calibration: bool = False,
+        lead: Sequence[float] | None = None,
     ) -> SelectionResult:
-        r = super().select(logits, images=images, calibration=calibration)
+        r = super().select(logits, images=images, calibration=calibration, lead=lead)
         p = self.plan[self.i] if self.i < len(self.plan) else {}
         self.i += 1
         n = len(logits)
