@@ -47,7 +47,7 @@ import numpy as np
 
 from cema_deploy.contract.blob import RefitBlob, blob_from_bytes
 from cema_deploy.contract.edge_statistics import statistics_to_text
-from cema_deploy.contract.messages import BatchReport, EdgeReport
+from cema_deploy.contract.messages import BatchReport, DeploymentStatus, EdgeReport
 from cema_deploy.contract.samples import KIND_STATISTICS
 from cema_deploy.exceptions import CemaError, RefitError
 from cema_deploy.runtime.backends.base import Backend
@@ -419,16 +419,18 @@ class EdgeRuntime:
         if self.deployment.status_due:
             self.deployment.read_status()
 
-    def _read_generation(self) -> None:
-        """Read the deployment's generation now (before a held blob is declined): the blob of a reset often
-        arrives before any acknowledgement names the new generation, and a new generation ends the hold."""
+    def _read_generation(self) -> DeploymentStatus | None:
+        """Read the deployment's status now and let the tracker observe its generation (a new one starts a new
+        episode, which ends the hold): the blob of a reset often arrives before any acknowledgement names the new
+        generation. The status, or None without a cloud or when it does not answer."""
         if self.client is None:
-            return
+            return None
         try:
             status = self.client.status()
         except CemaError:
-            return
+            return None
         self.deployment.observe(status.generation, status.calibrated, "status")
+        return status
 
     def _backlog(self) -> str:
         up = self.uplink
@@ -441,13 +443,9 @@ class EdgeRuntime:
         """Why ``version`` cannot be judged against ``previous`` ("" when it can): a reset of the deployment
         between them. The cloud's status is read now, since the reset's blob often arrives before any
         acknowledgement names the new generation."""
-        if self.client is None:
+        status = self._read_generation()
+        if status is None:
             return ""
-        try:
-            status = self.client.status()
-        except CemaError:
-            return ""
-        self.deployment.observe(status.generation, status.calibrated, "status")
         before = self._generation_of.get(previous, 0)
         if before <= 0 or status.generation <= before:
             return ""

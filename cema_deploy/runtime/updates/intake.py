@@ -88,7 +88,7 @@ class BlobIntake:
         on_applied: Callable[[int], None] | None = None,
         on_changed: Callable[[], None] | None = None,
         before_poll: Callable[[], None] | None = None,
-        before_decline: Callable[[], None] | None = None,
+        before_decline: Callable[[], object] | None = None,
         pin_version: int | None = None,
     ) -> None:
         self.backend, self.manifest, self.client, self.verifier = backend, manifest, client, verifier
