@@ -274,8 +274,13 @@ def run_job(
     try:
         parts = [[s] for s in stream.segments] if job.protocol == "reset" else [list(stream.segments)]
         for i, segments in enumerate(parts):
-            if engine is not None and job.protocol == "reset" and i > 0:
-                engine.admin("frontier", "reset")
+            if job.protocol == "reset" and i > 0:
+                if engine is not None:
+                    engine.admin("frontier", "reset")
+                # a fresh `edge run` per corruption starts from the export's parameters, not from the previous
+                # corruption's last refit (which its rollback guard would otherwise judge the reset's blob against)
+                backend.close()
+                backend = get_backend("ort-cpu", edge_dir, intra_op_threads=1)
             adapter = None
             if with_stats:  # fresh statistics per edge runtime, as a fresh `edge run --adapt-stats` has
                 adapter, why = stats_adapter_from_dir(backend, edge_dir, StatsConfig(**EDGE_STATS_SETTINGS))
