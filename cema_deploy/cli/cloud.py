@@ -89,7 +89,10 @@ def serve_cmd(
     ] = 0.0,
     cloud_preset: Annotated[
         str,
-        typer.Option(help="With --edge: 'default' (CemaConfig's defaults) or 'cema' (the paper's, whatever they are)."),
+        typer.Option(
+            help="With --edge: 'default' (the measured defaults: 8 replica steps per cloud batch, replay from the "
+            "episode, the calibration batch distils) or 'cema' (the paper's settings, to reproduce it)."
+        ),
     ] = "default",
     student_steps: Annotated[
         int | None, typer.Option(min=1, help="Replica SGD steps per cloud batch, each with its own replay (paper: 1).")

@@ -104,6 +104,13 @@ def demo_cmd(
             "student_steps=4, gate=true (recorded in frontier.json)."
         ),
     ] = None,
+    cloud_preset: Annotated[
+        str,
+        typer.Option(
+            help="The cloud's settings for every cloud-backed method: 'default' (issue 22's measured levers) or "
+            "'cema' (the paper's, to reproduce it); --cloud-set overrides fields on top."
+        ),
+    ] = "default",
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
     refit: Annotated[
         str,
@@ -129,7 +136,11 @@ def demo_cmd(
     from cema_deploy.demo.run import DEFAULT_METHOD, DemoConfig, run_demo
 
     if frontier:
-        from cema_deploy.cloud.config import parse_method_settings
+        from cema_deploy.cloud.config import CEMA_PRESETS, parse_method_settings
+        from cema_deploy.exceptions import CemaError
+
+        if cloud_preset not in CEMA_PRESETS:
+            raise CemaError(f"--cloud-preset must be one of {', '.join(CEMA_PRESETS)}, got {cloud_preset!r}.")
         from cema_deploy.demo.frontier import parse_sweep, run_frontier
         from cema_deploy.demo.run import DEFAULT_METHOD
 
@@ -148,7 +159,7 @@ def demo_cmd(
                 on_step=on_step,
                 diagnose=diagnose,
                 refit=refit,
-                cloud=parse_method_settings(cloud_set or []),
+                cloud=CEMA_PRESETS[cloud_preset] | parse_method_settings(cloud_set or []),
                 edge_batch=edge_batch,
                 stream_order=stream,
                 edge=edge,
@@ -174,6 +185,7 @@ def demo_cmd(
         "edge_batch": edge_batch,
         "stream_order": stream,
         "refit": refit,
+        "cloud_preset": cloud_preset,
         **({"warmup": warmup} if warmup is not None else {}),
     }
     cfg = DemoConfig.quick(**options) if quick else DemoConfig(**options)

@@ -107,6 +107,7 @@ class DemoConfig:
     teacher_epochs: int | None = None  # None: the teacher recipe's (models.TEACHER_DEFAULT)
     teacher_rows: bool = True  # the teacher_no_adapt / teacher_adapted rows and gap_closed (demo.teacher_ceiling)
     refit: str = "norms"  # what the edge export's refit carries: "norms" (paper) or "head" (export --refit head)
+    cloud_preset: str = "default"  # `cloud serve --cloud-preset`: "default" (CemaConfig's) or "cema" (the paper's)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -124,6 +125,10 @@ class DemoConfig:
             raise CemaError(f"Unknown demo methods {unknown}; choose from {', '.join(known)}.")
         if self.seeds < 1:
             raise CemaError(f"--seeds must be >= 1, got {self.seeds}.")
+        from cema_deploy.cloud.config import CEMA_PRESETS
+
+        if self.cloud_preset not in CEMA_PRESETS:
+            raise CemaError(f"--cloud-preset must be one of {', '.join(CEMA_PRESETS)}, got {self.cloud_preset!r}.")
         if self.edge_batch < 1 or self.stream_order not in STREAM_ORDERS:
             raise CemaError(
                 f"--edge-batch must be >= 1 and --stream one of {', '.join(STREAM_ORDERS)}; got {self.edge_batch}, "
@@ -210,6 +215,8 @@ class _Cloud:
             "1",
             "--log-level",
             "warning",
+            "--cloud-preset",
+            cfg.cloud_preset,
             *cloud_args,
         ]
         with open(self.log, "wb") as f:

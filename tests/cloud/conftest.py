@@ -31,7 +31,9 @@ def dep_dir(state: Path, name: str = NAME) -> Path:
 def make_deployment(
     edge: Path, teacher: Path, state: Path, *, name: str = NAME, spec: dict[str, Any] | None = None, **method: Any
 ) -> Any:
-    """A :class:`Deployment` of ``edge`` with the tiny teacher, its state under ``state`` (not started)."""
+    """A :class:`Deployment` of ``edge`` with the tiny teacher, its state under ``state`` (not started), running the
+    paper's cloud settings (the ``cema`` preset) with ``method`` set over them: the tests pin the paper's loop and
+    set each lever beyond it by name."""
     from cema_deploy.cloud.config import CemaConfig, DeploymentSpec
     from cema_deploy.cloud.deployment import Deployment
 
@@ -40,7 +42,7 @@ def make_deployment(
         edge=edge,
         teacher="test_resnet",
         teacher_weights=teacher,
-        method=CemaConfig(**method),
+        method=CemaConfig.preset("cema", **method),
         **(spec or {}),
     )
     return Deployment.from_spec(d, state)

@@ -35,6 +35,7 @@ PAPER = {
     "bn_momentum": 0.1,
     "statistics": "training",
     "student_steps": 1,
+    "calibration_distils": False,
     "gate": False,
 }
 
@@ -221,3 +222,36 @@ def test_cloud_serve_takes_the_effort_and_gate_options(cloud_factory, exported) 
     for line in metrics.splitlines():
         if line.startswith("cema_steps_total{"):
             assert float(line.rsplit(" ", 1)[1]) == 2  # cloud steps, not SGD steps
+
+
+@needs_torch
+@pytest.mark.parametrize("distils", [False, True])
+def test_a_calibration_batch_distils_before_its_blob_only_with_calibration_distils(  # type: ignore[no-untyped-def]
+    exported, teacher_ckpt, tmp_path, distils
+) -> None:
+    """Beyond the paper (issue 22, delivery): with ``calibration_distils`` the blob answering a calibration batch
+    already carries the cloud step on its frames, B at a time (teacher, then replica); without it (the paper's) the
+    calibration sets the running statistics and leaves every affine parameter at the export's."""
+    from cema_deploy.contract.blob import blob_from_bytes
+
+    edge, _ = exported("bn")
+    dep = make_deployment(edge, teacher_ckpt, tmp_path / "s", batch_size=8, calibration_distils=distils)
+    before = dep.cema.blob_tensors()
+    dep.start()
+    try:
+        sel = np.zeros(16, bool)
+        dep.upload(batch(dep.manifest, 16, seed=5, kind="calibration", calibration="start", selected=sel))
+        assert dep.wait_idle(60) and dep.counters["calibrations"] == 1 and dep.version == 1
+        served = blob_from_bytes(dep.latest(0)[1]).tensors  # type: ignore[index]
+        affine = [n for n in served if n.endswith(("weight", "bias"))]
+        stats = [n for n in served if n.endswith(("running_mean", "running_var"))]
+        assert affine and stats
+        moved = [n for n in affine if not np.allclose(served[n], before[n])]
+        assert all(not np.allclose(served[n], before[n]) for n in stats)  # the calibration set the statistics
+        # two cloud steps of 8 on the 16 calibration frames, no other upload: steps counts only the full steps
+        assert (dep.cema.steps, dep.counters["calibration_steps"], dep.counters["steps"]) == (
+            (2, 1, 0) if distils else (0, 0, 0)
+        )
+        assert bool(moved) is distils
+    finally:
+        dep.stop()

@@ -21,7 +21,9 @@ def _cema(out, **config):  # type: ignore[no-untyped-def]
 
     manifest = manifest_from_dir(out)
     replica = replica_from_export(out, manifest)
-    return Cema(tiny_model("bn", seed=7), replica, manifest=manifest, config=CemaConfig(batch_size=8, **config))
+    return Cema(
+        tiny_model("bn", seed=7), replica, manifest=manifest, config=CemaConfig.preset("cema", batch_size=8, **config)
+    )
 
 
 def test_the_cloud_publishes_a_trained_head_that_ort_serves_as_the_replica_computes(exported_head) -> None:  # type: ignore[no-untyped-def]

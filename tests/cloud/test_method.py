@@ -156,7 +156,12 @@ def test_adapt_distils_on_the_batch_plus_what_it_is_given_and_replay_steps_skip_
 
     out, _ = exported("bn")
     manifest = manifest_from_dir(out)
-    cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=CemaConfig())
+    cema = Cema(
+        tiny_model("bn", seed=7),
+        replica_from_export(out, manifest),
+        manifest=manifest,
+        config=CemaConfig.preset("cema"),
+    )
     first = cema.adapt(images(4, seed=0))
     mixed = cema.adapt(images(4, seed=1), images(12, seed=2))
     assert (first.replayed, mixed.replayed, mixed.new_samples, cema.steps) == (0, 12, 4, 2)
@@ -187,7 +192,10 @@ def test_blob_tensors_reproduce_the_replica_eval_output(exported) -> None:  # ty
     fresh = replica_from_export(out, manifest)
     before = copy.deepcopy(fresh)
     cema = Cema(
-        tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=CemaConfig(batch_size=8)
+        tiny_model("bn", seed=7),
+        replica_from_export(out, manifest),
+        manifest=manifest,
+        config=CemaConfig.preset("cema", batch_size=8),
     )
     for i in range(2):
         cema.adapt(images(8, seed=i), images(8, seed=10 + i) if i else None)
@@ -225,7 +233,7 @@ def test_channels_last_layout_gives_the_same_adaptation(exported) -> None:  # ty
     manifest = manifest_from_dir(out)
     blobs = []
     for layout in (False, True):
-        cfg = CemaConfig(batch_size=8, channels_last=layout)
+        cfg = CemaConfig.preset("cema", batch_size=8, channels_last=layout)
         cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=cfg)
         for i in range(3):  # the third step replays
             cema.adapt(images(8, seed=i), images(16, seed=20) if i == 2 else None)
@@ -290,7 +298,12 @@ def test_calibration_is_the_official_first_forward_layer_by_layer_and_merges_by_
     x1, x2 = images(16, seed=1), images(8, seed=2)
     ref1 = _first_forward_stats(plain, torch.from_numpy(normalize(x1, manifest.preprocess)))
     ref2 = _first_forward_stats(plain, torch.from_numpy(normalize(x2, manifest.preprocess)))
-    cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=CemaConfig())
+    cema = Cema(
+        tiny_model("bn", seed=7),
+        replica_from_export(out, manifest),
+        manifest=manifest,
+        config=CemaConfig.preset("cema"),
+    )
     teacher_before = _bn_stats(cema.teacher)
     cema.calibrate(x1)
     got = _bn_stats(cema.student)
@@ -331,7 +344,7 @@ def test_statistics_samples_mode_keeps_training_forwards_off_the_running_statist
             tiny_model("bn", seed=7),
             replica_from_export(out, manifest),
             manifest=manifest,
-            config=CemaConfig(statistics=mode),
+            config=CemaConfig.preset("cema", statistics=mode),
         )
         cema.calibrate(images(16, seed=1), teacher=True)
         before = {"s": _bn_stats(cema.student), "t": _bn_stats(cema.teacher)}
@@ -412,7 +425,7 @@ def test_bf16_teacher_autocast_publishes_float32_close_to_a_float32_step(exporte
             tiny_model("bn", seed=7),
             replica_from_export(out, manifest),
             manifest=manifest,
-            config=CemaConfig(),
+            config=CemaConfig.preset("cema"),
             device="cpu",
             teacher_dtype=dtype,
         )
@@ -476,7 +489,7 @@ def test_the_teacher_gets_its_own_size_and_normalisation(exported) -> None:  # t
         tiny_model("bn", seed=7),
         replica_from_export(out, manifest),
         manifest=manifest,
-        config=CemaConfig(),
+        config=CemaConfig.preset("cema"),
         teacher_input=ti,
     )
     seen = {}

@@ -117,7 +117,11 @@ def test_a_ray_actor_locks_its_deployment_state(exported, teacher_ckpt, tmp_path
 
     edge, _ = exported("bn")
     spec = DeploymentSpec(
-        name="test_resnet", edge=edge, teacher="test_resnet", teacher_weights=teacher_ckpt, method=CemaConfig()
+        name="test_resnet",
+        edge=edge,
+        teacher="test_resnet",
+        teacher_weights=teacher_ckpt,
+        method=CemaConfig.preset("cema"),
     )
     monkeypatch.setattr(ray_engine, "LOCK_WAIT_S", 0.0)
     actor = ray_engine.DeploymentActor(spec, str(tmp_path / "state"), None, 1)  # the class Ray runs, in-process

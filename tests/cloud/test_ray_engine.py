@@ -72,7 +72,7 @@ def cluster(exported, teacher_ckpt, tmp_path_factory: pytest.TempPathFactory) ->
                 edge=edge,
                 teacher="test_resnet",
                 teacher_weights=teacher_ckpt,
-                method=CemaConfig(batch_size=B),
+                method=CemaConfig.preset("cema", batch_size=B),
                 cpus=1.0,
             )
             for name, edge in edges.items()
@@ -345,7 +345,9 @@ def test_an_ingress_with_another_table_is_refused_and_the_running_actor_keeps_se
     fp = cluster.manifests["cams"].fingerprint
     pid = ray.get(cluster.engine.handle(fp).info.remote())["pid"]
     running = ray.get(cluster.engine.handle(fp).info.remote())["spec"]
-    other = dataclasses.replace(running, method=CemaConfig(batch_size=2 * B))  # another table for the same export
+    other = dataclasses.replace(
+        running, method=CemaConfig.preset("cema", batch_size=2 * B)
+    )  # another table for the same export
     with pytest.raises(CloudError, match="already runs with another deployment table"):
         get_engine("ray").from_config(ServiceConfig(deployments=(other,), state=cluster.state), keep_actors=True)
     # before: the second ingress killed the actor every other ingress used, and replaced it

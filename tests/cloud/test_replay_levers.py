@@ -18,11 +18,12 @@ def _append(store, kind, imgs, **kw):  # type: ignore[no-untyped-def]
     return up
 
 
-def test_the_defaults_are_the_papers_and_bad_scopes_are_refused() -> None:
+def test_the_paper_replays_from_the_window_the_default_from_the_episode_and_bad_scopes_are_refused() -> None:
     from cema_deploy.cloud.config import CemaConfig
     from cema_deploy.exceptions import CloudError
 
-    assert CemaConfig().replay_scope == "window" and CemaConfig().replay_moves_stats is True
+    assert CemaConfig.preset("cema").replay_scope == "window" and CemaConfig.preset("cema").replay_moves_stats is True
+    assert CemaConfig().replay_scope == "episode" and CemaConfig().replay_moves_stats is True  # issue 22's default
     with pytest.raises(CloudError, match="replay_scope = 'recent' must be one of"):
         CemaConfig(replay_scope="recent")
 
@@ -86,7 +87,7 @@ def test_a_replay_only_step_moves_statistics_only_where_configured(exported, mov
 
     out, _ = exported("bn")
     manifest = manifest_from_dir(out)
-    cfg = CemaConfig(replay_moves_stats=moves)
+    cfg = CemaConfig.preset("cema", replay_moves_stats=moves)
     cema = Cema(tiny_model("bn", seed=7), replica_from_export(out, manifest), manifest=manifest, config=cfg)
     cema.adapt(images(8, seed=0))  # a normal step: statistics move under both settings
     stats = {side: _bn_stats(m) for side, m in (("student", cema.student), ("teacher", cema.teacher))}

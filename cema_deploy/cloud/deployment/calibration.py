@@ -37,6 +37,10 @@ class CalibrationMixin(PublishingMixin):
         t0 = time.perf_counter()
         self.cema.calibrate(images, student=True, teacher=both, keep=keep)
         log.info("%s: %s calibration on %d samples (%s)", self.name, up.calibration, n, "merged" if keep else "set")
+        if c.calibration_distils:  # beyond the paper: the same frames also distil, B at a time, before publishing
+            for a in range(0, n, c.batch_size):
+                self.cema.adapt(images[a : a + c.batch_size])
+            self.count("calibration_steps")
         self._commit(
             "calibrations",
             publish=not self.frozen,
