@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from cema_deploy.demo.baselines import run_baseline
-from cema_deploy.demo.edge_only import ordered
-from cema_deploy.demo.models import load_model
-from cema_deploy.demo.stream import Stream, cache_dir, corrupted_stream, digits_splits
+from cema_deploy.demo.edge_only import EDGE_STATS_SETTINGS, ordered
+from cema_deploy.demo.models import EDGE_DEFAULT, load_model, train_model
+from cema_deploy.demo.stream import Stream, corrupted_stream, digits_splits
 from cema_deploy.runtime.backends.registry import get_backend
 from cema_deploy.runtime.frames.preprocess import images_at_model_size, normalize
 from cema_deploy.runtime.stats.adapter import (
@@ -50,7 +50,7 @@ from cema_deploy.runtime.stats.adapter import (
 QUICK_CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur"]
 PER_CORRUPTION = 300
 #: ``edge run --adapt-stats ema`` with every other option at its default (cli/edge.py).
-EDGE_STATS = StatsConfig(mode="ema", every=DEFAULT_EVERY, dense_frames=512)
+EDGE_STATS = StatsConfig(mode="ema", every=DEFAULT_EVERY, dense_frames=EDGE_STATS_SETTINGS["dense_frames"])
 OFF = StatsConfig(mode="off")
 
 
@@ -245,10 +245,8 @@ def main() -> None:
         print(f"wrote {args.out / f'summary-{tag}.json'}")
         return
     ckpt = args.edge
-    if ckpt is None:  # the quick demo's edge model: 4 epochs (demo --quick)
-        found = sorted((cache_dir() / "models").glob("edge-resnet10t-*.json"))
-        quick = [p for p in found if json.loads(p.read_text()).get("spec", {}).get("epochs") == 4]
-        ckpt = (quick or found)[0].with_suffix(".safetensors")
+    if ckpt is None:  # the quick demo's edge model (demo --quick: 4 epochs), trained here on an empty cache
+        ckpt = train_model(replace(EDGE_DEFAULT, epochs=4), digits_splits(0), seed=0, role="edge").checkpoint
     stats = replace(
         EDGE_STATS,
         balance_measure=args.balance_measure,

@@ -28,23 +28,36 @@ from typing import Any
 from cema_deploy.cloud.config import CEMA_PRESETS, parse_method_settings
 
 #: Lever settings (CemaConfig fields) of one run each. ``paper`` is the ``cema`` preset (the paper's values of every
-#: lever, whatever the defaults); the others start from CemaConfig's defaults. Issue 22 item 6 (delivery): replay
+#: lever, whatever the defaults); the others are the paper's with the named levers changed; ``default`` is
+#: CemaConfig's defaults. Issue 22 item 6 (delivery): replay
 #: from the current episode, replay-only steps that leave the statistics; item 2 (distillation effort per upload):
 #: student steps per cloud batch, replay starting within a corruption, the affine lr, the temperature; item 6 (the
 #: cloud-side gate before publishing).
+_PAPER: dict[str, Any] = dict(CEMA_PRESETS["cema"])
 LEVERS: dict[str, dict[str, Any]] = {
-    "paper": dict(CEMA_PRESETS["cema"]),
-    "episode": {"replay_scope": "episode"},
-    "no_replay_stats": {"replay_moves_stats": False},
-    "both": {"replay_scope": "episode", "replay_moves_stats": False},
-    "steps4": {"student_steps": 4},
-    "replay_min32": {"replay_min": 32},
-    "lr_x4": {"student_lr": 1e-2},
-    "t2": {"temperature": 2.0},
-    "gate": {"gate": True},
-    "gate_m2": {"gate": True, "gate_margin": 2.0},
-    "effort": {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode"},
-    "effort_gate": {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode", "gate": True},
+    "paper": _PAPER,
+    "default": {},  # CemaConfig's defaults: what `cloud serve` runs unless told otherwise
+    "episode": _PAPER | {"replay_scope": "episode"},
+    "no_replay_stats": _PAPER | {"replay_moves_stats": False},
+    "both": _PAPER | {"replay_scope": "episode", "replay_moves_stats": False},
+    "steps4": _PAPER | {"student_steps": 4},
+    "replay_min32": _PAPER | {"replay_min": 32},
+    "lr_x4": _PAPER | {"student_lr": 1e-2},
+    "t2": _PAPER | {"temperature": 2.0},
+    "gate": _PAPER | {"gate": True},
+    "gate_m2": _PAPER | {"gate": True, "gate_margin": 2.0},
+    "effort": _PAPER | {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode"},
+    # issue 22, delivery (beyond the paper): the calibration batch also distils, and 8 student steps per cloud batch
+    "carry": _PAPER
+    | {
+        "student_steps": 8,
+        "student_lr": 1e-2,
+        "replay_min": 32,
+        "replay_scope": "episode",
+        "calibration_distils": True,
+    },
+    "effort_gate": _PAPER
+    | {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode", "gate": True},
 }
 
 
@@ -61,6 +74,13 @@ def main() -> None:
     )
     ap.add_argument("--cloud-set", action="append", default=[], help="KEY=VALUE: a CemaConfig field for every run")
     ap.add_argument("--share", type=float, default=0.1)
+    ap.add_argument("--cloud-batch", type=int, default=32, help="samples per cloud step (the paper's 32)")
+    ap.add_argument(
+        "--rules",
+        default="random",
+        help="frontier rules, e.g. random,random+stats (a RULE+stats rule adds the edge_stats row to the floor); "
+        "runs are keyed LEVERS, or RULE:LEVERS past the first rule",
+    )
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--pace", type=float, default=None, help="FPS: edge not waiting (default: --sync)")
     ap.add_argument("--all-corruptions", action="store_true", help="the 13 corruptions (default: demo --quick's 4)")
@@ -101,6 +121,7 @@ def main() -> None:
         "corruptions": list(corruptions),
         "per_corruption": n,
         "share": args.share,
+        "cloud_batch": args.cloud_batch,
         "pace": args.pace,  # None: --sync
         "models": {
             "edge": [models.edge.name, 100 * models.edge.clean_accuracy],
@@ -122,12 +143,23 @@ def main() -> None:
                 rows |= {k: 100 * float(r.correct.mean()) for k, r in t.items()}
                 extra = t["teacher_adapted"].extra
                 cached.write_text(json.dumps([rows, extra]))
+        rules = args.rules.split(",")
+        if any(r.endswith("+stats") for r in rules) and "edge_stats" not in rows:
+            # issue 22's floor: the higher of bn_adapt and the edge's own statistics adapter (no cloud)
+            alone = Job(rule="edge_stats", knob=0.0, protocol=protocol, severity=args.severity, seed=args.seed)
+            teacher_ref = (models.teacher.name, models.teacher.checkpoint)
+            rows["edge_stats"] = run_job(
+                alone, work=args.out / "work", edge_dir=edge_dir, teacher=teacher_ref, stream=stream
+            )["accuracy"]
+            if extra is not None:
+                cached.write_text(json.dumps([rows, extra]))
         floor, ceiling = floor_of(rows), rows.get("teacher_adapted", float("nan"))
         out: dict[str, Any] = {"rows": rows, "teacher_adapted": extra, "floor": floor}
         out["teacher_ceiling"], out["runs"] = ceiling, {}
         print(f"{protocol}: {rows} floor {floor:.1f} ceiling {ceiling:.1f}", flush=True)
-        for name in args.levers.split(","):
-            job = Job(rule="random", knob=args.share, protocol=protocol, severity=args.severity, seed=args.seed)
+        for rule, name in [(r, n) for r in rules for n in args.levers.split(",")]:
+            key = name if rule == rules[0] else f"{rule}:{name}"
+            job = Job(rule=rule, knob=args.share, protocol=protocol, severity=args.severity, seed=args.seed)
             t0 = time.perf_counter()
             res = run_job(
                 job,
@@ -135,13 +167,15 @@ def main() -> None:
                 edge_dir=edge_dir,
                 teacher=(models.teacher.name, models.teacher.checkpoint),
                 stream=stream,
+                cloud_batch=args.cloud_batch,
                 diagnose=args.pace is None,
                 pace=args.pace,
                 cloud=LEVERS[name] | parse_method_settings(args.cloud_set),
             )
             res["seconds"] = round(time.perf_counter() - t0, 1)
             res["gap_closed"] = None if extra is None else gap_closed(res["accuracy"], floor=floor, ceiling=ceiling)
-            out["runs"][name] = res
+            res["rule"] = rule
+            out["runs"][key] = res
             doc["protocols"][protocol] = out
             (args.out / "teacher_lead.json").write_text(json.dumps(doc, indent=2))
             a = res["diagnosis"]["audit"] if "diagnosis" in res else {}
@@ -149,7 +183,7 @@ def main() -> None:
             res["cloud_s_per_uploaded_sample"] = res["cloud_seconds"] / uploaded if uploaded else None
             refused = sum(not d["passed"] for d in res.get("gate", []))
             print(
-                f"  {name:16s} acc {res['accuracy']:.1f} share {res['share']:.1f} gap {res['gap_closed']} "
+                f"  {key:16s} acc {res['accuracy']:.1f} share {res['share']:.1f} gap {res['gap_closed']} "
                 f"rollbacks {res['rollbacks']} precision {a.get('precision')} recall {a.get('recall')} "
                 f"gate refused {refused}/{len(res.get('gate', []))} "
                 f"cloud {1000 * (res['cloud_s_per_uploaded_sample'] or 0):.1f} ms/sample ({res['seconds']} s, "
