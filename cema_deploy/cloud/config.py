@@ -392,7 +392,8 @@ def spec_from_table(name: str, table: dict[str, Any], *, base: Path, where: str)
     """One ``[deployments.NAME]`` table -> :class:`DeploymentSpec` (paths relative to ``base``)."""
     method = dict(table.pop("method", {}))
     resources = dict(table.pop("resources", {}))
-    _unknown(f"{where}.method", method, _METHOD_KEYS)
+    _unknown(f"{where}.method", method, _METHOD_KEYS | {"preset"})
+    preset = str(method.pop("preset", "default"))  # `preset = "cema"`: the paper's settings, fields set over them
     _unknown(f"{where}.resources", resources, {"device", "teacher_dtype", "cpus", "gpus"})
     table.update(resources)
     _unknown(where, table, _SPEC_KEYS | {"retention"})
@@ -407,6 +408,6 @@ def spec_from_table(name: str, table: dict[str, Any], *, base: Path, where: str)
         if table.get(key) is not None:
             table[key] = tuple(table[key])
     try:
-        return DeploymentSpec(name=name, method=CemaConfig(**method), **table)
+        return DeploymentSpec(name=name, method=CemaConfig.preset(preset, **method), **table)
     except TypeError as exc:
         raise CloudError(f"{where}: {exc}.") from exc

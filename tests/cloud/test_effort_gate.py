@@ -255,3 +255,18 @@ def test_a_calibration_batch_distils_before_its_blob_only_with_calibration_disti
         assert bool(moved) is distils
     finally:
         dep.stop()
+
+
+def test_a_fleet_table_takes_a_preset_and_sets_fields_over_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cema_deploy.cloud.config import CemaConfig, spec_from_table
+    from cema_deploy.exceptions import CloudError
+
+    def method(m: dict) -> CemaConfig:  # type: ignore[type-arg]
+        return spec_from_table("cams", {"edge": "e", "method": m}, base=tmp_path, where="t").method
+
+    paper = method({"preset": "cema", "gate": True})
+    assert {k: paper.as_dict()[k] for k in PAPER if k != "gate"} == {k: v for k, v in PAPER.items() if k != "gate"}
+    assert paper.gate is True
+    assert method({}) == CemaConfig() and CemaConfig().student_steps == 8 and CemaConfig().calibration_distils
+    with pytest.raises(CloudError, match="Unknown cloud preset 'paper'"):
+        method({"preset": "paper"})
