@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from cema_deploy.cloud.config import CEMA_PRESETS
+
 EDGE_BATCH = 64
 
 
@@ -94,6 +96,7 @@ def _one(task: dict[str, Any]) -> dict[str, Any]:
             edge_dir=Path(task["edge_dir"]),
             teacher=(models.teacher.name, models.teacher.checkpoint),
             stream=stream,
+            cloud=CEMA_PRESETS[task.get("cloud_preset", "default")],
         )
     return {**task, "result": res, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -174,6 +177,12 @@ def main() -> None:
     ap.add_argument("--quick-models", action="store_true", help="the demo --quick models (edge 4, teacher 8 epochs)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument(
+        "--cloud-preset",
+        default="default",
+        choices=sorted(CEMA_PRESETS),
+        help="the cloud's settings (cema: the paper's)",
+    )
+    ap.add_argument(
         "--rules", default="", help="run only these rows (e.g. edge_stats,random+stats first, cema+stats after)"
     )
     args = ap.parse_args()
@@ -197,7 +206,12 @@ def main() -> None:
         rules += [("random", k) for k in plain_knobs]
     if args.rules:
         rules = [(r, k) for r, k in rules if r in args.rules.split(",")]
-    common = {"quick": args.quick_models, "per_corruption": args.per_corruption or None, "work": str(args.out / "work")}
+    common = {
+        "cloud_preset": args.cloud_preset,
+        "quick": args.quick_models,
+        "per_corruption": args.per_corruption or None,
+        "work": str(args.out / "work"),
+    }
     tasks = [
         {**common, "severity": int(sev), "seed": int(seed), "rule": rule, "knob": knob, "edge_dir": str(edge_dir)}
         for seed in args.seeds.split(",")

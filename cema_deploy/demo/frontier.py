@@ -202,6 +202,7 @@ def run_job(
     diagnose: bool = False,
     cloud: dict[str, Any] | None = None,
     pace: float | None = None,
+    on_batch: Callable[[str, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """One frontier point on one seed, in-process: the real EdgeRuntime (ORT) and the real local deployment,
     joined by LocalLink, in sync mode. Returns accuracy %, uploaded share % (all kinds) and counters.
@@ -215,7 +216,9 @@ def run_job(
     ``pace``: frames per second; the edge does not wait for the cloud (``EdgeRuntime(sync=False)``), its batches are
     fed at this rate while the cloud works concurrently in its own thread, and blobs apply when they land: extra
     cloud effort then costs delivery time (issue 22's honest timing). ``None`` (the default): ``--sync``. Recorded
-    as ``"pace"``, with the rate the edge achieved (``"fps"``: lower than ``pace`` when the edge cannot keep up)."""
+    as ``"pace"``, with the rate the edge achieved (``"fps"``: lower than ``pace`` when the edge cannot keep up).
+    ``on_batch(corruption, predictions, labels)``: called after every served edge batch (per-batch accuracy
+    curves: ``benchmarks/batch_curve.py``)."""
     import shutil
     import time
 
@@ -312,6 +315,8 @@ def run_job(
                         if pace is None and not rt.sync(timeout=300):
                             raise RuntimeError(f"{job.key}: sync timed out")
                         correct += int((step.predictions == seg.labels[a : a + edge_batch]).sum())
+                        if on_batch is not None:
+                            on_batch(seg.name, np.asarray(step.predictions), seg.labels[a : a + edge_batch])
                         if diag is not None:
                             diag.batch(*_uploaded(rt, images, seg.labels[a : a + edge_batch], step))
                     if diag is not None:
