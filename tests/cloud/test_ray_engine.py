@@ -318,9 +318,13 @@ def test_operator_status_devices_pin_and_unpin_through_ray_actors(cluster: Clust
     fp = m.fingerprint
     headers = {"Authorization": f"Bearer {cluster.token}", "X-Cema-Protocol": str(PROTOCOL_VERSION)}
     with cluster.client("doors") as client:
-        client.upload(batch(m, B, seed=70), idempotency_key="operator-1")
-        assert client.fetch_blob(after=0, wait=60) is not None
+        ack = client.upload(batch(m, B, seed=70), idempotency_key="operator-1")
+        # wait for the version this upload's ack promised (doors may already serve an earlier test's blob, and
+        # its step may still be running: pinning then would race its publish)
+        assert ack.target_version is not None
+        assert client.fetch_blob(after=ack.target_version - 1, wait=60) is not None
     newest = cluster.engine.status(fp).version
+    assert newest >= ack.target_version
     assert httpx.get(blob_url(cluster.url, fp), params={"after": newest}, headers=headers, timeout=30).status_code
     row = cluster.engine.operator_status(fp)  # flushes the polls the ingress buffered
     assert row["devices"]["cam-1"]["version"] == newest and row["devices"]["cam-1"]["uploads"] >= 1
