@@ -107,10 +107,11 @@ def demo_cmd(
     cloud_preset: Annotated[
         str,
         typer.Option(
-            help="The cloud's settings for every cloud-backed method: 'default' (issue 22's measured levers) or "
-            "'cema' (the paper's, to reproduce it); --cloud-set overrides fields on top."
+            help="The cloud's settings: 'auto' (the paper's methods cema, eata_style, cema_recal with the paper's "
+            "settings, the toolkit's rules with its defaults), 'default' (issue 22's measured levers for every "
+            "method) or 'cema' (the paper's for every method). --frontier: auto means default; --cloud-set overrides."
         ),
-    ] = "default",
+    ] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print results.json to stdout.")] = False,
     refit: Annotated[
         str,
@@ -139,8 +140,9 @@ def demo_cmd(
         from cema_deploy.cloud.config import CEMA_PRESETS, parse_method_settings
         from cema_deploy.exceptions import CemaError
 
-        if cloud_preset not in CEMA_PRESETS:
-            raise CemaError(f"--cloud-preset must be one of {', '.join(CEMA_PRESETS)}, got {cloud_preset!r}.")
+        if cloud_preset not in (*CEMA_PRESETS, "auto"):
+            raise CemaError(f"--cloud-preset must be one of auto, {', '.join(CEMA_PRESETS)}, got {cloud_preset!r}.")
+        cloud_preset = "default" if cloud_preset == "auto" else cloud_preset  # one cloud for every rule compared
         from cema_deploy.demo.frontier import parse_sweep, run_frontier
         from cema_deploy.demo.run import DEFAULT_METHOD
 

@@ -79,6 +79,8 @@ LEAD_FRAMES = 128
 STATS_RULES = ("cema", "cema_recal", "eata_style", "random", "entropy_top")
 #: The default rule of the toolkit, as the demo runs it (see README "Which selection rule").
 DEFAULT_METHOD = "random"  # runtime.selection.DEFAULT_PRESET, by its demo name
+#: The paper's methods: under ``--cloud-preset auto`` their cloud runs the paper's settings (the ``cema`` preset).
+PAPER_METHODS = ("cema", "eata_style", "cema_recal")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +109,10 @@ class DemoConfig:
     teacher_epochs: int | None = None  # None: the teacher recipe's (models.TEACHER_DEFAULT)
     teacher_rows: bool = True  # the teacher_no_adapt / teacher_adapted rows and gap_closed (demo.teacher_ceiling)
     refit: str = "norms"  # what the edge export's refit carries: "norms" (paper) or "head" (export --refit head)
-    cloud_preset: str = "default"  # `cloud serve --cloud-preset`: "default" (CemaConfig's) or "cema" (the paper's)
+    # `cloud serve --cloud-preset` of every cloud-backed method: "default" (CemaConfig's), "cema" (the paper's) or
+    # "auto": the paper's methods (PAPER_METHODS, with or without +stats) run the paper's settings, so their rows
+    # reproduce the paper, and the toolkit's rules (random, entropy_top, lead) its defaults
+    cloud_preset: str = "auto"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -127,8 +132,16 @@ class DemoConfig:
             raise CemaError(f"--seeds must be >= 1, got {self.seeds}.")
         from cema_deploy.cloud.config import CEMA_PRESETS
 
-        if self.cloud_preset not in CEMA_PRESETS:
-            raise CemaError(f"--cloud-preset must be one of {', '.join(CEMA_PRESETS)}, got {self.cloud_preset!r}.")
+        if self.cloud_preset not in (*CEMA_PRESETS, "auto"):
+            raise CemaError(
+                f"--cloud-preset must be one of auto, {', '.join(CEMA_PRESETS)}, got {self.cloud_preset!r}."
+            )
+
+    def cloud_preset_of(self, method: str) -> str:
+        """The ``cloud serve --cloud-preset`` a cloud-backed ``method`` runs with (see :attr:`cloud_preset`)."""
+        if self.cloud_preset != "auto":
+            return self.cloud_preset
+        return "cema" if split_stats(method)[0] in PAPER_METHODS else "default"
         if self.edge_batch < 1 or self.stream_order not in STREAM_ORDERS:
             raise CemaError(
                 f"--edge-batch must be >= 1 and --stream one of {', '.join(STREAM_ORDERS)}; got {self.edge_batch}, "
@@ -215,8 +228,6 @@ class _Cloud:
             "1",
             "--log-level",
             "warning",
-            "--cloud-preset",
-            cfg.cloud_preset,
             *cloud_args,
         ]
         with open(self.log, "wb") as f:
@@ -332,7 +343,8 @@ def run_cloud_method(
     """One cloud-backed method on one stream under ``cfg.protocol``: one cloud process and its edge processes."""
     work.mkdir(parents=True, exist_ok=True)
     lead = ("--cloud-set", f"lead_frames={LEAD_FRAMES}") if split_stats(method)[0] == "lead" else ()
-    cloud = _Cloud(edge_dir, teacher, work / "cloud-state", cfg, seed, cloud_args=lead)
+    preset = ("--cloud-preset", cfg.cloud_preset_of(method))
+    cloud = _Cloud(edge_dir, teacher, work / "cloud-state", cfg, seed, cloud_args=(*preset, *lead))
     try:
         if cfg.protocol == "reset":
             parts = []

@@ -132,3 +132,17 @@ def test_quick_demo_runs_a_cloud_rule_with_the_edge_statistics(tmp_path) -> None
     assert s["stats_mode"] == "ema" and s["stats_probes"] > 0 and s["stats_local_generation"] >= s["stats_probes"]
     assert s["samples"] == 4 * 300 and s["uploaded_frames"] > 0
     assert "random+stats" in (out / "results.md").read_text()
+
+
+def test_auto_runs_the_papers_methods_with_the_papers_cloud_and_the_toolkits_rules_with_its_defaults() -> None:
+    from cema_deploy.demo.run import DemoConfig
+    from cema_deploy.exceptions import CemaError
+
+    auto = DemoConfig()
+    assert auto.cloud_preset == "auto"
+    assert [auto.cloud_preset_of(m) for m in ("cema", "eata_style", "cema_recal", "cema+stats")] == ["cema"] * 4
+    assert [auto.cloud_preset_of(m) for m in ("random", "entropy_top", "lead", "random+stats")] == ["default"] * 4
+    assert DemoConfig(cloud_preset="default").cloud_preset_of("cema") == "default"
+    assert DemoConfig(cloud_preset="cema").cloud_preset_of("random") == "cema"
+    with pytest.raises(CemaError, match="--cloud-preset must be one of auto, cema, default, got 'paper'"):
+        DemoConfig(cloud_preset="paper")
