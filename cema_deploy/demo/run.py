@@ -130,6 +130,11 @@ class DemoConfig:
             raise CemaError(f"Unknown demo methods {unknown}; choose from {', '.join(known)}.")
         if self.seeds < 1:
             raise CemaError(f"--seeds must be >= 1, got {self.seeds}.")
+        if self.edge_batch < 1 or self.stream_order not in STREAM_ORDERS:
+            raise CemaError(
+                f"--edge-batch must be >= 1 and --stream one of {', '.join(STREAM_ORDERS)}; got {self.edge_batch}, "
+                f"{self.stream_order!r}."
+            )
         from cema_deploy.cloud.config import CEMA_PRESETS
 
         if self.cloud_preset not in (*CEMA_PRESETS, "auto"):
@@ -142,11 +147,6 @@ class DemoConfig:
         if self.cloud_preset != "auto":
             return self.cloud_preset
         return "cema" if split_stats(method)[0] in PAPER_METHODS else "default"
-        if self.edge_batch < 1 or self.stream_order not in STREAM_ORDERS:
-            raise CemaError(
-                f"--edge-batch must be >= 1 and --stream one of {', '.join(STREAM_ORDERS)}; got {self.edge_batch}, "
-                f"{self.stream_order!r}."
-            )
 
     @property
     def skipped(self) -> dict[str, str]:
