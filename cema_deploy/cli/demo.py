@@ -138,13 +138,11 @@ def demo_cmd(
 
     if frontier:
         from cema_deploy.cloud.config import CEMA_PRESETS, parse_method_settings
-        from cema_deploy.exceptions import CemaError
-
-        if cloud_preset not in (*CEMA_PRESETS, "auto"):
-            raise CemaError(f"--cloud-preset must be one of auto, {', '.join(CEMA_PRESETS)}, got {cloud_preset!r}.")
-        cloud_preset = "default" if cloud_preset == "auto" else cloud_preset  # one cloud for every rule compared
         from cema_deploy.demo.frontier import parse_sweep, run_frontier
-        from cema_deploy.demo.run import DEFAULT_METHOD
+        from cema_deploy.demo.run import DEFAULT_METHOD, check_cloud_preset
+
+        check_cloud_preset(cloud_preset)
+        cloud_preset = "default" if cloud_preset == "auto" else cloud_preset  # one cloud for every rule compared
 
         protocols = ("reset", "continual") if protocol == "both" else (protocol,)
         with step_progress(quiet=json_out) as on_step:

@@ -83,6 +83,15 @@ DEFAULT_METHOD = "random"  # runtime.selection.DEFAULT_PRESET, by its demo name
 PAPER_METHODS = ("cema", "eata_style", "cema_recal")
 
 
+def check_cloud_preset(name: str) -> None:
+    """Refuse a ``demo --cloud-preset`` that is neither ``auto`` nor a :data:`~cema_deploy.cloud.config.CEMA_PRESETS`
+    name."""
+    from cema_deploy.cloud.config import CEMA_PRESETS
+
+    if name not in (*CEMA_PRESETS, "auto"):
+        raise CemaError(f"--cloud-preset must be one of auto, {', '.join(CEMA_PRESETS)}, got {name!r}.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     severities: tuple[int, ...] = (3, 5)
@@ -135,12 +144,7 @@ class DemoConfig:
                 f"--edge-batch must be >= 1 and --stream one of {', '.join(STREAM_ORDERS)}; got {self.edge_batch}, "
                 f"{self.stream_order!r}."
             )
-        from cema_deploy.cloud.config import CEMA_PRESETS
-
-        if self.cloud_preset not in (*CEMA_PRESETS, "auto"):
-            raise CemaError(
-                f"--cloud-preset must be one of auto, {', '.join(CEMA_PRESETS)}, got {self.cloud_preset!r}."
-            )
+        check_cloud_preset(self.cloud_preset)
 
     def cloud_preset_of(self, method: str) -> str:
         """The ``cloud serve --cloud-preset`` a cloud-backed ``method`` runs with (see :attr:`cloud_preset`)."""
