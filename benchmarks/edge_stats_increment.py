@@ -96,7 +96,7 @@ def _one(task: dict[str, Any]) -> dict[str, Any]:
             edge_dir=Path(task["edge_dir"]),
             teacher=(models.teacher.name, models.teacher.checkpoint),
             stream=stream,
-            cloud=CEMA_PRESETS[task.get("cloud_preset", "default")],
+            cloud=CEMA_PRESETS[task["cloud_preset"]],
         )
     return {**task, "result": res, "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -34,6 +34,8 @@ from cema_deploy.cloud.config import CEMA_PRESETS, parse_method_settings
 #: student steps per cloud batch, replay starting within a corruption, the affine lr, the temperature; item 6 (the
 #: cloud-side gate before publishing).
 _PAPER: dict[str, Any] = dict(CEMA_PRESETS["cema"])
+#: issue 22 item 2: the distillation effort per upload (4 steps, lr x4, replay within the corruption's episode)
+_EFFORT: dict[str, Any] = {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode"}
 LEVERS: dict[str, dict[str, Any]] = {
     "paper": _PAPER,
     "default": {},  # CemaConfig's defaults: what `cloud serve` runs unless told otherwise
@@ -46,18 +48,10 @@ LEVERS: dict[str, dict[str, Any]] = {
     "t2": _PAPER | {"temperature": 2.0},
     "gate": _PAPER | {"gate": True},
     "gate_m2": _PAPER | {"gate": True, "gate_margin": 2.0},
-    "effort": _PAPER | {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode"},
+    "effort": _PAPER | _EFFORT,
     # issue 22, delivery (beyond the paper): the calibration batch also distils, and 8 student steps per cloud batch
-    "carry": _PAPER
-    | {
-        "student_steps": 8,
-        "student_lr": 1e-2,
-        "replay_min": 32,
-        "replay_scope": "episode",
-        "calibration_distils": True,
-    },
-    "effort_gate": _PAPER
-    | {"student_steps": 4, "student_lr": 1e-2, "replay_min": 32, "replay_scope": "episode", "gate": True},
+    "carry": _PAPER | _EFFORT | {"student_steps": 8, "calibration_distils": True},
+    "effort_gate": _PAPER | _EFFORT | {"gate": True},
 }
 
 
@@ -105,6 +99,7 @@ def main() -> None:
     models = resolve_models(None, None, splits, seed=0, edge_spec=edge_spec, teacher_spec=teacher_spec)
     edge = load_model(models.edge.name, models.edge.checkpoint)
     teacher = load_model(models.teacher.name, models.teacher.checkpoint)
+    teacher_ref = (models.teacher.name, models.teacher.checkpoint)
     edge_dir = args.out / "work" / "edge-model"
     if not (edge_dir / "manifest.json").exists():
         export_timm(models.edge.name, edge_dir, model=edge, img_size=splits[0].shape[1])
@@ -147,7 +142,6 @@ def main() -> None:
         if any(r.endswith("+stats") for r in rules) and "edge_stats" not in rows:
             # issue 22's floor: the higher of bn_adapt and the edge's own statistics adapter (no cloud)
             alone = Job(rule="edge_stats", knob=0.0, protocol=protocol, severity=args.severity, seed=args.seed)
-            teacher_ref = (models.teacher.name, models.teacher.checkpoint)
             rows["edge_stats"] = run_job(
                 alone, work=args.out / "work", edge_dir=edge_dir, teacher=teacher_ref, stream=stream
             )["accuracy"]
@@ -165,7 +159,7 @@ def main() -> None:
                 job,
                 work=args.out / "work",
                 edge_dir=edge_dir,
-                teacher=(models.teacher.name, models.teacher.checkpoint),
+                teacher=teacher_ref,
                 stream=stream,
                 cloud_batch=args.cloud_batch,
                 diagnose=args.pace is None,
